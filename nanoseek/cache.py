@@ -1,0 +1,73 @@
+"""Preallocated per-layer KV caches with per-sequence lengths (ragged batches).
+
+MLA caches only the normed latent c_KV (d_c) and the one shared RoPE key k_R (d_R) per token and layer
+(DeepSeek-V2 §2.1.2, eq. 9-10); the MHA/GQA baseline caches full keys and values. Both are the same class,
+so both are measured the same way. Writes go in place at each sequence's own position: no per-step
+allocation and no ``torch.cat`` growth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """``buffers[name]: (layers, B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence.
+
+    ``layer_offset`` lets a cache serve a contiguous run of blocks (the MTP modules get their own cache,
+    since they lag the main model by one token).
+    """
+
+    def __init__(
+        self,
+        widths: dict[str, int],
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layer_offset: int = 0,
+    ):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
+        self.max_len = max_len
+        self.layer_offset = layer_offset
+        self.buffers = {
+            name: torch.zeros(num_layers, batch_size, max_len, width, dtype=dtype, device=device)
+            for name, width in widths.items()
+        }
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by the cache tensors."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies over all layers, measured from the allocated tensors."""
+        return self.nbytes // (self.batch_size * self.max_len)
+
+    def write(self, layer_idx: int, positions: torch.Tensor, **values: torch.Tensor) -> None:
+        """Store ``values[name]: (B, T, width)`` at ``positions: (B, T)`` of layer ``layer_idx``."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        for name, value in values.items():
+            self.buffers[name][layer_idx - self.layer_offset].index_put_((rows, positions), value)
+
+    def read(self, layer_idx: int, name: str, length: int) -> torch.Tensor:
+        """The first ``length`` slots of every sequence: (B, length, width), a view (no copy)."""
+        return self.buffers[name][layer_idx - self.layer_offset, :, :length]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+
+def cache_widths(config) -> dict[str, int]:
+    """What one token stores per layer: MLA {c_kv: d_c, k_pe: d_R}; MHA/GQA {k, v: n_kv·d_h}."""
+    if config.attention_type == "mla":
+        return {"c_kv": config.kv_lora_rank, "k_pe": config.qk_rope_head_dim}
+    kv = config.num_key_value_heads * config.head_dim
+    return {"k": kv, "v": kv}

@@ -1,0 +1,83 @@
+"""``nanoseek`` command line. Each subcommand lives in the module that does the work; that module defines
+``add_arguments(parser)`` and ``run(args) -> int`` (``args.command`` names the subcommand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# subcommand -> (module, one-line help). Listed only when the module exists.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("nanoseek.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
+    "info": ("nanoseek.cli", "build a preset model; print parameters, active parameters and KV-cache sizes"),
+    "pretrain": ("nanoseek.train.pretrain", "next-token (+MTP) pretraining on a built-in task or local text"),
+    "sft": ("nanoseek.train.pretrain", "supervised fine-tuning on (prompt, completion) pairs"),
+    "grpo": ("nanoseek.train.grpo", "GRPO reinforcement learning with verifiable rewards"),
+    "ppo": ("nanoseek.train.ppo", "the PPO (critic) baseline, for comparison with GRPO"),
+    "generate": ("nanoseek.generate", "sample from a checkpoint with the latent KV cache"),
+    "eval": ("nanoseek.evaluate", "held-out accuracy of a checkpoint on a built-in task"),
+    "tokenizer": ("nanoseek.tokenizer_cli", "train a byte-level BPE tokenizer on local text"),
+    "plot": ("nanoseek.report", "PNG curves from a run directory's metrics.jsonl"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe in compact PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------- `nanoseek info`
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="small", help="tiny | small | deepseek-v2-lite | deepseek-v2 | deepseek-v3")
+    parser.add_argument("--seq-len", type=int, default=16, help="tokens in the forward pass (small presets only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoseek import ModelConfig, Transformer
+
+    config = ModelConfig.preset(args.preset)
+    huge = config.hidden_size > 1024
+    with torch.device("meta" if huge else "cpu"):
+        model = Transformer(config)
+    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
+    mla_elems, mha_elems = config.kv_cache_elements_per_token(), mha.kv_cache_elements_per_token()
+    print(f"preset {args.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    print(f"  parameters            {model.num_parameters():>16,}  (+{model.num_parameters(True) - model.num_parameters():,} MTP)")
+    print(f"  active per token      {model.num_active_parameters():>16,}")
+    print(f"  KV cache elems/token  MLA {mla_elems:,}  vs  MHA {mha_elems:,} "
+          f"({config.num_attention_heads} heads x {config.v_head_dim})  = {100 * mla_elems / mha_elems:.2f}%")
+    if not huge:
+        ids = torch.randint(0, config.vocab_size, (1, args.seq_len))
+        with torch.no_grad():
+            logits = model.eval()(ids)
+        print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(logits.shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

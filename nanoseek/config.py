@@ -1,0 +1,318 @@
+"""Model configuration.
+
+Field names and meanings follow Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config`` so that a
+checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
+``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that
+baseline's head size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ROPE_TYPES = ("default", "yarn")
+ATTENTION_TYPES = ("mla", "mha")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128  # dense FFN width (first_k_dense_replace layers)
+    moe_intermediate_size: int = 32  # width of one routed/shared expert
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # MHA/GQA baseline only; None = num_attention_heads
+    # MLA (V2 §2.1.2-2.1.3): d_c = kv_lora_rank, d_c' = q_lora_rank, d_h = qk_nope_head_dim, d_R = qk_rope_head_dim
+    q_lora_rank: int | None = 32
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    # DeepSeekMoE (V2 §2.2, V3 §2.1.2)
+    n_routed_experts: int | None = 8  # None or 0: every layer is dense
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    first_k_dense_replace: int = 1
+    aux_loss_alpha: float = 0.0
+    # MTP (V3 §2.2)
+    num_nextn_predict_layers: int = 0
+    # the rest of the block
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # nanoseek's own
+    attention_type: str = "mla"
+    head_dim: int | None = None  # MHA/GQA baseline head size; None = v_head_dim
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept verbatim
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.v_head_dim
+        if not self.n_routed_experts:
+            self.n_routed_experts = 0
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels that carry RoPE: d_R for MLA, the whole head for the MHA baseline."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_R), times YaRN's mscale(s, mscale_all_dim)^2 (what transformers and V3 do)."""
+        head = self.qk_head_dim if self.attention_type == "mla" else self.head_dim
+        scale = head**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):
+            m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
+            scale *= m * m
+        return scale
+
+    def kv_cache_elements_per_token(self) -> int:
+        """Elements cached per token over all layers: (d_c + d_R)·l for MLA, 2·n_kv·d_h·l for MHA/GQA."""
+        if self.attention_type == "mla":
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
+        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> None:
+            raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r}: {rule}")
+
+        for name, allowed in (
+            ("model_type", MODEL_TYPES),
+            ("scoring_func", SCORING_FUNCS),
+            ("topk_method", TOPK_METHODS),
+            ("attention_type", ATTENTION_TYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {allowed}")
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+            "head_dim",
+        ]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        if self.qk_nope_head_dim < 0:
+            bad("qk_nope_head_dim", "must be >= 0")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            bad("q_lora_rank", "must be a positive integer, or null for a plain q projection")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be even (RoPE rotates channel pairs)")
+        if self.attention_type == "mha" and self.head_dim % 2:
+            bad("head_dim", "must be even (RoPE rotates channel pairs)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", "must be >= 0")
+        if self.first_k_dense_replace < 0:
+            bad("first_k_dense_replace", "must be >= 0")
+        if self.rms_norm_eps <= 0:
+            bad("rms_norm_eps", "must be > 0")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' (SwiGLU experts) is supported")
+        if self.n_routed_experts:
+            if self.moe_intermediate_size <= 0:
+                bad("moe_intermediate_size", "must be a positive integer")
+            if self.n_shared_experts < 0:
+                bad("n_shared_experts", "must be >= 0")
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                bad("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+                bad("n_group", f"must be positive and divide n_routed_experts={self.n_routed_experts}")
+            if not 1 <= self.topk_group <= self.n_group:
+                bad("topk_group", f"must be in [1, n_group={self.n_group}]")
+            per_group = self.n_routed_experts // self.n_group
+            if self.topk_method != "greedy" and self.num_experts_per_tok > self.topk_group * per_group:
+                bad("num_experts_per_tok", "must be <= topk_group * (n_routed_experts / n_group)")
+            if self.topk_method == "noaux_tc" and per_group < 2:
+                bad("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
+            if self.model_type == "deepseek_v3" and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
+                bad("scoring_func", "deepseek_v3 uses scoring_func='sigmoid' with topk_method='noaux_tc'")
+            if self.model_type == "deepseek_v2" and self.scoring_func != "softmax":
+                bad("scoring_func", "deepseek_v2 uses scoring_func='softmax'")
+            if self.model_type == "deepseek_v2" and self.topk_method == "noaux_tc":
+                bad("topk_method", "deepseek_v2 uses 'greedy' or 'group_limited_greedy'")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(
+                    f"invalid ModelConfig.rope_scaling type {kind!r}: must be one of {ROPE_TYPES}"
+                )
+            if kind == "yarn":
+                if float(rs.get("factor", 0)) < 1:
+                    raise ValueError("invalid ModelConfig.rope_scaling['factor']: YaRN needs factor >= 1")
+                if "original_max_position_embeddings" not in rs:
+                    raise ValueError(
+                        "invalid ModelConfig.rope_scaling: YaRN needs 'original_max_position_embeddings'"
+                    )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A Hugging Face-style config.json dictionary."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {**self.extra, **d}
+        if self.attention_type == "mla":
+            del d["head_dim"]  # transformers derives head_dim (= qk_rope_head_dim) itself for MLA
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        if self.model_type == "deepseek_v3":
+            d["num_local_experts"] = self.n_routed_experts
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> ModelConfig:
+        """Build from a config.json dictionary (HF v4 ``rope_scaling`` or v5 ``rope_parameters``).
+
+        Unknown keys are kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they
+        raise instead, naming the key.
+        """
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        rope_params = d.pop("rope_parameters", None)
+        if rope_params:
+            rope_params = dict(rope_params)
+            d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
+            kind = rope_params.get("rope_type", rope_params.get("type", "default"))
+            if kind != "default" and not d.get("rope_scaling"):
+                d["rope_scaling"] = rope_params
+        if d.get("rope_scaling"):
+            rs = dict(d["rope_scaling"])
+            rs.setdefault("rope_type", rs.get("type"))
+            rs.pop("rope_theta", None)
+            if rs["rope_type"] == "default":
+                rs = None
+            d["rope_scaling"] = rs
+        if d.get("model_type") == "deepseek_v2":
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("norm_topk_prob", False)
+            d["rope_interleave"] = True  # V2 applies RoPE to interleaved channel pairs
+            d.setdefault("num_nextn_predict_layers", 0)
+        if d.get("model_type") == "deepseek_v3":
+            d.setdefault("scoring_func", "sigmoid")
+            d.setdefault("topk_method", "noaux_tc")
+            if "num_nextn_predict_layers" not in d and "num_mtp_layers" in d:
+                d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = d["eos_token_id"][0]
+        unknown = {k: v for k, v in d.items() if k not in known}
+        if strict and unknown:
+            names = ", ".join(sorted(unknown))
+            raise ValueError(f"unknown ModelConfig field(s): {names}; valid fields: {', '.join(sorted(known))}")
+        for k in ("architectures", "num_local_experts", "num_mtp_layers", "transformers_version", "dtype",
+                  "torch_dtype", "use_cache", "auto_map", "qk_head_dim"):
+            unknown.pop(k, None)
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.extra = unknown
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Named shapes: ``tiny`` (tests), ``small`` (the demo), and the published DeepSeek shapes."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention-scale correction sqrt(t) = 0.1·mscale·ln(s) + 1 (V2 §B / V3 §4.3)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+    ),
+    "small": dict(
+        vocab_size=256, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
+        routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=512,
+    ),
+    # DeepSeek-V2-Lite (16B, 2.4B active): no query compression, 64 routed experts, greedy softmax gate
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", first_k_dense_replace=1,
+        max_position_embeddings=163840, rope_scaling=dict(
+            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=0.707, mscale_all_dim=0.707),
+    ),
+    # DeepSeek-V2 (236B, 21B active)
+    "deepseek-v2": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
+        norm_topk_prob=False, scoring_func="softmax", topk_method="group_limited_greedy",
+        first_k_dense_replace=1, max_position_embeddings=163840, rope_scaling=dict(
+            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=0.707, mscale_all_dim=0.707),
+    ),
+    # DeepSeek-V3 (671B, 37B active), one MTP module
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+        n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", first_k_dense_replace=3,
+        num_nextn_predict_layers=1, max_position_embeddings=163840, rope_scaling=dict(
+            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=1.0, mscale_all_dim=1.0),
+    ),
+}

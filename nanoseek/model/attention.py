@@ -1,0 +1,175 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the plain MHA/GQA baseline of the same width.
+
+Symbols (V2 eq. 9-19): h (hidden), c_KV = W_DKV h (latent, d_c = kv_lora_rank), k_C/v_C = W_UK/W_UV c_KV
+(`kv_b_proj`), c_Q = W_DQ h (`q_a_proj`, d_c' = q_lora_rank), q_C = W_UQ c_Q and q_R = W_QR c_Q (`q_b_proj`),
+k_R = RoPE(W_KR h) (the shared RoPE key, d_R = qk_rope_head_dim, the tail of `kv_a_proj_with_mqa`).
+
+Two ways to attend over cached latents, side by side as in DeepSeek-V3's inference/model.py:
+- ``naive``: expand the latent back to per-head keys/values through W_UK, W_UV (training and prefill:
+  compute-bound, T queries share the expansion);
+- ``absorb``: fold W_UK into the query and W_UV into the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode reads
+  only c_KV and k_R once for all heads (memory-bound decode; V2 §2.1.2 "absorbed into W_Q / W_O").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.cache import KVCache
+from nanoseek.config import ModelConfig
+from nanoseek.model.rope import apply_rope
+
+# A cached forward with at most this many new tokens per sequence attends through the absorbed path
+# (decode, speculative verification); longer ones (prefill) expand the latent once for all queries.
+ABSORB_MAX_QUERY_LEN = 8
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (as the released models and transformers do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward shares: RoPE tables and, with a cache, where to write/read."""
+
+    cos: torch.Tensor  # (T, d/2) or (B, T, d/2)
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
+    mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    kv_len: int = 0  # S: cached slots to read (max length after this write)
+
+    def rope_for_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin broadcastable over (B, H, T, d/2)."""
+        if self.cos.dim() == 3:
+            return self.cos[:, None], self.sin[:, None]
+        return self.cos, self.sin
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.d_c = config.kv_lora_rank
+        self.interleave = config.rope_interleave or config.model_type == "deepseek_v2"
+        self.softmax_scale = config.softmax_scale()
+        self.dropout = config.attention_dropout
+        self.decode_impl = "absorb"  # "absorb" | "naive": which path a cached decode step takes
+        d_qk = self.d_nope + self.d_rope
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d_qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)  # W_DQ
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * d_qk, bias=False)  # [W_UQ; W_QR]
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.d_c + self.d_rope, bias=bias)  # [W_DKV; W_KR]
+        self.kv_a_layernorm = RMSNorm(self.d_c)
+        self.kv_b_proj = nn.Linear(self.d_c, self.n_heads * (self.d_nope + self.d_v), bias=False)  # [W_UK; W_UV]
+        self.o_proj = nn.Linear(self.n_heads * self.d_v, config.hidden_size, bias=bias)  # W_O
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_h + d_R)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        cos_h, sin_h = ctx.rope_for_heads()
+        q_pe = apply_rope(q_pe, cos_h, sin_h, self.interleave)  # q_R (eq. 15)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_c, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # c_KV: (B, T, d_c) (eq. 9)
+        k_pe = apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)  # k_R: (B, T, d_R), shared by heads (eq. 16)
+
+        if ctx.cache is not None:
+            ctx.cache.write(layer_idx, ctx.positions, c_kv=c_kv, k_pe=k_pe)
+            c_kv = ctx.cache.read(layer_idx, "c_kv", ctx.kv_len)  # (B, S, d_c)
+            k_pe = ctx.cache.read(layer_idx, "k_pe", ctx.kv_len)  # (B, S, d_R)
+            if self.decode_impl == "absorb" and T <= ABSORB_MAX_QUERY_LEN:
+                out = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, ctx.mask)
+            else:
+                out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
+        else:
+            out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
+
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Naive path: k_C, v_C = W_UK c_KV, W_UV c_KV for every key (eq. 10-11, 17-18). Returns (B, H, T, d_v)."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # (B, H, S, d_h), (B, H, S, d_v)
+        k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.d_rope)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Absorbed path: score and mix in latent space; the keys/values are never expanded. (B, H, T, d_v)."""
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.d_c)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (H, d_h, d_c), (H, d_v, d_c)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W_UKᵀ q_C: (B, H, T, d_c)
+        # every head reads the same c_KV and k_R: one (H·T × S) matmul each, MQA-like traffic
+        scores = torch.bmm(q_lat.reshape(B, H * T, self.d_c), c_kv.transpose(1, 2))
+        scores = scores.baddbmm_(q_pe.reshape(B, H * T, self.d_rope), k_pe.transpose(1, 2))
+        scores = (scores * self.softmax_scale).view(B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.bmm(probs.view(B, H * T, S), c_kv).view(B, H, T, self.d_c)  # Σ_j p_ij c_KV,j
+        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)  # W_UV per head: (B, H, T, d_v)
+
+
+class MHA(nn.Module):
+    """Plain multi-head (num_key_value_heads = heads) or grouped-query attention with full RoPE: the baseline."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.softmax_scale = config.softmax_scale()
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos_h, sin_h = ctx.rope_for_heads()
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2), cos_h, sin_h, False)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2), cos_h, sin_h, False)
+        v = self.v_proj(x)
+        if ctx.cache is not None:
+            ctx.cache.write(layer_idx, ctx.positions, k=k.transpose(1, 2).reshape(B, T, -1), v=v)
+            S = ctx.kv_len
+            k = ctx.cache.read(layer_idx, "k", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
+            v = ctx.cache.read(layer_idx, "v", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
+        else:
+            v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))

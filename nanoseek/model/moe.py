@@ -1,0 +1,156 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeekMoE §3, V2 §2.2, V3 §2.1.2).
+
+h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u)   (V3 eq. 12)
+
+Gates: softmax with greedy or group-limited greedy top-k (V2), sigmoid with a selection-only correction
+bias and group-limited top-k (V3 "noaux_tc"). The bias b_i changes which experts are chosen, never the gate
+values g_i, which come from the raw affinities (V3 eq. 16). Experts run grouped: tokens are sorted by expert
+and each expert multiplies its contiguous slice; there is no per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: affinities s = σ(u·e) or softmax(u·e), top-k selection, gate values g (float32 throughout)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
+        self.norm_topk_prob, self.route_scale = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":
+            # b_i: used only to choose experts (aux-loss-free balancing); updated outside autograd
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> gate values (N, K), expert ids (N, K), raw affinities s (N, E)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's top-2
+            else:
+                group_score = grouped.amax(dim=-1)  # V2: best expert of each group
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.n_experts)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)  # g'_i from the raw affinities: the bias never reaches them
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, ids, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_proj/up_proj (E, I, D), down_proj (E, D, I)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, D), ids/weights: (N, K) -> (N, D) and tokens per expert (E,)."""
+        N, K = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # (N·K,) token-slots sorted by expert
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        token_of_slot = order // K
+        xs = x[token_of_slot]  # (N·K, D), grouped by expert
+        outs = []
+        for e, (start, n) in enumerate(_slices(counts.tolist())):
+            if n == 0:
+                continue
+            xe = xs[start : start + n]
+            h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
+
+
+def _slices(counts: list[int]) -> list[tuple[int, int]]:
+    starts, total = [], 0
+    for n in counts:
+        starts.append((total, n))
+        total += n
+    return starts
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts > 0
+            else None
+        )
+        # statistics of the last forward, for balancing and logging (not part of the state dict)
+        self.last_load: torch.Tensor | None = None  # (E,) tokens routed to each expert
+        self.last_balance_loss: torch.Tensor | None = None  # Σ_i f_i P_i (V3 eq. 17-20), before α
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, ids, scores = self.gate(flat)
+        routed, counts = self.experts(flat, ids, weights)
+        self.last_load = counts.detach().float()
+        if self.training:
+            self.last_balance_loss = sequence_balance_loss(scores.view(B, T, -1), self.top_k)
+        out = routed.view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """V3 eq. 17-20, without α: Σ_i f_i P_i averaged over sequences.
+
+    scores: (B, T, E) raw affinities. f_i = E/(K·T) Σ_t 1(s_i,t ∈ TopK(s_t)); P_i = 1/T Σ_t s_i,t / Σ_j s_j,t.
+    """
+    B, T, E = scores.shape
+    chosen = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
+    f = chosen.sum(dim=1) * (E / (top_k * T))  # (B, E), no gradient
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    return (f * p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_expert_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step.
+
+    ``load`` is the expert load summed over the whole (global, accumulated) batch: an overloaded expert's
+    bias goes down, an underloaded one's goes up.
+    """
+    if gate.e_score_correction_bias is None or gamma == 0:
+        return
+    gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

@@ -1,0 +1,175 @@
+"""The DeepSeek-V2/V3 decoder: embedding, L pre-norm blocks (attention + dense FFN or MoE), final norm, head,
+and optional MTP modules. ``forward(input_ids, cache=None) -> logits (B, T, vocab)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanoseek.cache import KVCache, cache_widths
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import MHA, MLA, AttentionContext, RMSNorm
+from nanoseek.model.moe import MLP, Experts, Gate, MoE
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); FFN is dense in the first k layers, MoE after."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config) if config.attention_type == "mla" else MHA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        L = config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(L))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, Gate):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Experts):
+            for p in (module.gate_proj, module.up_proj, module.down_proj):
+                nn.init.normal_(p, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def context(self, batch_size: int, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
+        """RoPE tables for the new tokens and, with a cache, their write positions and the attention mask."""
+        device = self.embed_tokens.weight.device
+        steps = torch.arange(seq_len, device=device)
+        if cache is None:
+            cos, sin = self.rotary(steps, dtype)
+            return AttentionContext(cos, sin)
+        positions = cache.lengths[:, None] + steps  # (B, T)
+        kv_len = int(cache.lengths.max()) + seq_len
+        if kv_len > cache.max_len:
+            raise ValueError(f"cache overflow: {kv_len} tokens needed, cache holds {cache.max_len}")
+        cos, sin = self.rotary(positions, dtype)
+        keys = torch.arange(kv_len, device=device)
+        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # causal in absolute positions
+        return AttentionContext(cos, sin, cache, positions, mask, kv_len)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        input_lengths: torch.Tensor | None = None,
+        return_mtp: bool = False,
+        return_hidden: bool = False,
+    ):
+        """input_ids: (B, T) -> logits (B, T, vocab).
+
+        With ``cache``, the tokens continue each sequence at ``cache.lengths`` and the cache advances by
+        ``input_lengths`` (B,) (default T: all new tokens are real; shorter rows are right-padded).
+        ``return_mtp`` adds the MTP logits: a list, depth k giving (B, T-k, vocab) where row i predicts t_{i+k+1}.
+        ``return_hidden`` returns the final normed hidden states (B, T, D) instead of logits, so a caller can
+        apply ``lm_head`` in chunks.
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        ctx = self.context(B, T, cache, x.dtype)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        h = self.norm(x)
+        if cache is not None:
+            cache.lengths += T if input_lengths is None else input_lengths
+        out = h if return_hidden else self.lm_head(h)
+        if return_mtp:
+            return out, self.mtp_logits(h, input_ids)
+        return out
+
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP chain (V3 eq. 21-22): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T})."""
+        T = input_ids.shape[1]
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            ctx = self.context(h.shape[0], T - k, None, h.dtype)
+            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx)
+            out.append(self.lm_head(module.norm(h)))
+        return out
+
+    # ------------------------------------------------------------------ inference helpers
+    def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated cache for ``batch_size`` sequences of up to ``max_len`` tokens (or one for the MTP blocks)."""
+        n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
+        return KVCache(
+            cache_widths(self.config), n_layers, batch_size, max_len,
+            dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,
+            layer_offset=self.config.num_hidden_layers if mtp else 0,
+        )
+
+    def set_decode_impl(self, impl: str) -> None:
+        """Choose the MLA decode path: "absorb" (default) or "naive" (re-expand the cached latent)."""
+        if impl not in ("absorb", "naive"):
+            raise ValueError(f"decode impl must be 'absorb' or 'naive', got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.decode_impl = impl
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, main blocks first, then the MTP blocks'."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, include_mtp: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if (not include_mtp and name.startswith("mtp.")) or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token touches (main model): all but the routed experts it is not sent to."""
+        c = self.config
+        idle = 0
+        for i in range(c.num_hidden_layers):
+            if c.is_moe_layer(i):
+                idle += (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        return self.num_parameters() - idle
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+        """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""
+        from nanoseek.hf import load_pretrained
+
+        return load_pretrained(directory, dtype=dtype)
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+        """Write config.json + safetensors under the Hugging Face names (atomically, via a temp directory)."""
+        from nanoseek.hf import save_pretrained
+
+        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,90 @@
+"""Tokenizers, all Hugging Face ``tokenizers`` models saved as ``tokenizer.json`` next to a checkpoint.
+
+- ``Tokenizer.char()``: one token per printable ASCII character, for the built-in tasks (96 + 4 specials);
+- ``Tokenizer.train_bpe(files, vocab_size)``: a byte-level BPE for real text.
+
+Either loads with ``transformers.AutoTokenizer.from_pretrained(dir)`` as well (tokenizer_config.json is
+written beside it), so TRL and transformers can use the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special token(s) {missing}; nanoseek needs {SPECIALS}")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (tok.token_to_id(s) for s in SPECIALS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def char(cls) -> Tokenizer:
+        vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+        tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character alone
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(SPECIALS)
+        return cls(tok)
+
+    @classmethod
+    def train_bpe(cls, files: list[str | Path], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
+        """Byte-level BPE (GPT-2 style) trained on local text files; nothing is downloaded."""
+        for f in files:
+            p = Path(f)
+            if not p.is_file() or p.stat().st_size == 0:
+                raise ValueError(f"tokenizer training file {p} is missing or empty")
+        tok = HFTokenizer(models.BPE(unk_token=None))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train([str(f) for f in files], trainer)
+        return cls(tok)
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
+            "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: save one with Tokenizer.save or `nanoseek tokenizer train`")
+        return cls(HFTokenizer.from_file(str(path)))

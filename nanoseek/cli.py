@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
     mla_elems, mha_elems = config.kv_cache_elements_per_token(), mha.kv_cache_elements_per_token()
     print(f"preset {args.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
-    print(f"  parameters            {model.num_parameters():>16,}  (+{model.num_parameters(True) - model.num_parameters():,} MTP)")
+    n_mtp = model.num_parameters(include_mtp=True) - model.num_parameters()
+    print(f"  parameters            {model.num_parameters():>16,}  (+{n_mtp:,} MTP)")
     print(f"  active per token      {model.num_active_parameters():>16,}")
     print(f"  KV cache elems/token  MLA {mla_elems:,}  vs  MHA {mha_elems:,} "
           f"({config.num_attention_heads} heads x {config.v_head_dim})  = {100 * mla_elems / mha_elems:.2f}%")

@@ -120,7 +120,9 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ inference helpers
-    def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
+    ) -> KVCache:
         """A preallocated cache for ``batch_size`` sequences of up to ``max_len`` tokens (or one for the MTP blocks)."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return KVCache(

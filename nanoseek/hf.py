@@ -105,7 +105,7 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in files:
         with safe_open(str(directory / f), framework="pt") as fh:
-            for k in fh:
+            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[k] = fh.get_tensor(k)
     return tensors
 

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from nanoseek import ModelConfig, Transformer
+
+BAD = [
+    (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(q_lora_rank=-4), "q_lora_rank"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=2, topk_group=3), "topk_group"),
+    (dict(rope_scaling={"rope_type": "dynamic-ntk", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "original_max_position_embeddings"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(scoring_func="tanh"), "scoring_func"),
+    (dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="noaux_tc"), "topk_method"),
+    (dict(n_group=4, topk_group=1, num_experts_per_tok=3), "num_experts_per_tok"),
+    (dict(hidden_size=-1), "hidden_size"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD)
+def test_invalid_config_names_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.preset("tiny", **overrides)
+
+
+def test_round_trip_through_config_json(tmp_path):
+    cfg = ModelConfig.preset("small", rope_scaling=dict(rope_type="yarn", factor=8.0,
+                                                        original_max_position_embeddings=64, mscale=1.0,
+                                                        mscale_all_dim=1.0))
+    cfg.save(tmp_path / "config.json")
+    back = ModelConfig.load(tmp_path / "config.json")
+    assert back == cfg
+
+
+def test_reads_transformers_v5_rope_parameters():
+    d = ModelConfig.preset("tiny").to_dict()
+    d.pop("rope_scaling")
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 2.0,
+                            "original_max_position_embeddings": 128}
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_theta == 5000.0 and cfg.rope_scaling["factor"] == 2.0
+
+
+def test_strict_rejects_unknown_keys():
+    d = ModelConfig.preset("tiny").to_dict()
+    d["hiden_size"] = 12
+    with pytest.raises(ValueError, match="hiden_size"):
+        ModelConfig.from_dict(d, strict=True)
+    assert ModelConfig.from_dict(d).extra["hiden_size"] == 12  # lenient by default, kept verbatim
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.preset("deepseek-v9")
+
+
+@pytest.mark.parametrize(
+    "preset,total,active",
+    [("deepseek-v3", 671e9, 37e9), ("deepseek-v2", 236e9, 21e9)],
+)
+def test_published_shapes_parameter_counts(preset, total, active):
+    """The papers' headline sizes (V3: 671B/37B, V2: 236B/21B), counted on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.preset(preset))
+    assert abs(model.num_parameters() / total - 1) < 0.01
+    assert abs(model.num_active_parameters() / active - 1) < 0.03
+
+
+def test_mla_cache_fraction_at_v2_dims():
+    cfg = ModelConfig.preset("deepseek-v2")
+    mha = cfg.replace(attention_type="mha", head_dim=128)
+    assert cfg.kv_cache_elements_per_token() == 576 * 60
+    assert mha.kv_cache_elements_per_token() == 2 * 128 * 128 * 60
+    assert cfg.kv_cache_elements_per_token() / mha.kv_cache_elements_per_token() < 0.018
+
+
+def test_hf_config_json_fields(tmp_path):
+    """config.json carries the Hugging Face field names transformers reads."""
+    ModelConfig.preset("tiny").save(tmp_path / "c.json")
+    d = json.loads((tmp_path / "c.json").read_text())
+    for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "num_nextn_predict_layers",
+                "rope_interleave", "model_type"):
+        assert key in d
+    assert "head_dim" not in d  # MLA: transformers derives it

@@ -83,24 +83,16 @@ class Experts(nn.Module):
         order = flat_ids.argsort(stable=True)  # (N·K,) token-slots sorted by expert
         counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
         token_of_slot = order // K
-        xs = x[token_of_slot]  # (N·K, D), grouped by expert
+        xs = x.index_select(0, token_of_slot)  # (N·K, D), grouped by expert
+        # split/unbind once: indexing per expert would make autograd build a full-size zero gradient for
+        # every expert (O(E^2) memory traffic); split's and unbind's backward concatenate/stack them once
+        w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
-        for e, (start, n) in enumerate(_slices(counts.tolist())):
-            if n == 0:
-                continue
-            xe = xs[start : start + n]
-            h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
-            outs.append(h @ self.down_proj[e].T)
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        for e, xe in enumerate(xs.split(counts.tolist())):
+            if xe.shape[0]:
+                outs.append((F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T)
+        ys = torch.cat(outs) * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
-
-
-def _slices(counts: list[int]) -> list[tuple[int, int]]:
-    starts, total = [], 0
-    for n in counts:
-        starts.append((total, n))
-        total += n
-    return starts
 
 
 class MoE(nn.Module):

@@ -1,0 +1,148 @@
+"""Verifiable reward functions with TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``,
+a registry, a task adapter, and ``compute_rewards``, which contains failing or hanging functions."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from math import isnan, nan  # (the name `math` is the submodule nanoseek.rewards.math here)
+
+from nanoseek.rewards.code import code_reward
+from nanoseek.rewards.countdown import countdown_reward
+from nanoseek.rewards.format import completion_text, format_reward, lenient_format_reward
+from nanoseek.rewards.math import math_reward
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., list]
+
+REWARD_FNS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "format": format_reward,
+    "format_lenient": lenient_format_reward,
+    "countdown": countdown_reward,
+    "code": code_reward,
+}
+_IN_PROCESS = frozenset(REWARD_FNS.values())  # built-ins: fast, or (code) bounded by their own sandbox timeout
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    if name not in REWARD_FNS:
+        raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}")
+    return REWARD_FNS[name]
+
+
+def reward_name(fn: RewardFn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def task_reward(task) -> RewardFn:
+    """A TRL-style reward scoring each completion with ``task.score(completion, example)``. The dataset column
+    ``example`` holds ``nanoseek.tasks.Example``s; else an ``answer`` column builds them from prompt and answer."""
+    from nanoseek.tasks import Example
+
+    def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
+        if example is None:
+            if answer is None:
+                raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
+            example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
+        if len(example) != len(completions):
+            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
+        return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
+
+    reward.__name__ = f"{task.name}_reward"
+    return reward
+
+
+@dataclass
+class RewardResult:
+    total: list[float]  # (N,) weighted sum over functions; None counts as 0
+    per_fn: dict[str, list[float | None]]  # name -> (N,) raw values, None where unavailable
+    errors: dict[str, str] = field(default_factory=dict)  # name -> why it gave None (raised, hung, bad output)
+
+    def metrics(self) -> dict[str, float]:
+        """TRL's names: ``reward`` (mean total) and ``rewards/<fn>/mean`` over the samples that have a value."""
+        out = {"reward": sum(self.total) / max(len(self.total), 1)}
+        for name, values in self.per_fn.items():
+            have = [v for v in values if v is not None]
+            out[f"rewards/{name}/mean"] = sum(have) / len(have) if have else nan
+        return out
+
+
+def _child(conn, fn, prompts, completions, columns) -> None:
+    try:
+        conn.send(("ok", fn(prompts, completions, **columns)))
+    except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
+    """Run ``fn`` in a forked process; abandon (kill) it after ``timeout_s``. Raises TimeoutError / RuntimeError."""
+    ctx = multiprocessing.get_context("fork")  # fork: closures and lambdas work, no re-import
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, prompts, completions, columns), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout_s):
+            raise TimeoutError(f"no result within {timeout_s} s")
+        status, value = recv.recv()
+    except EOFError:
+        raise RuntimeError(f"worker died (exit code {proc.exitcode})") from None
+    finally:
+        proc.kill()
+        proc.join()
+        recv.close()
+    if status == "error":
+        raise RuntimeError(value)
+    return value
+
+
+def compute_rewards(
+    reward_fns: Sequence[RewardFn],
+    weights: Sequence[float] | None,
+    prompts: list,
+    completions: list,
+    columns: dict | None = None,
+    timeout_s: float | None = 60.0,
+) -> RewardResult:
+    """Weighted rewards of N completions, surviving bad reward functions.
+
+    A function that raises, returns the wrong number of values, or (with ``timeout_s``) runs longer than
+    ``timeout_s`` gives None for all its samples and is logged with ``logging.warning``; the others still count.
+    Built-in functions run in-process; others run in a forked worker when ``timeout_s`` is set (a thread cannot
+    be stopped), so a hang is cut off. ``columns`` are the dataset columns passed as keyword arguments.
+    """
+    weights = [1.0] * len(reward_fns) if weights is None else list(weights)
+    if len(weights) != len(reward_fns):
+        raise ValueError(f"compute_rewards: {len(reward_fns)} reward functions but {len(weights)} weights")
+    columns = columns or {}
+    n = len(completions)
+    total = [0.0] * n
+    per_fn: dict[str, list[float | None]] = {}
+    errors: dict[str, str] = {}
+    for fn, w in zip(reward_fns, weights):
+        name = reward_name(fn)
+        try:
+            if timeout_s is None or fn in _IN_PROCESS:
+                values = fn(prompts, completions, **columns)
+            else:
+                values = _call_with_timeout(fn, prompts, completions, columns, timeout_s)
+            values = list(values)
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} values for {n} completions")
+            values = [None if v is None else float(v) for v in values]
+        except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
+            log.warning("reward function %s failed: %s: %s", name, type(e).__name__, e)
+            errors[name] = f"{type(e).__name__}: {e}"
+            values = [None] * n
+        per_fn[name] = values
+        for i, v in enumerate(values):
+            if v is not None and not isnan(v):
+                total[i] += w * v
+    return RewardResult(total, per_fn, errors)
+
+
+__all__ = ["REWARD_FNS", "RewardResult", "compute_rewards", "get_reward_fn", "reward_name", "task_reward"]

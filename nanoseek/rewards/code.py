@@ -1,0 +1,88 @@
+"""Code reward: run the completion's program against test cases in the sandbox (``nanoseek.rewards.sandbox``).
+
+The ``tests`` column holds, per sample, a list of test cases of one of two kinds:
+- assert statements (strings), e.g. ``"assert add(2, 3) == 5"``: the program runs once, then each assert runs in
+  its own try/except in the same process; a test passes if its code raises nothing. The pass marker carries a
+  random nonce and is printed only after the tests ran, so ``sys.exit(0)`` / ``os._exit(0)`` early scores 0.
+- input/output pairs, ``{"input": "3 4\\n", "output": "7"}`` (or a 2-tuple): the program runs once per pair with
+  that stdin; it passes if it exits 0 and its stdout equals the expected output up to trailing whitespace per line.
+
+Reward = fraction of the sample's tests that pass (0.0 for no code; a sample with no tests gives None).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from nanoseek.rewards.format import completion_text
+from nanoseek.rewards.sandbox import run_code
+
+_FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+
+_HARNESS = """\
+_nonce, _tests, _program = {nonce!r}, {tests!r}, {program!r}
+_write, _fd = __import__("os").write, __import__("os").dup(1)
+_ns = {{"__name__": "__main__"}}
+try:
+    exec(compile(_program, "<completion>", "exec"), _ns)
+except BaseException:
+    _tests = []
+for _i, _t in enumerate(_tests):
+    try:
+        exec(compile(_t, "<test>", "exec"), _ns)
+        _write(_fd, f"\\n{{_nonce}} pass {{_i}}\\n".encode())
+    except BaseException:
+        pass
+"""
+
+
+def extract_code(completion: str) -> str:
+    """The last fenced ```python block of a completion (a bare ``` fence counts too), else the whole text."""
+    blocks = _FENCE.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def _normalize(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+def run_tests(program: str, tests: list, timeout_s: float = 5.0, **limits) -> float:
+    """Fraction of ``tests`` (asserts or input/output pairs, see the module docstring) that ``program`` passes."""
+    if not tests:
+        raise ValueError("run_tests: no test cases")
+    if all(isinstance(t, str) for t in tests):
+        nonce = secrets.token_hex(16)
+        result = run_code(_HARNESS.format(nonce=nonce, tests=list(tests), program=program), timeout_s=timeout_s,
+                          **limits)
+        passed = {line.split()[2] for line in result.stdout.splitlines() if line.startswith(nonce + " pass ")}
+        return len(passed) / len(tests)
+    passed = 0
+    for case in tests:
+        if isinstance(case, dict) and "input" in case and "output" in case:
+            stdin, expected = case["input"], case["output"]
+        elif isinstance(case, (tuple, list)) and len(case) == 2:
+            stdin, expected = case
+        else:
+            raise ValueError(f"test case {case!r} is neither an assert string nor an input/output pair "
+                             "({'input': ..., 'output': ...} or (input, output))")
+        result = run_code(program, stdin=str(stdin), timeout_s=timeout_s, **limits)
+        passed += result.passed and _normalize(result.stdout) == _normalize(str(expected))
+    return passed / len(tests)
+
+
+def code_reward(prompts, completions, tests, timeout_s: float = 5.0, **kwargs) -> list[float | None]:
+    """TRL-style reward: fraction of the sample's ``tests`` passed by the completion's code (see module docstring).
+    Extra dataset columns (and TRL's ``completion_ids``, ``trainer_state``) are ignored."""
+    if len(tests) != len(completions):
+        raise ValueError(f"code_reward: {len(completions)} completions but {len(tests)} 'tests' entries")
+    rewards: list[float | None] = []
+    for completion, cases in zip(completions, tests):
+        program = extract_code(completion_text(completion))
+        if not cases:
+            rewards.append(None)
+        elif not program.strip():
+            rewards.append(0.0)
+        else:
+            rewards.append(run_tests(program, list(cases), timeout_s=timeout_s))
+    return rewards

@@ -1,0 +1,43 @@
+"""DeepSeek-R1's output template (arXiv 2501.12948 §2.2.2, Table 1): the reasoning in ``<think>…</think>``
+followed by the final answer in ``<answer>…</answer>``."""
+
+from __future__ import annotations
+
+import re
+
+# strict: the whole completion is exactly one think block then one answer block (whitespace between/around only)
+_STRICT = re.compile(r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*"
+                     r"<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z", re.DOTALL)
+# lenient: a think block followed (anywhere later) by a non-empty answer block
+_LENIENT = re.compile(r"<think>.*?</think>.*?<answer>\s*\S.*?</answer>", re.DOTALL)
+
+
+def completion_text(completion) -> str:
+    """TRL passes completions as strings, or as chat messages ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def is_strict_format(text: str) -> bool:
+    """Exactly ``<think>…</think><answer>…</answer>`` (no text outside, no nested or repeated tags,
+    non-empty answer)."""
+    m = _STRICT.match(text)
+    return m is not None and m.group(2).strip() != ""
+
+
+def is_lenient_format(text: str) -> bool:
+    """A ``<think>…</think>`` block followed somewhere by a non-empty ``<answer>…</answer>``."""
+    return _LENIENT.search(text) is not None
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 for completions in R1's strict template, else 0.0 (TRL signature)."""
+    return [1.0 if is_strict_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def lenient_format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if a think block is followed by a non-empty answer block anywhere in the completion, else 0.0."""
+    return [1.0 if is_lenient_format(completion_text(c)) else 0.0 for c in completions]

@@ -1,0 +1,82 @@
+"""Math reward: extract the final answer and check it against the gold with math-verify (symbolic equality,
+so ``\\frac{1}{2}``, ``0.5`` and ``1/2`` all match)."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from math_verify import parse, verify
+
+from nanoseek.rewards.countdown import extract_answer
+from nanoseek.rewards.format import completion_text
+
+_GSM8K = re.compile(r"####\s*([^\n]+)")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces balanced; None if absent or
+    unclosed."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of a completion, in order of precedence: the last ``<answer>…</answer>`` (narrowed to a
+    ``\\boxed{}`` inside it, if any), else the last ``\\boxed{…}``, else GSM8K's last ``#### 42``; None if none."""
+    answer = extract_answer(text)
+    if answer is not None:
+        boxed = last_boxed(answer)
+        return boxed if boxed is not None else answer
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    gsm = _GSM8K.findall(text)
+    return gsm[-1].strip().replace(",", "") if gsm else None
+
+
+def _timeout() -> int | None:
+    """math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere run without."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse_answer(answer: str) -> list:
+    """math-verify's parse of an extracted answer read as LaTeX math; [] if it is not math."""
+    answer = answer.strip()
+    if not answer:
+        return []
+    kw = dict(fallback_mode="no_fallback", parsing_timeout=_timeout())
+    return parse(f"${answer}$", **kw) or parse(answer, **kw)
+
+
+def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+    """1.0 if the completion's final answer (see ``extract_final_answer``) equals the gold, else 0.0.
+
+    The gold comes from the ``answer`` column, else ``solution`` (a full solution is fine: its own final answer
+    is extracted the same way). A completion without an extractable answer scores 0.0. A gold that math-verify
+    cannot parse gives **None** for that sample: the example is broken, not the completion.
+    """
+    gold_col = answer if answer is not None else solution
+    if gold_col is None:
+        raise ValueError("math_reward needs a dataset column 'answer' or 'solution' with the gold answers")
+    if len(gold_col) != len(completions):
+        raise ValueError(f"math_reward: {len(completions)} completions but {len(gold_col)} gold answers")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, gold_col):
+        gold = str(gold)
+        gold_parsed = _parse_answer(extract_final_answer(gold) or gold)
+        if not gold_parsed:
+            rewards.append(None)
+            continue
+        pred = extract_final_answer(completion_text(completion))
+        pred_parsed = _parse_answer(pred) if pred is not None else []
+        rewards.append(1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()) else 0.0)
+    return rewards

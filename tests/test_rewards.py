@@ -1,0 +1,277 @@
+"""Reward functions: hand-checked values, the safe countdown parser, TRL-signature calls, and containment of
+raising / hanging reward functions."""
+
+import logging
+import math
+import time
+from fractions import Fraction
+
+import pytest
+
+from nanoseek.rewards import REWARD_FNS, compute_rewards, get_reward_fn, task_reward
+from nanoseek.rewards.code import code_reward, extract_code
+from nanoseek.rewards.countdown import check_equation, countdown_reward, extract_answer, parse_expression
+from nanoseek.rewards.format import format_reward, lenient_format_reward
+from nanoseek.rewards.math import extract_final_answer, last_boxed, math_reward
+from nanoseek.tasks import examples, get_task
+
+TRL_KW = dict(completion_ids=[[1, 2]], trainer_state=None)  # extra kwargs TRL passes; must be accepted
+
+
+# ---- countdown -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1 + 2 * 3", Fraction(7)), ("(1 + 2) * 3", Fraction(9)), ("7 / 2", Fraction(7, 2)), ("10 - 4 - 3", Fraction(3)),
+    ("100 / 10 / 5", Fraction(2)), ("((((5))))", Fraction(5)), ("2*(3+4)-6/4", Fraction(25, 2)),
+    ("1/3 + 1/3 + 1/3", Fraction(1)),
+])
+def test_parse_expression_exact_values(text, value):
+    assert parse_expression(text) == value
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("2 ** 10", "power"), ("1 / 0", "division by zero"), ("5 / (3 - 3)", "division by zero"), ("-1 + 2", "got '-'"),
+    ("1 +", "end"), ("(1 + 2", "end"), ("1 + 2)", "after the end"), ("__import__('os')", "unexpected character"),
+    ("2 ^ 3", "unexpected character"), ("1.5 + 2", "unexpected character"), ("9" * 13, "digits"),
+    ("1+" * 150 + "1", "longer than"), ("(" * 40 + "1" + ")" * 40, "nested"), ("", "end"), ("3 4", "after the end"),
+])
+def test_parse_expression_rejects(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_expression(text)
+
+
+def test_parse_expression_rejects_absurd_input_fast():
+    t = time.perf_counter()
+    for text in ("9" * 10**6, "(" * 10**5, "1" + "*99" * 10**5):
+        with pytest.raises(ValueError):
+            parse_expression(text)
+    assert time.perf_counter() - t < 1.0
+
+
+@pytest.mark.parametrize("expr, numbers, target, ok", [
+    ("25 * 4 - 3", [3, 4, 25], 97, True),
+    ("(25 - 4) * 3", [25, 4, 3], 63, True),
+    ("25 * 4 - 3 = 97", [3, 4, 25], 97, True),
+    ("25 * 4 - 3 = 98", [3, 4, 25], 97, False),  # the stated result must be the target
+    ("25 * 4", [3, 4, 25], 100, False),  # 3 unused
+    ("25 * 4 - 3 - 3", [3, 4, 25], 94, False),  # 3 used twice
+    ("3 + 3", [3, 3], 6, True),  # duplicates in the multiset
+    ("6 / 4 * 2", [6, 4, 2], 3, True),  # exact fractions
+    ("6 / 4", [6, 4], 1, False),  # 1.5 is not 1 (no integer truncation)
+    ("1 / 0 + 5", [1, 0, 5], 5, False),
+    ("import os", [1], 1, False),
+])
+def test_check_equation(expr, numbers, target, ok):
+    assert check_equation(expr, numbers, target) is ok
+
+
+def test_extract_answer_takes_the_last_block():
+    assert extract_answer("<answer>1+2</answer> then <answer> 3*4 </answer>") == "3*4"
+    assert extract_answer("<think>no answer</think>") is None
+    assert extract_answer("<answer>unclosed") is None
+
+
+def test_countdown_reward_trl_signature():
+    completions = [
+        "<think>25*4=100, minus 3</think><answer>25*4-3</answer>",
+        "<think>hmm</think><answer>25*4</answer>",
+        "25*4-3",  # no answer tag
+        [{"role": "assistant", "content": "<answer>(25-4)*3</answer>"}],  # conversational form
+    ]
+    r = countdown_reward(["p"] * 4, completions, numbers=[[3, 4, 25]] * 3 + [[25, 4, 3]], target=[97, 97, 97, 63],
+                         **TRL_KW)
+    assert r == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_countdown_reward_length_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="'numbers'"):
+        countdown_reward(["p"], ["<answer>1</answer>"], numbers=[], target=[1])
+
+
+# ---- format --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, strict, lenient", [
+    ("<think>2+2 is 4</think><answer>4</answer>", True, True),
+    ("  <think>\nreason\n</think>\n<answer>\n4\n</answer>\n", True, True),
+    ("Sure! <think>r</think><answer>4</answer>", False, True),  # text before
+    ("<think>r</think><answer>4</answer> bye", False, True),  # text after
+    ("<think>r</think><answer> </answer>", False, False),  # empty answer
+    ("<answer>4</answer><think>r</think>", False, False),  # wrong order
+    ("<think>r</think>", False, False),
+    ("<think>a</think><think>b</think><answer>4</answer>", False, True),  # repeated think
+    ("<think>a<answer>3</answer></think><answer>4</answer>", False, True),  # nested tag
+    ("<think>r</think><answer>4</answer><answer>5</answer>", False, True),
+])
+def test_format_rewards(text, strict, lenient):
+    assert format_reward(None, [text], **TRL_KW) == [float(strict)]
+    assert lenient_format_reward(None, [text], **TRL_KW) == [float(lenient)]
+
+
+# ---- math ----------------------------------------------------------------------------------------------------
+
+
+def test_last_boxed_nested_braces():
+    assert last_boxed(r"first \boxed{1} then \boxed{\frac{1}{\sqrt{2}}} end") == r"\frac{1}{\sqrt{2}}"
+    assert last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert last_boxed(r"\boxed{unclosed {") is None
+    assert last_boxed("nothing") is None
+
+
+def test_extract_final_answer_precedence():
+    assert extract_final_answer(r"\boxed{1} <answer>2</answer>") == "2"
+    assert extract_final_answer(r"<answer>so \boxed{3}</answer>") == "3"
+    assert extract_final_answer("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 1,018") == "1018"
+    assert extract_final_answer("The answer is 5.") is None
+
+
+def test_math_reward_hand_checked():
+    completions = [
+        r"so the result is \boxed{\frac{1}{2}}",  # 1/2 == 0.5
+        "<think>...</think><answer>0.5</answer>",
+        "Step 1 ... #### 1,234",
+        "The answer is 5.",  # no extractable answer -> 0
+        r"<answer>x^2 + 2x + 1</answer>",  # symbolic equality
+        r"\boxed{3}",  # wrong
+        r"\boxed{3}",  # gold is a full GSM8K solution
+        r"\boxed{4}",  # unparseable gold -> None
+    ]
+    gold = ["0.5", r"\frac{1}{2}", "1234", "5", "(x+1)^2", "4", "Janet has 1 + 2 = 3.\n#### 3", "???"]
+    assert math_reward(["q"] * 8, completions, answer=gold, **TRL_KW) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, None]
+
+
+def test_math_reward_solution_column_and_missing_gold():
+    assert math_reward(None, [r"\boxed{7}"], solution=[r"We get \boxed{7}."]) == [1.0]
+    with pytest.raises(ValueError, match="'answer' or 'solution'"):
+        math_reward(None, ["x"])
+
+
+# ---- code ----------------------------------------------------------------------------------------------------
+
+
+def test_extract_code_takes_the_last_fenced_block():
+    text = "First:\n```python\nx = 1\n```\nBetter:\n```python\nx = 2\n```\n"
+    assert extract_code(text) == "x = 2\n"
+    assert extract_code("```\ny = 3\n```") == "y = 3\n"
+    assert extract_code("z = 4") == "z = 4"
+
+
+def test_code_reward_asserts_and_io_pairs():
+    add = "```python\ndef add(a, b):\n    return a + b\n```"
+    wrong = "def add(a, b):\n    return a - b"
+    asserts = ["assert add(2, 3) == 5", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]
+    io_prog = "a, b = map(int, input().split())\nprint(a + b)"
+    io_tests = [{"input": "3 4\n", "output": "7\n"}, ("1 1", "2"), ("5 5", "11")]
+    r = code_reward(["p"] * 4, [add, wrong, io_prog, ""], tests=[asserts, asserts, io_tests, asserts], **TRL_KW)
+    assert r == [1.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 0.0]  # a - b passes only add(0, 0)
+
+
+@pytest.mark.parametrize("hack", ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit",
+                                  "print('pass 0')\nprint('pass 1')"])
+def test_code_reward_early_exit_is_not_a_pass(hack):
+    assert code_reward(None, [hack], tests=[["assert False", "assert 1 == 2"]]) == [0.0]
+
+
+def test_code_reward_timeout_counts_as_failure():
+    t = time.perf_counter()
+    r = code_reward(None, ["def f():\n    while True: pass"], tests=[["assert f() is None"]], timeout_s=1.0)
+    assert r == [0.0] and time.perf_counter() - t < 4
+
+
+def test_code_reward_bad_test_case_is_a_clear_error():
+    with pytest.raises(ValueError, match="input/output pair"):
+        code_reward(None, ["print(1)"], tests=[[{"stdin": "1"}]])
+    assert code_reward(None, ["print(1)"], tests=[[]]) == [None]
+
+
+# ---- containment, registry, task adapter ---------------------------------------------------------------------
+
+
+def _raises(prompts, completions, **kw):
+    raise RuntimeError("kaboom")
+
+
+def _hangs(prompts, completions, **kw):
+    while True:
+        pass
+
+
+def _wrong_length(prompts, completions, **kw):
+    return [1.0]
+
+
+def _length(prompts, completions, **kw):
+    return [len(c) / 10 for c in completions]
+
+
+def test_compute_rewards_weights_and_metrics():
+    completions = ["<think>a</think><answer>3+4</answer>", "<answer>3*4</answer>"]
+    cols = {"numbers": [[3, 4], [3, 4]], "target": [7, 12]}
+    res = compute_rewards([get_reward_fn("countdown"), get_reward_fn("format")], [1.0, 0.5], ["p", "p"],
+                          completions, cols)
+    assert res.per_fn == {"countdown_reward": [1.0, 1.0], "format_reward": [1.0, 0.0]}
+    assert res.total == [1.5, 1.0] and res.errors == {}
+    m = res.metrics()
+    assert m["reward"] == 1.25 and m["rewards/countdown_reward/mean"] == 1.0 and m["rewards/format_reward/mean"] == 0.5
+
+
+def test_compute_rewards_raising_fn_is_logged_and_run_goes_on(caplog):
+    with caplog.at_level(logging.WARNING):
+        res = compute_rewards([_raises, _length, _wrong_length], None, ["p", "p"], ["abc", "abcdefghij"], {},
+                              timeout_s=None)
+    assert res.per_fn["_raises"] == [None, None] and res.per_fn["_wrong_length"] == [None, None]
+    assert res.total == pytest.approx([0.3, 1.0])
+    assert "kaboom" in res.errors["_raises"] and "_raises" in caplog.text and "kaboom" in caplog.text
+    assert "returned 1 values" in res.errors["_wrong_length"]
+    assert math.isnan(res.metrics()["rewards/_raises/mean"])
+
+
+def test_compute_rewards_hanging_fn_is_cut_off(caplog):
+    t = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        res = compute_rewards([_hangs, _length, _raises], [1.0, 2.0, 1.0], ["p"], ["abcde"], {}, timeout_s=0.5)
+    assert time.perf_counter() - t < 5
+    assert res.per_fn["_hangs"] == [None] and "TimeoutError" in res.errors["_hangs"] and "_hangs" in caplog.text
+    assert res.per_fn["_length"] == [0.5] and res.total == [1.0]
+    assert "kaboom" in res.errors["_raises"]  # raising in the worker is reported too
+
+
+def test_compute_rewards_none_values_count_as_zero():
+    res = compute_rewards([get_reward_fn("math")], [2.0], ["q", "q"], [r"\boxed{4}", r"\boxed{4}"],
+                          {"answer": ["4", "???"]})
+    assert res.per_fn["math_reward"] == [1.0, None] and res.total == [2.0, 0.0]
+    assert res.metrics()["rewards/math_reward/mean"] == 1.0
+
+
+def test_compute_rewards_weight_mismatch():
+    with pytest.raises(ValueError, match="weights"):
+        compute_rewards([_length], [1.0, 2.0], ["p"], ["c"], {})
+
+
+def test_registry():
+    assert set(REWARD_FNS) >= {"math", "format", "countdown", "code"}
+    assert get_reward_fn("countdown") is countdown_reward
+    with pytest.raises(ValueError, match="unknown reward function 'nope'"):
+        get_reward_fn("nope")
+
+
+def test_task_reward_with_example_and_answer_columns():
+    task = get_task("arithmetic")
+    exs = examples(task, 4, "train", seed=1)
+    fn = task_reward(task)
+    right = [ex.completion for ex in exs]
+    wrong = [str(int(ex.answer) + 1) for ex in exs]
+    assert fn([ex.prompt for ex in exs], right, example=exs, **TRL_KW) == [1.0] * 4
+    assert fn([ex.prompt for ex in exs], wrong, example=exs) == [0.0] * 4
+    assert fn([ex.prompt for ex in exs], right, answer=[ex.answer for ex in exs]) == [1.0] * 4
+    assert fn.__name__ == "arithmetic_reward"
+    with pytest.raises(ValueError, match="'example' or 'answer'"):
+        fn(["p"], ["c"])
+
+
+def test_math_reward_works_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # math-verify's signal-based timeout would raise here
+        assert pool.submit(math_reward, None, [r"\boxed{1/2}", "#### 3"], answer=["0.5", "4"]).result() == [1.0, 0.0]

@@ -84,15 +84,27 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
         token_of_slot = order // K
         xs = x.index_select(0, token_of_slot)  # (N·K, D), grouped by expert
-        # split/unbind once: indexing per expert would make autograd build a full-size zero gradient for
-        # every expert (O(E^2) memory traffic); split's and unbind's backward concatenate/stack them once
-        w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, xe in enumerate(xs.split(counts.tolist())):
-            if xe.shape[0]:
-                outs.append((F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T)
-        ys = torch.cat(outs) * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
+        if _use_grouped_mm(xs, self.gate_proj):  # one kernel per projection for all experts
+            offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
+            h = F.silu(F.grouped_mm(xs, self.gate_proj.mT, offs=offs)) * F.grouped_mm(xs, self.up_proj.mT, offs=offs)
+            ys = F.grouped_mm(h, self.down_proj.mT, offs=offs)
+        else:
+            # split/unbind once: indexing per expert would make autograd build a full-size zero gradient for
+            # every expert (O(E^2) memory traffic); split's and unbind's backward concatenate/stack them once
+            w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+            ys = torch.cat([
+                (F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T
+                for e, xe in enumerate(xs.split(counts.tolist()))
+            ])
+        ys = ys * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
+
+
+def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM (torch >= 2.10): any float dtype on CPU, bf16 on CUDA; else a loop over experts."""
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
 
 
 class MoE(nn.Module):

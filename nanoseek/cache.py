@@ -64,6 +64,11 @@ class KVCache:
     def reset(self) -> None:
         self.lengths.zero_()
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences ``rows: (B',)`` (batch indices), e.g. to drop finished ones during decoding."""
+        self.buffers = {name: b[:, rows].contiguous() for name, b in self.buffers.items()}
+        self.lengths = self.lengths[rows].clone()
+
 
 def cache_widths(config) -> dict[str, int]:
     """What one token stores per layer: MLA {c_kv: d_c, k_pe: d_R}; MHA/GQA {k, v: n_kv·d_h}."""

@@ -118,10 +118,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # (B, H, S, d_h), (B, H, S, d_v)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.d_rope)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
+        pad = q.shape[-1] - self.d_v  # SDPA's fused CPU kernels need v's head size equal to q's
+        out = F.scaled_dot_product_attention(
+            q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
         )
+        return out[..., : self.d_v]
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Absorbed path: score and mix in latent space; the keys/values are never expanded. (B, H, T, d_v)."""

@@ -101,10 +101,12 @@ class Experts(nn.Module):
 
 
 def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped GEMM (torch >= 2.10): any float dtype on CPU, bf16 on CUDA; else a loop over experts."""
+    """torch's grouped GEMM (torch >= 2.10): fp32/bf16 on CPU, bf16 on CUDA; else a loop over experts."""
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
         return False
-    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16
 
 
 class MoE(nn.Module):

@@ -120,6 +120,21 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ inference helpers
+    def mtp_draft(
+        self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, *, input_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The first MTP module, run incrementally with its own cache (``new_cache(..., mtp=True)``).
+
+        h: (B, T, D) the main model's final normed states of tokens i (continuing at ``cache.lengths``),
+        next_ids: (B, T) tokens t_{i+1} -> logits (B, T, vocab) predicting t_{i+2} (V3 eq. 21-22, depth 1).
+        """
+        B, T = next_ids.shape
+        module = self.mtp[0]
+        ctx = self.context(B, T, cache, h.dtype)
+        x = module(h, self.embed_tokens(next_ids), ctx)
+        cache.lengths += T if input_lengths is None else input_lengths
+        return self.lm_head(module.norm(x))
+
     def new_cache(
         self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
     ) -> KVCache:

@@ -136,11 +136,12 @@ def run_code(
 ) -> SandboxResult:
     """Run Python ``code`` in the sandbox (see the module docstring) and return its outcome.
 
-    ``cpu_s`` defaults to ``ceil(timeout_s)``; ``audit=False`` turns the audit hook off (for tests of the OS layer).
+    ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally fires first;
+    ``audit=False`` turns the audit hook off (for tests of the OS layer).
     """
     if timeout_s <= 0 or memory_mb <= 0 or file_size_mb <= 0:
         raise ValueError("run_code: timeout_s, memory_mb and file_size_mb must be positive")
-    cpu = cpu_s if cpu_s is not None else max(1, int(-(-timeout_s // 1)))
+    cpu = cpu_s if cpu_s is not None else int(-(-timeout_s // 1)) + 1
     workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-")
     try:
         program = os.path.join(workdir, ".program.py")

@@ -1,0 +1,169 @@
+"""GRPO step: nanoseek vs TRL's GRPOTrainer on the same tiny random Hugging Face Llama, on CPU.
+
+``--arch deepseek_v3`` instead runs both on the same random nanoseek DeepSeek-V3 (MLA + MoE) checkpoint:
+nanoseek through its own model and latent-cache ``generate``, TRL through transformers' DeepseekV3.
+Same task (built-in arithmetic), prompts per step P, generations G, max completion length L, β, μ, lr,
+temperature and thread count. Each trainer runs in a fresh subprocess, so its peak RSS (``ru_maxrss``: the
+process high-water mark, everything torch allocated included) is its own. The first step is warm-up and is
+excluded from the time per step. A step is one rollout of P × G completions and its μ passes (TRL logs
+those as μ optimizer steps; they are added up).
+
+    python benchmarks/grpo_step.py                      # defaults below
+    python benchmarks/grpo_step.py --steps 8 --json out.json
+    python benchmarks/grpo_step.py --arch deepseek_v3 --hidden 64 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_model(directory: Path, hidden: int, layers: int, arch: str = "llama") -> None:
+    """A random checkpoint + char tokenizer: a transformers Llama, or a nanoseek DeepSeek-V3 MoE (HF format)."""
+    import torch
+    import transformers
+
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.char()
+    torch.manual_seed(0)
+    if arch == "deepseek_v3":
+        cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_nextn_predict_layers=0)
+        Transformer(cfg).save_pretrained(directory)
+        tok.save(directory)
+        return
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=max(hidden // 32, 1),
+                                   max_position_embeddings=256, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                                   eos_token_id=tok.eos_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save(directory)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_nanoseek(a: argparse.Namespace, out: Path) -> dict:
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    train_grpo(GRPOConfig(
+        model=a.model, out=str(out), num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L,
+        steps=a.steps, lr=a.lr, beta=a.beta, num_iterations=a.mu, temperature=1.0, loss_type="grpo",
+        progress=False, log_completions_every=0, seed=0,
+    ))
+    ms = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = sum(m["step_time"] for m in ms)
+    tokens = sum(m["completions/mean_length"] * a.P * a.G for m in ms)
+    return {"s_per_step": seconds / len(ms), "completion_tok_per_s": tokens / seconds,
+            "reward": sum(m["reward"] for m in ms) / len(ms)}
+
+
+def run_trl(a: argparse.Namespace, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nanoseek.tasks import Example, examples, get_task
+
+    task = get_task("arithmetic")
+    exs = examples(task, a.P * a.steps * a.mu, "train", seed=0)
+    ds = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in exs])
+
+    def arithmetic_reward(prompts, completions, answer, **kw):
+        return [task.score(c, Example(p, "", ans)) for p, c, ans in zip(prompts, completions, answer)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            self.times.append(time.perf_counter() - self.start)
+
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=a.P * a.G, num_generations=a.G,
+        max_completion_length=a.L, max_steps=a.steps * a.mu, beta=a.beta, num_iterations=a.mu, learning_rate=a.lr,
+        temperature=1.0, loss_type="grpo", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    clock = Clock()
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(a.model), reward_funcs=[arithmetic_reward],
+                          args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(a.model),
+                          callbacks=[clock])
+    trainer.train()
+    # TRL takes μ optimizer steps per rollout (generating on the first): one nanoseek step = μ TRL steps
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h][1:]
+    times = clock.times[a.mu:]
+    tokens = sum(h["completions/mean_length"] * a.P * a.G for h in logs)
+    return {"s_per_step": sum(times) / (len(times) / a.mu), "completion_tok_per_s": tokens / sum(times),
+            "reward": sum(h["reward"] for h in logs) / len(logs)}
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = (run_nanoseek if a.worker == "nanoseek" else run_trl)(a, Path(tmp))
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--P", type=int, default=8, help="prompts per step")
+    p.add_argument("--G", type=int, default=8, help="generations per prompt")
+    p.add_argument("--L", type=int, default=16, help="max completion length")
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--mu", type=int, default=1, help="num_iterations")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=6, help="rollouts (nanoseek steps); TRL runs steps × mu")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--arch", choices=["llama", "deepseek_v3"], default="llama")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", choices=["nanoseek", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "llama"
+        make_model(model, a.hidden, a.layers, a.arch)
+        for name in ("nanoseek", "trl"):
+            argv = [sys.executable, __file__, "--worker", name, "--model", str(model)]
+            argv += [f"--{k}={getattr(a, k)}" for k in ("P", "G", "L", "beta", "mu", "lr", "steps", "threads")]
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
+            results[name] = json.loads(lines[-1][len("RESULT "):])
+    n, t = results["nanoseek"], results["trl"]
+    print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; P={a.P} G={a.G} L={a.L} beta={a.beta} mu={a.mu}; "
+          f"{a.steps} steps (first excluded); {a.threads} thread(s)")
+    print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12}")
+    for name, r in results.items():
+        print(f"{name:10} {r['s_per_step']:8.3f} {r['completion_tok_per_s']:12.1f} {r['peak_rss_mb']:12.0f} "
+              f"{r['reward']:12.3f}")
+    print(f"speed-up nanoseek/TRL: {t['s_per_step'] / n['s_per_step']:.2f}x (time per step), "
+          f"{n['completion_tok_per_s'] / t['completion_tok_per_s']:.2f}x (completion tokens/s)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

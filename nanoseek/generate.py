@@ -1,0 +1,276 @@
+"""Batched generation over the latent KV cache, and MTP self-speculative decoding (DeepSeek-V3 §5.4.3).
+
+``generate`` prefills all prompts in one right-padded forward (each row's cache advances by its own length),
+then decodes one token per live row per step; rows that hit a stop token or their budget leave the batch
+(their cache rows are dropped), so finished sequences stop costing compute. Outputs hold the new tokens only;
+a stop token that ended a row is included as its last token.
+
+``generate_speculative`` (greedy only) drafts one token with the first MTP module and verifies it with the
+main model in the same forward that produces the next token: 1 or 2 tokens per main-model step, output
+identical to plain greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nanoseek.model.transformer import Transformer
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from.
+
+    temperature 0 is greedy (argmax; its log-prob is under the plain softmax). Otherwise the logits are divided
+    by ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches
+    ``top_p`` (nucleus; the most likely token always stays), renormalized, and sampled.
+    """
+    logits = logits.float()
+    if temperature == 0.0:
+        tokens = logits.argmax(-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logp = logits.log_softmax(-1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. a BOS token)")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int, cache_mtp: bool = False):
+    """One right-padded forward over all prompts. Returns (cache, hidden (B, T, D), ids (B, T), lengths (B,))."""
+    device = model.embed_tokens.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, device=device)
+    cache = model.new_cache(len(prompts), ids.shape[1] + extra)
+    h = model(ids, cache, input_lengths=lengths, return_hidden=True)
+    return cache, h, ids, lengths
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Put the model in eval mode for a call and restore the previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    return_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens.
+
+    Returns the new tokens per prompt; a row ends early right after the first token in ``stop_token_ids``
+    (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG untouched);
+    greedy (temperature 0) is deterministic. With ``return_logprobs`` also returns each new token's log-prob
+    under the distribution it was sampled from (see ``sample``).
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got {temperature}, {top_p}, {top_k}")
+    _check(prompts, max_new_tokens, model.config.vocab_size)
+    out: list[list[int]] = [[] for _ in prompts]
+    logps: list[list[float]] = [[] for _ in prompts]
+    if max_new_tokens == 0 or not prompts:
+        return (out, logps) if return_logprobs else out
+    device = model.embed_tokens.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+    with _eval_mode(model):
+        cache, h, _, lengths = _prefill(model, prompts, max_new_tokens)
+        logits = model.lm_head(h[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V)
+        rows = torch.arange(len(prompts), device=device)  # prompt index of each live row
+        for step in range(max_new_tokens):
+            tokens, lp = sample(logits, temperature, top_k, top_p, generator)
+            for r, t, p in zip(rows.tolist(), tokens.tolist(), lp.tolist()):
+                out[r].append(t)
+                logps[r].append(p)
+            if step == max_new_tokens - 1:
+                break
+            live = ~torch.isin(tokens, stop)
+            if not live.all():
+                if not live.any():
+                    break
+                keep = live.nonzero()[:, 0]
+                cache.select(keep)
+                rows, tokens = rows[keep], tokens[keep]
+            logits = model(tokens[:, None], cache)[:, -1]
+    return (out, logps) if return_logprobs else out
+
+
+@torch.inference_mode()
+def generate_speculative(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+) -> tuple[list[list[int]], float]:
+    """Greedy decoding with MTP self-speculation. Returns (new tokens as ``generate`` would, acceptance rate).
+
+    Each step feeds the main model [t_n, d] where d is the MTP draft of t_{n+1}: its logits at t_n check d
+    and, if d is right, its logits at d give t_{n+2} for free. The MTP module (own cache) then consumes the
+    main states of the 1 or 2 new positions and drafts the next token. Rejected slots are reused (the
+    cache length just does not advance over them).
+    """
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs an MTP module: config.num_nextn_predict_layers >= 1")
+    _check(prompts, max_new_tokens, model.config.vocab_size)
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0 or not prompts:
+        return out, 0.0
+    device = model.embed_tokens.weight.device
+    stop = set(stop_token_ids)
+    accepted = proposed = 0
+    with _eval_mode(model):
+        cache, h, ids, lengths = _prefill(model, prompts, max_new_tokens + 1)
+        B = len(prompts)
+        ar = torch.arange(B, device=device)
+        nxt = model.lm_head(h[ar, lengths - 1]).argmax(-1)  # t_n: (B,)
+        # MTP prefill: position i pairs h_i with t_{i+1} (the last prompt position with the new token)
+        shifted = ids.roll(-1, dims=1)
+        shifted[ar, lengths - 1] = nxt
+        mcache = model.new_cache(B, cache.max_len, mtp=True)
+        draft = model.mtp_draft(h, shifted, mcache, input_lengths=lengths)[ar, lengths - 1].argmax(-1)
+        rows = ar
+        new = [[t] for t in nxt.tolist()]
+        while True:
+            live = []
+            for i, (r, toks) in enumerate(zip(rows.tolist(), new)):
+                room = max_new_tokens - len(out[r])
+                toks = toks[:room]
+                for j, t in enumerate(toks):
+                    if t in stop:
+                        toks = toks[: j + 1]
+                        break
+                out[r].extend(toks)
+                if len(out[r]) < max_new_tokens and not (toks and toks[-1] in stop):
+                    live.append(i)
+            if not live:
+                break
+            if len(live) < len(rows):
+                keep = torch.tensor(live, device=device)
+                cache.select(keep)
+                mcache.select(keep)
+                rows, nxt, draft = rows[keep], nxt[keep], draft[keep]
+            h = model(torch.stack((nxt, draft), dim=1), cache, return_hidden=True)  # (b, 2, D)
+            pred = model.lm_head(h).argmax(-1)  # (b, 2): t_{n+1}, and t_{n+2} if the draft was right
+            ok = pred[:, 0] == draft
+            cache.lengths -= (~ok).long()  # a rejected draft's slot is overwritten next step
+            accepted += int(ok.sum())
+            proposed += len(ok)
+            # MTP positions n, n+1 pair h_n with t_{n+1} and h_{n+1} with t_{n+2}
+            m_logits = model.mtp_draft(h, pred, mcache, input_lengths=1 + ok.long())
+            draft = m_logits[torch.arange(len(ok), device=device), ok.long()].argmax(-1)
+            nxt = torch.where(ok, pred[:, 1], pred[:, 0])
+            new = [[p0, p1] if a else [p0] for a, p0, p1 in zip(ok.tolist(), *pred.T.tolist())]
+    return out, accepted / max(proposed, 1)
+
+
+# ---------------------------------------------------------------------- `nanoseek generate`
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face format model directory, or a run directory")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text (through the checkpoint's tokenizer) or, with --ids, space-separated token ids; "
+                             "repeat for a batch")
+    parser.add_argument("--ids", action="store_true", help="prompts are token ids, output is printed as ids")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--decode-impl", choices=("absorb", "naive"), default="absorb", help="MLA decode path")
+    parser.add_argument("--speculative", action="store_true", help="greedy MTP self-speculative decoding")
+
+
+def _model_dir(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path
+    from nanoseek.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"--checkpoint {path}: no config.json there and no checkpoints/ under it")
+    return latest
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = _model_dir(Path(args.checkpoint))
+    model = Transformer.from_pretrained(directory)
+    if model.config.attention_type == "mla":
+        model.set_decode_impl(args.decode_impl)
+    tokenizer = None
+    if (directory / "tokenizer.json").exists():
+        from nanoseek.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(directory)
+    if args.ids:
+        try:
+            prompts = [[int(t) for t in p.split()] for p in args.prompt]
+        except ValueError as e:
+            print(f"--prompt with --ids takes space-separated integers: {e}", file=sys.stderr)
+            return 2
+    elif tokenizer is None:
+        print(f"--checkpoint {directory} has no tokenizer.json: pass token ids with --ids", file=sys.stderr)
+        return 2
+    else:
+        prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in args.prompt]
+    eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
+    stop = () if eos is None else (eos,)
+    try:
+        if args.speculative:
+            if args.temperature != 0:
+                raise ValueError("--speculative is greedy only: drop --temperature")
+            outs, rate = generate_speculative(model, prompts, args.max_new_tokens, stop_token_ids=stop)
+            print(f"# MTP draft acceptance: {rate:.1%}", file=sys.stderr)
+        else:
+            outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop_token_ids=stop, seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for out in outs:
+        print(" ".join(map(str, out)) if args.ids or tokenizer is None else tokenizer.decode(out))
+    return 0

@@ -1,0 +1,1 @@
+"""Trainers: ``pretrain`` (next-token + MTP pretraining and SFT), ``grpo`` and ``ppo``."""

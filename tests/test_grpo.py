@@ -1,0 +1,294 @@
+"""GRPO end to end: the policy interface (chunked completion log-probs, rollouts) on nanoseek and Hugging Face
+models, a learning run on the built-in arithmetic task, the CLI on a tiny random Llama, and resume."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.policy import Batch, Policy
+from nanoseek.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_nanoseek(vocab: int = 100) -> Transformer:
+    return Transformer(ModelConfig.preset("tiny", vocab_size=vocab, initializer_range=0.2)).float()
+
+
+def tiny_llama(vocab: int = 100):
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def reference_logprobs(model, batch: Batch, temperature: float = 1.0):
+    """Full-vocabulary logits of the whole batch, then log_softmax and gather: what the chunked path avoids."""
+    if isinstance(model, Transformer):
+        logits = model(batch.input_ids)
+    else:
+        logits = model(input_ids=batch.input_ids).logits
+    logp = (logits.float() / temperature).log_softmax(-1)
+    B, L = batch.completion_ids.shape
+    out = torch.zeros(B, L)
+    for i in range(B):
+        p = int(batch.prompt_lens[i])
+        for t in range(int(batch.completion_mask[i].sum())):
+            out[i, t] = logp[i, p + t - 1, batch.completion_ids[i, t]]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nanoseek", "llama"])
+def test_completion_logprobs_match_full_logits(kind):
+    torch.manual_seed(0)
+    model = tiny_nanoseek() if kind == "nanoseek" else tiny_llama()
+    policy = Policy(model, pad_id=0, eos_id=2)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 10, 11]]
+    completions = [[20, 21, 2], [30, 31, 32, 33, 34], [40]]
+    batch = Batch.build(prompts, completions, pad_id=0, width=6)
+    assert batch.completion_ids.shape == (3, 6) and batch.completion_mask.sum(1).tolist() == [3, 5, 1]
+    want = reference_logprobs(model, batch, temperature=0.7)
+    got, ent = policy.completion_logprobs(batch, temperature=0.7, chunk_tokens=2, entropy=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[batch.completion_mask == 0] == 0).all()
+    assert (ent[batch.completion_mask == 1] > 0).all() and (ent[batch.completion_mask == 0] == 0).all()
+    # gradients through the checkpointed chunks equal those of the full computation
+    w = torch.randn(3, 6) * batch.completion_mask
+    (got * w).sum().backward()
+    g_chunk = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (reference_logprobs(model, batch, temperature=0.7) * w).sum().backward()
+    g_full = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert g_chunk.keys() == g_full.keys() and len(g_full) > 10
+    for n in g_full:
+        torch.testing.assert_close(g_chunk[n], g_full[n], rtol=1e-4, atol=1e-5)
+
+
+def test_hf_rollout_ends_at_eos_or_length():
+    policy = Policy(tiny_llama(), pad_id=0, eos_id=2)
+    outs = policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+    assert len(outs) == 8
+    for o in outs:
+        assert 1 <= len(o) <= 6 and (2 not in o[:-1]) and (len(o) == 6 or o[-1] == 2)
+    assert outs == policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+
+
+# ---------------------------------------------------------------------- the trainer
+@pytest.fixture
+def one_thread():
+    """The CPU runs are tiny: one intra-op thread is fastest and keeps runs reproducible."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TASK = {"max_operand": 4, "ops": "+"}  # single-digit sums: learnable in seconds
+
+
+def sft_checkpoint(directory, steps: int = 30, seed: int = 0):
+    """A tiny nanoseek model SFT'd briefly on the task (loss on completion + eos), saved with its tokenizer."""
+    import random
+
+    from nanoseek.tasks import examples, get_task
+
+    torch.manual_seed(seed)
+    tok = Tokenizer.char()
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+    exs = examples(get_task("arithmetic", **TASK), 500, "train", seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows = random.Random(step).sample(exs, 32)
+        prompts = [tok.encode(e.prompt, add_bos=True) for e in rows]
+        batch = Batch.build(prompts, [tok.encode(e.completion, add_eos=True) for e in rows], tok.pad_id)
+        logp, _ = Policy(model, tok.pad_id, tok.eos_id).completion_logprobs(batch)
+        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(directory)
+    tok.save(directory)
+    return directory
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_learns_arithmetic(tmp_path, one_thread):
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    model_dir = sft_checkpoint(tmp_path / "sft")
+    cfg = GRPOConfig(model=str(model_dir), out=str(tmp_path / "run"), task_kwargs=TASK, num_generations=8,
+                     prompts_per_step=16, max_completion_length=4, steps=30, lr=1e-3, num_iterations=2,
+                     progress=False)
+    summary = train_grpo(cfg)
+    r = [m["reward"] for m in read_metrics(tmp_path / "run")]
+    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
+    assert summary["steps"] == 30 and len(r) == 30
+    assert last > first + 0.15, (first, last, r)
+
+
+def test_cli_tiny_llama_with_resume(tmp_path, one_thread):
+    from nanoseek.cli import main
+
+    model_dir = tmp_path / "llama"
+    tiny_llama(Tokenizer.char().vocab_size).save_pretrained(model_dir)
+    Tokenizer.char().save(model_dir)
+    out = tmp_path / "run"
+    argv = ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--num-generations", "4",
+            "--prompts-per-step", "2", "--max-completion-length", "5", "--beta", "0.04", "--lr", "1e-4",
+            "--out", str(out), "--no-progress", "--log-completions-every", "1"]
+    assert main(argv + ["--steps", "2"]) == 0
+    assert main(argv + ["--steps", "3", "--resume"]) == 0
+    ms = read_metrics(out)
+    assert [m["step"] for m in ms] == [0, 1, 2]
+    for m in ms:
+        for key in ("reward", "step_time", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                    "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length",
+                    "completions/clipped_ratio", "tokens_per_s", "rewards/arithmetic_reward/mean"):
+            assert key in m and m[key] == m[key], key  # present and not NaN
+        assert m["clip_ratio/low_mean"] == 0 and m["clip_ratio/high_mean"] == 0  # μ = 1: ratio is exactly 1
+    assert (out / "checkpoints" / "step_00000003").is_dir()
+    samples = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 1, 2} and all("reward" in s for s in samples)
+
+
+def test_resume_is_exact(tmp_path, one_thread):
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=10)
+    kw = dict(model=str(model_dir), task_kwargs=TASK, num_generations=4, prompts_per_step=4,
+              max_completion_length=4, lr=1e-3, beta=0.05, ref_reset_every=2, num_iterations=2,
+              num_minibatches=2, progress=False)
+    train_grpo(GRPOConfig(out=str(tmp_path / "a"), steps=4, **kw))
+    train_grpo(GRPOConfig(out=str(tmp_path / "b"), steps=2, **kw))
+    train_grpo(GRPOConfig(out=str(tmp_path / "b"), steps=4, resume=True, **kw))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    for ma, mb in zip(a, b):
+        assert ma["reward"] == mb["reward"] and ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    wa = Transformer.from_pretrained(tmp_path / "a" / "checkpoints" / "step_00000004").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "b" / "checkpoints" / "step_00000004").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(loss_type="dapo", epsilon_high=0.28, dynamic_sampling=True, overlong_buffer=2),
+    dict(loss_type="dr_grpo", scale_rewards="none", mask_truncated_completions=True, num_iterations=2),
+    dict(loss_type="bnpo", rloo=True, importance_sampling_level="sequence", num_minibatches=2, micro_batch_size=3),
+    dict(loss_type="grpo", scale_rewards="batch", beta=0.1, num_iterations=2, num_minibatches=2),
+])
+def test_variants_run_and_update(tmp_path, one_thread, switches):
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=10)
+    tok = load_tokenizer(model_dir)
+    policy = Policy.load(model_dir, tok.pad_id, tok.eos_id)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    cfg = GRPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=4, prompts_per_step=4,
+                     max_completion_length=3, lr=1e-3, **switches)
+    trainer = GRPOTrainer(cfg, policy, tok)
+    m, samples = trainer.step(0)
+    assert all(v == v for v in m.values() if isinstance(v, float)), m  # no NaN
+    assert (trainer.ref is not None) == (cfg.beta > 0)
+    changed = any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+    assert changed or m["frac_reward_zero_std"] == 1  # any informative group moves the policy
+    if cfg.beta and cfg.num_iterations * cfg.num_minibatches > 1 and changed:  # π left π_ref after an update
+        assert m["kl"] > 0
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path, one_thread):
+    from nanoseek.rewards import RewardResult
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
+    tok = load_tokenizer(model_dir)
+    cfg = GRPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=3,
+                     max_completion_length=2, dynamic_sampling=True, max_resample_rounds=2)
+    trainer = GRPOTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok)
+    # rounds of 3 groups: round 0 -> one informative group, round 1 -> one, round 2 -> two (only one needed)
+    scripted = iter([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1]])
+
+    def score(rep, completions):
+        r = [float(x) for x in next(scripted)]
+        return [tok.decode(c) for c in completions], RewardResult(r, {"scripted": r})
+
+    trainer.score = score
+    rollout, info, _ = trainer.collect(0)
+    assert rollout.rewards.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert (rollout.advantages.view(-1, 2).std(1) > 0).all()
+    assert (info["zero_std"], info["groups"]) == (5, 9)
+
+
+DIST_SCRIPT = """
+import json, sys, torch
+from nanoseek.distributed import init_distributed
+from nanoseek.policy import Policy
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
+torch.set_num_threads(1)
+rank, world, _ = init_distributed()
+model_dir, out = sys.argv[1], sys.argv[2]
+tok = load_tokenizer(model_dir)
+cfg = GRPOConfig(model=model_dir, task_kwargs={"max_operand": 4, "ops": "+"}, num_generations=4, prompts_per_step=4,
+                 max_completion_length=3, lr=1e-3, beta=0.05, num_iterations=2)
+trainer = GRPOTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, rank, world)
+prompts = [ex.prompt for ex in trainer.prompts(0)]
+metrics = [trainer.step(s)[0] for s in range(2)]
+torch.save({"prompts": prompts, "metrics": metrics, "weights": trainer.policy.model.state_dict()}, f"{out}/{rank}.pt")
+"""
+
+
+def test_torchrun_two_ranks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from nanoseek.tasks import examples, get_task
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
+    script = tmp_path / "dist_grpo.py"
+    script.write_text(DIST_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(script), str(model_dir), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    # prompts sharded: the two halves are disjoint and together the step's P prompts
+    want = [ex.prompt for ex in examples(get_task("arithmetic", **TASK), 4, "train", seed=(0 * 1_000_003 + 0) * 101)]
+    assert r0["prompts"] + r1["prompts"] == want and len(r0["prompts"]) == 2
+    # gradients all-reduced: both ranks hold the same weights; metrics gathered: both report the same numbers
+    for k in r0["weights"]:
+        torch.testing.assert_close(r0["weights"][k], r1["weights"][k], rtol=0, atol=0)
+    for m0, m1 in zip(r0["metrics"], r1["metrics"]):
+        for k in ("reward", "reward_std", "kl", "entropy", "completions/mean_length"):
+            assert m0[k] == pytest.approx(m1[k]), k
+
+
+def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path, one_thread):
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from nanoseek.train.grpo import GRPOConfig, HFTokenizer, load_tokenizer, train_grpo
+
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "?"] + [chr(i) for i in range(32, 127)])}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="?"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    raw.decoder = decoders.Fuse()
+    model_dir = tmp_path / "llama"
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
+    tiny_llama(len(vocab)).save_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)
+    assert tok.encode("1+2=", add_bos=True) == [0, vocab["1"], vocab["+"], vocab["2"], vocab["="]]
+    train_grpo(GRPOConfig(model=str(model_dir), out=str(tmp_path / "run"), num_generations=2, prompts_per_step=2,
+                          max_completion_length=3, steps=1, progress=False))
+    assert read_metrics(tmp_path / "run")[0]["step"] == 0

@@ -1,0 +1,72 @@
+"""The PPO baseline: GAE, whitening and the clipped value loss by hand; the critic; a trainer step."""
+
+import pytest
+import torch
+
+from nanoseek.train.ppo import Critic, PPOConfig, PPOTrainer, gae, value_loss, whiten
+from tests.test_grpo import TASK, one_thread, sft_checkpoint  # noqa: F401 (one_thread is a fixture)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 0.6, 0.9]])  # row 1's last value is padding
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: δ = [0.1, 0.1, 0.3]; A2 = 0.3, A1 = 0.1 + 0.5·0.3 = 0.25, A0 = 0.1 + 0.5·0.25 = 0.225
+    # row 1: δ = [0.1, 0.4]; A1 = 0.4, A0 = 0.1 + 0.5·0.4 = 0.3
+    torch.testing.assert_close(adv, torch.tensor([[0.225, 0.25, 0.3], [0.3, 0.4, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.725, 0.85, 1.0], [0.8, 1.0, 0.0]]))
+
+
+def test_gae_matches_float64_loop():
+    torch.manual_seed(0)
+    B, L, gamma, lam = 3, 6, 0.9, 0.8
+    r, v = torch.randn(B, L), torch.randn(B, L)
+    mask = torch.ones(B, L)
+    mask[1, 4:] = 0
+    adv, _ = gae(r, v, mask, gamma, lam)
+    for i in range(B):
+        n = int(mask[i].sum())
+        want, last = [0.0] * L, 0.0
+        for t in reversed(range(n)):
+            nv = float(v[i, t + 1]) if t + 1 < n else 0.0
+            last = float(r[i, t]) + gamma * nv - float(v[i, t]) + gamma * lam * last
+            want[t] = last
+        torch.testing.assert_close(adv[i], torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_value_loss_and_whiten_by_hand():
+    # V = 1, V_old = 0.5, R = 2, ε = 0.2: clipped V = 0.7; ½ max(1², 1.3²) = 0.845
+    got = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert got.item() == pytest.approx(0.845)
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1, 1, 0]])
+    torch.testing.assert_close(whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_critic_is_policy_sized_and_trainer_steps(tmp_path):
+    from nanoseek.policy import Policy
+    from nanoseek.rewards import RewardResult
+    from nanoseek.train.grpo import load_tokenizer
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
+    tok = load_tokenizer(model_dir)
+    policy = Policy.load(model_dir, tok.pad_id, tok.eos_id)
+    cfg = PPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=4,
+                    max_completion_length=3, lr=1e-3, critic_lr=1e-3, num_iterations=2)
+    trainer = PPOTrainer(cfg, policy, tok)
+    critic: Critic = trainer.critic
+    n_policy = policy.model.num_parameters()  # main model, MTP excluded
+    n_head = policy.model.lm_head.weight.numel()
+    assert sum(p.numel() for p in critic.parameters()) == n_policy - n_head + critic.value_head.weight.numel() + 1
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+
+    def score(rep, completions):  # half the completions rewarded: the critic has something to fit
+        r = [float(i % 2) for i in range(len(completions))]
+        return [tok.decode(c) for c in completions], RewardResult(r, {"scripted": r})
+
+    trainer.score = score
+    m, _ = trainer.step(0)
+    assert m["value_loss"] > 0 and m["value_loss"] == m["value_loss"] and "kl" in m
+    assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())
+    assert not torch.equal(before["value_head.weight"], critic.value_head.weight)

@@ -95,6 +95,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory (with config.json) as given, or a run directory's latest checkpoint."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: not a model directory (config.json) nor a run directory with checkpoints/")
+    return latest
+
+
 def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
     """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``."""
     from nanoseek.hf import _read_safetensors, from_hf_state_dict

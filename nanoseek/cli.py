@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file/field and the fix
+        print(f"nanoseek {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------------- `nanoseek info`

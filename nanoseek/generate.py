@@ -16,7 +16,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -225,19 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", action="store_true", help="greedy MTP self-speculative decoding")
 
 
-def _model_dir(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    from nanoseek.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"--checkpoint {path}: no config.json there and no checkpoints/ under it")
-    return latest
-
-
 def run(args: argparse.Namespace) -> int:
-    directory = _model_dir(Path(args.checkpoint))
+    from nanoseek.checkpoint import resolve_model_dir
+
+    directory = resolve_model_dir(args.checkpoint)
     model = Transformer.from_pretrained(directory)
     if model.config.attention_type == "mla":
         model.set_decode_impl(args.decode_impl)

@@ -499,11 +499,12 @@ def load_tokenizer(directory: str | Path):
 
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO as configured; returns a summary (steps, final/first reward, wall time, run dir)."""
-    from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
     from nanoseek.distributed import init_distributed
     from nanoseek.metrics import MetricsLogger
 
     cfg.validate()
+    cfg.model = str(resolve_model_dir(cfg.model))
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)

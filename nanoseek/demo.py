@@ -1,0 +1,348 @@
+"""``nanoseek demo``: the whole DeepSeek recipe on a CPU in minutes, with the evidence.
+
+1. task data (Countdown, ``nanoseek.tasks.countdown``) and the character tokenizer;
+2. a deliberately short SFT warm-start of a small MLA + DeepSeekMoE (aux-loss-free balancing) + MTP model;
+3. held-out evaluation: greedy accuracy, maj@k, pass@k on a fixed held-out set;
+4. GRPO from the SFT checkpoint;
+5. evaluation again, and the fair baseline: SFT continued from the same checkpoint for the same extra
+   wall time as GRPO (a calibrated number of steps; both stage times are reported);
+6. OUT/: checkpoints, metrics.jsonl per stage, PNG plots, report.md and report.json, and a summary table.
+
+Each finished stage is recorded in OUT/stages.json, so ``--resume`` skips finished stages and continues an
+interrupted SFT or GRPO stage from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+TASK = "countdown"
+
+
+@dataclass
+class DemoConfig:
+    """Budgets of one demo run (the defaults are the full run; ``quick()`` the CI run)."""
+
+    preset: str = "small"
+    sft_steps: int = 150  # a deliberately short warm-start: greedy well below pass@k, room for RL
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    grpo_steps: int = 60
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    grpo_lr: float = 3e-4
+    beta: float = 0.01
+    continued_sft_steps: int = 250  # more than GRPO's wall time: a GRPO step costs ~2.7 SFT steps (measured)
+    max_completion_length: int = 10
+    eval_n: int = 1000
+    eval_k: int = 8
+    curve_n: int = 200  # held-out problems for the accuracy-over-GRPO-steps curve
+    curve_points: int = 4
+    seed: int = 0
+    overrides: dict = field(default_factory=lambda: {"max_position_embeddings": 64})
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoConfig:
+        return cls(sft_steps=150, grpo_steps=40, prompts_per_step=16, continued_sft_steps=60, eval_n=200, eval_k=4,
+                   curve_n=100, curve_points=2, seed=seed)
+
+
+# ---------------------------------------------------------------------- stages
+class Stages:
+    """OUT/stages.json: the result of every finished stage (what ``--resume`` skips)."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.path = out / "stages.json"
+        self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+
+    def run(self, name: str, fn):
+        if name in self.done:
+            print(f"[demo] {name}: done earlier, reusing its result")
+            return self.done[name]
+        t0 = time.perf_counter()
+        result = fn()
+        result["time_s"] = time.perf_counter() - t0
+        self.done[name] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        tmp.replace(self.path)
+        return result
+
+
+def _eval(checkpoint: str, cfg: DemoConfig, n: int, k: int, desc: str) -> dict:
+    from nanoseek.evaluate import evaluate
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tasks import examples, get_task
+    from nanoseek.tokenizer import Tokenizer
+
+    print(f"[demo] evaluating {desc} on {n} held-out problems")
+    task = get_task(TASK)
+    model = Transformer.from_pretrained(checkpoint)
+    result = evaluate(model, Tokenizer.load(checkpoint), examples(task, n, "eval", seed=0), task, k=k,
+                      max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
+    return {**result, "checkpoint": checkpoint}
+
+
+def _sft(cfg: DemoConfig, out: Path, steps: int, init_from: str | None, resume: bool) -> dict:
+    from nanoseek.train.pretrain import TrainConfig, train
+
+    tc = TrainConfig(mode="sft", preset=cfg.preset, overrides={} if init_from else dict(cfg.overrides),
+                     init_from=init_from, task=TASK, seq_len=32, steps=steps, batch_size=cfg.sft_batch,
+                     lr=cfg.sft_lr, warmup=20, schedule="constant", weight_decay=0.0, seed=cfg.seed, out=str(out),
+                     resume=resume, keep=1)
+    summary = train(tc)
+    if summary["steps"] < steps:  # Ctrl-C: train saved a checkpoint and returned early; do not mark the stage done
+        raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
+    return summary
+
+
+def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    gc = GRPOConfig(model=model_dir, out=str(out), task=TASK, num_generations=cfg.num_generations,
+                    prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
+                    steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
+                    save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1)
+    return train_grpo(gc)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
+    """Run every stage into ``out``; returns the report dict (also written to out/report.json)."""
+    from nanoseek.tasks import examples, get_task
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    stages = Stages(out, resume)
+    task = get_task(TASK)
+
+    def data() -> dict:  # 1. the task and the fixed held-out set, for the record
+        held_out = examples(task, cfg.eval_n, "eval", seed=0)
+        with open(out / "heldout.jsonl", "w") as f:
+            for ex in held_out:
+                f.write(json.dumps({"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}) + "\n")
+        return {"task": TASK, "train_example": asdict(examples(task, 1, "train", seed=cfg.seed)[0]),
+                "heldout": len(held_out)}
+
+    stages.run("data", data)
+    sft = stages.run("sft", lambda: _sft(cfg, out / "sft", cfg.sft_steps, None, resume))  # 2.
+    stages.run("eval_sft", lambda: _eval(sft["checkpoint"], cfg, cfg.eval_n, cfg.eval_k, "SFT"))  # 3.
+    stages.run("grpo", lambda: _grpo(cfg, out / "grpo", sft["checkpoint"], resume))  # 4.
+    final = str(_checkpoints(out / "grpo")[-1])
+    stages.run("eval_grpo", lambda: _eval(final, cfg, cfg.eval_n, cfg.eval_k, "SFT + GRPO"))  # 5.
+    points = [(0, sft["checkpoint"])] + [(int(p.name.split("_")[1]), str(p)) for p in _checkpoints(out / "grpo")]
+    stages.run("grpo_curve", lambda: {"steps": [s for s, _ in points], "accuracy": [
+        _eval(c, cfg, cfg.curve_n, 0, f"GRPO step {s}")["accuracy"] for s, c in points]})
+    cont = stages.run("sft_continued", lambda: _sft(cfg, out / "sft_continued", cfg.continued_sft_steps,
+                                                    sft["checkpoint"], resume))
+    stages.run("eval_sft_continued", lambda: _eval(cont["checkpoint"], cfg, cfg.eval_n, cfg.eval_k,
+                                                             "SFT continued"))
+    report = build_report(cfg, stages.done, time.perf_counter() - t_start, resume)
+    write_outputs(out, report, stages.done)  # 6.
+    return report
+
+
+def build_report(cfg: DemoConfig, done: dict, wall_time_s: float, resumed: bool) -> dict:
+    k = cfg.eval_k
+    before, after, base = done["eval_sft"], done["eval_grpo"], done["eval_sft_continued"]
+
+    def row(r: dict) -> dict:
+        return {"accuracy": r["accuracy"], f"maj@{k}": r.get(f"maj@{k}"), f"pass@{k}": r.get(f"pass@{k}"),
+                "sample_accuracy": r.get("sample_accuracy")}
+
+    return {
+        "task": TASK, "heldout_problems": before["n"], "seed": cfg.seed,
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "accuracy_continued_sft": base["accuracy"],
+        f"pass@{k}_before": before.get(f"pass@{k}"), f"maj@{k}_before": before.get(f"maj@{k}"),
+        f"pass@{k}_after": after.get(f"pass@{k}"), f"maj@{k}_after": after.get(f"maj@{k}"),
+        "sft": row(before), "grpo": row(after), "sft_continued": row(base),
+        "sft_time_s": done["sft"]["time_s"], "grpo_time_s": done["grpo"]["time_s"],
+        "sft_continued_time_s": done["sft_continued"]["time_s"],
+        "sft_steps": cfg.sft_steps, "grpo_steps": cfg.grpo_steps, "continued_sft_steps": cfg.continued_sft_steps,
+        "grpo_beats_continued_sft": after["accuracy"] >= base["accuracy"],
+        "wall_time_s": wall_time_s if not resumed else sum(v.get("time_s", 0.0) for v in done.values()),
+        "config": asdict(cfg),
+    }
+
+
+# ---------------------------------------------------------------------- outputs
+PLOTS = ("sft_loss.png", "grpo_reward_accuracy.png", "grpo_kl.png", "grpo_completion_length.png",
+         "expert_load.png", "kv_cache_mla_vs_mha.png")
+
+
+def _read(path: Path) -> list[dict]:
+    from nanoseek.metrics import read_metrics
+
+    return read_metrics(path) if path.exists() else []
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def kv_cache_bytes(config, lengths: list[int]) -> tuple[list[int], list[int]]:
+    """Bytes of the KV cache of one sequence at each length: MLA (c_KV + k_R) vs an MHA of the same shape."""
+    from nanoseek.model.transformer import Transformer
+
+    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
+    per_token = [Transformer(c).new_cache(1, 1).bytes_per_token() for c in (config, mha)]
+    return [per_token[0] * n for n in lengths], [per_token[1] * n for n in lengths]
+
+
+def write_plots(out: Path, done: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.model.transformer import Transformer
+
+    sft, grpo = _read(out / "sft" / "metrics.jsonl"), _read(out / "grpo" / "metrics.jsonl")
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(plots / name, dpi=100)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "next-token CE"), ("mtp_loss", "MTP CE (depth 1)")):
+        ax.plot(*_series(sft, key), label=label)
+    ax.set(xlabel="SFT step", ylabel="loss (nats/token)", yscale="log", title="SFT warm-start")
+    ax.legend()
+    save(fig, "sft_loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(grpo, "reward"), label="train reward (sampled, T=1)", alpha=0.7)
+    curve = done["grpo_curve"]
+    ax.plot(curve["steps"], curve["accuracy"], "o-", label="held-out greedy accuracy")
+    ax.set(xlabel="GRPO step", ylabel="fraction correct", ylim=(0, 1), title="GRPO on Countdown")
+    ax.legend()
+    save(fig, "grpo_reward_accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(grpo, "kl"))
+    ax.set(xlabel="GRPO step", ylabel="KL(π || π_ref) (k3, per token)", title="KL to the SFT reference")
+    save(fig, "grpo_kl.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("completions/mean_length", "completions/min_length", "completions/max_length"):
+        ax.plot(*_series(grpo, key), label=key.split("/")[1])
+    ax.set(xlabel="GRPO step", ylabel="completion tokens (with eos)", title="Completion length")
+    ax.legend()
+    save(fig, "grpo_completion_length.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    loads = [(r["step"], r["expert_load_max_mean"]) for r in sft if r.get("expert_load_max_mean")]
+    for layer in range(len(loads[0][1]) if loads else 0):
+        ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer + 1}")
+    ax.axhline(1.0, color="gray", ls=":", label="perfect balance")
+    ax.set(xlabel="SFT step", ylabel="max / mean expert load",
+           title="Expert load, aux-loss-free balancing (bias update)")
+    ax.legend()
+    save(fig, "expert_load.png")
+
+    config = Transformer.from_pretrained(done["sft"]["checkpoint"]).config
+    lengths = [2**i for i in range(4, 14)]
+    mla, mha = kv_cache_bytes(config, lengths)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [b / 2**20 for b in mla], "o-", label=f"MLA (c_KV + k_R): {mla[0] // lengths[0]} B/token")
+    ax.plot(lengths, [b / 2**20 for b in mha], "s-", label=f"MHA, same heads: {mha[0] // lengths[0]} B/token")
+    ax.set(xlabel="context length (tokens)", ylabel="KV cache (MiB, one sequence, fp32)", xscale="log",
+           yscale="log", title="KV cache of the demo model: MLA vs MHA")
+    ax.legend()
+    save(fig, "kv_cache_mla_vs_mha.png")
+    return [f"plots/{name}" for name in PLOTS]
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_table(report: dict) -> str:
+    k = report["config"]["eval_k"]
+    rows = [("SFT warm-start", report["sft"], report["sft_time_s"], report["sft_steps"]),
+            ("SFT + GRPO", report["grpo"], report["grpo_time_s"], report["grpo_steps"]),
+            ("SFT + continued SFT", report["sft_continued"], report["sft_continued_time_s"],
+             report["continued_sft_steps"])]
+    lines = [f"| model | greedy | maj@{k} | pass@{k} | stage steps | stage time |", "|---|---|---|---|---|---|"]
+    for name, r, t, steps in rows:
+        lines.append(f"| {name} | {_pct(r['accuracy'])} | {_pct(r[f'maj@{k}'])} | {_pct(r[f'pass@{k}'])} "
+                     f"| {steps} | {t:.0f} s |")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, report: dict, done: dict) -> None:
+    """Plots, report.json, report.md, and the summary printed to stdout."""
+    report["plots"] = write_plots(out, done)
+    gain = report["accuracy_after"] - report["accuracy_before"]
+    vs = report["accuracy_after"] - report["accuracy_continued_sft"]
+    verdict = (f"GRPO beats continued SFT by {100 * vs:+.1f} points" if vs > 0 else
+               f"GRPO matches continued SFT ({100 * vs:+.1f} points)" if vs == 0 else
+               f"GRPO LOSES to continued SFT by {100 * -vs:.1f} points")
+    table = summary_table(report)
+    lines = [
+        f"nanoseek demo — task {report['task']}, {report['heldout_problems']} held-out problems, seed {report['seed']}",
+        "",
+        table,
+        "",
+        f"GRPO: held-out greedy accuracy {_pct(report['accuracy_before'])} -> {_pct(report['accuracy_after'])} "
+        f"({100 * gain:+.1f} points); {verdict} given "
+        f"{report['sft_continued_time_s']:.0f} s vs GRPO's {report['grpo_time_s']:.0f} s.",
+        f"wall time {report['wall_time_s']:.0f} s",
+    ]
+    text = "\n".join(lines)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    example = done["data"]["train_example"]
+    md = [
+        "# nanoseek demo report", "", "```", text, "```", "",
+        f"Task: Countdown — reach the target with every given number once and + - * (e.g. prompt "
+        f"`{example['prompt']}`, SFT target `{example['completion']}`; any valid equation is accepted).",
+        "Model: preset `small` (MLA + DeepSeekMoE with aux-loss-free balancing + 1 MTP module), character "
+        "tokenizer.", "",
+        "## Plots", "", *[f"![{p}]({p})" for p in report["plots"]], "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    print("\n" + text)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the shortened CI run (about 3 minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/demo", help="run directory (checkpoints, metrics, plots, report)")
+    parser.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the demo's small matrices gain little from more, and one "
+                             "thread per process cannot oversubscribe a shared CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not (out / "stages.json").exists() and not (out / "demo_config.json").exists():
+            print(f"--out {out} exists and is not a demo run directory; choose another --out", file=sys.stderr)
+            return 2
+        shutil.rmtree(out)  # a fresh run replaces an earlier demo run (use --resume to continue it)
+    run_demo(cfg, out, resume=args.resume)
+    return 0

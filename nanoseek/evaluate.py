@@ -1,0 +1,121 @@
+"""Held-out evaluation of a checkpoint on a built-in task: greedy accuracy, maj@k and pass@k.
+
+All completions go through ``nanoseek.generate.generate`` (latent KV cache) in batches. With k samples per
+problem at temperature τ:
+- ``accuracy``: the greedy completion is correct;
+- ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
+- ``maj@k``: the most frequent of the k sampled answers (ties: the earliest) is correct;
+- ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.tasks import Example, Task
+
+
+def _answer_key(text: str) -> str:
+    """The answer a sample votes for in maj@k: its first line, without surrounding spaces."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 0.0,
+             batch_size: int = 512, seed: int = 0, desc: str | None = None) -> list[str]:
+    """One completion per prompt (greedy when temperature is 0), decoded up to the first eos; ``generate``
+    runs the model in eval mode."""
+    from nanoseek.generate import generate
+
+    ids = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in prompts]
+    texts: list[str] = []
+    bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
+    for b, start in enumerate(range(0, len(ids), batch_size)):
+        chunk = ids[start : start + batch_size]
+        outs = generate(model, chunk, max_new_tokens, temperature=temperature, stop_token_ids=(tokenizer.eos_id,),
+                        seed=seed * 100_003 + b)
+        for out in outs:
+            out = list(out)
+            texts.append(tokenizer.decode(out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out))
+        bar.update(len(chunk))
+    bar.close()
+    return texts
+
+
+def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 8, temperature: float = 1.0,
+             max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0, progress: bool = True) -> dict:
+    """Greedy accuracy, and with k > 0 pass@k, maj@k and sample accuracy, over ``examples`` (fractions 0–1)."""
+    if not examples:
+        raise ValueError("evaluate: no examples given")
+    if k < 0 or temperature <= 0:
+        raise ValueError(f"evaluate: need k >= 0 and temperature > 0 for the k samples (got k={k}, "
+                         f"temperature={temperature})")
+    prompts = [ex.prompt for ex in examples]
+    greedy = complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=seed,
+                      desc="eval greedy" if progress else None)
+    correct = [task.score(t, ex) for t, ex in zip(greedy, examples)]
+    n = len(examples)
+    result = {"n": n, "accuracy": sum(correct) / n}
+    if k:
+        samples = complete(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens,
+                           temperature=temperature, batch_size=batch_size, seed=seed + 1,
+                           desc=f"eval {k} samples" if progress else None)
+        passed = majority = hits = 0.0
+        for i, ex in enumerate(examples):
+            texts = samples[i * k : (i + 1) * k]
+            scores = [task.score(t, ex) for t in texts]
+            hits += sum(scores)
+            passed += max(scores)
+            votes = Counter(_answer_key(t) for t in texts)
+            top = max(votes.values())
+            winner = next(j for j, t in enumerate(texts) if votes[_answer_key(t)] == top)
+            majority += scores[winner]
+        result.update({f"pass@{k}": passed / n, f"maj@{k}": majority / n, "sample_accuracy": hits / (n * k),
+                       "k": k, "temperature": temperature})
+    result["greedy_completions"] = [{"prompt": ex.prompt, "completion": t, "correct": c}
+                                    for ex, t, c in list(zip(examples, greedy, correct))[:20]]
+    return result
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    a("--task", default="countdown", help="built-in task")
+    a("--n", type=int, default=1000, help="held-out problems")
+    a("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples")
+    a("--max-new-tokens", type=int, default=16)
+    a("--batch-size", type=int, default=512)
+    a("--seed", type=int, default=0, help="held-out set and sampling seed")
+    a("--json", default=None, help="also write the result to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tasks import examples, get_task
+    from nanoseek.tokenizer import Tokenizer
+
+    directory = Path(args.model)
+    if not (directory / "tokenizer.json").is_file():
+        raise SystemExit(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
+                         "tokenizer")
+    if args.n < 1:
+        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    tokenizer = Tokenizer.load(directory)
+    model = Transformer.from_pretrained(directory)
+    task = get_task(args.task)
+    result = evaluate(model, tokenizer, examples(task, args.n, "eval", seed=args.seed), task, k=args.k,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, seed=args.seed)
+    summary = {k: v for k, v in result.items() if k != "greedy_completions"}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,51 @@
+"""Countdown, short character-level form: reach a target from given numbers with + - * (each number once).
+
+Prompt ``"3,5,7:26="`` (numbers sorted, so the prompt does not reveal an order), completion ``"7*5-9"``.
+The reference completion is the random expression the target was made from: ONE valid solution, while the
+verifier (``nanoseek.rewards.countdown.check_equation``, a safe parser, never ``eval``) accepts any expression
+over the same multiset of numbers that hits the target (other orders, other operators, ``/`` and parentheses
+included). That gap between what imitation sees and what the reward accepts is where RL can beat SFT.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from nanoseek.rewards.countdown import check_equation, parse_expression
+from nanoseek.tasks import Example
+
+_PROMPT = re.compile(r"^(\d+(?:,\d+)*):(\d+)=$")
+
+
+class CountdownTask:
+    name = "countdown"
+
+    def __init__(self, n_numbers: int = 3, max_number: int = 9, max_target: int = 99, ops: str = "+-*"):
+        if n_numbers < 2 or max_number < 1 or max_target < 0 or not ops or set(ops) - set("+-*"):
+            raise ValueError("CountdownTask needs n_numbers >= 2, max_number >= 1, max_target >= 0 and ops drawn "
+                             "from '+-*'")
+        self.n_numbers, self.max_number, self.max_target, self.ops = n_numbers, max_number, max_target, ops
+
+    def example(self, rng: random.Random) -> Example:
+        while True:  # rejection-sample expressions until the value is a target in [0, max_target]
+            numbers = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
+            order = rng.sample(numbers, len(numbers))
+            ops = [rng.choice(self.ops) for _ in range(self.n_numbers - 1)]
+            expression = str(order[0]) + "".join(op + str(n) for op, n in zip(ops, order[1:]))
+            target = int(parse_expression(expression))  # +-* over integers: exact, integral
+            if 0 <= target <= self.max_target:
+                break
+        prompt = ",".join(map(str, sorted(numbers))) + f":{target}="
+        return Example(prompt, expression, str(target), {"numbers": sorted(numbers), "target": target})
+
+    def score(self, completion: str, example: Example) -> float:
+        """1.0 iff the completion (up to the first newline) is an equation over the prompt's numbers, each used
+        once, equal to the target."""
+        m = _PROMPT.match(example.prompt)
+        if m is None:
+            raise ValueError(f"countdown prompt {example.prompt!r} is not of the form 'a,b,c:target='")
+        numbers = [int(x) for x in m.group(1).split(",")]
+        answer = completion.strip().split("\n", 1)[0].strip() if completion.strip() else ""
+        return float(bool(answer) and check_equation(answer, numbers, int(m.group(2))))
+

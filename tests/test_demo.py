@@ -1,0 +1,74 @@
+"""The one real end-to-end run in CI: ``nanoseek demo --quick`` trains, applies GRPO, evaluates and reports."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(out, *extra):
+    cmd = [sys.executable, "-m", "nanoseek.cli", "demo", "--quick", "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, _run(out)
+
+
+def test_quick_demo_reports_a_gain(quick_run):
+    out, done = quick_run
+    report = json.loads((out / "report.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "accuracy_continued_sft", "wall_time_s", "pass@4_before",
+                "maj@4_before"):
+        assert key in report, key
+    assert 0 <= report["accuracy_before"] < report["accuracy_after"] <= 1
+    assert report["heldout_problems"] == 200
+    md = (out / "report.md").read_text()
+    for name in ("SFT warm-start", "SFT + GRPO", "SFT + continued SFT"):
+        assert name in md and name in done.stdout
+    assert f"{100 * report['accuracy_after']:.1f}%" in md and f"{100 * report['accuracy_after']:.1f}%" in done.stdout
+    for stage in ("sft", "grpo", "sft_continued"):
+        lines = (out / stage / "metrics.jsonl").read_text().splitlines()
+        assert lines and all("step" in json.loads(line) for line in lines)
+    assert (out / "grpo" / "checkpoints" / "latest").exists()
+
+
+def test_quick_demo_plots_are_valid_pngs(quick_run):
+    out, _ = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["plots"]) == 6
+    for rel in report["plots"]:
+        path = out / rel
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, rel
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, rel
+        assert image.std() > 0.01, f"{rel} is blank"
+        assert f"]({rel})" in (out / "report.md").read_text()
+
+
+def test_resume_of_a_finished_run_reuses_every_stage(quick_run):
+    out, _ = quick_run
+    before = json.loads((out / "report.json").read_text())
+    done = _run(out, "--resume")
+    after = json.loads((out / "report.json").read_text())
+    assert "done earlier" in done.stdout
+    for key in ("accuracy_before", "accuracy_after", "accuracy_continued_sft"):
+        assert after[key] == before[key]
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(quick_run, tmp_path):
+    out, _ = quick_run
+    _run(tmp_path / "again")
+    a = json.loads((out / "report.json").read_text())
+    b = json.loads((tmp_path / "again" / "report.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "accuracy_continued_sft", "pass@4_before", "maj@4_after"):
+        assert a[key] == b[key], key

@@ -1,0 +1,86 @@
+"""evaluate(): greedy accuracy, pass@k and maj@k against hand-computed values (scripted generations), and the
+greedy path against a plain argmax decode of the model."""
+
+import importlib
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.evaluate import evaluate
+from nanoseek.tasks import Example, examples, get_task
+from nanoseek.tokenizer import Tokenizer
+
+TOK = Tokenizer.char()
+TASK = get_task("countdown")
+
+
+def _scripted(monkeypatch, greedy: dict[str, str], samples: dict[str, list[str]]):
+    """Replace generate: greedy -> greedy[prompt]; sampling -> samples[prompt] in order, per call."""
+    served: dict[str, int] = {}
+
+    def fake(model, prompts, max_new_tokens, temperature=0.0, stop_token_ids=(), seed=None, **kw):
+        outs = []
+        for ids in prompts:
+            p = TOK.decode(ids)
+            if temperature == 0:
+                text = greedy[p]
+            else:
+                text = samples[p][served.get(p, 0)]
+                served[p] = served.get(p, 0) + 1
+            outs.append(TOK.encode(text) + [TOK.eos_id] + TOK.encode("junk after eos"))
+        return outs
+
+    monkeypatch.setattr(importlib.import_module("nanoseek.generate"), "generate", fake)
+
+
+def test_metrics_match_hand_computed_values(monkeypatch):
+    exs = [Example("3,5,7:26=", "3*7+5", "26"), Example("1,2,3:6=", "1+2+3", "6"), Example("2,4,9:1=", "9-2*4", "1")]
+    greedy = {"3,5,7:26=": "5+3*7", "1,2,3:6=": "1*2+3", "2,4,9:1=": "9-2*4"}  # right, wrong, right -> 2/3
+    samples = {
+        "3,5,7:26=": ["5+7*3", "3*7+5", "1+1", "1+1"],  # 2 right; majority "1+1" (2 votes, first at index 2) wrong
+        "1,2,3:6=": ["1*2*3", "3+2+1", "1+2+3", "1*2*3"],  # all right; majority "1*2*3" right
+        "2,4,9:1=": ["9-4-2", "9", "2+4", "9-4-2"],  # none right ("9-4-2" = 3)
+    }
+    _scripted(monkeypatch, greedy, samples)
+    r = evaluate(None, TOK, exs, TASK, k=4, max_new_tokens=8, progress=False)
+    assert r["n"] == 3
+    assert r["accuracy"] == pytest.approx(2 / 3)
+    assert r["pass@4"] == pytest.approx(2 / 3)
+    assert r["maj@4"] == pytest.approx(1 / 3)
+    assert r["sample_accuracy"] == pytest.approx(6 / 12)
+    assert [c["completion"] for c in r["greedy_completions"]] == ["5+3*7", "1*2+3", "9-2*4"]
+
+
+def test_majority_tie_goes_to_the_earliest_answer(monkeypatch):
+    ex = [Example("1,2,3:6=", "1+2+3", "6")]
+    _scripted(monkeypatch, {"1,2,3:6=": "x"}, {"1,2,3:6=": ["1+2+3", "9", "9", "1*2*3", "1+2+3", "x"]})
+    r = evaluate(None, TOK, ex, TASK, k=6, progress=False)
+    assert r["maj@6"] == 1.0  # "1+2+3" and "9" tie with 2 votes; "1+2+3" came first
+    assert r["accuracy"] == 0.0 and r["pass@6"] == 1.0
+
+
+def test_greedy_matches_a_plain_argmax_decode():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=TOK.vocab_size)).eval()
+    exs = examples(TASK, 6, "eval", seed=3)
+    r = evaluate(model, TOK, exs, TASK, k=0, max_new_tokens=5, batch_size=4, progress=False)
+    for ex, got in zip(exs, r["greedy_completions"]):
+        ids = TOK.encode(ex.prompt, add_bos=True)
+        new = []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                new.append(nxt)
+                if nxt == TOK.eos_id:
+                    break
+        want = TOK.decode(new[: new.index(TOK.eos_id)] if TOK.eos_id in new else new)
+        assert got["completion"] == want
+    assert "pass@0" not in r and r["accuracy"] == 0.0  # a random model solves nothing
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(None, TOK, [], TASK)
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate(None, TOK, [Example("1,2:3=", "1+2", "3")], TASK, temperature=0.0)

@@ -15,13 +15,6 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12], [7, 7, 30, 2]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine 2 threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(case: str = "v3-qlora-groups-yarn", **overrides) -> Transformer:

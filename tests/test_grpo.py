@@ -77,13 +77,6 @@ def test_hf_rollout_ends_at_eos_or_length():
 
 
 # ---------------------------------------------------------------------- the trainer
-@pytest.fixture
-def one_thread():
-    """The CPU runs are tiny: one intra-op thread is fastest and keeps runs reproducible."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TASK = {"max_operand": 4, "ops": "+"}  # single-digit sums: learnable in seconds
@@ -118,7 +111,7 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grpo_learns_arithmetic(tmp_path, one_thread):
+def test_grpo_learns_arithmetic(tmp_path):
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
     model_dir = sft_checkpoint(tmp_path / "sft")
@@ -132,7 +125,7 @@ def test_grpo_learns_arithmetic(tmp_path, one_thread):
     assert last > first + 0.15, (first, last, r)
 
 
-def test_cli_tiny_llama_with_resume(tmp_path, one_thread):
+def test_cli_tiny_llama_with_resume(tmp_path):
     from nanoseek.cli import main
 
     model_dir = tmp_path / "llama"
@@ -157,7 +150,7 @@ def test_cli_tiny_llama_with_resume(tmp_path, one_thread):
     assert {s["step"] for s in samples} == {0, 1, 2} and all("reward" in s for s in samples)
 
 
-def test_resume_is_exact(tmp_path, one_thread):
+def test_resume_is_exact(tmp_path):
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=10)
@@ -183,7 +176,7 @@ def test_resume_is_exact(tmp_path, one_thread):
     dict(loss_type="bnpo", rloo=True, importance_sampling_level="sequence", num_minibatches=2, micro_batch_size=3),
     dict(loss_type="grpo", scale_rewards="batch", beta=0.1, num_iterations=2, num_minibatches=2),
 ])
-def test_variants_run_and_update(tmp_path, one_thread, switches):
+def test_variants_run_and_update(tmp_path, switches):
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=10)
@@ -202,7 +195,7 @@ def test_variants_run_and_update(tmp_path, one_thread, switches):
         assert m["kl"] > 0
 
 
-def test_dynamic_sampling_keeps_only_informative_groups(tmp_path, one_thread):
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     from nanoseek.rewards import RewardResult
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
 
@@ -272,7 +265,7 @@ def test_torchrun_two_ranks(tmp_path):
             assert m0[k] == pytest.approx(m1[k]), k
 
 
-def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path, one_thread):
+def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast

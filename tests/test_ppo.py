@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanoseek.train.ppo import Critic, PPOConfig, PPOTrainer, gae, value_loss, whiten
-from tests.test_grpo import TASK, one_thread, sft_checkpoint  # noqa: F401 (one_thread is a fixture)
+from tests.test_grpo import TASK, sft_checkpoint
 
 
 def test_gae_by_hand():
@@ -43,7 +43,6 @@ def test_value_loss_and_whiten_by_hand():
     torch.testing.assert_close(whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_critic_is_policy_sized_and_trainer_steps(tmp_path):
     from nanoseek.policy import Policy
     from nanoseek.rewards import RewardResult

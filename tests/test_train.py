@@ -231,10 +231,3 @@ def test_sft_and_bpe_text_from_the_cli(tmp_path):
     assert len(recs) == 2 and all(r["loss"] == r["loss"] for r in recs)  # finite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast and immune to OpenMP stalls on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -49,6 +49,21 @@ def make_model(directory: Path, hidden: int, layers: int, arch: str = "llama") -
     tok.save(directory)
 
 
+def run_workers(script: str, names: tuple[str, ...], model: Path, a: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    """Run ``script --worker NAME`` once per name, each in a fresh process (so peak RSS is its own); collect the
+    JSON each prints on its ``RESULT`` line."""
+    results = {}
+    for name in names:
+        argv = [sys.executable, script, "--worker", name, "--model", str(model)]
+        argv += [f"--{k}={getattr(a, k)}" for k in keys]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+    return results
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -140,18 +155,11 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "llama"
         make_model(model, a.hidden, a.layers, a.arch)
-        for name in ("nanoseek", "trl"):
-            argv = [sys.executable, __file__, "--worker", name, "--model", str(model)]
-            argv += [f"--{k}={getattr(a, k)}" for k in ("P", "G", "L", "beta", "mu", "lr", "steps", "threads")]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
-            results[name] = json.loads(lines[-1][len("RESULT "):])
+        results = run_workers(__file__, ("nanoseek", "trl"), model, a, ("P", "G", "L", "beta", "mu", "lr", "steps",
+                                                                         "threads"))
     n, t = results["nanoseek"], results["trl"]
     print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; P={a.P} G={a.G} L={a.L} beta={a.beta} mu={a.mu}; "
           f"{a.steps} steps (first excluded); {a.threads} thread(s)")

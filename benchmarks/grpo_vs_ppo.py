@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 def worker(a: argparse.Namespace) -> None:
     import torch
+    from grpo_step import peak_rss_mb
 
     from nanoseek.policy import Policy
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
@@ -47,7 +46,7 @@ def worker(a: argparse.Namespace) -> None:
     result = {"s_per_step": sum(times[1:]) / max(len(times) - 1, 1), "policy_params": n_params,
               "critic_params": sum(p.numel() for p in critic.parameters()) if critic is not None else 0,
               "mean_completion_length": sum(lengths) / len(lengths),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": peak_rss_mb()}
     print("RESULT " + json.dumps(result))
 
 
@@ -68,20 +67,12 @@ def main() -> None:
     if a.worker:
         return worker(a)
     sys.path.insert(0, str(Path(__file__).parent))
-    from grpo_step import make_model
+    from grpo_step import make_model, run_workers
 
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "llama"
         make_model(model, a.hidden, a.layers)
-        for name in ("grpo", "ppo"):
-            argv = [sys.executable, __file__, "--worker", name, "--model", str(model)]
-            argv += [f"--{k}={getattr(a, k)}" for k in ("P", "G", "L", "beta", "steps", "threads")]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
-            results[name] = json.loads(lines[-1][len("RESULT "):])
+        results = run_workers(__file__, ("grpo", "ppo"), model, a, ("P", "G", "L", "beta", "steps", "threads"))
     g, q = results["grpo"], results["ppo"]
     print(f"random Llama hidden={a.hidden} layers={a.layers} ({g['policy_params'] / 1e6:.1f}M params); "
           f"P={a.P} G={a.G} L={a.L} beta={a.beta}; {a.steps} steps (first excluded from time); {a.threads} thread(s)")

@@ -71,16 +71,12 @@ class Batch:
 
 
 def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    temperature: float) -> torch.Tensor:
-    """h: (N, D), targets: (N,) -> log p(target) (N,) in float32 under logits / temperature."""
-    logits = F.linear(h, weight, bias).float() / temperature  # (N, V)
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def _token_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   temperature: float) -> torch.Tensor:
+                    temperature: float, entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: (N, D), targets: (N,) -> log p(target) (N,) in float32 under logits / temperature, and the entropy
+    of that distribution (N,) without gradient when ``entropy`` (else an empty tensor): one head matmul for both."""
     logp = (F.linear(h, weight, bias).float() / temperature).log_softmax(-1)  # (N, V)
-    return -(logp.exp() * logp).sum(-1)
+    ent = -(logp.detach().exp() * logp.detach()).sum(-1) if entropy else logp.new_empty(0)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), ent
 
 
 class Policy:
@@ -148,14 +144,13 @@ class Policy:
         logps, ents = [], []
         for s in range(0, hs.shape[0], chunk_tokens):
             hc, tc = hs[s : s + chunk_tokens], targets[s : s + chunk_tokens]
-            if torch.is_grad_enabled() and hc.requires_grad:
-                logps.append(checkpoint(_token_logprobs, hc, tc, head.weight, head.bias, temperature,
-                                        use_reentrant=False))
+            args = (hc, tc, head.weight, head.bias, temperature, entropy)
+            if torch.is_grad_enabled() and hc.requires_grad:  # recompute the chunk's logits in backward
+                lp, en = checkpoint(_token_logprobs, *args, use_reentrant=False)
             else:
-                logps.append(_token_logprobs(hc, tc, head.weight, head.bias, temperature))
-            if entropy:
-                with torch.no_grad():
-                    ents.append(_token_entropy(hc, head.weight, head.bias, temperature))
+                lp, en = _token_logprobs(*args)
+            logps.append(lp)
+            ents.append(en)
         out = h.new_zeros(B, L, dtype=torch.float32)
         logp = out.masked_scatter(real, torch.cat(logps)) if logps else out
         ent = out.masked_scatter(real, torch.cat(ents)) if entropy and ents else (out if entropy else None)

@@ -25,7 +25,7 @@ def tiny_llama(vocab: int = 100):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def reference_logprobs(model, batch: Batch, temperature: float = 1.0):
+def reference_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
     """Full-vocabulary logits of the whole batch, then log_softmax and gather: what the chunked path avoids."""
     if isinstance(model, Transformer):
         logits = model(batch.input_ids)
@@ -33,12 +33,13 @@ def reference_logprobs(model, batch: Batch, temperature: float = 1.0):
         logits = model(input_ids=batch.input_ids).logits
     logp = (logits.float() / temperature).log_softmax(-1)
     B, L = batch.completion_ids.shape
-    out = torch.zeros(B, L)
+    out, ent = torch.zeros(B, L), torch.zeros(B, L)
     for i in range(B):
         p = int(batch.prompt_lens[i])
         for t in range(int(batch.completion_mask[i].sum())):
             out[i, t] = logp[i, p + t - 1, batch.completion_ids[i, t]]
-    return out
+            ent[i, t] = -(logp[i, p + t - 1].exp() * logp[i, p + t - 1]).sum().detach()
+    return (out, ent) if with_entropy else out
 
 
 @pytest.mark.parametrize("kind", ["nanoseek", "llama"])
@@ -50,11 +51,13 @@ def test_completion_logprobs_match_full_logits(kind):
     completions = [[20, 21, 2], [30, 31, 32, 33, 34], [40]]
     batch = Batch.build(prompts, completions, pad_id=0, width=6)
     assert batch.completion_ids.shape == (3, 6) and batch.completion_mask.sum(1).tolist() == [3, 5, 1]
-    want = reference_logprobs(model, batch, temperature=0.7)
+    want, want_ent = reference_logprobs(model, batch, temperature=0.7, with_entropy=True)
     got, ent = policy.completion_logprobs(batch, temperature=0.7, chunk_tokens=2, entropy=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got[batch.completion_mask == 0] == 0).all()
     assert (ent[batch.completion_mask == 1] > 0).all() and (ent[batch.completion_mask == 0] == 0).all()
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+    assert not ent.requires_grad
     # gradients through the checkpointed chunks equal those of the full computation
     w = torch.randn(3, 6) * batch.completion_mask
     (got * w).sum().backward()

@@ -64,8 +64,9 @@ def filled_cache(model: Transformer, B: int, ctx: int, steps: int, ids: torch.Te
     with torch.inference_mode():
         model(ids, one)
     cache = model.new_cache(B, ctx + steps)
-    for name, buf in cache.buffers.items():
-        buf.copy_(one.buffers[name].expand_as(buf))
+    for name, layers in cache.buffers.items():
+        for buf, src in zip(layers, one.buffers[name]):
+            buf.copy_(src.expand_as(buf))
     cache.lengths.fill_(ctx)
     return cache
 

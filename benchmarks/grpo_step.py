@@ -55,7 +55,12 @@ def run_workers(script: str, names: tuple[str, ...], model: Path, a: argparse.Na
     results = {}
     for name in names:
         argv = [sys.executable, script, "--worker", name, "--model", str(model)]
-        argv += [f"--{k}={getattr(a, k)}" for k in keys]
+        for k in keys:
+            v = getattr(a, k)
+            if not isinstance(v, bool):
+                argv.append(f"--{k}={v}")
+            elif v:  # a store_true flag
+                argv.append("--" + k.replace("_", "-"))
         proc = subprocess.run(argv, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -74,7 +79,7 @@ def run_nanoseek(a: argparse.Namespace, out: Path) -> dict:
     train_grpo(GRPOConfig(
         model=a.model, out=str(out), num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L,
         steps=a.steps, lr=a.lr, beta=a.beta, num_iterations=a.mu, temperature=1.0, loss_type="grpo",
-        progress=False, log_completions_every=0, seed=0,
+        progress=False, log_completions_every=0, seed=0, share_prompts=not a.no_share_prompts,
     ))
     ms = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     seconds = sum(m["step_time"] for m in ms)
@@ -149,6 +154,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arch", choices=["llama", "deepseek_v3"], default="llama")
+    p.add_argument("--no-share-prompts", action="store_true", help="nanoseek runs every row's prompt separately")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", choices=["nanoseek", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -159,10 +165,11 @@ def main() -> None:
         model = Path(tmp) / "llama"
         make_model(model, a.hidden, a.layers, a.arch)
         results = run_workers(__file__, ("nanoseek", "trl"), model, a, ("P", "G", "L", "beta", "mu", "lr", "steps",
-                                                                         "threads"))
+                                                                         "threads", "no_share_prompts"))
     n, t = results["nanoseek"], results["trl"]
     print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; P={a.P} G={a.G} L={a.L} beta={a.beta} mu={a.mu}; "
-          f"{a.steps} steps (first excluded); {a.threads} thread(s)")
+          f"{a.steps} steps (first excluded); {a.threads} thread(s)"
+          f"{'; nanoseek without prompt sharing' if a.no_share_prompts else ''}")
     print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12}")
     for name, r in results.items():
         print(f"{name:10} {r['s_per_step']:8.3f} {r['completion_tok_per_s']:12.1f} {r['peak_rss_mb']:12.0f} "

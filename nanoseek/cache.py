@@ -12,7 +12,10 @@ import torch
 
 
 class KVCache:
-    """``buffers[name]: (layers, B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence.
+    """``buffers[name][layer]: (B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence.
+
+    One tensor per layer, so a forward under autograd (a prompt prefix shared by several completions, see
+    ``nanoseek.policy``) can write layer l + 1 without invalidating the views layer l saved for backward.
 
     ``layer_offset`` lets a cache serve a contiguous run of blocks (the MTP modules get their own cache,
     since they lag the main model by one token).
@@ -33,7 +36,7 @@ class KVCache:
         self.max_len = max_len
         self.layer_offset = layer_offset
         self.buffers = {
-            name: torch.zeros(num_layers, batch_size, max_len, width, dtype=dtype, device=device)
+            name: [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) for _ in range(num_layers)]
             for name, width in widths.items()
         }
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -45,7 +48,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes allocated by the cache tensors."""
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return sum(b.numel() * b.element_size() for layers in self.buffers.values() for b in layers)
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies over all layers, measured from the allocated tensors."""
@@ -59,14 +62,14 @@ class KVCache:
 
     def read(self, layer_idx: int, name: str, length: int) -> torch.Tensor:
         """The first ``length`` slots of every sequence: (B, length, width), a view (no copy)."""
-        return self.buffers[name][layer_idx - self.layer_offset, :, :length]
+        return self.buffers[name][layer_idx - self.layer_offset][:, :length]
 
     def reset(self) -> None:
         self.lengths.zero_()
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the sequences ``rows: (B',)`` (batch indices), e.g. to drop finished ones during decoding."""
-        self.buffers = {name: b[:, rows].contiguous() for name, b in self.buffers.items()}
+        self.buffers = {name: [b[rows] for b in layers] for name, layers in self.buffers.items()}
         self.lengths = self.lengths[rows].clone()
 
 

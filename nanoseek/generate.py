@@ -64,15 +64,22 @@ def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: in
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
-def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int, cache_mtp: bool = False):
-    """One right-padded forward over all prompts. Returns (cache, hidden (B, T, D), ids (B, T), lengths (B,))."""
+def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
+    """One right-padded forward over the distinct prompts (a GRPO group's G copies of a prompt run once), the
+    cache copied back to every row. Returns (cache, hidden (B, T, D), ids (B, T), lengths (B,))."""
     device = model.embed_tokens.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
+    index: dict[tuple[int, ...], int] = {}
+    row_to_prompt = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
+    distinct = list(index)
+    lengths = torch.tensor([len(p) for p in distinct], device=device)
+    ids = torch.zeros(len(distinct), int(lengths.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(distinct):
         ids[i, : len(p)] = torch.tensor(p, device=device)
-    cache = model.new_cache(len(prompts), ids.shape[1] + extra)
+    cache = model.new_cache(len(distinct), ids.shape[1] + extra)
     h = model(ids, cache, input_lengths=lengths, return_hidden=True)
+    if len(distinct) < len(prompts):
+        cache.select(row_to_prompt)
+        h, ids, lengths = h[row_to_prompt], ids[row_to_prompt], lengths[row_to_prompt]
     return cache, h, ids, lengths
 
 

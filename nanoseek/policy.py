@@ -1,19 +1,21 @@
 """One policy interface for RL over a nanoseek ``Transformer`` or any Hugging Face causal LM.
 
 - ``completion_logprobs``: per-token log-probs (and optionally entropies) of the completion tokens only. The
-  backbone runs once; the vocabulary head is applied to the real completion tokens in chunks (each chunk under
-  activation checkpointing when gradients are on), so full-vocabulary float32 logits never exist for the whole
-  batch at once.
+  backbone runs once, over each distinct prompt once (a GRPO group's G rows share it through a cache) and over
+  every row's completion; the vocabulary head is applied to the real completion tokens in chunks (each chunk
+  under activation checkpointing when gradients are on), so full-vocabulary float32 logits never exist for the
+  whole batch at once.
 - ``rollout``: sampling through ``nanoseek.generate.generate`` (latent KV cache) for nanoseek models and through
   the model's own ``generate`` for Hugging Face models.
 
 Sequences are laid out right-padded: row i is ``prompt_i + completion_i + pad``. Causal attention never lets a
-real token see a pad, so no attention mask is needed for the log-probs.
+real token see a pad, so no attention mask is needed for the unshared forward.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +81,39 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
     return logp.gather(-1, targets[:, None]).squeeze(-1), ent
 
 
+def _prompt_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows with identical prompts -> (first row of each distinct prompt (U,), row -> its prompt's index (B,)),
+    or None when every prompt is distinct (nothing to share)."""
+    index: dict[tuple[int, ...], int] = {}
+    firsts, row_to_prompt = [], []
+    for i, n in enumerate(batch.prompt_lens.tolist()):
+        key = tuple(batch.input_ids[i, :n].tolist())
+        if key not in index:
+            index[key] = len(firsts)
+            firsts.append(i)
+        row_to_prompt.append(index[key])
+    if len(firsts) == len(row_to_prompt):
+        return None
+    device = batch.input_ids.device
+    return torch.tensor(firsts, device=device), torch.tensor(row_to_prompt, device=device)
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token tensors -> left-padded ids (N, T) and attention mask (N, T) (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = rows[0].new_full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 class Policy:
     """A causal LM with the two things RL needs from it: completion log-probs and rollouts."""
 
-    def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None):
-        self.model, self.pad_id, self.eos_id = model, pad_id, eos_id
+    def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
+        self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
         from nanoseek.model.transformer import Transformer
 
         self.is_nanoseek = isinstance(model, Transformer)
@@ -125,19 +155,67 @@ class Policy:
     def copy(self) -> Policy:
         """A frozen copy (the reference model)."""
         ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        return Policy(ref, self.pad_id, self.eos_id)
+        return Policy(ref, self.pad_id, self.eos_id, self.share_prompts)
 
     # ------------------------------------------------------------------ log-probs
+    def completion_states(self, batch: Batch) -> torch.Tensor:
+        """The final hidden state that predicts each completion token: (B, L, D); row i, column t predicts o_t.
+
+        Rows whose prompts are identical (the G completions of one GRPO group) share one forward pass over the
+        prompt when ``share_prompts`` is on: the prompt's latent cache is computed once per distinct prompt, copied
+        to its rows, and only the completion tokens run per row (gradients flow back through the copies).
+        """
+        groups = _prompt_groups(batch) if self.share_prompts else None
+        if groups is None:
+            h = self.hidden(batch.input_ids)  # (B, T, D)
+            L = batch.completion_ids.shape[1]
+            pos = (batch.prompt_lens[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
+            return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
+        first_rows, row_to_prompt = groups
+        shared = self._shared_prompt_nanoseek if self.is_nanoseek else self._shared_prompt_hf
+        first, rest = shared(batch, first_rows, row_to_prompt)  # (B, D), (B, L - 1, D) or None when L = 1
+        return first[:, None] if rest is None else torch.cat((first[:, None], rest), dim=1)  # (B, L, D)
+
+    def _shared_prompt_nanoseek(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
+        """Prompts (right-padded) once into a latent cache, copied per row; then the completions through it."""
+        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
+        width = int(plen[first_rows].max())
+        cache = self.model.new_cache(len(first_rows), width + L)
+        h_prompt = self.model(batch.input_ids[first_rows, :width], cache, input_lengths=plen[first_rows],
+                              return_hidden=True)  # (U, width, D)
+        first = h_prompt[row_to_prompt, plen - 1]  # (B, D): the last prompt token's state predicts o_1
+        if L == 1:
+            return first, None
+        cache.select(row_to_prompt)  # (B, width + L, ·): a copy of its prompt's cache per row
+        return first, self.model(batch.completion_ids[:, : L - 1], cache, return_hidden=True)  # (B, L - 1, D)
+
+    def _shared_prompt_hf(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
+        """The same through a Hugging Face model's own cache: prompts left-padded, positions from the mask."""
+        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
+        ids, mask = _left_pad([batch.input_ids[i, : plen[i]] for i in first_rows.tolist()], self.pad_id)
+        decoder = self.model.get_decoder()
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                      use_cache=True)
+        first = out.last_hidden_state[row_to_prompt, -1]  # (B, D)
+        if L == 1:
+            return first, None
+        cache = getattr(out, name)  # transformers >= 5.2x renamed past_key_values to cache
+        cache.reorder_cache(row_to_prompt)
+        mask = torch.cat((mask[row_to_prompt], mask.new_ones(len(batch), L - 1)), dim=1)
+        pos = plen[:, None] + torch.arange(L - 1, device=plen.device)
+        rest = decoder(input_ids=batch.completion_ids[:, : L - 1], attention_mask=mask, position_ids=pos,
+                       use_cache=True, **{name: cache}).last_hidden_state  # (B, L - 1, D)
+        return first, rest
+
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log π(o_t | q, o_<t) for every completion token: (B, L) float32, 0 on padding; entropies (B, L) or None.
 
         Only the real completion tokens reach the head, ``chunk_tokens`` at a time; entropies carry no gradient.
         """
-        h = self.hidden(batch.input_ids)  # (B, T, D)
+        h = self.completion_states(batch)  # (B, L, D)
         B, L = batch.completion_ids.shape
-        pos = (batch.prompt_lens[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
-        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D): state predicting o_t
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (N, D), (N,)
         head = self.head()

@@ -101,13 +101,13 @@ def test_bytes_per_token_formulas(dtype):
     size = torch.finfo(dtype).bits // 8
     c = mla.config
     cache = mla.new_cache(3, 17, dtype=dtype)
-    allocated = sum(t.numel() * t.element_size() for t in cache.buffers.values())
+    allocated = sum(t.numel() * t.element_size() for layers in cache.buffers.values() for t in layers)
     assert cache.nbytes == allocated
     assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * size
     assert allocated == 3 * 17 * cache.bytes_per_token()
     cache = mha.new_cache(2, 5, dtype=dtype)
     assert cache.bytes_per_token() == 2 * 4 * 12 * 3 * size
-    assert cache.nbytes == sum(t.untyped_storage().nbytes() for t in cache.buffers.values())
+    assert cache.nbytes == sum(t.untyped_storage().nbytes() for layers in cache.buffers.values() for t in layers)
     assert gqa.new_cache(2, 5, dtype=dtype).bytes_per_token() == 2 * 2 * 12 * 3 * size
     mtp = Transformer(c.replace(num_nextn_predict_layers=1)).new_cache(2, 5, mtp=True, dtype=dtype)
     assert mtp.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 1 * size

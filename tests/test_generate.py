@@ -60,6 +60,19 @@ def test_stop_tokens_and_finished_rows_leave_the_batch():
     assert generate(model, PROMPTS, 0) == [[], [], []]
 
 
+def test_repeated_prompts_prefill_once():
+    """A GRPO group's G copies of a prompt are prefilled as one row and decode exactly like distinct rows."""
+    model = random_model()
+    rows = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    shapes = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    got = generate(model, rows, 6)
+    hook.remove()
+    assert shapes[0][0] == 3 and shapes[1] == (6, 1)  # prefill over 3 distinct prompts, then 6 rows decode
+    single = {tuple(p): generate(model, [p], 6)[0] for p in PROMPTS}
+    assert got == [single[tuple(p)] for p in rows]
+
+
 def test_sample_filters_and_logprobs_against_hand_computed_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
     T, top_k, top_p = 0.7, 4, 0.8

@@ -2,6 +2,7 @@
 models, a learning run on the built-in arithmetic task, the CLI on a tiny random Llama, and resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -221,8 +222,8 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     assert (info["zero_std"], info["groups"]) == (5, 9)
 
 
-DIST_SCRIPT = """
-import json, sys, torch
+DIST_HEADER = """
+import sys, torch
 from nanoseek.distributed import init_distributed
 from nanoseek.policy import Policy
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
@@ -230,6 +231,9 @@ torch.set_num_threads(1)
 rank, world, _ = init_distributed()
 model_dir, out = sys.argv[1], sys.argv[2]
 tok = load_tokenizer(model_dir)
+"""  # a torchrun script's common start (run by run_two_ranks); each test appends its config and what it saves
+
+DIST_SCRIPT = DIST_HEADER + """
 cfg = GRPOConfig(model=model_dir, task_kwargs={"max_operand": 4, "ops": "+"}, num_generations=4, prompts_per_step=4,
                  max_completion_length=3, lr=1e-3, beta=0.05, num_iterations=2)
 trainer = GRPOTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, rank, world)
@@ -239,16 +243,14 @@ torch.save({"prompts": prompts, "metrics": metrics, "weights": trainer.policy.mo
 """
 
 
-def test_torchrun_two_ranks(tmp_path):
+def run_two_ranks(script_text: str, model_dir, tmp_path) -> tuple[dict, dict]:
+    """Run ``script_text MODEL_DIR OUT`` under torchrun with 2 CPU processes; return what ranks 0 and 1 saved."""
     import socket
     import subprocess
     import sys
 
-    from nanoseek.tasks import examples, get_task
-
-    model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
-    script = tmp_path / "dist_grpo.py"
-    script.write_text(DIST_SCRIPT)
+    script = tmp_path / "dist_script.py"
+    script.write_text(script_text)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -256,7 +258,14 @@ def test_torchrun_two_ranks(tmp_path):
            str(script), str(model_dir), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    return torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+
+
+def test_torchrun_two_ranks(tmp_path):
+    from nanoseek.tasks import examples, get_task
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
+    r0, r1 = run_two_ranks(DIST_SCRIPT, model_dir, tmp_path)
     # prompts sharded: the two halves are disjoint and together the step's P prompts
     want = [ex.prompt for ex in examples(get_task("arithmetic", **TASK), 4, "train", seed=(0 * 1_000_003 + 0) * 101)]
     assert r0["prompts"] + r1["prompts"] == want and len(r0["prompts"]) == 2
@@ -288,3 +297,19 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     train_grpo(GRPOConfig(model=str(model_dir), out=str(tmp_path / "run"), num_generations=2, prompts_per_step=2,
                           max_completion_length=3, steps=1, progress=False))
     assert read_metrics(tmp_path / "run")[0]["step"] == 0
+
+
+def test_lr_schedules_hand_values():
+    from types import SimpleNamespace
+
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
+
+    def lrs(schedule: str) -> list[float]:
+        cfg = GRPOConfig(model="unused", lr=1.0, steps=10, warmup_steps=2, lr_schedule=schedule)
+        return [GRPOTrainer.lr_at(SimpleNamespace(cfg=cfg), s) for s in (0, 1, 2, 6, 9)]
+
+    assert lrs("constant") == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+    assert lrs("linear") == pytest.approx([0.5, 1.0, 1.0, 0.5, 1 / 8])  # decay over the 8 steps after warm-up
+    assert lrs("cosine") == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 7 / 8))])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        GRPOConfig(model="unused", lr_schedule="step").validate()

@@ -1,5 +1,6 @@
 """Verifiable reward functions with TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``,
-a registry, a task adapter, and ``compute_rewards``, which contains failing or hanging functions."""
+a registry, a task adapter, and ``compute_rewards``, which contains failing or hanging functions; process rewards
+(per-step, ``nanoseek.rewards.process``) and ``compute_process_rewards``, which contains them the same way."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nanoseek.rewards.code import code_reward
 from nanoseek.rewards.countdown import countdown_reward
 from nanoseek.rewards.format import completion_text, format_reward, lenient_format_reward
 from nanoseek.rewards.math import math_reward
+from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ REWARD_FNS: dict[str, RewardFn] = {
     "countdown": countdown_reward,
     "code": code_reward,
 }
-_IN_PROCESS = frozenset(REWARD_FNS.values())  # built-ins: fast, or (code) bounded by their own sandbox timeout
+# built-ins: fast, or (code) bounded by their own sandbox timeout
+_IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.values())
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -100,6 +103,17 @@ def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
     return value
 
 
+def _call(fn: Callable[..., list], prompts: list, completions: list, columns: dict, timeout_s: float | None) -> list:
+    """fn's values as a list of one per completion: in process for built-ins, else in a killable worker."""
+    if timeout_s is None or fn in _IN_PROCESS:
+        values = list(fn(prompts, completions, **columns))
+    else:
+        values = list(_call_with_timeout(fn, prompts, completions, columns, timeout_s))
+    if len(values) != len(completions):
+        raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+    return values
+
+
 def compute_rewards(
     reward_fns: Sequence[RewardFn],
     weights: Sequence[float] | None,
@@ -126,14 +140,7 @@ def compute_rewards(
     for fn, w in zip(reward_fns, weights):
         name = reward_name(fn)
         try:
-            if timeout_s is None or fn in _IN_PROCESS:
-                values = fn(prompts, completions, **columns)
-            else:
-                values = _call_with_timeout(fn, prompts, completions, columns, timeout_s)
-            values = list(values)
-            if len(values) != n:
-                raise ValueError(f"returned {len(values)} values for {n} completions")
-            values = [None if v is None else float(v) for v in values]
+            values = [None if v is None else float(v) for v in _call(fn, prompts, completions, columns, timeout_s)]
         except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
             log.warning("reward function %s failed: %s: %s", name, type(e).__name__, e)
             errors[name] = f"{type(e).__name__}: {e}"
@@ -145,4 +152,36 @@ def compute_rewards(
     return RewardResult(total, per_fn, errors)
 
 
-__all__ = ["REWARD_FNS", "RewardResult", "compute_rewards", "get_reward_fn", "reward_name", "task_reward"]
+def compute_process_rewards(
+    fn: Callable[..., list],
+    prompts: list,
+    completions: list,
+    completion_ids: list[list[int]],
+    columns: dict | None = None,
+    timeout_s: float | None = 60.0,
+) -> tuple[list[StepRewards | None], list[str]]:
+    """Step rewards of N completions from one process reward function, contained like ``compute_rewards``:
+    -> (steps (N,), errors). A function that raises, hangs past ``timeout_s`` or returns the wrong number of values
+    gives None (no steps) for every sample; an invalid value (see ``check_steps``) gives None for that sample.
+    Each failure is logged with ``logging.warning`` and listed in ``errors``."""
+    name, n = reward_name(fn), len(completions)
+    columns = {**(columns or {}), "completion_ids": completion_ids}
+    try:
+        values = _call(fn, prompts, completions, columns, timeout_s)
+    except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
+        log.warning("process reward %s failed: %s: %s", name, type(e).__name__, e)
+        return [None] * n, [f"{name}: {type(e).__name__}: {e}"]
+    steps: list[StepRewards | None] = []
+    errors: list[str] = []
+    for i, (v, ids) in enumerate(zip(values, completion_ids)):
+        try:
+            steps.append(check_steps(v, len(ids), i, name))
+        except ValueError as e:
+            log.warning("%s", e)
+            errors.append(str(e))
+            steps.append(None)
+    return steps, errors
+
+
+__all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "compute_process_rewards",
+           "compute_rewards", "get_process_reward_fn", "get_reward_fn", "reward_name", "task_reward"]

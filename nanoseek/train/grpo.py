@@ -5,7 +5,8 @@ rollout in mini-batches with the clipped surrogate and the k3 KL to π_ref in th
 independent of the others:
 
 - advantage: baseline group mean or leave-one-out (``rloo``); scale by group std, batch std or not at all
-  (``scale_rewards`` "group" | "batch" | "none" = Dr. GRPO); per-step rewards through ``process_advantages``.
+  (``scale_rewards`` "group" | "batch" | "none" = Dr. GRPO). Process supervision (``process_reward``): per-step
+  rewards at token positions (``nanoseek.rewards.process``) give per-token advantages via ``process_advantages``.
 - aggregation (``loss_type``, TRL's names): "grpo" = seq-mean-token-mean, "bnpo" = token-mean over the
   micro-batch, "dapo" = token-mean over the whole rollout's tokens, "dr_grpo" = constant sum / (B · max_len).
 - clip range ``epsilon`` / ``epsilon_high`` (clip-higher); ``importance_sampling_level`` "token" | "sequence" (GSPO).
@@ -22,7 +23,8 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from nanoseek.policy import Batch, Policy
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 ALIASES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 # ---------------------------------------------------------------------- advantages
@@ -60,29 +63,37 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     return adv.view(-1).to(rewards.dtype)
 
 
+def _std(x: torch.Tensor) -> float:
+    return float(x.std()) if x.numel() > 1 else 0.0
+
+
 def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], num_generations: int,
-                       length: int, eps: float = 1e-4) -> torch.Tensor:
+                       length: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
     """Process supervision (DeepSeekMath §4.1.3) -> per-token advantages (N, length).
 
     ``step_rewards[i][j]`` scores step j of completion i, whose last token is completion position
-    ``step_ends[i][j]``. Rewards are normalized over all steps of all G outputs of a group,
-    r̃ = (r − mean(R)) / (std(R) + eps), and Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}.
+    ``step_ends[i][j]``. Rewards are normalized over all steps R of all G outputs of a group,
+    r̃ = (r − mean(R)) / (std(R) + eps), and Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}. ``scale`` "batch" takes
+    the std over every step given, "none" (Dr. GRPO) divides by nothing. A completion without steps gets 0.
     """
     G = num_generations
     if len(step_rewards) != len(step_ends) or len(step_rewards) % G:
         raise ValueError("step_rewards and step_ends need one list per completion, grouped by num_generations")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
+    batch_std = _std(torch.tensor([r for rs in step_rewards for r in rs], dtype=torch.float64))
     for g in range(0, len(step_rewards), G):
         group = torch.tensor([r for rs in step_rewards[g : g + G] for r in rs], dtype=torch.float64)
-        mean = group.mean() if group.numel() else 0.0
-        std = group.std() if group.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+        mean = float(group.mean()) if group.numel() else 0.0
+        std = {"group": _std(group) + eps, "batch": batch_std + eps, "none": 1.0}[scale]
         for i in range(g, g + G):
             if len(step_rewards[i]) != len(step_ends[i]):
                 raise ValueError(f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_ends[i])} ends")
             for r, end in zip(step_rewards[i], step_ends[i]):
                 if not 0 <= end < length:
                     raise ValueError(f"completion {i}: step end {end} outside the completion (length {length})")
-                adv[i, end] += (r - mean) / (std + eps)
+                adv[i, end] += (r - mean) / std
     return adv.flip(1).cumsum(1).flip(1).float()  # Â_t = Σ over steps ending at or after t
 
 
@@ -102,9 +113,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision).
     Per token: ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), with ρ the token
-    ratio π/π_old or (GSPO) exp of the masked mean token log-ratio of the sequence. ``num_items`` is the "dapo"
-    normalizer (active tokens of the whole rollout, per optimizer step; default this batch's), and
-    ``max_completion_length`` the "dr_grpo" constant (default L).
+    ratio π/π_old or, at the sequence level, GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t],
+    s_i = exp of the masked mean token log-ratio: the value s_i on every token, the gradient of the token's own
+    log-prob. With one advantage per sequence this is GSPO exactly (same loss and gradient); with per-token
+    advantages each token keeps its own (a bare (B, 1) ratio would credit every token with the sequence's mean
+    advantage instead). ``num_items`` is the "dapo" normalizer (active tokens of the whole rollout, per optimizer
+    step; default this batch's), and ``max_completion_length`` the "dr_grpo" constant (default L).
     Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
     """
     loss_type = ALIASES.get(loss_type, loss_type)
@@ -116,12 +130,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if importance_sampling_level == "token":
         log_w = log_ratio
     elif importance_sampling_level == "sequence":
-        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # GSPO: (B, 1)
+        seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # log s_i: (B, 1)
+        log_w = seq.detach() + logp - logp.detach()  # GSPO-token: value log s_i, gradient ∇log π_t
     else:
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_w)
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, L) or (B, 1), broadcast by the mask below
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, L)
     kl = None
     if beta != 0.0:
         if ref_logp is None:
@@ -155,12 +170,16 @@ class GRPOConfig:
     task_kwargs: dict = field(default_factory=dict)  # e.g. {"max_operand": 9} for ArithmeticTask
     reward_funcs: list[str] = field(default_factory=list)  # extra named reward functions (nanoseek.rewards)
     reward_weights: list[float] = field(default_factory=list)  # one per function, task reward first; default 1
+    # process supervision: a built-in process reward's name (nanoseek.rewards.process) or a callable
+    # fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]; None: outcome supervision
+    process_reward: str | Callable | None = None
     num_generations: int = 8  # G
     prompts_per_step: int = 8  # P (global, sharded across ranks)
     max_completion_length: int = 16
     steps: int = 100
     lr: float = 1e-5
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay to 0 at `steps`
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.0
@@ -181,6 +200,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     max_resample_rounds: int = 3
     mask_truncated_completions: bool = False
+    share_prompts: bool = True  # run a group's common prompt once in the log-prob passes (exact; see Policy)
     overlong_buffer: int = 0  # DAPO soft overlong penalty buffer L_cache (0: off)
     overlong_penalty: float = 1.0
     reward_timeout_s: float | None = None  # > 0: run non-built-in reward functions in a killable worker
@@ -211,11 +231,32 @@ class GRPOConfig:
             raise ValueError("GRPOConfig: beta must be >= 0, lr > 0 and temperature > 0 (sampling)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"choose one of {', '.join(LR_SCHEDULES)}")
         if self.overlong_buffer and not 0 < self.overlong_buffer <= self.max_completion_length:
             bad("overlong_buffer", "must be in [1, max_completion_length] (0 disables the soft penalty)")
         n_fns = 1 + len(self.reward_funcs)
         if self.reward_weights and len(self.reward_weights) != n_fns:
             bad("reward_weights", f"needs {n_fns} weights (the task reward, then each of reward_funcs)")
+        if self.process_reward is not None:
+            from nanoseek.rewards import PROCESS_REWARD_FNS
+
+            if not callable(self.process_reward) and self.process_reward not in PROCESS_REWARD_FNS:
+                bad("process_reward", f"give a callable or a built-in name: {', '.join(sorted(PROCESS_REWARD_FNS))}")
+            if self.rloo:
+                bad("rloo", "leave-one-out needs one reward per completion; process supervision normalizes steps "
+                    "(set rloo=False or process_reward=None)")
+            if self.overlong_buffer:
+                bad("overlong_buffer", "the soft overlong penalty shapes the outcome reward, which process "
+                    "supervision does not use for advantages (use mask_truncated_completions instead)")
+
+    def to_dict(self) -> dict:
+        """``asdict`` with a callable ``process_reward`` recorded by its name (JSON- and checkpoint-safe)."""
+        from nanoseek.rewards import reward_name
+
+        pr = self.process_reward
+        return {**asdict(replace(self, process_reward=None)),
+                "process_reward": pr if pr is None or isinstance(pr, str) else reward_name(pr)}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -240,10 +281,13 @@ def _average_gradients(model: torch.nn.Module, world: int) -> None:
 
 
 class Rollout:
-    """One step's samples: tokens, rewards, advantages and the log-probs of π_old / π_ref."""
+    """One step's samples: tokens, outcome rewards (N,), advantages (N,) or per token (N, L) with process
+    supervision (then ``steps``: each completion's StepRewards or None), and the log-probs of π_old / π_ref."""
 
-    def __init__(self, batch: Batch, rewards: torch.Tensor, advantages: torch.Tensor, truncated: torch.Tensor):
+    def __init__(self, batch: Batch, rewards: torch.Tensor, advantages: torch.Tensor, truncated: torch.Tensor,
+                 steps: list | None = None):
         self.batch, self.rewards, self.advantages, self.truncated = batch, rewards, advantages, truncated
+        self.steps = steps
         self.old_logp: torch.Tensor | None = None
         self.ref_logp: torch.Tensor | None = None
 
@@ -252,7 +296,7 @@ class GRPOTrainer:
     """Holds the policy, the reference, the optimizer and the reward functions; ``step()`` does one GRPO step."""
 
     def __init__(self, cfg: GRPOConfig, policy: Policy, tokenizer, rank: int = 0, world: int = 1):
-        from nanoseek.rewards import get_reward_fn, task_reward
+        from nanoseek.rewards import get_process_reward_fn, get_reward_fn, task_reward
         from nanoseek.tasks import get_task
 
         cfg.validate()
@@ -260,11 +304,25 @@ class GRPOTrainer:
         self.task = get_task(cfg.task, **cfg.task_kwargs)
         self.reward_fns = [task_reward(self.task)] + [get_reward_fn(n) for n in cfg.reward_funcs]
         self.reward_weights = cfg.reward_weights or [1.0] * len(self.reward_fns)
+        pr = cfg.process_reward
+        self.process_fn = get_process_reward_fn(pr) if isinstance(pr, str) else pr
         self.ref = policy.copy() if cfg.beta > 0 else None
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
         self.bos = getattr(tokenizer, "bos_id", None)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then constant or a linear / cosine decay to 0 at ``steps``."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return cfg.lr * (1 - progress)
+        if cfg.lr_schedule == "cosine":
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.lr
 
     # -------------------------------------------------------------- data
     def prompts(self, step: int, round_: int = 0):
@@ -300,29 +358,48 @@ class GRPOTrainer:
                                  timeout_s=self.cfg.reward_timeout_s)
         return texts, result
 
+    def score_steps(self, rep, texts: list[str], completions: list[list[int]]) -> list:
+        """Each completion's StepRewards (or None) from the process reward, failures contained and logged."""
+        from nanoseek.rewards import compute_process_rewards
+
+        columns = {"example": rep, "answer": [ex.answer for ex in rep], "tokenizer": self.tokenizer}
+        steps, _ = compute_process_rewards(self.process_fn, [ex.prompt for ex in rep], texts, completions, columns,
+                                           timeout_s=self.cfg.reward_timeout_s)
+        return steps
+
     def collect(self, step: int) -> tuple[Rollout, dict, list]:
-        """Sample, score and (with dynamic sampling) keep resampling until the batch has P informative groups."""
+        """Sample, score and (with dynamic sampling) keep resampling until the batch has P informative groups: groups
+        whose outcome rewards differ or, with a process reward, whose step rewards differ."""
         cfg, G = self.cfg, self.cfg.num_generations
+        process = self.process_fn is not None
         want = len(self.prompts(step))
-        kept: list[tuple] = []  # (example rows, prompt ids, completion ids, texts, total rewards, per-fn values)
+        kept: list[tuple] = []  # (example rows, prompt ids, completion ids, texts, total rewards, step rewards)
         seen_rewards: list[float] = []
+        seen_steps: list[float] = []  # every step reward of every sampled completion (process supervision)
+        no_steps = 0  # sampled completions without any step reward
         per_fn_seen: dict[str, list[float]] = {}
         zero_std_groups = groups = 0
         for round_ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             exs = self.prompts(step, round_)
             rep, pids, cids = self.sample(exs, step, round_)
             texts, res = self.score(rep, cids)
+            steps = self.score_steps(rep, texts, cids) if process else [None] * len(rep)
             total = torch.tensor([float(x) for x in res.total])
             seen_rewards += total.tolist()
+            seen_steps += [r for s in steps if s is not None for r in s.rewards]
+            no_steps += sum(s is None or not s.rewards for s in steps) if process else 0
             for name, vals in res.per_fn.items():
                 per_fn_seen.setdefault(name, []).extend(float("nan") if v is None else float(v) for v in vals)
             for g in range(0, len(rep), G):
                 groups += 1
                 flat = bool((total[g : g + G] == total[g]).all())
                 zero_std_groups += flat
+                if process:
+                    flat = len({r for s in steps[g : g + G] if s is not None for r in s.rewards}) <= 1
                 if cfg.dynamic_sampling and flat:
                     continue
-                kept.append((rep[g : g + G], pids[g : g + G], cids[g : g + G], texts[g : g + G], total[g : g + G]))
+                kept.append((rep[g : g + G], pids[g : g + G], cids[g : g + G], texts[g : g + G], total[g : g + G],
+                             steps[g : g + G]))
             if len(kept) >= want:
                 break
         kept = kept[:want]
@@ -331,6 +408,7 @@ class GRPOTrainer:
         cids = [x for k in kept for x in k[2]]
         texts = [x for k in kept for x in k[3]]
         rewards = torch.cat([k[4] for k in kept]) if kept else torch.zeros(0)
+        steps = [x for k in kept for x in k[5]]
         lengths = torch.tensor([len(c) for c in cids], dtype=torch.float)
         eos = self.policy.eos_id
         truncated = torch.tensor([len(c) >= cfg.max_completion_length and (eos is None or c[-1] != eos)
@@ -338,14 +416,20 @@ class GRPOTrainer:
         if cfg.overlong_buffer and len(cids):
             rewards = rewards + soft_overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_buffer,
                                                       cfg.overlong_penalty)
-        adv = self.advantages(rewards)
         batch = Batch.build(pids, cids, self.policy.pad_id, width=cfg.max_completion_length) if cids else None
         if batch is not None and cfg.mask_truncated_completions:
             batch.completion_mask[truncated] = 0.0
+        if process:
+            adv = self.process_advantages(steps, batch.completion_ids.shape[1] if batch is not None else 0)
+            sample_adv = [a[: len(c)] for a, c in zip(adv.tolist(), cids)]  # per token
+        else:
+            adv = self.advantages(rewards)
+            sample_adv = adv.tolist()
         info = {"seen_rewards": seen_rewards, "per_fn": per_fn_seen, "zero_std": zero_std_groups, "groups": groups,
-                "lengths": lengths, "truncated": truncated}
-        samples = list(zip(rep, texts, rewards.tolist(), adv.tolist()))
-        return Rollout(batch, rewards, adv, truncated) if batch is not None else None, info, samples
+                "lengths": lengths, "truncated": truncated, "seen_steps": seen_steps, "no_steps": no_steps}
+        samples = list(zip(rep, texts, rewards.tolist(), sample_adv))
+        rollout = Rollout(batch, rewards, adv, truncated, steps if process else None) if batch is not None else None
+        return rollout, info, samples
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Outcome-supervision advantages (N,) of this rank's groups; "batch" scaling uses every rank's rewards."""
@@ -358,6 +442,20 @@ class GRPOTrainer:
         mean = s / max(n, 1)
         std = math.sqrt(max(s2 - n * mean * mean, 0.0) / max(n - 1, 1))
         return group_advantages(rewards, G, "none", cfg.rloo) / (std + cfg.advantage_eps)
+
+    def process_advantages(self, steps: list, length: int) -> torch.Tensor:
+        """Process-supervision advantages (N, length) of this rank's groups (steps: StepRewards or None each);
+        "batch" scaling takes the std over every rank's steps."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        rs = [s.rewards if s is not None else [] for s in steps]
+        es = [s.ends if s is not None else [] for s in steps]
+        if cfg.scale_rewards != "batch" or self.world == 1:
+            return process_advantages(rs, es, G, length, cfg.advantage_eps, cfg.scale_rewards)
+        r = torch.tensor([x for xs in rs for x in xs], dtype=torch.float64)
+        s, s2, n = _reduce([float(r.sum()), float((r**2).sum()), float(r.numel())])
+        mean = s / max(n, 1)
+        std = math.sqrt(max(s2 - n * mean * mean, 0.0) / max(n - 1, 1))
+        return process_advantages(rs, es, G, length, scale="none") / (std + cfg.advantage_eps)
 
     # -------------------------------------------------------------- log-probs
     def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -378,7 +476,7 @@ class GRPOTrainer:
         cfg, model = self.cfg, self.policy.model
         t0 = time.perf_counter()
         for g in self.optimizer.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            g["lr"] = self.lr_at(step)
         if self.ref is not None and cfg.ref_reset_every and step > 0 and step % cfg.ref_reset_every == 0:
             self.ref.model.load_state_dict(model.state_dict())
         rollout, info, samples = self.collect(step)
@@ -457,6 +555,11 @@ class GRPOTrainer:
             v = v[~v.isnan()]
             tot, cnt = _reduce([float(v.sum()), float(v.numel())])
             m[f"rewards/{name}/mean"] = tot / max(cnt, 1)
+        if self.process_fn is not None:  # mean step reward, and the completions that got no step (or failed)
+            tot, cnt, none = _reduce([float(sum(info["seen_steps"])), float(len(info["seen_steps"])),
+                                      float(info["no_steps"])])
+            m["rewards/process/mean"] = tot / max(cnt, 1)
+            m["rewards/process/frac_no_steps"] = none / max(n, 1)
         return m
 
 
@@ -510,6 +613,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     random.seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.model)
     policy = Policy.load(cfg.model, tokenizer.pad_id, tokenizer.eos_id)
+    policy.share_prompts = cfg.share_prompts
     policy.model.to(device)
     out = Path(cfg.out)
     trainer = GRPOTrainer(cfg, policy, tokenizer, rank, world)
@@ -522,13 +626,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     logger = MetricsLogger(out, cfg.steps, "grpo", enabled=main, start_step=start, progress=cfg.progress)
     first = last = None
     t0 = time.perf_counter()
 
     def save(step: int) -> None:
-        state = {"step": step, "config": asdict(cfg)}
+        state = {"step": step, "config": cfg.to_dict()}
         if trainer.ref is not None and cfg.ref_reset_every:
             state["ref"] = trainer.ref.model.state_dict()
         if main:
@@ -567,12 +671,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--task", default="arithmetic", help="built-in task giving prompts and the task reward")
     a("--reward-funcs", nargs="*", default=[], help="extra reward functions (math, format, countdown, code)")
     a("--reward-weights", nargs="*", type=float, default=[], help="weights: task reward first, then each extra")
+    a("--process-reward", default=None, help="process supervision: per-step rewards give per-token advantages "
+      "(built-in: arithmetic)")
     a("--num-generations", type=int, default=8, help="G completions per prompt")
     a("--prompts-per-step", type=int, default=8, help="P prompts per step (global)")
     a("--max-completion-length", type=int, default=16)
     a("--steps", type=int, default=100)
     a("--lr", type=float, default=1e-5)
     a("--warmup-steps", type=int, default=0)
+    a("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="after warm-up: constant, or decay to 0")
     a("--beta", type=float, default=0.0, help="k3 KL weight; > 0 loads a reference model")
     a("--ref-reset-every", type=int, default=0, help="copy the policy into the reference every N steps")
     a("--num-iterations", type=int, default=1, help="μ passes over each rollout")
@@ -590,6 +697,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dynamic-sampling", action="store_true", help="DAPO: drop all-equal groups and resample")
     a("--max-resample-rounds", type=int, default=3)
     a("--mask-truncated-completions", action="store_true")
+    a("--no-share-prompts", dest="share_prompts", action="store_false",
+      help="run every row's prompt separately in the log-prob passes (for models whose forward lacks a cache)")
     a("--overlong-buffer", type=int, default=0, help="DAPO soft overlong penalty buffer (0: off)")
     a("--save-every", type=int, default=0)
     a("--log-completions-every", type=int, default=10)

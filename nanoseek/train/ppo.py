@@ -41,6 +41,8 @@ class PPOConfig(GRPOConfig):
             self.num_generations = generations
         if generations < 1 or not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1 or self.critic_lr <= 0:
             raise ValueError("PPOConfig: need num_generations >= 1, 0 <= lam <= 1, 0 < gamma <= 1, critic_lr > 0")
+        if self.process_reward is not None:
+            raise ValueError("PPOConfig.process_reward: process supervision is GRPO's (nanoseek grpo); PPO uses GAE")
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
@@ -117,6 +119,8 @@ class PPOTrainer(GRPOTrainer):
     def step(self, step: int) -> tuple[dict, list]:
         cfg, model = self.cfg, self.policy.model
         t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:  # the policy's schedule; the critic keeps critic_lr
+            g["lr"] = self.lr_at(step)
         rollout, info, samples = self.collect(step)
         t_gen = time.perf_counter() - t0
         model.train()
@@ -185,6 +189,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     torch.manual_seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.model)
     policy = Policy.load(cfg.model, tokenizer.pad_id, tokenizer.eos_id)
+    policy.share_prompts = cfg.share_prompts
     policy.model.to(device)
     trainer = PPOTrainer(cfg, policy, tokenizer, rank, world)
     out = Path(cfg.out)

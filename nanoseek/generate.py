@@ -64,13 +64,26 @@ def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: in
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
-def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
-    """One right-padded forward over the distinct prompts (a GRPO group's G copies of a prompt run once), the
-    cache copied back to every row. Returns (cache, hidden (B, T, D), ids (B, T), lengths (B,))."""
-    device = model.embed_tokens.weight.device
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """-> (first row of each distinct prompt (U,), each row's index into those (B,)): a GRPO group's G copies of
+    a prompt collapse to one."""
     index: dict[tuple[int, ...], int] = {}
-    row_to_prompt = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
-    distinct = list(index)
+    first_rows, row_to_prompt = [], []
+    for i, p in enumerate(prompts):
+        key = tuple(p)
+        if key not in index:
+            index[key] = len(first_rows)
+            first_rows.append(i)
+        row_to_prompt.append(index[key])
+    return first_rows, row_to_prompt
+
+
+def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
+    """One right-padded forward over the distinct prompts, the cache then copied to every row that repeats one.
+    Returns (cache, hidden (B, T, D), ids (B, T), lengths (B,))."""
+    device = model.embed_tokens.weight.device
+    first_rows, row_to_prompt = distinct_prompts(prompts)
+    distinct = [prompts[i] for i in first_rows]
     lengths = torch.tensor([len(p) for p in distinct], device=device)
     ids = torch.zeros(len(distinct), int(lengths.max()), dtype=torch.long, device=device)
     for i, p in enumerate(distinct):
@@ -78,8 +91,9 @@ def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
     cache = model.new_cache(len(distinct), ids.shape[1] + extra)
     h = model(ids, cache, input_lengths=lengths, return_hidden=True)
     if len(distinct) < len(prompts):
-        cache.select(row_to_prompt)
-        h, ids, lengths = h[row_to_prompt], ids[row_to_prompt], lengths[row_to_prompt]
+        rows = torch.tensor(row_to_prompt, device=device)
+        cache.select(rows)
+        h, ids, lengths = h[rows], ids[rows], lengths[rows]
     return cache, h, ids, lengths
 
 

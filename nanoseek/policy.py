@@ -84,18 +84,14 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
 def _prompt_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows with identical prompts -> (first row of each distinct prompt (U,), row -> its prompt's index (B,)),
     or None when every prompt is distinct (nothing to share)."""
-    index: dict[tuple[int, ...], int] = {}
-    firsts, row_to_prompt = [], []
-    for i, n in enumerate(batch.prompt_lens.tolist()):
-        key = tuple(batch.input_ids[i, :n].tolist())
-        if key not in index:
-            index[key] = len(firsts)
-            firsts.append(i)
-        row_to_prompt.append(index[key])
-    if len(firsts) == len(row_to_prompt):
+    from nanoseek.generate import distinct_prompts
+
+    prompts = [batch.input_ids[i, :n].tolist() for i, n in enumerate(batch.prompt_lens.tolist())]
+    first_rows, row_to_prompt = distinct_prompts(prompts)
+    if len(first_rows) == len(prompts):
         return None
     device = batch.input_ids.device
-    return torch.tensor(firsts, device=device), torch.tensor(row_to_prompt, device=device)
+    return torch.tensor(first_rows, device=device), torch.tensor(row_to_prompt, device=device)
 
 
 def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

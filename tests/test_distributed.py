@@ -72,3 +72,35 @@ def test_shard_range_covers_everything_once():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank"):
         shard_range(4, 2, 2)
+
+
+RESUME_SCRIPT = """
+import sys
+from nanoseek.distributed import cleanup
+from nanoseek.train.pretrain import TrainConfig, train
+out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+train(TrainConfig(steps=steps, batch_size=8, seq_len=24, lr=3e-3, warmup=2, schedule="constant", bias_gamma=0.01,
+                  out=out, progress=False, dist_mode="fsdp", resume=resume, keep=1))
+cleanup()
+"""
+
+
+def test_fsdp_resume_is_exact(tmp_path):
+    """FSDP2 on 2 ranks: 6 steps straight == 3 steps, a stop, and a resume to 6 (sharded model and optimizer state
+    gathered into the checkpoint, then loaded back into the shards)."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+
+    def run(out, steps, resume):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+               str(out), str(steps), "1" if resume else "0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run(tmp_path / "straight", 6, False)
+    run(tmp_path / "split", 3, False)
+    run(tmp_path / "split", 6, True)
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert len(straight) == 6 and len(split) == 6
+    assert split == straight

@@ -2,11 +2,11 @@
 
 ``--arch deepseek_v3`` instead runs both on the same random nanoseek DeepSeek-V3 (MLA + MoE) checkpoint:
 nanoseek through its own model and latent-cache ``generate``, TRL through transformers' DeepseekV3.
-Same task (built-in arithmetic), prompts per step P, generations G, max completion length L, β, μ, lr,
-temperature and thread count. Each trainer runs in a fresh subprocess, so its peak RSS (``ru_maxrss``: the
-process high-water mark, everything torch allocated included) is its own. The first step is warm-up and is
-excluded from the time per step. A step is one rollout of P × G completions and its μ passes (TRL logs
-those as μ optimizer steps; they are added up).
+Same task (built-in arithmetic, or ``--task countdown``: longer prompts), prompts per step P, generations G,
+max completion length L, β, μ, lr, temperature and thread count. Each trainer runs in a fresh subprocess, so its
+peak RSS (``ru_maxrss``: the process high-water mark, everything torch allocated included) is its own. The first
+step is warm-up and is excluded from the time per step. A step is one rollout of P × G completions and its μ
+passes (TRL logs those as μ optimizer steps; they are added up).
 
     python benchmarks/grpo_step.py                      # defaults below
     python benchmarks/grpo_step.py --steps 8 --json out.json
@@ -77,7 +77,7 @@ def run_nanoseek(a: argparse.Namespace, out: Path) -> dict:
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
     train_grpo(GRPOConfig(
-        model=a.model, out=str(out), num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L,
+        model=a.model, out=str(out), task=a.task, num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L,
         steps=a.steps, lr=a.lr, beta=a.beta, num_iterations=a.mu, temperature=1.0, loss_type="grpo",
         progress=False, log_completions_every=0, seed=0, share_prompts=not a.no_share_prompts,
     ))
@@ -95,11 +95,11 @@ def run_trl(a: argparse.Namespace, out: Path) -> dict:
 
     from nanoseek.tasks import Example, examples, get_task
 
-    task = get_task("arithmetic")
+    task = get_task(a.task)
     exs = examples(task, a.P * a.steps * a.mu, "train", seed=0)
     ds = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in exs])
 
-    def arithmetic_reward(prompts, completions, answer, **kw):
+    def task_reward(prompts, completions, answer, **kw):
         return [task.score(c, Example(p, "", ans)) for p, c, ans in zip(prompts, completions, answer)]
 
     class Clock(TrainerCallback):
@@ -119,7 +119,7 @@ def run_trl(a: argparse.Namespace, out: Path) -> dict:
         bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     clock = Clock()
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(a.model), reward_funcs=[arithmetic_reward],
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(a.model), reward_funcs=[task_reward],
                           args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(a.model),
                           callbacks=[clock])
     trainer.train()
@@ -154,6 +154,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arch", choices=["llama", "deepseek_v3"], default="llama")
+    p.add_argument("--task", choices=["arithmetic", "countdown"], default="arithmetic")
     p.add_argument("--no-share-prompts", action="store_true", help="nanoseek runs every row's prompt separately")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", choices=["nanoseek", "trl"], help=argparse.SUPPRESS)
@@ -165,9 +166,10 @@ def main() -> None:
         model = Path(tmp) / "llama"
         make_model(model, a.hidden, a.layers, a.arch)
         results = run_workers(__file__, ("nanoseek", "trl"), model, a, ("P", "G", "L", "beta", "mu", "lr", "steps",
-                                                                         "threads", "no_share_prompts"))
+                                                                         "threads", "no_share_prompts", "task"))
     n, t = results["nanoseek"], results["trl"]
-    print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; P={a.P} G={a.G} L={a.L} beta={a.beta} mu={a.mu}; "
+    print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; task {a.task}; P={a.P} G={a.G} L={a.L} "
+          f"beta={a.beta} mu={a.mu}; "
           f"{a.steps} steps (first excluded); {a.threads} thread(s)"
           f"{'; nanoseek without prompt sharing' if a.no_share_prompts else ''}")
     print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12}")

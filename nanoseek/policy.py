@@ -161,7 +161,7 @@ class Policy:
         prompt when ``share_prompts`` is on: the prompt's latent cache is computed once per distinct prompt, copied
         to its rows, and only the completion tokens run per row (gradients flow back through the copies).
         """
-        groups = _prompt_groups(batch) if self.share_prompts else None
+        groups = _prompt_groups(batch) if self.share_prompts and self._can_share() else None
         if groups is None:
             h = self.hidden(batch.input_ids)  # (B, T, D)
             L = batch.completion_ids.shape[1]
@@ -171,6 +171,13 @@ class Policy:
         shared = self._shared_prompt_nanoseek if self.is_nanoseek else self._shared_prompt_hf
         first, rest = shared(batch, first_rows, row_to_prompt)  # (B, D), (B, L - 1, D) or None when L = 1
         return first[:, None] if rest is None else torch.cat((first[:, None], rest), dim=1)  # (B, L, D)
+
+    def _can_share(self) -> bool:
+        """Ours always; a Hugging Face decoder when its forward takes position ids and a cache to continue from."""
+        if self.is_nanoseek:
+            return True
+        params = inspect.signature(self.model.get_decoder().forward).parameters
+        return "position_ids" in params and ("cache" in params or "past_key_values" in params)
 
     def _shared_prompt_nanoseek(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
         """Prompts (right-padded) once into a latent cache, copied per row; then the completions through it."""

@@ -698,7 +698,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-resample-rounds", type=int, default=3)
     a("--mask-truncated-completions", action="store_true")
     a("--no-share-prompts", dest="share_prompts", action="store_false",
-      help="run every row's prompt separately in the log-prob passes (for models whose forward lacks a cache)")
+      help="run every row's prompt separately in the log-prob passes (to measure what sharing saves)")
     a("--overlong-buffer", type=int, default=0, help="DAPO soft overlong penalty buffer (0: off)")
     a("--save-every", type=int, default=0)
     a("--log-completions-every", type=int, default=10)

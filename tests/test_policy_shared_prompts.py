@@ -57,3 +57,24 @@ def test_shared_prompt_logprobs_and_grads_equal_per_row(kind, width):
     assert g0.keys() == g1.keys() and len(g0) > 10
     for n in g0:  # float32 sums in another order: absolute error relative to the tensor's gradient scale
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * max(1.0, g0[n].abs().max().item()))
+
+
+def test_hf_decoder_without_a_cache_runs_rows_separately():
+    """A Hugging Face decoder whose forward takes neither position ids nor a cache is not shared (same values)."""
+    model = tiny_llama()
+    batch = grouped_batch()
+    with torch.no_grad():
+        want = reference_logprobs(model, batch)
+    decoder = model.get_decoder()
+    full_forward = decoder.forward
+    calls = []
+
+    def forward(input_ids):  # the narrow signature some custom models have
+        calls.append(input_ids.shape)
+        return full_forward(input_ids=input_ids)
+
+    decoder.forward = forward
+    with torch.no_grad():
+        logp, _ = Policy(model, 0, 2).completion_logprobs(batch)
+    assert calls == [batch.input_ids.shape]  # one unshared pass over every row
+    torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)

@@ -174,10 +174,15 @@ class Policy:
 
     def _can_share(self) -> bool:
         """Ours always; a Hugging Face decoder when its forward takes position ids and a cache to continue from."""
-        if self.is_nanoseek:
-            return True
+        return self.is_nanoseek or self._hf_cache_kwarg() is not None
+
+    def _hf_cache_kwarg(self) -> str | None:
+        """The decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
+        "past_key_values"), or None when its forward cannot continue a cache at given positions."""
         params = inspect.signature(self.model.get_decoder().forward).parameters
-        return "position_ids" in params and ("cache" in params or "past_key_values" in params)
+        if "position_ids" not in params:
+            return None
+        return next((name for name in ("cache", "past_key_values") if name in params), None)
 
     def _shared_prompt_nanoseek(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
         """Prompts (right-padded) once into a latent cache, copied per row; then the completions through it."""
@@ -196,14 +201,13 @@ class Policy:
         """The same through a Hugging Face model's own cache: prompts left-padded, positions from the mask."""
         plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
         ids, mask = _left_pad([batch.input_ids[i, : plen[i]] for i in first_rows.tolist()], self.pad_id)
-        decoder = self.model.get_decoder()
-        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        decoder, name = self.model.get_decoder(), self._hf_cache_kwarg()
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                       use_cache=True)
         first = out.last_hidden_state[row_to_prompt, -1]  # (B, D)
         if L == 1:
             return first, None
-        cache = getattr(out, name)  # transformers >= 5.2x renamed past_key_values to cache
+        cache = getattr(out, name)  # the output field has the argument's name
         cache.reorder_cache(row_to_prompt)
         mask = torch.cat((mask[row_to_prompt], mask.new_ones(len(batch), L - 1)), dim=1)
         pos = plen[:, None] + torch.arange(L - 1, device=plen.device)

@@ -69,3 +69,36 @@ def test_critic_is_policy_sized_and_trainer_steps(tmp_path):
     assert m["value_loss"] > 0 and m["value_loss"] == m["value_loss"] and "kl" in m
     assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())
     assert not torch.equal(before["value_head.weight"], critic.value_head.weight)
+
+
+def test_resume_is_exact_and_restores_the_critic(tmp_path):
+    """4 PPO steps straight vs 2, a stop and 2 resumed (with --save-every): same rewards, losses, value losses and
+    final policy; the checkpoint carries the critic and its optimizer; a GRPO checkpoint is refused clearly."""
+    from nanoseek.checkpoint import latest_checkpoint
+    from nanoseek.metrics import read_metrics
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+    from nanoseek.train.ppo import train_ppo
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=10)
+    kw = dict(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=4, max_completion_length=4,
+              lr=1e-3, critic_lr=1e-3, num_iterations=2, progress=False)
+    train_ppo(PPOConfig(out=str(tmp_path / "a"), steps=4, **kw))
+    train_ppo(PPOConfig(out=str(tmp_path / "b"), steps=2, save_every=1, **kw))
+    state = torch.load(latest_checkpoint(tmp_path / "b") / "state.pt", weights_only=False)
+    assert {"critic", "critic_optimizer"} <= set(state) and state["step"] == 2
+    train_ppo(PPOConfig(out=str(tmp_path / "b"), steps=4, resume=True, **kw))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    for ma, mb in zip(a, b):
+        assert ma["reward"] == mb["reward"]
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+        assert ma["value_loss"] == pytest.approx(mb["value_loss"], abs=1e-6)
+    wa = Transformer.from_pretrained(tmp_path / "a" / "checkpoints" / "step_00000004").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "b" / "checkpoints" / "step_00000004").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    grpo_kw = {k: v for k, v in kw.items() if k != "critic_lr"}
+    train_grpo(GRPOConfig(out=str(tmp_path / "g"), steps=1, **grpo_kw))
+    with pytest.raises(ValueError, match="no critic"):
+        train_ppo(PPOConfig(out=str(tmp_path / "g"), steps=2, resume=True, **kw))

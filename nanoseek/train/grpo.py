@@ -295,6 +295,8 @@ class Rollout:
 class GRPOTrainer:
     """Holds the policy, the reference, the optimizer and the reward functions; ``step()`` does one GRPO step."""
 
+    kind = "grpo"  # names the run's config file and metrics stream
+
     def __init__(self, cfg: GRPOConfig, policy: Policy, tokenizer, rank: int = 0, world: int = 1):
         from nanoseek.rewards import get_process_reward_fn, get_reward_fn, task_reward
         from nanoseek.tasks import get_task
@@ -311,6 +313,16 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
         self.bos = getattr(tokenizer, "bos_id", None)
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint needs beyond the policy and its optimizer for an exact resume."""
+        if self.ref is not None and self.cfg.ref_reset_every:
+            return {"ref": self.ref.model.state_dict()}
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if self.ref is not None and "ref" in state:
+            self.ref.model.load_state_dict(state["ref"])
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps``, then constant or a linear / cosine decay to 0 at ``steps``."""
@@ -600,8 +612,10 @@ def load_tokenizer(directory: str | Path):
         return HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
 
 
-def train_grpo(cfg: GRPOConfig) -> dict:
-    """Run GRPO as configured; returns a summary (steps, final/first reward, wall time, run dir)."""
+def train_grpo(cfg: GRPOConfig, trainer_cls: type[GRPOTrainer] = GRPOTrainer) -> dict:
+    """Run GRPO as configured (or, with ``trainer_cls=PPOTrainer``, the PPO baseline); returns a summary (steps,
+    final/first reward, wall time, run dir). Checkpoints every ``save_every`` steps, on Ctrl-C and at the end;
+    ``resume`` continues exactly from the latest."""
     from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
     from nanoseek.distributed import init_distributed
     from nanoseek.metrics import MetricsLogger
@@ -616,25 +630,22 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     policy.share_prompts = cfg.share_prompts
     policy.model.to(device)
     out = Path(cfg.out)
-    trainer = GRPOTrainer(cfg, policy, tokenizer, rank, world)
+    trainer = trainer_cls(cfg, policy, tokenizer, rank, world)
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         state = load_checkpoint(ckpt, policy.model, trainer.optimizer)
         start = int(state["step"])
-        if trainer.ref is not None and "ref" in state:
-            trainer.ref.model.load_state_dict(state["ref"])
+        trainer.load_checkpoint_state(state)
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    logger = MetricsLogger(out, cfg.steps, "grpo", enabled=main, start_step=start, progress=cfg.progress)
+        (out / f"{trainer.kind}_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    logger = MetricsLogger(out, cfg.steps, trainer.kind, enabled=main, start_step=start, progress=cfg.progress)
     first = last = None
     t0 = time.perf_counter()
 
     def save(step: int) -> None:
-        state = {"step": step, "config": cfg.to_dict()}
-        if trainer.ref is not None and cfg.ref_reset_every:
-            state["ref"] = trainer.ref.model.state_dict()
+        state = {"step": step, "config": cfg.to_dict(), **trainer.checkpoint_state()}
         if main:
             save_checkpoint(out, step, policy.model, trainer.optimizer, state, keep=cfg.keep, tokenizer=tokenizer)
 

@@ -13,7 +13,6 @@ import copy
 import json
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,10 +107,24 @@ class Critic(nn.Module):
 
 
 class PPOTrainer(GRPOTrainer):
+    kind = "ppo"
+
     def __init__(self, cfg: PPOConfig, policy: Policy, tokenizer, rank: int = 0, world: int = 1):
         super().__init__(cfg, policy, tokenizer, rank, world)
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "critic": self.critic.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        if "critic" not in state:
+            raise ValueError("this checkpoint has no critic: it was not written by PPO (or by an older nanoseek); "
+                             "start the PPO run again without --resume")
+        self.critic.load_state_dict(state["critic"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(rewards)  # PPO's advantages are per token, from GAE (below)
@@ -179,36 +192,10 @@ class PPOTrainer(GRPOTrainer):
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
-    """The PPO baseline, run like ``train_grpo`` (metrics.jsonl, checkpoints of the policy)."""
-    from nanoseek.distributed import init_distributed
-    from nanoseek.metrics import MetricsLogger
-    from nanoseek.train.grpo import load_tokenizer
+    """The PPO baseline, run by GRPO's loop (metrics.jsonl, checkpoints with the critic, exact ``--resume``)."""
+    from nanoseek.train.grpo import train_grpo
 
-    cfg.validate()
-    rank, world, device = init_distributed()
-    torch.manual_seed(cfg.seed + rank)
-    tokenizer = load_tokenizer(cfg.model)
-    policy = Policy.load(cfg.model, tokenizer.pad_id, tokenizer.eos_id)
-    policy.share_prompts = cfg.share_prompts
-    policy.model.to(device)
-    trainer = PPOTrainer(cfg, policy, tokenizer, rank, world)
-    out = Path(cfg.out)
-    logger = MetricsLogger(out, cfg.steps, "ppo", enabled=rank == 0, progress=cfg.progress)
-    t0, first, last = time.perf_counter(), None, None
-    for step in range(cfg.steps):
-        m, _ = trainer.step(step)
-        first = m["reward"] if first is None else first
-        last = m["reward"]
-        if rank == 0:
-            logger.log(step, **{k: v for k, v in m.items() if k != "step"})
-    logger.close()
-    if rank == 0:
-        from nanoseek.checkpoint import save_checkpoint
-
-        save_checkpoint(out, cfg.steps, policy.model, trainer.optimizer, {"step": cfg.steps}, keep=cfg.keep,
-                        tokenizer=tokenizer)
-    return {"steps": cfg.steps, "first_reward": first, "final_reward": last, "wall_time": time.perf_counter() - t0,
-            "run_dir": str(out)}
+    return train_grpo(cfg, PPOTrainer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

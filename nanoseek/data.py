@@ -122,7 +122,7 @@ class TaskData:
         out: list[Example] = []
         while len(out) < n:
             ex = self.task.example(rng)
-            if not in_eval_split(ex.prompt):  # never train on a held-out prompt
+            if not in_eval_split(ex.prompt, self.task):  # never train on a held-out prompt
                 out.append(ex)
         return out
 

@@ -6,12 +6,16 @@ problem at temperature τ:
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
 - ``maj@k``: the most frequent of the k sampled answers (ties: the earliest) is correct;
 - ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
+
+``greedy_correct`` and ``sample_correct`` keep the per-problem results (in order), for paired comparisons of
+two checkpoints on the same problems.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -61,23 +65,24 @@ def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 
                       desc="eval greedy" if progress else None)
     correct = [task.score(t, ex) for t, ex in zip(greedy, examples)]
     n = len(examples)
-    result = {"n": n, "accuracy": sum(correct) / n}
+    result = {"n": n, "accuracy": sum(correct) / n, "greedy_correct": correct}
     if k:
         samples = complete(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens,
                            temperature=temperature, batch_size=batch_size, seed=seed + 1,
                            desc=f"eval {k} samples" if progress else None)
-        passed = majority = hits = 0.0
+        passed = majority = 0.0
+        per_problem = []
         for i, ex in enumerate(examples):
             texts = samples[i * k : (i + 1) * k]
             scores = [task.score(t, ex) for t in texts]
-            hits += sum(scores)
+            per_problem.append(sum(scores) / k)
             passed += max(scores)
             votes = Counter(_answer_key(t) for t in texts)
             top = max(votes.values())
             winner = next(j for j, t in enumerate(texts) if votes[_answer_key(t)] == top)
             majority += scores[winner]
-        result.update({f"pass@{k}": passed / n, f"maj@{k}": majority / n, "sample_accuracy": hits / (n * k),
-                       "k": k, "temperature": temperature})
+        result.update({f"pass@{k}": passed / n, f"maj@{k}": majority / n, "sample_accuracy": sum(per_problem) / n,
+                       "sample_correct": per_problem, "k": k, "temperature": temperature})
     result["greedy_completions"] = [{"prompt": ex.prompt, "completion": t, "correct": c}
                                     for ex, t, c in list(zip(examples, greedy, correct))[:20]]
     return result
@@ -88,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     a("--task", default="countdown", help="built-in task")
-    a("--n", type=int, default=1000, help="held-out problems")
+    a("--n", type=int, default=1000, help="distinct held-out problems (fewer when the held-out split is smaller)")
     a("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples")
     a("--max-new-tokens", type=int, default=16)
@@ -99,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.model.transformer import Transformer
-    from nanoseek.tasks import examples, get_task
+    from nanoseek.tasks import distinct_examples, get_task
     from nanoseek.tokenizer import Tokenizer
 
     directory = Path(args.model)
@@ -111,10 +116,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(directory)
     model = Transformer.from_pretrained(directory)
     task = get_task(args.task)
-    result = evaluate(model, tokenizer, examples(task, args.n, "eval", seed=args.seed), task, k=args.k,
+    held_out = distinct_examples(task, args.n, "eval", seed=args.seed)
+    if len(held_out) < args.n:
+        print(f"the held-out split of {args.task!r} has {len(held_out)} distinct problems; evaluating all of them",
+              file=sys.stderr)
+    result = evaluate(model, tokenizer, held_out, task, k=args.k,
                       temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, seed=args.seed)
-    summary = {k: v for k, v in result.items() if k != "greedy_completions"}
+    summary = {k: v for k, v in result.items() if k not in ("greedy_completions", "greedy_correct", "sample_correct")}
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

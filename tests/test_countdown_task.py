@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nanoseek.tasks import Example, examples, get_task
+from nanoseek.tasks import Example, distinct_examples, examples, get_task, in_eval_split
 from nanoseek.tasks.countdown import CountdownTask
 
 
@@ -71,3 +71,26 @@ def test_splits_are_disjoint_and_deterministic():
 def test_malformed_prompt_is_a_clear_error():
     with pytest.raises(ValueError, match="not of the form"):
         CountdownTask().score("1+2", Example("1+2=", "", "3"))
+
+
+def test_distinct_held_out_set_is_the_whole_split():
+    """Countdown's held-out split is small: enumerate it by brute force (every ordered triple and operator pair),
+    and check that the demo's held-out set is (nearly) that split, without repeats, and that the ordinary draw
+    of 1000 held-out examples repeats problems (what the distinct set avoids)."""
+    task = CountdownTask()
+    split = set()
+    for order in itertools.product(range(1, task.max_number + 1), repeat=task.n_numbers):
+        for ops in itertools.product(task.ops, repeat=task.n_numbers - 1):
+            value = eval(str(order[0]) + "".join(o + str(n) for o, n in zip(ops, order[1:])))  # digits and +-* only
+            prompt = ",".join(map(str, sorted(order))) + f":{value}="
+            if 0 <= value <= task.max_target and in_eval_split(prompt, task):
+                split.add(prompt)
+    held_out = distinct_examples(task, 1000, "eval", seed=0)
+    prompts = [ex.prompt for ex in held_out]
+    assert len(prompts) == len(set(prompts)) and set(prompts) <= split
+    assert len(prompts) >= 0.99 * len(split)  # stops after 10,000 draws without a new problem: the rarest may miss
+    assert held_out == distinct_examples(task, 1000, "eval", seed=0)
+    assert held_out[:50] == distinct_examples(task, 50, "eval", seed=0)  # a smaller set is a prefix
+    assert len({ex.prompt for ex in examples(task, 1000, "eval", seed=0)}) < len(prompts) < 1000
+    train = distinct_examples(get_task("arithmetic"), 300, "train", seed=3)
+    assert len({ex.prompt for ex in train}) == 300

@@ -28,6 +28,9 @@ def test_task_batches_are_deterministic_and_train_split_only():
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, data.batch(6, 16).input_ids)
     for row in a.input_ids:
         assert not in_eval_split(TOK.decode(row.tolist()).split("=")[0] + "=")
+    countdown = TaskData("countdown", TOK, "sft", 16, seed=3)  # its own held-out fraction (one in four)
+    for row in countdown.batch(0, 64).input_ids:
+        assert not in_eval_split(TOK.decode(row.tolist()).split("=")[0] + "=", countdown.task)
     packed = TaskData("arithmetic", TOK, "pretrain", 16).batch(0, 4)
     assert packed.input_ids.shape == packed.targets.shape == (4, 16)
     assert torch.equal(packed.input_ids[:, 1:], packed.targets[:, :-1])  # targets are inputs shifted by one

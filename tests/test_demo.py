@@ -30,7 +30,11 @@ def test_quick_demo_reports_a_gain(quick_run):
                 "maj@4_before"):
         assert key in report, key
     assert 0 <= report["accuracy_before"] < report["accuracy_after"] <= 1
-    assert report["heldout_problems"] == 200
+    assert report["heldout_problems"] == 200  # distinct problems (the split has 316)
+    assert report["grpo"]["sample_accuracy"] > report["sft"]["sample_accuracy"]
+    gain = report["gain"]
+    assert gain["n"] == 200 and gain["mean"] == pytest.approx(report["accuracy_after"] - report["accuracy_before"])
+    assert f"{100 * gain['mean']:+.1f} points (95% CI ±{100 * gain['ci95']:.1f})" in done.stdout
     md = (out / "report.md").read_text()
     for name in ("SFT warm-start", "SFT + GRPO", "SFT + continued SFT"):
         assert name in md and name in done.stdout
@@ -39,6 +43,16 @@ def test_quick_demo_reports_a_gain(quick_run):
         lines = (out / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
+
+
+def test_paired_difference_hand_computed():
+    from nanoseek.demo import paired_difference
+
+    d = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1: mean 1/2, sample sd sqrt(1/3)
+    assert d["mean"] == 0.5 and d["n"] == 4
+    assert d["ci95"] == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1, 0], [1])
 
 
 def test_quick_demo_plots_are_valid_pngs(quick_run):

@@ -50,6 +50,8 @@ def test_metrics_match_hand_computed_values(monkeypatch):
     assert r["maj@4"] == pytest.approx(1 / 3)
     assert r["sample_accuracy"] == pytest.approx(6 / 12)
     assert [c["completion"] for c in r["greedy_completions"]] == ["5+3*7", "1*2+3", "9-2*4"]
+    assert r["greedy_correct"] == [1.0, 0.0, 1.0]  # per problem, in order: what paired comparisons use
+    assert r["sample_correct"] == [0.5, 1.0, 0.0]
 
 
 def test_majority_tie_goes_to_the_earliest_answer(monkeypatch):

@@ -86,3 +86,20 @@ def test_bad_arguments():
         evaluate(None, TOK, [], TASK)
     with pytest.raises(ValueError, match="temperature"):
         evaluate(None, TOK, [Example("1,2:3=", "1+2", "3")], TASK, temperature=0.0)
+
+
+def test_cli_counts_distinct_problems_and_says_when_the_split_is_smaller(tmp_path, capsys):
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.tasks import distinct_examples
+
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("tiny", vocab_size=TOK.vocab_size)).save_pretrained(tmp_path)
+    TOK.save(tmp_path)
+    assert main(["eval", "--model", str(tmp_path), "--n", "1000", "--k", "0", "--max-new-tokens", "2",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    split = len(distinct_examples(TASK, 1000, "eval", seed=0))
+    assert f"has {split} distinct problems" in capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n"] == split < 1000 and len(result["greedy_correct"]) == split

@@ -154,8 +154,12 @@ def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
     final = str(_checkpoints(out / "grpo")[-1])
     stages.run("eval_grpo", lambda: _eval(final, cfg, cfg.eval_k, "SFT + GRPO"))  # 5.
     points = [(0, sft["checkpoint"])] + [(int(p.name.split("_")[1]), str(p)) for p in _checkpoints(out / "grpo")]
-    stages.run("grpo_curve", lambda: {"steps": [s for s, _ in points], "accuracy": [
-        _eval(c, cfg, 0, f"GRPO step {s}")["accuracy"] for s, c in points]})
+    def curve() -> dict:
+        evals = [_eval(c, cfg, cfg.eval_k, f"GRPO step {s}") for s, c in points]
+        return {"steps": [s for s, _ in points], "accuracy": [e["accuracy"] for e in evals],
+                "sample_accuracy": [e["sample_accuracy"] for e in evals]}
+
+    stages.run("grpo_curve", curve)
     cont = stages.run("sft_continued", lambda: _sft(cfg, out / "sft_continued", cfg.continued_sft_steps,
                                                     sft["checkpoint"], resume))
     stages.run("eval_sft_continued", lambda: _eval(cont["checkpoint"], cfg, cfg.eval_k, "SFT continued"))
@@ -259,6 +263,7 @@ def write_plots(out: Path, done: dict) -> list[str]:
     ax.plot(*_series(grpo, "reward"), label="train reward (sampled, T=1)", alpha=0.7)
     curve = done["grpo_curve"]
     ax.plot(curve["steps"], curve["accuracy"], "o-", label="held-out greedy accuracy")
+    ax.plot(curve["steps"], curve["sample_accuracy"], "s-", label="held-out sampled accuracy (T=1)")
     ax.set(xlabel="GRPO step", ylabel="fraction correct", ylim=(0, 1), title="GRPO on Countdown")
     ax.legend()
     save(fig, "grpo_reward_accuracy.png")

@@ -154,7 +154,8 @@ def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
     final = str(_checkpoints(out / "grpo")[-1])
     stages.run("eval_grpo", lambda: _eval(final, cfg, cfg.eval_k, "SFT + GRPO"))  # 5.
     points = [(0, sft["checkpoint"])] + [(int(p.name.split("_")[1]), str(p)) for p in _checkpoints(out / "grpo")]
-    def curve() -> dict:
+
+    def curve() -> dict:  # held-out greedy and sampled accuracy at each saved GRPO step
         evals = [_eval(c, cfg, cfg.eval_k, f"GRPO step {s}") for s, c in points]
         return {"steps": [s for s, _ in points], "accuracy": [e["accuracy"] for e in evals],
                 "sample_accuracy": [e["sample_accuracy"] for e in evals]}

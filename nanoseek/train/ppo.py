@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nanoseek.policy import Batch, Policy
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, _average_gradients, _reduce, grpo_loss
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, _average_gradients, _reduce, grpo_loss, train_grpo
 
 
 @dataclass
@@ -193,8 +193,6 @@ class PPOTrainer(GRPOTrainer):
 
 def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO baseline, run by GRPO's loop (metrics.jsonl, checkpoints with the critic, exact ``--resume``)."""
-    from nanoseek.train.grpo import train_grpo
-
     return train_grpo(cfg, PPOTrainer)
 
 

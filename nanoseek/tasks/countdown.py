@@ -21,7 +21,7 @@ _PROMPT = re.compile(r"^(\d+(?:,\d+)*):(\d+)=$")
 class CountdownTask:
     name = "countdown"
     # one problem in four is held out: the default task has only 1345 problems, and a tenth (129) would make
-    # held-out accuracy too coarse to compare checkpoints (95% CIs of ±8 points; a quarter gives 315 problems)
+    # held-out accuracy too coarse to compare checkpoints (95% CIs of ±8 points; a quarter gives 316 problems)
     eval_fraction = 4
 
     def __init__(self, n_numbers: int = 3, max_number: int = 9, max_target: int = 99, ops: str = "+-*"):

@@ -100,7 +100,7 @@ def sft_checkpoint(directory, steps: int = 30, seed: int = 0):
     for step in range(steps):
         rows = random.Random(step).sample(exs, 32)
         prompts = [tok.encode(e.prompt, add_bos=True) for e in rows]
-        batch = Batch.build(prompts, [tok.encode(e.completion, add_eos=True) for e in rows], tok.pad_id)
+        batch = Batch.from_rows(prompts, [tok.encode(e.completion, add_eos=True) for e in rows], tok.pad_id)
         logp, _ = Policy(model, tok.pad_id, tok.eos_id).completion_logprobs(batch)
         loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
         opt.zero_grad()

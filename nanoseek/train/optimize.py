@@ -2,7 +2,7 @@
 
 ``optimize`` makes μ passes over a rollout; each pass shuffles the rows into mini-batches (one optimizer step
 each), and each mini-batch runs as micro-batches planned by length (``plan_micro_batches``): rows sorted by
-completion length are cut into micro-batches whose padded tokens stay within ``PAD_TOLERANCE`` of their real
+completion length are cut into micro-batches whose padded tokens stay within ``PAD_TOLERANCE`` of the real
 tokens, so a short completion never pays for the longest one in the rollout. Losses are normalised by the whole
 mini-batch (``MicroBatch.num_rows`` / ``num_tokens``), so any split gives the same gradient. Gradients are averaged
 over ranks, clipped and stepped for every ``Trainable`` (the policy; PPO adds its critic).
@@ -20,8 +20,7 @@ from nanoseek.distributed import average_gradients, reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.train.rollout import Rollout
 
-PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens in a micro-batch ...
-MIN_PAD_TOKENS = 64  # ... except that this much padding is always allowed (cheaper than one more forward)
+PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches
 
 
 @dataclass(frozen=True)
@@ -79,40 +78,39 @@ class OptimizeStats:
 
 
 def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
-    """Split ``rows`` into micro-batches by completion length (longest first) so that each one's padded tokens
-    stay within ``PAD_TOLERANCE`` × its real tokens (or ``MIN_PAD_TOKENS`` of padding), at most ``max_rows`` rows
-    each (0: no limit). The cost model is ``Batch.token_counts``: with ``shared`` prompts run once per distinct
-    prompt in the micro-batch."""
+    """Split ``rows`` into micro-batches by completion length (longest first), at most ``max_rows`` rows each (0: no
+    limit), cutting a new micro-batch only where continuing would lift the padded tokens of all micro-batches so
+    far above ``PAD_TOLERANCE`` × their real tokens. Long rows come first and pack tightly; the slack they leave
+    lets the short tail share few micro-batches. The cost model is ``Batch.token_counts`` (with ``shared``: each
+    distinct prompt once per micro-batch)."""
     clen = batch.completion_lens[rows].tolist()
     pidx = batch.prompt_index[rows].tolist()
     plen = batch.prompt_lens.tolist()
+
+    def counts(cand: list[int]) -> tuple[int, int]:  # (processed, real) tokens of one micro-batch
+        if shared:
+            prompts = {pidx[i] for i in cand}
+            real = sum(clen[i] for i in cand) + sum(plen[p] for p in prompts)
+            return len(prompts) * max(plen[p] for p in prompts) + len(cand) * max(clen[i] for i in cand), real
+        real = sum(clen[i] + plen[pidx[i]] for i in cand)
+        return len(cand) * max(plen[pidx[i]] + clen[i] for i in cand), real
+
     order = sorted(range(len(rows)), key=lambda i: -clen[i])  # stable: a group's rows stay together
     plans: list[list[int]] = []
     cur: list[int] = []
+    processed = real = 0  # of the closed micro-batches
     for i in order:
         cand = cur + [i]
-        if cur and ((max_rows and len(cand) > max_rows) or _waste(cand, clen, pidx, plen, shared) > max(
-                (PAD_TOLERANCE - 1) * _real(cand, clen, pidx, plen, shared), MIN_PAD_TOKENS)):
+        p, r = counts(cand)
+        if cur and ((max_rows and len(cand) > max_rows) or processed + p > PAD_TOLERANCE * (real + r)):
+            p, r = counts(cur)
+            processed, real = processed + p, real + r
             plans.append(cur)
             cand = [i]
         cur = cand
     if cur:
         plans.append(cur)
     return [rows[torch.tensor(p, dtype=torch.long)] for p in plans]
-
-
-def _real(cand: list[int], clen: list[int], pidx: list[int], plen: list[int], shared: bool) -> int:
-    prompts = {pidx[i] for i in cand} if shared else [pidx[i] for i in cand]
-    return sum(clen[i] for i in cand) + sum(plen[p] for p in prompts)
-
-
-def _waste(cand: list[int], clen: list[int], pidx: list[int], plen: list[int], shared: bool) -> int:
-    if shared:
-        prompts = {pidx[i] for i in cand}
-        processed = len(prompts) * max(plen[p] for p in prompts) + len(cand) * max(clen[i] for i in cand)
-    else:
-        processed = len(cand) * max(plen[pidx[i]] + clen[i] for i in cand)
-    return processed - _real(cand, clen, pidx, plen, shared)
 
 
 @torch.no_grad()

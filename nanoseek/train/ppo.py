@@ -46,13 +46,12 @@ class PPOConfig(RLConfig):
 
 
 class Critic(nn.Module):
-    """V(s_t): a copy of the policy's transformer (its vocabulary head unused) with a scalar value head."""
+    """V(s_t): a copy of the policy's model (its hidden states; the vocabulary head stays unused) with a scalar
+    value head."""
 
     def __init__(self, policy: Policy):
         super().__init__()
         self.backbone = copy.deepcopy(policy.model)
-        if hasattr(self.backbone, "mtp"):  # nanoseek: no vocabulary head, no MTP modules
-            self.backbone.lm_head, self.backbone.mtp = nn.Identity(), nn.ModuleList()
         self.states = Policy(self.backbone, policy.pad_id, policy.eos_id, policy.share_prompts)
         self.value_head = nn.Linear(policy.model.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)

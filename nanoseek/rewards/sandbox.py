@@ -1,15 +1,16 @@
 """Run untrusted code (model completions) in a bubblewrap sandbox (``bwrap``, Debian package ``bubblewrap``).
 
 Isolation, all from the kernel, none from Python:
-- namespaces: new user, PID, mount, network (loopback only, down), IPC, UTS and cgroup; an unprivileged uid (65534)
+- namespaces: new user, PID, mount, network (only its own loopback), IPC, UTS and cgroup; an unprivileged uid (65534)
   with no capabilities and no way to create further user namespaces (``--disable-userns``);
 - files: a new root holding only read-only binds of the interpreter's install (``sys.base_prefix``) and the system
   libraries (``/usr``, ``/lib*``), a fresh ``/proc`` of the sandbox's own PID namespace, a minimal ``/dev``, and one
   private size-capped tmpfs ``/tmp`` as cwd and HOME; no ``/etc``, home dir, project or virtualenv;
 - processes: a seccomp filter refuses creating processes (fork, vfork, clone without CLONE_THREAD; clone3 answers
-  ENOSYS so threads fall back to clone), so nothing can be spawned, daemonized or fork-bombed (RLIMIT_NPROC alone does
-  not bind when the caller is root); ``--new-session``; ``--die-with-parent`` and the PID namespace end every process
-  with the call: bwrap is killed at the wall-clock timeout and its namespace with it;
+  ENOSYS so threads fall back to clone; other syscall ABIs are killed), so nothing can be spawned, daemonized or
+  fork-bombed (RLIMIT_NPROC alone does not bind when the caller is root); ``--new-session``; ``--die-with-parent``
+  and the PID namespace end every process with the call: bwrap is killed at the wall-clock timeout and its namespace
+  with it;
 - rlimits (set by a bootstrap before the program runs): CPU seconds, address space, file size (which also caps
   stdout/stderr, written to files), processes/threads, open files, no core dumps; an empty environment.
 
@@ -53,7 +54,7 @@ class SandboxUnavailable(ValueError):
 
 @dataclass
 class SandboxResult:
-    returncode: int | None  # negative: killed by that signal (e.g. -9 after a timeout, -24 SIGXCPU, -25 SIGXFSZ)
+    returncode: int | None  # negative: killed by that signal (e.g. -9 after a timeout, -24 SIGXCPU)
     timed_out: bool
     stdout: str  # truncated to max_output characters
     stderr: str
@@ -102,13 +103,13 @@ def _binds() -> list[str]:
             args += ["--ro-bind", path, path]
     installs = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(_interpreter()))}
     for path in sorted(installs):
-        if not path.startswith("/usr/"):
+        if path != "/usr" and not path.startswith("/usr/"):
             args += ["--ro-bind", path, path]
     return args
 
 
 def _interpreter() -> str:
-    return os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's
+    return os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's; the venv stays out
 
 
 def _bwrap_argv(bwrap: str, seccomp_fd: int, disk_mb: int) -> list[str]:
@@ -126,12 +127,13 @@ def require_bwrap() -> str:
     if bwrap is None:
         raise SandboxUnavailable(f"the code reward runs model-written programs in bubblewrap, which is not "
                                  f"installed (no `bwrap` on PATH); {INSTALL_HINT}")
-    probe = _run(bwrap, "print('ok')", "", 10.0, 10, 256, 1, 1, 16, 64, 1000)
+    probe = _run(bwrap, "print('ok')", stdin="", timeout_s=10.0, cpu_s=10, memory_mb=256, file_size_mb=1, disk_mb=1,
+                 max_processes=16, max_open_files=64, max_output=1000)
     if not probe.passed or probe.stdout != "ok\n":
         raise SandboxUnavailable(f"bubblewrap ({bwrap}) cannot create the code sandbox here: "
-                                 f"{probe.stderr.strip() or probe} (it needs unprivileged user namespaces, e.g. "
-                                 "sysctl kernel.unprivileged_userns_clone=1; in Docker, --security-opt "
-                                 "seccomp=unconfined)")
+                                 f"{probe.stderr.strip() or probe} (it needs bubblewrap >= 0.8 and unprivileged "
+                                 "user namespaces: sysctl kernel.unprivileged_userns_clone=1; in Docker, "
+                                 "--security-opt seccomp=unconfined)")
     return bwrap
 
 
@@ -157,16 +159,18 @@ def run_code(
     """Run Python ``code`` in the sandbox (see the module docstring) and return its outcome.
 
     ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally fires first; ``disk_mb`` caps
-    the private /tmp; ``max_processes`` bounds threads (new processes are refused outright).
+    the private /tmp; ``max_processes`` bounds threads (new processes are refused outright; for a root caller,
+    whom RLIMIT_NPROC does not bind, the address-space limit bounds threads through their stacks).
     """
     if timeout_s <= 0 or memory_mb <= 0 or file_size_mb <= 0 or disk_mb <= 0:
         raise ValueError("run_code: timeout_s, memory_mb, file_size_mb and disk_mb must be positive")
     cpu = cpu_s if cpu_s is not None else int(-(-timeout_s // 1)) + 1
-    return _run(require_bwrap(), code, stdin, timeout_s, cpu, memory_mb, file_size_mb, disk_mb, max_processes,
-                max_open_files, max_output)
+    return _run(require_bwrap(), code, stdin=stdin, timeout_s=timeout_s, cpu_s=cpu, memory_mb=memory_mb,
+                file_size_mb=file_size_mb, disk_mb=disk_mb, max_processes=max_processes,
+                max_open_files=max_open_files, max_output=max_output)
 
 
-def _run(bwrap: str, code: str, stdin: str, timeout_s: float, cpu_s: int, memory_mb: int, file_size_mb: int,
+def _run(bwrap: str, code: str, *, stdin: str, timeout_s: float, cpu_s: int, memory_mb: int, file_size_mb: int,
          disk_mb: int, max_processes: int, max_open_files: int, max_output: int) -> SandboxResult:
     with (tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp,
           tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as seccomp):

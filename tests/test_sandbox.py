@@ -76,6 +76,20 @@ def test_private_tmp_is_size_capped_and_not_kept_between_calls():
         assert not r.passed and "No space left on device" in r.stderr and "wrote all" not in r.stdout, r.stderr
 
 
+def test_only_the_private_tmp_is_writable():
+    # an uncapped writable tmpfs (bwrap's root, /dev) would let a program fill the host's memory
+    name = f"w-{secrets.token_hex(4)}"
+    dirs = ["/", "/dev", "/dev/shm", "/root", "/usr", "/proc", sys.base_prefix, "/tmp"]
+    code = f"import os\nfor d in {dirs!r}:\n    try:\n        open(os.path.join(d, {name!r}), 'w').write('x')\n" \
+           "        print('writable', d)\n    except OSError:\n        pass"
+    try:
+        assert run_code(code, **FAST).stdout.split("\n") == ["writable /tmp", ""]
+    finally:
+        for d in dirs[:-1]:
+            if os.path.lexists(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+
+
 def test_fork_bomb_is_refused():
     t = time.perf_counter()
     r = run_code("import os\nwhile True:\n    os.fork()", **FAST)

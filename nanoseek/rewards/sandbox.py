@@ -117,7 +117,8 @@ def _bwrap_argv(bwrap: str, seccomp_fd: int, disk_mb: int) -> list[str]:
             "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
             *_binds(), "--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb << 20), "--tmpfs", "/tmp",
             "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
-            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--seccomp", str(seccomp_fd)]
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/dev",
+            "--remount-ro", "/", "--seccomp", str(seccomp_fd)]
 
 
 @functools.cache

@@ -194,7 +194,7 @@ def test_no_process_escapes_or_outlives_the_call(tmp_path, how):
     token = f"{secrets.randbelow(10**6) + 10**6}.5"  # a unique argument to `sleep`, found in the host's /proc
     marker = tmp_path / "marker"
     daemon = "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    if os.fork() == 0:\n" \
-             f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 0.5; echo pwned > {marker}; exec sleep {token}'])\n" \
+             f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 0.2; echo pwned > {marker}; exec sleep {token}'])\n" \
              "    os._exit(0)\nprint('spawned', flush=True)\n"
     code = "import os, subprocess, time\n" + {
         "subprocess": f"subprocess.Popen(['/bin/sh', '-c', 'echo pwned > {marker}; exec sleep {token}'])\n"
@@ -204,8 +204,8 @@ def test_no_process_escapes_or_outlives_the_call(tmp_path, how):
         "daemon_after_timeout": daemon + "time.sleep(60)",
     }[how]
     try:
-        r = run_code(code, timeout_s=1.5 if how == "daemon_after_timeout" else 3.0)
-        time.sleep(0.8)  # a surviving daemon would have written the marker by now
+        r = run_code(code, timeout_s=1.0 if how == "daemon_after_timeout" else 3.0)
+        time.sleep(0.4)  # a surviving daemon would have written the marker by now
         assert "spawned" not in r.stdout and "PermissionError" in r.stderr
         assert not marker.exists() and _processes_with(token) == []
     finally:

@@ -101,10 +101,12 @@ def _binds() -> list[str]:
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    installs = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(_interpreter()))}
-    for path in sorted(installs):
-        if path != "/usr" and not path.startswith("/usr/"):
+    bound = ["/usr"]
+    for path in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
+                                                       os.path.dirname(_interpreter()))}):
+        if not any(path == b or path.startswith(b + "/") for b in bound):  # sorted: a parent comes first
             args += ["--ro-bind", path, path]
+            bound.append(path)
     return args
 
 

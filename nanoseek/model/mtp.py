@@ -14,12 +14,11 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import AttentionContext, RMSNorm
+from nanoseek.model.block import Block
 
 
 class MTPModule(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
-        from nanoseek.model.transformer import Block  # a block like any other (cyclic import otherwise)
-
         super().__init__()
         D = config.hidden_size
         self.enorm = RMSNorm(D, config.rms_norm_eps)

@@ -28,6 +28,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 
 STEP_PREFIX = "step_"
+# ModelConfig fields a resumed run may change: they do not define the model (initialisation, loss weight, unknowns)
+NOT_THE_MODEL = ("extra", "initializer_range", "aux_loss_alpha")
 
 
 def _unwrap(model):
@@ -191,8 +193,9 @@ def _load(file: Path):
 def _check_same_config(saved: ModelConfig, current: ModelConfig, path: Path) -> None:
     """Both configs as config.json would hold them (so a round trip compares equal), field by field."""
     a, b = ModelConfig.from_dict(saved.to_dict()), ModelConfig.from_dict(current.to_dict())
-    diffs = [f"{f.name}: checkpoint {getattr(a, f.name)!r} vs model {getattr(b, f.name)!r}"
-             for f in dataclasses.fields(ModelConfig) if f.name != "extra" and getattr(a, f.name) != getattr(b, f.name)]
+    diffs = [f"{name}: checkpoint {getattr(a, name)!r} vs model {getattr(b, name)!r}"
+             for name in (f.name for f in dataclasses.fields(ModelConfig))
+             if name not in NOT_THE_MODEL and getattr(a, name) != getattr(b, name)]
     if diffs:
         raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same model "
                          "config, or start a new run directory")

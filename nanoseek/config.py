@@ -51,7 +51,7 @@ class ModelConfig:
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
     first_k_dense_replace: int = 1
-    aux_loss_alpha: float = 0.0
+    aux_loss_alpha: float = 1e-4  # V3 §4.2: α = 0.0001
     # MTP (V3 §2.2)
     num_nextn_predict_layers: int = 0
     # the rest of the block

@@ -7,7 +7,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MHA, MLA, AttentionContext, RMSNorm
-from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.moe import MLP, MoE, RouterStats
 
 
 class Block(nn.Module):
@@ -19,8 +19,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config) if config.attention_type == "mla" else MHA(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (MoE(config, layer_idx) if config.is_moe_layer(layer_idx)
+                    else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, router_stats: RouterStats | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, router_stats) if isinstance(self.mlp, MoE) else self.mlp(h))

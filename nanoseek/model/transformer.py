@@ -14,7 +14,7 @@ from nanoseek.cache import KVCache, cache_widths
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, AttentionContext, RMSNorm
 from nanoseek.model.block import Block
-from nanoseek.model.moe import Experts, Gate, MoE
+from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -71,6 +71,7 @@ class Transformer(nn.Module):
         input_lengths: torch.Tensor | None = None,
         return_mtp: bool = False,
         return_hidden: bool = False,
+        router_stats: RouterStats | None = None,
     ):
         """input_ids: (B, T) -> logits (B, T, vocab).
 
@@ -78,22 +79,24 @@ class Transformer(nn.Module):
         ``input_lengths`` (B,) (default T: all new tokens are real; shorter rows are right-padded).
         ``return_mtp`` adds the MTP logits: a list, depth k giving (B, T-k, vocab) where row i predicts t_{i+k+1}.
         ``return_hidden`` returns the final normed hidden states (B, T, D) instead of logits, so a caller can
-        apply ``lm_head`` in chunks.
+        apply ``lm_head`` in chunks. ``router_stats`` collects every MoE layer's expert load (and, if asked, its
+        balance loss), the MTP modules' included.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
         ctx = self.context(B, T, cache, x.dtype)
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, router_stats)
         h = self.norm(x)
         if cache is not None:
             cache.lengths += T if input_lengths is None else input_lengths
         out = h if return_hidden else self.lm_head(h)
         if return_mtp:
-            return out, self.mtp_logits(h, input_ids)
+            return out, self.mtp_logits(h, input_ids, router_stats)
         return out
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor,
+                   router_stats: RouterStats | None = None) -> list[torch.Tensor]:
         """Training-time MTP chain (V3 eq. 21-22): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T})."""
         T = input_ids.shape[1]
         out = []
@@ -101,7 +104,7 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             ctx = self.context(h.shape[0], T - k, None, h.dtype)
-            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx)
+            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx, router_stats)
             out.append(self.lm_head(module.norm(h)))
         return out
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -128,15 +127,18 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or None if its files are intact."""
     try:
-        json.loads((path / "config.json").read_text())
+        try:
+            json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            return f"{path / 'config.json'}: malformed JSON ({e})"
         hf.check_weight_files(path)
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = _load(path / "state.pt")
         if not isinstance(state, dict) or "step" not in state:
             return f"{path / 'state.pt'} holds no training state"
         if (path / "optimizer.pt").exists():
             with zipfile.ZipFile(path / "optimizer.pt"):  # torch.save's archive: a truncated one has no directory
                 pass
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
 
@@ -164,7 +166,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
     model = _unwrap(model)
     if isinstance(model, Transformer):
         _check_same_config(hf.read_config(path), model.config, path)
-        tensors = hf.from_hf_state_dict(hf.read_safetensors(path), model.config)
+        tensors = hf.read_state_dict(path, model.config)
         hf.check_state_dict(tensors, model.state_dict(), path)
         model.load_state_dict(tensors, strict=True)
     else:  # a transformers model: its own names; tied weights are stored once
@@ -186,8 +188,8 @@ def _load(file: Path):
     """torch.load, with a damaged file named in a ValueError."""
     try:
         return torch.load(file, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{file}: unreadable, truncated or corrupt ({e})") from None
+    except Exception as e:  # a damaged pickle can fail in many ways; the file is what the user needs to know
+        raise ValueError(f"{file}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _check_same_config(saved: ModelConfig, current: ModelConfig, path: Path) -> None:

@@ -195,14 +195,13 @@ class ModelConfig:
                     f"invalid ModelConfig.rope_scaling type {kind!r}: must be one of {ROPE_TYPES}"
                 )
             if kind == "yarn":
-                if "original_max_position_embeddings" not in rs:
-                    raise ValueError(
-                        "invalid ModelConfig.rope_scaling: YaRN needs 'original_max_position_embeddings'"
-                    )
+                for key in ("factor", "original_max_position_embeddings"):
+                    if key not in rs:
+                        raise ValueError(f"invalid ModelConfig.rope_scaling: YaRN needs {key!r}")
                 for key, lowest in (("factor", 1), ("original_max_position_embeddings", 1), ("beta_fast", 0),
-                                    ("beta_slow", 0), ("mscale", 0), ("mscale_all_dim", 0)):
-                    value = rs.get(key, lowest)
-                    if not _has_type(value, float) or value < lowest:
+                                    ("beta_slow", 0), ("mscale", 0), ("mscale_all_dim", 0), ("attention_factor", 0)):
+                    value = rs.get(key)
+                    if value is not None and (not _has_type(value, float) or value < lowest):
                         raise ValueError(f"invalid ModelConfig.rope_scaling[{key!r}]={value!r}: YaRN needs a "
                                          f"finite number >= {lowest}")
 

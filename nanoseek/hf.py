@@ -73,6 +73,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
             raise ValueError(f"checkpoint experts under {prefix} are not numbered 0..E-1: {ids[:8]}...")
+        if len({by_id[e].shape for e in ids}) > 1:
+            raise ValueError(f"checkpoint experts under {prefix}.*.{kind} differ in shape: "
+                             f"{sorted({tuple(by_id[e].shape) for e in ids})}")
         out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
     renamed = {}
     for name, t in out.items():
@@ -91,8 +94,8 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
                 else:
                     name = f"mtp.{k}.block.{rest}"
         renamed[name] = t
-    if config.tie_word_embeddings:
-        renamed.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
+        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
     return renamed
 
 
@@ -124,6 +127,15 @@ def weight_files(directory: str | Path) -> list[Path]:
     raise FileNotFoundError(
         f"{directory}: no model.safetensors or model.safetensors.index.json (is this a checkpoint directory?)"
     )
+
+
+def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's weights under nanoseek's names; errors name the directory or file."""
+    tensors = read_safetensors(directory)
+    try:
+        return from_hf_state_dict(tensors, config)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
 
 
 def check_weight_files(directory: str | Path) -> None:

@@ -128,3 +128,13 @@ def test_hf_adapter_is_pure_and_imports_have_no_cycle():
     for module in ("nanoseek.model.block", "nanoseek.model.mtp", "nanoseek.model.moe", "nanoseek.model.attention"):
         assert "nanoseek.model.transformer" not in _imports(module), module
     assert "nanoseek.model.block" in _imports("nanoseek.model.mtp")
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = Transformer(ModelConfig.preset("tiny", tie_word_embeddings=True)).eval()
+    model.save_pretrained(tmp_path)
+    back = Transformer.from_pretrained(tmp_path).eval()
+    assert back.lm_head.weight is back.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)

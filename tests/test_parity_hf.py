@@ -107,3 +107,17 @@ def test_transformers_default_config_json_loads(hf_cls, extra, tmp_path):
         ours = Transformer.from_pretrained(tmp_path).eval()(ids)
     assert ours.abs().max() > 1.0
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_test_extras_are_pinned():
+    """The suite depends on transformers' modeling code and TRL internals: constraints.txt pins every package of the
+    test extra (and torch) to the versions it is verified with."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    extra = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M)[1])
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints.txt").read_text(), re.M))
+    for requirement in [*extra, "torch"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]
+        assert name in pins, f"constraints.txt does not pin {name}"

@@ -172,7 +172,7 @@ class Transformer(nn.Module):
         """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""
         directory = Path(directory)
         config = hf.read_config(directory)
-        state = hf.from_hf_state_dict(hf.read_safetensors(directory), config)
+        state = hf.read_state_dict(directory, config)
         if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
             # transformers drops the MTP module when it saves; load the main model without it
             config = config.replace(num_nextn_predict_layers=0)

@@ -78,6 +78,10 @@ def test_chat_plain_and_streamed_and_template(server, client):
                                          n=2)
     assert two.choices[0].message.content == r.choices[0].message.content  # choice i samples with seed + i
     assert two.choices[1].message.content != two.choices[0].message.content
+    text_parts = [{"type": "text", "text": "Grüße "}, {"type": "text", "text": "🙂"}]
+    parts = [messages[0], {"role": "user", "content": text_parts}]
+    same = client.chat.completions.create(model=server.name, messages=parts, max_tokens=30, temperature=0.8, seed=11)
+    assert same.choices[0].message.content == r.choices[0].message.content
 
 
 def test_sixteen_concurrent_requests_equal_their_single_outputs(server, client):
@@ -138,6 +142,7 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("chat/completions", {"messages": []}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
     ("chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400, "messages.0.content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999}, 400, "messages"),
 ]

@@ -223,7 +223,7 @@ def create_app(worker: EngineWorker, codec: TextCodec, model_name: str) -> FastA
     async def chat(body: ChatRequest, http: Request):
         check_model(body.model)
         try:
-            text = codec.render_chat([m.model_dump(exclude_none=True) for m in body.messages])
+            text = codec.render_chat([m.as_dict() for m in body.messages])
         except (ValueError, TypeError) as e:
             raise APIError(str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

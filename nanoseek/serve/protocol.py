@@ -80,11 +80,22 @@ class CompletionRequest(_Common):
         return self
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]  # a string, or text parts (joined)
     name: str | None = None
+
+    def as_dict(self) -> dict:
+        """The message as a chat template reads it: content as one string."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(_Common):

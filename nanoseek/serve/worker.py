@@ -58,7 +58,8 @@ class EngineWorker:
         self.wake = threading.Event()
         self.stopping = False
         self.ttft, self.tpot = Histogram(), Histogram()
-        self.finished: dict[str, int] = {}
+        # every key present from the start: /metrics reads it while the engine thread counts (no resizing)
+        self.finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
     def start(self) -> None:
@@ -79,7 +80,7 @@ class EngineWorker:
         return request
 
     def _observe(self, r: Request) -> None:
-        self.finished[r.finish_reason] = self.finished.get(r.finish_reason, 0) + 1
+        self.finished[r.finish_reason] += 1
         if r.first_token_time is not None:
             self.ttft.observe(r.first_token_time - r.arrival)
             if len(r.output_ids) > 1:
@@ -134,7 +135,7 @@ class EngineWorker:
         lines += ["# HELP nanoseek_requests_finished_total requests finished, by finish reason",
                   "# TYPE nanoseek_requests_finished_total counter"]
         lines += [f'nanoseek_requests_finished_total{{finish_reason="{k}"}} {v}'
-                  for k, v in sorted(self.finished.items())]
+                  for k, v in self.finished.items()]
         lines += self.ttft.lines("nanoseek_time_to_first_token_seconds", "time from arrival to the first token")
         lines += self.tpot.lines("nanoseek_time_per_output_token_seconds", "time per output token after the first")
         return "\n".join(lines) + "\n"

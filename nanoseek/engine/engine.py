@@ -20,6 +20,7 @@ Each ``step()``:
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -74,8 +75,11 @@ class Engine:
         self.prefilling: list[Request] = []  # prefilling[i] sits at row num_slots - len(prefilling) + i
         self.decoding: list[Request] = []  # decoding[i] sits at row i
         self.lock = threading.Lock()
-        self.generated_tokens = 0  # totals, for metrics
+        self.generated_tokens = 0  # totals, for metrics and benchmarks
         self.prompt_tokens = 0
+        self.decode_tokens = 0  # tokens from decode steps (the rest come from prefills)
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
     def add(
@@ -130,9 +134,14 @@ class Engine:
         self._retire_cancelled()
         self._admit()
         if self.prefilling:
+            t = time.perf_counter()
             self._prefill()
+            self.prefill_seconds += time.perf_counter() - t
         if self.decoding:
+            t = time.perf_counter()
+            self.decode_tokens += len(self.decoding)
             self._decode()
+            self.decode_seconds += time.perf_counter() - t
 
     def _emit(self, request: Request, text: str) -> None:
         if request.on_output is not None:

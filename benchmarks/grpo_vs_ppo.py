@@ -25,24 +25,26 @@ def worker(a: argparse.Namespace) -> None:
     from grpo_step import peak_rss_mb
 
     from nanoseek.policy import Policy
-    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, load_tokenizer
-    from nanoseek.train.ppo import PPOConfig, PPOTrainer
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import GRPO, GRPOConfig
+    from nanoseek.train.ppo import PPO, PPOConfig
+    from nanoseek.train.rl import RLTrainer
 
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(a.model)
     policy = Policy.load(a.model, tok.pad_id, tok.eos_id)
     kw = dict(model=a.model, num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L, lr=1e-5,
               beta=a.beta, seed=0)
-    trainer = GRPOTrainer(GRPOConfig(**kw), policy, tok) if a.worker == "grpo" else \
-        PPOTrainer(PPOConfig(**kw, critic_lr=1e-5), policy, tok)
+    trainer = RLTrainer(GRPOConfig(**kw), policy, tok, GRPO) if a.worker == "grpo" else \
+        RLTrainer(PPOConfig(**kw, critic_lr=1e-5), policy, tok, PPO)
     times, lengths = [], []
-    for step in range(a.steps):
+    for step in range(1, a.steps + 1):
         t0 = time.perf_counter()
         m, _ = trainer.step(step)
         times.append(time.perf_counter() - t0)
         lengths.append(m["completions/mean_length"])
     n_params = sum(p.numel() for p in policy.model.parameters())
-    critic = getattr(trainer, "critic", None)
+    critic = getattr(trainer.algorithm, "critic", None)
     result = {"s_per_step": sum(times[1:]) / max(len(times) - 1, 1), "policy_params": n_params,
               "critic_params": sum(p.numel() for p in critic.parameters()) if critic is not None else 0,
               "mean_completion_length": sum(lengths) / len(lengths),

@@ -142,6 +142,9 @@ class Backend(Protocol):
                seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
         """Raw new tokens and their sampling log-probs per prompt (may run past eos; ``Policy`` cuts)."""
 
+    def hidden_copy(self) -> nn.Module:
+        """A trainable copy of what ``hidden``/``shared_states`` run (no vocabulary head): a critic's backbone."""
+
 
 class NanoseekBackend:
     """A nanoseek ``Transformer``: latent KV cache, absorbed decode, ``nanoseek.generate``."""
@@ -168,6 +171,11 @@ class NanoseekBackend:
             return first, None
         cache.select(batch.prompt_index)  # (N, ·): a copy of its prompt's cache per row
         return first, self.model(batch.completion_ids[:, : L - 1], cache, return_hidden=True)  # (N, L - 1, D)
+
+    def hidden_copy(self) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        model.lm_head, model.mtp = nn.Identity(), nn.ModuleList()  # hidden states only: no head, no MTP modules
+        return model
 
     def sample(self, prompts, params, eos_id, seed):
         from nanoseek.generate import generate
@@ -214,6 +222,12 @@ class HFBackend:
         rest = decoder(input_ids=batch.completion_ids[:, : L - 1], attention_mask=mask, position_ids=pos,
                        use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state  # (N, L - 1, D)
         return first, rest
+
+    def hidden_copy(self) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        if model.get_output_embeddings() is not model.get_input_embeddings():  # untied: the head is not needed
+            model.set_output_embeddings(nn.Identity())
+        return model
 
     def sample(self, prompts, params, eos_id, seed):
         pad_id, device = self.pad_id, next(self.model.parameters()).device
@@ -297,7 +311,7 @@ class Policy:
 
     def shares(self, batch: Batch) -> bool:
         """Whether ``completion_states`` runs each distinct prompt once for this batch."""
-        return self.share_prompts and self.backend.can_share() and len(batch.prompt_lens) < len(batch)
+        return self.share_prompts and self.backend.can_share() and batch.prompt_index.unique().numel() < len(batch)
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoseek.train.grpo import group_advantages, grpo_loss, process_advantages, soft_overlong_penalty
+from nanoseek.train.losses import group_advantages, grpo_loss, process_advantages, soft_overlong_penalty
 
 EPS = 1e-4
 
@@ -99,6 +99,29 @@ def test_loss_variants_by_hand():
     got, st = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1)
     assert got.item() == pytest.approx((-2.7 / 3 + 2.3 / 2) / 2 + 0.1 * k3)
     assert st["kl"].item() == pytest.approx(5 * k3)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_micro_batches_sum_to_the_mini_batch_loss(loss_type):
+    """With the mini-batch's rows and tokens as normalizers, micro-batches of any sizes (each cut to its own
+    longest completion) add up to the loss and gradient of the whole mini-batch."""
+    torch.manual_seed(6)
+    B, L = 5, 6
+    old = torch.randn(B, L) - 2
+    base = old + torch.randn(B, L) * 0.3
+    adv, mask = torch.randn(B), torch.ones(B, L)
+    mask[0, 2:] = 0
+    mask[3, 4:] = 0
+    kw = dict(loss_type=loss_type, max_completion_length=8)
+    whole_lp, parts_lp = base.clone().requires_grad_(), base.clone().requires_grad_()
+    whole, _ = grpo_loss(whole_lp, old, adv, mask, **kw)
+    parts = sum(grpo_loss(parts_lp[rows, :w], old[rows, :w], adv[rows], mask[rows, :w], num_rows=B,
+                          num_items=mask.sum(), **kw)[0]
+                for rows, w in ((torch.tensor([0]), 2), (torch.tensor([3, 1]), 6), (torch.tensor([2, 4]), 6)))
+    torch.testing.assert_close(parts, whole)
+    whole.backward()
+    parts.backward()
+    torch.testing.assert_close(parts_lp.grad, whole_lp.grad)
 
 
 def test_mu1_ratio_is_one_and_clipping_vanishes():

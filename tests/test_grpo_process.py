@@ -11,11 +11,13 @@ import torch
 from test_grpo import DIST_HEADER, TASK, read_metrics, run_two_ranks, sft_checkpoint
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.policy import Policy
+from nanoseek.policy import Policy, Samples
 from nanoseek.rewards import StepRewards, compute_process_rewards
 from nanoseek.rewards.process import arithmetic_process_reward, check_steps
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, grpo_loss, load_tokenizer
+from nanoseek.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.train.grpo import GRPO, GRPOConfig
+from nanoseek.train.losses import grpo_loss
+from nanoseek.train.rl import RLTrainer, _log_completions
 
 EPS = 1e-4  # GRPOConfig.advantage_eps
 
@@ -28,10 +30,16 @@ def random_checkpoint(directory):
     return directory
 
 
-def make_trainer(model_dir, **kw) -> GRPOTrainer:
+def make_trainer(model_dir, **kw) -> RLTrainer:
     tok = load_tokenizer(model_dir)
     cfg = GRPOConfig(model=str(model_dir), task_kwargs=TASK, progress=False, **kw)
-    return GRPOTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok)
+    return RLTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, GRPO)
+
+
+def scripted_samples(completions: list[list[int]], max_len: int, eos: int) -> Samples:
+    """What ``Policy.sample`` returns for these completions: zero log-probs, truncated = the length cap without eos."""
+    return Samples(completions, [[0.0] * len(c) for c in completions],
+                   [len(c) == max_len and eos not in c for c in completions])
 
 
 # ---------------------------------------------------------------------- the API
@@ -94,19 +102,23 @@ def test_trainer_token_advantages_by_hand(tmp_path):
     trainer = make_trainer(random_checkpoint(tmp_path / "m"), num_generations=3, prompts_per_step=2,
                            max_completion_length=4, process_reward="arithmetic", lr=1e-3)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_id
+    exs = trainer.prompts(1)
 
-    def sample(exs, step, round_):
+    def sample(prompts, params, seed):
+        assert prompts == [trainer.encode(ex.prompt) for ex in exs for _ in range(3)]  # G rows per prompt
+        assert params.max_new_tokens == 4
         a, b = exs[0].answer, exs[1].answer  # single digits
         wa, wb = str((int(a) + 1) % 10), str((int(b) + 1) % 10)
         texts = [a, wa, a + "7", " " + b, "    ", wb]  # the 5th is 4 spaces, truncated: no step at all
-        cids = [tok.encode(t) + ([eos] if len(t) < 4 else []) for t in texts]
-        rep = [ex for ex in exs for _ in range(3)]
-        return rep, [trainer.encode(ex.prompt) for ex in rep], cids
+        return scripted_samples([tok.encode(t) + ([eos] if len(t) < 4 else []) for t in texts], 4, eos)
 
-    trainer.sample = sample
-    rollout, info, samples = trainer.collect(0)
+    trainer.policy.sample = sample
+    rollout, _ = trainer.collect(1)
     assert [s.rewards for s in rollout.steps] == [[1, 1], [0], [1, 0], [1, 1], [], [0]]
     assert [s.ends for s in rollout.steps] == [[0, 1], [0], [0, 1], [1, 2], [], [0]]
+    assert rollout.truncated.tolist() == [False, False, False, False, True, False]
+    assert rollout.batch.completion_mask.sum(1).tolist() == [2, 2, 3, 3, 4, 2]  # padding is masked out
+    assert rollout.rewards.tolist() == [1, 0, 0, 1, 0, 0]  # outcome rewards are still computed
     # group 1: steps {1, 1, 0, 1, 0}, mean 3/5, unbiased std sqrt(0.3); group 2: {1, 1, 0}, mean 2/3, std sqrt(1/3)
     p1, n1 = 0.4 / (math.sqrt(0.3) + EPS), -0.6 / (math.sqrt(0.3) + EPS)
     p2, n2 = (1 / 3) / (math.sqrt(1 / 3) + EPS), (-2 / 3) / (math.sqrt(1 / 3) + EPS)
@@ -118,11 +130,13 @@ def test_trainer_token_advantages_by_hand(tmp_path):
         [0, 0, 0, 0],  # no steps: zero advantage
         [n2, 0, 0, 0],
     ])
-    torch.testing.assert_close(rollout.advantages, want, rtol=1e-6, atol=1e-6)
-    assert rollout.batch.completion_mask.sum(1).tolist() == [2, 2, 3, 3, 4, 2]  # padding is masked out
-    assert rollout.rewards.tolist() == [1, 0, 0, 1, 0, 0]  # outcome rewards are still computed
-    assert [len(s[3]) for s in samples] == [2, 2, 3, 3, 4, 2]  # logged per-token advantages, one per token
-    m, _ = trainer.step(0)
+    m, prepared = trainer.step(1)  # samples the same scripted completions again
+    torch.testing.assert_close(prepared.advantages, want, rtol=1e-6, atol=1e-6)
+    _log_completions(tmp_path / "completions.jsonl", 1, prepared, 6)
+    logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [len(s["advantage"]) for s in logged] == [2, 2, 3, 3, 4, 2]  # logged per-token advantages, one per token
+    for s, row, n in zip(logged, want, [2, 2, 3, 3, 4, 2]):
+        assert s["advantage"] == pytest.approx(row[:n].tolist(), rel=1e-6, abs=1e-6)
     assert m["rewards/process/mean"] == pytest.approx(5 / 8)
     assert m["rewards/process/frac_no_steps"] == pytest.approx(1 / 6)
     assert m["reward"] == pytest.approx(2 / 6) and m["rewards/arithmetic_reward/mean"] == pytest.approx(2 / 6)
@@ -133,21 +147,27 @@ def test_dynamic_sampling_drops_groups_with_equal_step_rewards(tmp_path):
                            max_completion_length=3, process_reward="arithmetic", dynamic_sampling=True,
                            max_resample_rounds=1)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_id
+    rounds = []
 
-    def sample(exs, step, round_):
+    def sample(prompts, params, seed):
+        round_ = len(rounds)
+        rounds.append(seed)
+        exs = trainer.prompts(1, round_)  # each resampling round draws fresh prompts
+        assert prompts == [trainer.encode(ex.prompt) for ex in exs for _ in range(2)]
         a, b = exs[0].answer, exs[1].answer
         wb = str((int(b) + 1) % 10)
         # round 0: both groups have equal step rewards (all correct / all wrong at once) -> dropped;
         # round 1: group a is correct + "a7"; group b is wrong twice (equal outcome rewards 0) but one got a step right
         texts = [[a, a, wb, wb], [a, a + "7", b + "1", wb]][round_]
-        rep = [ex for ex in exs for _ in range(2)]
-        return rep, [trainer.encode(ex.prompt) for ex in rep], [tok.encode(t) + [eos] for t in texts]
+        return scripted_samples([tok.encode(t) + [eos] for t in texts], 3, eos)
 
-    trainer.sample = sample
-    rollout, info, _ = trainer.collect(0)
+    trainer.policy.sample = sample
+    rollout, seen = trainer.collect(1)
+    assert len(rounds) == 2 and rounds[0] != rounds[1]  # one resampling round, seeded differently
     assert [s.rewards for s in rollout.steps] == [[1, 1], [1, 0], [1, 0], [0]]
     assert rollout.rewards.tolist() == [1, 0, 0, 0]  # group b kept: informative steps, flat outcome
-    assert info["groups"] == 4 and info["zero_std"] == 3  # frac_reward_zero_std still counts outcome rewards
+    assert rollout.batch.prompt_index.tolist() == [0, 0, 1, 1]
+    assert seen.groups == 4 and seen.zero_std_groups == 3  # frac_reward_zero_std still counts outcome rewards
 
 
 # ---------------------------------------------------------------------- the loss with (N, L) advantages
@@ -225,10 +245,11 @@ def test_raising_process_reward_is_contained(tmp_path, caplog):
                            max_completion_length=3, process_reward=boom, lr=1e-2)
     before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
     with caplog.at_level(logging.WARNING):
-        m, samples = trainer.step(0)
+        m, rollout = trainer.step(1)
     assert "process reward boom failed: RuntimeError: prm exploded" in caplog.text
     assert m["rewards/process/frac_no_steps"] == 1 and all(v == v for v in m.values() if isinstance(v, float))
-    assert all(a == 0 for s in samples for a in s[3])  # zero advantage everywhere: the policy does not move
+    assert rollout.steps == (None,) * 4 and rollout.advantages.shape == rollout.batch.completion_mask.shape
+    assert (rollout.advantages == 0).all()  # zero per-token advantage everywhere: the policy does not move
     for k, v in trainer.policy.model.state_dict().items():
         assert torch.equal(before[k], v), k
     assert trainer.cfg.to_dict()["process_reward"] == "boom"
@@ -256,17 +277,22 @@ def test_bad_values_and_hangs_are_contained(caplog):
     assert steps == [None, None] and "no result within 0.5 s" in errors[0]
 
 
-def test_config_rejects_what_process_supervision_cannot_do():
+def test_config_rejects_what_process_supervision_cannot_do(capsys):
+    from nanoseek.cli import main
     from nanoseek.train.ppo import PPOConfig
 
-    with pytest.raises(ValueError, match="process_reward='nope'.*arithmetic"):
+    with pytest.raises(ValueError, match="--process-reward 'nope'.*arithmetic"):
         GRPOConfig(model="m", process_reward="nope").validate()
-    with pytest.raises(ValueError, match="GRPOConfig.rloo"):
+    with pytest.raises(ValueError, match="--rloo"):
         GRPOConfig(model="m", process_reward="arithmetic", rloo=True).validate()
-    with pytest.raises(ValueError, match="GRPOConfig.overlong_buffer"):
+    with pytest.raises(ValueError, match="--overlong-buffer"):
         GRPOConfig(model="m", process_reward="arithmetic", overlong_buffer=2).validate()
-    with pytest.raises(ValueError, match="PPOConfig.process_reward"):
-        PPOConfig(model="m", process_reward="arithmetic").validate()
+    # PPO has no process supervision: neither its config nor its command takes a process reward
+    with pytest.raises(TypeError, match="process_reward"):
+        PPOConfig(model="m", process_reward="arithmetic")
+    with pytest.raises(SystemExit) as exit_:
+        main(["ppo", "--model", "m", "--process-reward", "arithmetic"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --process-reward" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- end to end
@@ -304,15 +330,15 @@ def test_cli_process_reward(tmp_path, capsys):
     assert all(isinstance(s["advantage"], list) and len(s["advantage"]) >= 1 for s in samples)
     argv[argv.index("--process-reward") + 1] = "nope"
     assert main(argv) != 0
-    assert "GRPOConfig.process_reward='nope': give a callable or a built-in name: arithmetic" in capsys.readouterr().err
+    assert "--process-reward 'nope': give a built-in name (arithmetic)" in capsys.readouterr().err
 
 
 DIST_SCRIPT = DIST_HEADER + """
 cfg = GRPOConfig(model=model_dir, task_kwargs={"max_operand": 4, "ops": "+"}, num_generations=4, prompts_per_step=4,
                  max_completion_length=3, lr=1e-3, process_reward="arithmetic", scale_rewards="batch")
-trainer = GRPOTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, rank, world)
-rollout, _, _ = trainer.collect(0)
-metrics = [trainer.step(s)[0] for s in range(2)]
+trainer = RLTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, GRPO, rank, world)
+first, rollout = trainer.step(1)
+metrics = [first, trainer.step(2)[0]]
 torch.save({"adv": rollout.advantages, "steps": [(s.rewards, s.ends) for s in rollout.steps], "metrics": metrics,
             "weights": trainer.policy.model.state_dict()}, f"{out}/{rank}.pt")
 """
@@ -328,11 +354,13 @@ def test_torchrun_two_ranks_batch_scaled_steps(tmp_path):
     std = math.sqrt(sum((r - mean) ** 2 for r in everything) / (n - 1))
     assert std > 0
     for res in (r0, r1):
-        want = torch.zeros(8, 3)
+        width = res["adv"].shape[1]  # the rank's longest completion (at most max_completion_length)
+        assert 1 <= width <= 3
+        want = torch.zeros(8, width)
         for g in range(0, 8, 4):  # a group's mean over its own steps, the std over both ranks'
             group = [r for rs, _ in res["steps"][g : g + 4] for r in rs]
             for i in range(g, g + 4):
-                for t in range(3):
+                for t in range(width):
                     rs, es = res["steps"][i]
                     want[i, t] = sum((r - sum(group) / len(group)) / (std + EPS) for r, e in zip(rs, es) if e >= t)
         torch.testing.assert_close(res["adv"], want, rtol=1e-5, atol=1e-6)

@@ -5,26 +5,46 @@ import pytest
 import torch
 from test_grpo import reference_logprobs, tiny_llama, tiny_nanoseek
 
-from nanoseek.policy import Batch, Policy, _prompt_groups
+from nanoseek.policy import Batch, Policy
+
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 10, 11]]
 
 
 def grouped_batch(G: int = 3, width: int = 6) -> Batch:
     """3 prompts of different lengths x G ragged completions (lengths 1..width), grouped contiguously."""
     torch.manual_seed(1)
-    prompts = [[1, 5, 6, 7, 8], [1, 9], [1, 10, 11]]
-    rows = [p for p in prompts for _ in range(G)]
-    completions = [torch.randint(4, 100, (1 + (i * 5) % width,)).tolist() for i in range(len(rows))]
-    return Batch.build(rows, completions, pad_id=0, width=width)
+    completions = [torch.randint(4, 100, (1 + (i * 5) % width,)).tolist() for i in range(len(PROMPTS) * G)]
+    return Batch.build(PROMPTS, [p for p in range(len(PROMPTS)) for _ in range(G)], completions, pad_id=0)
 
 
-def test_prompt_groups():
+def test_from_rows_groups_identical_prompts():
     batch = grouped_batch()
-    first, row_to_prompt = _prompt_groups(batch)
-    assert first.tolist() == [0, 3, 6] and row_to_prompt.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert _prompt_groups(batch.select(torch.tensor([0, 3, 6]))) is None  # all distinct: nothing to share
-    # same tokens but a different length is a different prompt
-    b = Batch.build([[1, 5], [1, 5, 6], [1, 5]], [[7], [8], [9]], pad_id=0)
-    assert _prompt_groups(b)[1].tolist() == [0, 1, 0]
+    completions = [c[:n] for c, n in zip(batch.completion_ids.tolist(), batch.completion_lens.tolist())]
+    rows = Batch.from_rows([p for p in PROMPTS for _ in range(3)], completions, pad_id=0)
+    assert rows.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rows.prompt_lens.tolist() == [5, 2, 3] and torch.equal(rows.prompt_ids, batch.prompt_ids)
+    assert torch.equal(rows.sequences(0), batch.sequences(0))
+    assert rows.sequences(0)[3].tolist() == [1, 9] + completions[3] + [0] * (11 - 2 - len(completions[3]))
+    # same tokens but a different length is a different prompt (also when the extra token is the pad id)
+    b = Batch.from_rows([[1, 5], [1, 5, 6], [1, 5], [1, 5, 0]], [[7], [8], [9], [10]], pad_id=0)
+    assert b.prompt_index.tolist() == [0, 1, 0, 2] and b.prompt_lens.tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match="3 completions but 2 prompt indices"):
+        Batch.build([[1]], [0, 0], [[2], [3], [4]], pad_id=0)
+
+
+def test_shares_exactly_when_a_prompt_repeats():
+    batch = grouped_batch()
+    policy = Policy(tiny_nanoseek(), 0, 2)
+    assert policy.shares(batch)
+    assert not policy.shares(batch.select(torch.tensor([0, 3, 6])))  # all distinct: nothing to share
+    assert policy.shares(batch.select(torch.tensor([0, 3, 4])))  # prompt 1 twice
+    assert not Policy(policy.model, 0, 2, share_prompts=False).shares(batch)
+    assert Policy(tiny_llama(), 0, 2).shares(batch)  # a Hugging Face decoder that continues a cache
+    # the shared pass processes each distinct prompt once: fewer tokens, fewer of them padding
+    (shared, shared_real), (per_row, per_row_real) = batch.token_counts(True), batch.token_counts(False)
+    completions = int(batch.completion_mask.sum())
+    assert shared_real == 5 + 2 + 3 + completions and per_row_real == 3 * (5 + 2 + 3) + completions
+    assert shared == 3 * 5 + 9 * 6 and per_row == 9 * int(batch.sequences(0).shape[1]) and shared < per_row
 
 
 @pytest.mark.parametrize("kind", ["nanoseek", "llama"])
@@ -41,15 +61,19 @@ def test_shared_prompt_logprobs_and_grads_equal_per_row(kind, width):
     for share in (False, True):
         model.zero_grad(set_to_none=True)
         tokens_seen.clear()
-        logp, ent = Policy(model, 0, 2, share_prompts=share).completion_logprobs(batch, temperature=0.7,
-                                                                                  entropy=True)
+        policy = Policy(model, 0, 2, share_prompts=share)
+        assert policy.shares(batch) == share
+        logp, ent = policy.completion_logprobs(batch, temperature=0.7, entropy=True)
         w = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2)) * batch.completion_mask
         (logp * w).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[share] = (logp.detach(), ent, grads, sum(tokens_seen))
     hook.remove()
     (lp0, ent0, g0, n0), (lp1, ent1, g1, n1) = results[False], results[True]
-    assert n1 < n0  # the shared path really ran fewer tokens (3 prompts, not 9)
+    # the shared path really ran fewer tokens (3 prompts, not 9): the prompts once, then every completion token
+    # but the last (the cost model counts that one too)
+    assert n1 < n0 and n0 == batch.token_counts(False)[0]
+    assert n1 == batch.token_counts(True)[0] - len(batch)
     torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lp1, reference_logprobs(model, batch, temperature=0.7).detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent1, ent0, rtol=1e-5, atol=1e-5)
@@ -74,7 +98,9 @@ def test_hf_decoder_without_a_cache_runs_rows_separately():
         return full_forward(input_ids=input_ids)
 
     decoder.forward = forward
+    policy = Policy(model, 0, 2)
+    assert not policy.shares(batch)  # prompts repeat, but this backend cannot continue a cache
     with torch.no_grad():
-        logp, _ = Policy(model, 0, 2).completion_logprobs(batch)
-    assert calls == [batch.input_ids.shape]  # one unshared pass over every row
+        logp, _ = policy.completion_logprobs(batch)
+    assert calls == [batch.sequences(0).shape]  # one unshared pass over every row
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanoseek.train.ppo import Critic, PPOConfig, PPOTrainer, gae, value_loss, whiten
+from nanoseek.train.losses import gae, value_loss, whiten
+from nanoseek.train.ppo import PPO, Critic, PPOConfig
 from tests.test_grpo import TASK, sft_checkpoint
 
 
@@ -43,29 +44,42 @@ def test_value_loss_and_whiten_by_hand():
     torch.testing.assert_close(whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
 
 
-def test_critic_is_policy_sized_and_trainer_steps(tmp_path):
+def test_critic_is_policy_sized():
+    """The critic is the policy's transformer without the parts it never uses (vocabulary head, MTP modules)
+    plus a scalar value head: PPO's extra memory over GRPO, as grpo_vs_ppo.py reports it."""
+    from nanoseek import ModelConfig, Transformer
     from nanoseek.policy import Policy
-    from nanoseek.rewards import RewardResult
-    from nanoseek.train.grpo import load_tokenizer
+
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=100))
+    assert len(model.mtp) > 0  # the preset has MTP modules to leave out
+    critic = Critic(Policy(model, 0, 2))
+    n_policy = model.num_parameters()  # main model, MTP excluded
+    n_head = model.lm_head.weight.numel()
+    assert sum(p.numel() for p in critic.parameters()) == n_policy - n_head + critic.value_head.weight.numel() + 1
+
+
+def test_trainer_step_fits_the_critic(tmp_path):
+    from dataclasses import replace
+
+    from nanoseek.policy import Policy
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.rl import RLTrainer
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
     tok = load_tokenizer(model_dir)
     policy = Policy.load(model_dir, tok.pad_id, tok.eos_id)
     cfg = PPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=4,
                     max_completion_length=3, lr=1e-3, critic_lr=1e-3, num_iterations=2)
-    trainer = PPOTrainer(cfg, policy, tok)
-    critic: Critic = trainer.critic
-    n_policy = policy.model.num_parameters()  # main model, MTP excluded
-    n_head = policy.model.lm_head.weight.numel()
-    assert sum(p.numel() for p in critic.parameters()) == n_policy - n_head + critic.value_head.weight.numel() + 1
+    trainer = RLTrainer(cfg, policy, tok, PPO)
+    critic: Critic = trainer.algorithm.critic
     before = {k: v.clone() for k, v in critic.state_dict().items()}
 
-    def score(rep, completions):  # half the completions rewarded: the critic has something to fit
-        r = [float(i % 2) for i in range(len(completions))]
-        return [tok.decode(c) for c in completions], RewardResult(r, {"scripted": r})
+    def scripted(prompts, completions, **columns):  # half the completions rewarded: the critic has something to fit
+        return [float(i % 2) for i in range(len(completions))]
 
-    trainer.score = score
-    m, _ = trainer.step(0)
+    trainer.scorer = replace(trainer.scorer, reward_fns=[scripted], weights=[1.0])
+    m, rollout = trainer.step(1)
+    assert rollout.rewards.tolist() == [0.0, 1.0] * 4 and m["rewards/scripted/mean"] == 0.5
     assert m["value_loss"] > 0 and m["value_loss"] == m["value_loss"] and "kl" in m
     assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())
     assert not torch.equal(before["value_head.weight"], critic.value_head.weight)
@@ -89,7 +103,7 @@ def test_resume_is_exact_and_restores_the_critic(tmp_path):
     assert {"critic", "critic_optimizer"} <= set(state) and state["step"] == 2
     train_ppo(PPOConfig(out=str(tmp_path / "b"), steps=4, resume=True, **kw))
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
     for ma, mb in zip(a, b):
         assert ma["reward"] == mb["reward"]
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)

@@ -10,7 +10,6 @@ critic the clipped value loss. Rollouts, the optimisation loop and checkpoints a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from dataclasses import dataclass
 
@@ -46,12 +45,12 @@ class PPOConfig(RLConfig):
 
 
 class Critic(nn.Module):
-    """V(s_t): a copy of the policy's model (its hidden states; the vocabulary head stays unused) with a scalar
-    value head."""
+    """V(s_t): a copy of the policy's transformer (its vocabulary head and MTP modules dropped) with a scalar value
+    head."""
 
     def __init__(self, policy: Policy):
         super().__init__()
-        self.backbone = copy.deepcopy(policy.model)
+        self.backbone = policy.backend.hidden_copy()
         self.states = Policy(self.backbone, policy.pad_id, policy.eos_id, policy.share_prompts)
         self.value_head = nn.Linear(policy.model.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)

@@ -15,6 +15,7 @@ from nanoseek.rewards.countdown import countdown_reward
 from nanoseek.rewards.format import completion_text, format_reward, lenient_format_reward
 from nanoseek.rewards.math import math_reward
 from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
+from nanoseek.rewards.sandbox import require_bwrap
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ _IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.valu
 def get_reward_fn(name: str) -> RewardFn:
     if name not in REWARD_FNS:
         raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}")
+    if name == "code":
+        require_bwrap()  # refuse now, at the start of a run: compute_rewards would turn each step's error into None
     return REWARD_FNS[name]
 
 

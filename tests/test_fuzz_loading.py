@@ -1,6 +1,7 @@
 """Fuzzing the loaders: mutated config.json files and damaged checkpoint files give a ValueError or
 FileNotFoundError naming the checkpoint (or load, when the mutation is harmless), never another exception."""
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ def fresh_model() -> tuple[Transformer, torch.optim.Optimizer]:
 def run_dir() -> Path:
     """A run directory with two checkpoints of a small model, built once per session."""
     root = Path(tempfile.mkdtemp(prefix="nanoseek_fuzz_"))
+    atexit.register(shutil.rmtree, root, True)
     model, opt = fresh_model()
     model(torch.randint(0, 64, (2, 5))).sum().backward()
     opt.step()
@@ -88,9 +90,11 @@ def test_mutated_config_json(edits, garbage):
         config.write_text(text[:garbage])  # cut anywhere
     else:
         config.write_text(text)
-    assert_clear(lambda: Transformer.from_pretrained(ckpt), ckpt)
-    assert_clear(lambda: load_checkpoint(latest_checkpoint(run), fresh_model()[0]), run)
-    shutil.rmtree(run)
+    try:
+        assert_clear(lambda: Transformer.from_pretrained(ckpt), ckpt)
+        assert_clear(lambda: load_checkpoint(latest_checkpoint(run), fresh_model()[0]), run)
+    finally:
+        shutil.rmtree(run)
 
 
 FILES = ["config.json", "model.safetensors", "state.pt", "optimizer.pt"]
@@ -131,5 +135,7 @@ def test_damaged_checkpoint_files(damage, both):
             load_checkpoint(ckpt, model, opt)
             Transformer.from_pretrained(ckpt)
 
-    assert_clear(resume, run)
-    shutil.rmtree(run)
+    try:
+        assert_clear(resume, run)
+    finally:
+        shutil.rmtree(run)

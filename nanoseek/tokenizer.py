@@ -16,12 +16,16 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 
 
 class Tokenizer:
+    chat_template: str = DEFAULT_CHAT_TEMPLATE  # Jinja, saved in tokenizer_config.json (see nanoseek.chat)
+
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
         missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
@@ -80,6 +84,7 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
             "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False,
         }
+        config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -87,4 +92,14 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: save one with Tokenizer.save or `nanoseek tokenizer train`")
-        return cls(HFTokenizer.from_file(str(path)))
+        tokenizer = cls(HFTokenizer.from_file(str(path)))
+        tokenizer.chat_template = saved_chat_template(directory)
+        return tokenizer
+
+
+def saved_chat_template(directory: str | Path) -> str:
+    """The chat template saved in ``directory``'s tokenizer_config.json; the default for checkpoints saved before
+    nanoseek had templates."""
+    path = Path(directory) / "tokenizer_config.json"
+    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    return template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE

@@ -80,3 +80,6 @@ def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> l
         pred_parsed = _parse_answer(pred) if pred is not None else []
         rewards.append(1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()) else 0.0)
     return rewards
+
+
+math_reward.required_columns = (("answer", "solution"),)  # one of them (see nanoseek.rewards.required_columns)

@@ -370,3 +370,13 @@ def test_math_reward_on_gsm8k_answers():
     completions = [[{"role": "assistant", "content": r"48 + 24 = 72, so \boxed{72}"}], "So 1000.\n#### 1000"]
     assert math_reward([[{"role": "user", "content": "q"}], "q"], completions, answer=gold) == [1.0, 1.0]
     assert math_reward(["q", "q"], ["#### 71", r"\boxed{100}"], answer=gold) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("5+3=8\n8-2=6\n#### 6", True), ("work\n#### 1,000\n", True), ("x\n####-3", True),
+    ("#### 6", False),  # no work
+    ("5+3=8\n#### 6\nmore", False), ("5+3=8\n#### six", False), ("5+3=8\n\n#### 6 7", False),
+    ("a # b\n#### 6", False), ("5+3=8 #### 8", False),
+])
+def test_gsm8k_format_reward(text, ok):
+    assert get_reward_fn("format_gsm8k")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2

@@ -178,7 +178,7 @@ def _parse_json_cell(value, where: str, column: str):
 def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False):
     value = _parse_json_cell(value, where, column)
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
             raise ValueError(f"{where} column {column!r}: empty")
         return value
     if not isinstance(value, list):

@@ -6,7 +6,8 @@ which reward functions receive as keyword lists aligned with the completions. A 
 conversation in ``messages``: the prompt is everything before the final assistant message, which is the completion.
 
 Sources: local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, folders of them, or a Hugging Face hub
-dataset name (through ``datasets.load_dataset``). Built-in tasks become datasets with ``task_dataset``.
+dataset name (through ``datasets.load_dataset``). Built-in tasks become datasets with ``task_dataset`` (a fixed
+set of distinct problems) or ``TaskPrompts`` (fresh problems every step, with the same interface).
 Bad rows raise ValueError naming file, row and column. ``PromptDataset.batch(step, n, seed)`` gives a step's rows,
 a pure function of (seed, step), so a resumed run sees the same data.
 """
@@ -19,6 +20,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,21 +61,21 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, step: int, n: int, seed: int = 0) -> list[Row]:
+    def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
         """The n rows of ``step``: the rows in a fresh seeded shuffle every epoch, taken n at a time, so each row is
-        seen once per epoch (as TRL's sampler does); a pure function of (seed, step)."""
+        seen once per epoch (as TRL's sampler does); a pure function of (seed, step). ``round_`` > 0 (a
+        dynamic-sampling redraw within a step) walks another seeded order."""
         N, start = len(self.rows), step * n
         out: list[Row] = []
         while len(out) < n:
             epoch, offset = divmod(start + len(out), N)
-            order = list(range(N))
-            random.Random(f"{self.name}/{seed}/{epoch}").shuffle(order)
+            order = _epoch_order(f"{seed}/{round_}/{epoch}", N)
             out += [self.rows[i] for i in order[offset : offset + n - len(out)]]
         return out
 
     def columns_of(self, rows: list[Row]) -> dict[str, list]:
         """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
-        return {c: [r.columns.get(c) for r in rows] for c in sorted(self.columns)}
+        return columns_of(rows, self.columns)
 
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
         """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text, like the built-in
@@ -86,6 +88,47 @@ class PromptDataset:
                              f"{eval_fraction}; give an evaluation dataset")
         return (PromptDataset(f"{self.name}[train]", train, self.columns),
                 PromptDataset(f"{self.name}[eval]", evals, self.columns))
+
+
+@dataclass(frozen=True)
+class TaskPrompts:
+    """A built-in task behind ``PromptDataset``'s interface (``batch``, ``columns``, ``columns_of``), so a trainer
+    takes either: a step's rows are ``nanoseek.tasks.examples`` drawn fresh from (seed, step, round), as the GRPO
+    trainer draws them, with columns ``answer`` and ``example`` (what the task's own reward reads)."""
+
+    task: Any
+    split: str = "train"
+    columns: frozenset[str] = frozenset({"answer", "example"})
+
+    @property
+    def name(self) -> str:
+        return f"task {self.task.name}"
+
+    def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
+        from nanoseek.tasks import examples
+
+        exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
+        return [_task_row(ex, self.task, self.split) for ex in exs]
+
+    def columns_of(self, rows: list[Row]) -> dict[str, list]:
+        return columns_of(rows, self.columns)
+
+
+def columns_of(rows: list[Row], names) -> dict[str, list]:
+    """Columns ``names`` of ``rows`` as keyword lists aligned with the rows (None where a row lacks one)."""
+    return {c: [r.columns.get(c) for r in rows] for c in sorted(names)}
+
+
+def _task_row(ex, task, split: str) -> Row:
+    return Row(ex.prompt, ex.completion, {"answer": ex.answer, "example": ex}, f"task {task.name} {split}")
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(key: str, n: int) -> tuple[int, ...]:
+    """A seeded permutation of range(n), cached: consecutive steps walk the same epoch."""
+    order = list(range(n))
+    random.Random(key).shuffle(order)
+    return tuple(order)
 
 
 def _key(row: Row) -> str:
@@ -237,7 +280,7 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
             if the dataset has one); when given, every row must have it.
         require_completion: every row needs a completion (SFT).
     """
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.exists():
         rows_in = (r for p in _data_files(path, split) for r in _read_file(p))
     elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
@@ -262,6 +305,5 @@ def task_dataset(task, n: int, split: str, seed: int = 0) -> PromptDataset:
     task's reference solution) and columns ``answer`` and ``example`` (what the task's own reward reads)."""
     from nanoseek.tasks import distinct_examples
 
-    rows = tuple(Row(ex.prompt, ex.completion, {"answer": ex.answer, "example": ex}, f"task {task.name} {split}")
-                 for ex in distinct_examples(task, n, split, seed))
+    rows = tuple(_task_row(ex, task, split) for ex in distinct_examples(task, n, split, seed))
     return PromptDataset(f"{task.name}[{split}]", rows, frozenset({"answer", "example"}))

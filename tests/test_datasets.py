@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanoseek.datasets import Row, load_prompts, task_dataset
-from nanoseek.tasks import get_task
+from nanoseek.datasets import Row, TaskPrompts, load_prompts, task_dataset
+from nanoseek.tasks import examples, get_task
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 ROWS = [
@@ -151,6 +151,18 @@ def test_batches_are_deterministic_epochs(tmp_path):
     assert flat[:10] != flat[10:]  # a fresh shuffle per epoch
     assert [r.prompt for r in ds.batch(0, 4, seed=8)] != flat[:4]
     assert len(ds.batch(0, 25, seed=0)) == 25  # more than one epoch in one batch
+    assert [r.prompt for r in ds.batch(1, 4, seed=7, round_=1)] != [r.prompt for r in steps[1]]
+
+
+def test_task_prompts_draw_like_the_trainer():
+    task = get_task("arithmetic")
+    source = TaskPrompts(task)
+    rows = source.batch(3, 5, seed=2, round_=1)
+    exs = examples(task, 5, "train", seed=(2 * 1_000_003 + 3) * 101 + 1)  # GRPOTrainer.prompts(step=3, round_=1)
+    assert [(r.prompt, r.answer, r.completion) for r in rows] == [(e.prompt, e.answer, e.completion) for e in exs]
+    assert source.columns_of(rows) == {"answer": [e.answer for e in exs], "example": exs}
+    assert [r.prompt for r in TaskPrompts(task, "eval").batch(0, 50)] == \
+        [e.prompt for e in examples(task, 50, "eval", seed=0)]
 
 
 def test_held_out_split_is_disjoint_and_stable(tmp_path):

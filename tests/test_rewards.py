@@ -308,7 +308,7 @@ def test_reward_by_import_path_gets_row_aligned_columns(tmp_path, monkeypatch):
             {"prompt": "c?", "answer": "z", "level": 3}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = load_prompts(tmp_path / "d.jsonl")
-    batch = ds.batch(0, 3, seed=0)  # shuffled: alignment is what is tested
+    batch = ds.batch(0, 3, seed=2)  # shuffled: alignment is what is tested
     assert [r.answer for r in batch] != ["x", "y", "z"]
     texts = {"x": "it is x", "y": "it is y", "z": "no idea"}
     prompts = [r.prompt for r in batch]
@@ -322,6 +322,14 @@ def test_reward_by_import_path_gets_row_aligned_columns(tmp_path, monkeypatch):
             res = compute_rewards([fn], None, prompts, completions, ds.columns_of(batch), timeout_s=timeout,
                                   completion_ids=ids)
             assert res.errors == {} and res.per_fn["echo"] == expected
+
+
+def test_reward_module_in_the_current_directory(tmp_path, monkeypatch):
+    """`nanoseek grpo --reward-funcs my_rewards:fn` run where my_rewards.py is, as `python -m` would find it."""
+    (tmp_path / "cwd_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    assert get_reward_fn("cwd_rewards:echo").__module__ == "cwd_rewards"
 
 
 @pytest.mark.parametrize("name, match", [

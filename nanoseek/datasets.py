@@ -185,7 +185,10 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
                 raise ValueError(f"{path} row {n}: a {type(obj).__name__}, expected a JSON object of columns")
             yield f"{path} row {n}", obj
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
 
         for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield f"{path} row {n}", obj
@@ -196,7 +199,11 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset {name!r} is not a local file or folder; hub datasets need the `datasets` "
+                         "package: pip install 'nanoseek[data]'") from None
 
     try:
         ds = datasets.load_dataset(name, config, split=split)

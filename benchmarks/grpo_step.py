@@ -1,16 +1,20 @@
 """GRPO step: nanoseek vs TRL's GRPOTrainer on the same tiny random Hugging Face Llama, on CPU.
 
 ``--arch deepseek_v3`` instead runs both on the same random nanoseek DeepSeek-V3 (MLA + MoE) checkpoint:
-nanoseek through its own model and latent-cache ``generate``, TRL through transformers' DeepseekV3.
+nanoseek through its own model and latent-cache ``generate``, TRL through transformers' DeepseekV3. A random model
+over the 100-token character vocabulary emits eos with probability ~1/100 per token, so completions have mixed
+lengths (geometric, mean ~75-100, a few reaching the cap): the R1-style case where padding every row to the
+longest one is the cost that grows.
 Same task (built-in arithmetic, or ``--task countdown``: longer prompts), prompts per step P, generations G,
 max completion length L, β, μ, lr, temperature and thread count. Each trainer runs in a fresh subprocess, so its
 peak RSS (``ru_maxrss``: the process high-water mark, everything torch allocated included) is its own. The first
-step is warm-up and is excluded from the time per step. A step is one rollout of P × G completions and its μ
+step is warm-up; the time per step is the median of the others. A step is one rollout of P × G completions and its μ
 passes (TRL logs those as μ optimizer steps; they are added up).
 
     python benchmarks/grpo_step.py                      # defaults below
     python benchmarks/grpo_step.py --steps 8 --json out.json
     python benchmarks/grpo_step.py --arch deepseek_v3 --hidden 64 --layers 2
+    python benchmarks/grpo_step.py --arch deepseek_v3 --hidden 256 --layers 4 --P 4 --G 8 --L 384 --steps 5
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,7 @@ def make_model(directory: Path, hidden: int, layers: int, arch: str = "llama") -
     torch.manual_seed(0)
     if arch == "deepseek_v3":
         cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                                 num_nextn_predict_layers=0)
+                                 num_nextn_predict_layers=0, max_position_embeddings=2048)
         Transformer(cfg).save_pretrained(directory)
         tok.save(directory)
         return
@@ -84,8 +89,11 @@ def run_nanoseek(a: argparse.Namespace, out: Path) -> dict:
     ms = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     seconds = sum(m["step_time"] for m in ms)
     tokens = sum(m["completions/mean_length"] * a.P * a.G for m in ms)
-    return {"s_per_step": seconds / len(ms), "completion_tok_per_s": tokens / seconds,
-            "reward": sum(m["reward"] for m in ms) / len(ms)}
+    return {"s_per_step": statistics.median(m["step_time"] for m in ms), "completion_tok_per_s": tokens / seconds,
+            "reward": sum(m["reward"] for m in ms) / len(ms),
+            "mean_length": statistics.mean(m["completions/mean_length"] for m in ms),
+            "max_length": max(m["completions/max_length"] for m in ms),
+            "processed_over_real": statistics.mean(m["tokens/processed_over_real"] for m in ms)}
 
 
 def run_trl(a: argparse.Namespace, out: Path) -> dict:
@@ -127,8 +135,11 @@ def run_trl(a: argparse.Namespace, out: Path) -> dict:
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h][1:]
     times = clock.times[a.mu:]
     tokens = sum(h["completions/mean_length"] * a.P * a.G for h in logs)
-    return {"s_per_step": sum(times) / (len(times) / a.mu), "completion_tok_per_s": tokens / sum(times),
-            "reward": sum(h["reward"] for h in logs) / len(logs)}
+    per_rollout = [sum(times[i : i + a.mu]) for i in range(0, len(times), a.mu)]
+    return {"s_per_step": statistics.median(per_rollout), "completion_tok_per_s": tokens / sum(times),
+            "reward": sum(h["reward"] for h in logs) / len(logs),
+            "mean_length": statistics.mean(h["completions/mean_length"] for h in logs),
+            "max_length": max(h["completions/max_length"] for h in logs)}
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -172,10 +183,12 @@ def main() -> None:
           f"beta={a.beta} mu={a.mu}; "
           f"{a.steps} steps (first excluded); {a.threads} thread(s)"
           f"{'; nanoseek without prompt sharing' if a.no_share_prompts else ''}")
-    print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12}")
+    print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12} "
+          f"{'mean/max len':>13}")
     for name, r in results.items():
         print(f"{name:10} {r['s_per_step']:8.3f} {r['completion_tok_per_s']:12.1f} {r['peak_rss_mb']:12.0f} "
-              f"{r['reward']:12.3f}")
+              f"{r['reward']:12.3f} {r['mean_length']:7.1f}/{r['max_length']:<5.0f}")
+    print(f"nanoseek processed / real tokens in log-prob and training passes: {n['processed_over_real']:.3f}")
     print(f"speed-up nanoseek/TRL: {t['s_per_step'] / n['s_per_step']:.2f}x (time per step), "
           f"{n['completion_tok_per_s'] / t['completion_tok_per_s']:.2f}x (completion tokens/s)")
     if a.json:

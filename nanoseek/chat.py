@@ -140,7 +140,7 @@ def _from_directory(directory: Path) -> ChatTemplate:
 
 def chat_template(source) -> ChatTemplate:
     """The chat template of ``source``: a checkpoint/tokenizer directory, nanoseek's ``Tokenizer``, a transformers
-    tokenizer, or an object wrapping one in ``.tok`` (``nanoseek.train.grpo.HFTokenizer``)."""
+    tokenizer, or an object wrapping one in ``.tok`` (``nanoseek.tokenizer.TransformersTokenizer``)."""
     if isinstance(source, ChatTemplate):
         return source
     if isinstance(source, (str, Path)):

@@ -29,12 +29,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Joins the process group when launched by torchrun with WORLD_SIZE > 1."""
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Joins the process group when launched by torchrun with WORLD_SIZE > 1.
+
+    ``device``: "cpu", "cuda" (this process's local GPU under torchrun) or "cuda:N"; default cuda when available.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    dev = torch.device(name)
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", local)
+    device = dev
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not is_distributed():
@@ -47,6 +57,36 @@ def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> 
     if is_distributed():
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
+    """Sum / min / max of a few floats across ranks (identity on one process)."""
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def global_std(values: torch.Tensor) -> float:
+    """The unbiased std of every rank's values together (0 for fewer than two)."""
+    x = values.double()
+    s, s2, n = reduce_floats([float(x.sum()), float((x**2).sum()), float(x.numel())])
+    mean = s / max(n, 1)
+    return (max(s2 - n * mean * mean, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def average_gradients(module: nn.Module) -> None:
+    """Average the gradients of ``module`` over ranks (a parameter without a gradient counts as zeros)."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 def barrier() -> None:

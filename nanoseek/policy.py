@@ -1,15 +1,15 @@
-"""One policy interface for RL over a nanoseek ``Transformer`` or any Hugging Face causal LM.
+"""RL's view of a causal LM: rollouts with their sampler log-probs, and completion log-probs for the loss.
 
+Two backends sit behind one small protocol (``Backend``): a nanoseek ``Transformer`` (latent KV cache, sampling
+through ``nanoseek.generate``) and any Hugging Face causal LM (its own cache, its own ``generate``). ``Policy``
+adds what is common to both:
+
+- ``sample``: completions of each prompt, each cut after its first eos (decided here, once), with per-row
+  truncation flags and each sampled token's log-prob under the distribution it was drawn from;
 - ``completion_logprobs``: per-token log-probs (and optionally entropies) of the completion tokens only. The
-  backbone runs once, over each distinct prompt once (a GRPO group's G rows share it through a cache) and over
-  every row's completion; the vocabulary head is applied to the real completion tokens in chunks (each chunk
-  under activation checkpointing when gradients are on), so full-vocabulary float32 logits never exist for the
-  whole batch at once.
-- ``rollout``: sampling through ``nanoseek.generate.generate`` (latent KV cache) for nanoseek models and through
-  the model's own ``generate`` for Hugging Face models.
-
-Sequences are laid out right-padded: row i is ``prompt_i + completion_i + pad``. Causal attention never lets a
-real token see a pad, so no attention mask is needed for the unshared forward.
+  group structure travels in the ``Batch`` (``prompt_index``): each distinct prompt runs once into a cache that
+  is copied to its rows (gradients flow back through the copies), then only the completion tokens run per row;
+  the vocabulary head sees the real completion tokens only, in chunks (each chunk recomputed in backward).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,48 +29,228 @@ from torch.utils.checkpoint import checkpoint
 NANOSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
-    """Prompt + completion tokens of a rollout, right-padded.
+    """N rows of prompt + completion tokens, grouped by prompt.
 
-    input_ids: (B, T) prompt_i + completion_i + pad; prompt_lens: (B,);
-    completion_ids: (B, L) and completion_mask: (B, L) (1 on real completion tokens, eos included).
+    prompt_ids: (U, Tp) the distinct prompts, right-padded; prompt_lens: (U,); prompt_index: (N,) each row's
+    prompt; completion_ids: (N, L) right-padded; completion_mask: (N, L) 1 on real completion tokens (eos
+    included). A GRPO group is the G rows that share a prompt index.
     """
 
-    input_ids: torch.Tensor
+    prompt_ids: torch.Tensor
     prompt_lens: torch.Tensor
+    prompt_index: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
 
     @classmethod
-    def build(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-              width: int | None = None) -> Batch:
-        """``width`` pads completions to a fixed L (e.g. max_completion_length); default the longest."""
-        B = len(prompts)
-        L = max(width or 0, max((len(c) for c in completions), default=0), 1)
-        T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-        completion_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        completion_mask = torch.zeros(B, L)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            completion_mask[i, : len(c)] = 1.0
-        return cls(input_ids, torch.tensor([len(p) for p in prompts]), completion_ids, completion_mask)
+    def build(cls, prompts: list[list[int]], prompt_index: list[int], completions: list[list[int]],
+              pad_id: int) -> Batch:
+        """``prompts``: the U distinct prompts; row i continues ``prompts[prompt_index[i]]`` with ``completions[i]``."""
+        if len(prompt_index) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(prompt_index)} prompt indices")
+        return cls(_right_pad(prompts, pad_id), torch.tensor([len(p) for p in prompts], dtype=torch.long),
+                   torch.tensor(prompt_index, dtype=torch.long), _right_pad(completions, pad_id),
+                   _right_pad([[1.0] * len(c) for c in completions], 0.0, torch.float32))
+
+    @classmethod
+    def from_rows(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+        """One row per (prompt, completion) pair; identical prompts become one group."""
+        index: dict[tuple[int, ...], int] = {}
+        prompt_index = [index.setdefault(tuple(p), len(index)) for p in prompts]
+        return cls.build([list(p) for p in index], prompt_index, completions, pad_id)
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.completion_ids.shape[0]
 
-    def select(self, rows: torch.Tensor | slice) -> Batch:
-        """The sub-batch of ``rows``, trimmed to its own longest sequence."""
-        ids, plen = self.input_ids[rows], self.prompt_lens[rows]
-        cids, cmask = self.completion_ids[rows], self.completion_mask[rows]
-        T = int((plen + cmask.sum(1).long()).max())
-        return Batch(ids[:, :T], plen, cids, cmask)
+    @property
+    def completion_lens(self) -> torch.Tensor:
+        return self.completion_mask.sum(1).long()
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The sub-batch of ``rows``, with only the prompts they use, trimmed to its own longest prompt and
+        completion (so a micro-batch of short completions costs short completions)."""
+        used, index = self.prompt_index[rows].unique(return_inverse=True)
+        lens = self.prompt_lens[used]
+        width = max(int(self.completion_mask[rows].sum(1).max()), 1) if len(rows) else 1
+        return Batch(self.prompt_ids[used, : int(lens.max())], lens, index, self.completion_ids[rows, :width],
+                     self.completion_mask[rows, :width])
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.prompt_lens, self.completion_ids,
-                                                self.completion_mask)))
+        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_lens, self.prompt_index,
+                                                self.completion_ids, self.completion_mask)))
+
+    def sequences(self, pad_id: int) -> torch.Tensor:
+        """(N, T) right-padded prompt_i + completion_i: what a forward without prompt sharing runs."""
+        plen = self.prompt_lens[self.prompt_index]
+        T = int((plen + self.completion_lens).max())
+        out = self.completion_ids.new_full((len(self), T), pad_id)
+        for i, (p, n) in enumerate(zip(self.prompt_index.tolist(), self.completion_lens.tolist())):
+            k = int(self.prompt_lens[p])
+            out[i, :k] = self.prompt_ids[p, :k]
+            out[i, k : k + n] = self.completion_ids[i, :n]
+        return out
+
+    def token_counts(self, shared: bool) -> tuple[int, int]:
+        """(tokens a forward over this batch processes, real tokens among them): distinct prompts once and every
+        completion with sharing, else every row's whole sequence; padding makes the difference."""
+        comp = int(self.completion_mask.sum())
+        if shared:
+            return self.prompt_ids.numel() + self.completion_ids.numel(), int(self.prompt_lens.sum()) + comp
+        plen = self.prompt_lens[self.prompt_index]
+        return len(self) * int((plen + self.completion_lens).max()), int(plen.sum()) + comp
+
+
+def _right_pad(rows: list[list], pad, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    out = torch.full((len(rows), max((len(r) for r in rows), default=1) or 1), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What a rollout sampled: completions (eos included when it stopped), truncated (hit ``max_new_tokens``
+    without eos), and each token's log-prob under the sampling distribution."""
+
+    completions: list[list[int]]
+    logprobs: list[list[float]]
+    truncated: list[bool]
+
+
+class Backend(Protocol):
+    """What differs between model families."""
+
+    model: nn.Module
+
+    def head(self) -> nn.Linear: ...
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded -> final normed hidden states (B, T, D)."""
+
+    def can_share(self) -> bool:
+        """Whether ``shared_states`` works (a forward that continues a cache at given positions)."""
+
+    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts once, cache copied per row, completions after: states predicting o_1 (N, D) and o_2..o_L
+        (N, L - 1, D) (None when L = 1)."""
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
+               seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+        """Raw new tokens and their sampling log-probs per prompt (may run past eos; ``Policy`` cuts)."""
+
+
+class NanoseekBackend:
+    """A nanoseek ``Transformer``: latent KV cache, absorbed decode, ``nanoseek.generate``."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+
+    def head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, return_hidden=True)
+
+    def can_share(self) -> bool:
+        return True
+
+    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
+        rows_plen = plen[batch.prompt_index]
+        cache = self.model.new_cache(len(plen), batch.prompt_ids.shape[1] + L)
+        h_prompt = self.model(batch.prompt_ids, cache, input_lengths=plen, return_hidden=True)  # (U, Tp, D)
+        first = h_prompt[batch.prompt_index, rows_plen - 1]  # (N, D): the last prompt token predicts o_1
+        if L == 1:
+            return first, None
+        cache.select(batch.prompt_index)  # (N, ·): a copy of its prompt's cache per row
+        return first, self.model(batch.completion_ids[:, : L - 1], cache, return_hidden=True)  # (N, L - 1, D)
+
+    def sample(self, prompts, params, eos_id, seed):
+        from nanoseek.generate import generate
+
+        return generate(self.model, prompts, params.max_new_tokens, temperature=params.temperature,
+                        top_k=params.top_k, top_p=params.top_p, stop_token_ids=() if eos_id is None else (eos_id,),
+                        seed=seed, return_logprobs=True)
+
+
+class HFBackend:
+    """Any Hugging Face causal LM: its decoder, its cache (left-padded prompts, positions from the mask), its
+    ``generate``."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        params = inspect.signature(model.get_decoder().forward).parameters
+        # the decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
+        # "past_key_values"); None when its forward cannot continue a cache at given positions
+        self.cache_kwarg = None if "position_ids" not in params else next(
+            (name for name in ("cache", "past_key_values") if name in params), None)
+
+    def head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+
+    def can_share(self) -> bool:
+        return self.cache_kwarg is not None
+
+    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
+        ids, mask = _left_pad(batch.prompt_ids, plen, self.pad_id)
+        decoder = self.model.get_decoder()
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                      use_cache=True)
+        first = out.last_hidden_state[rows, -1]  # (N, D)
+        if L == 1:
+            return first, None
+        cache = getattr(out, self.cache_kwarg)  # the output field has the argument's name
+        cache.reorder_cache(rows)
+        mask = torch.cat((mask[rows], mask.new_ones(len(rows), L - 1)), dim=1)
+        pos = plen[rows][:, None] + torch.arange(L - 1, device=plen.device)
+        rest = decoder(input_ids=batch.completion_ids[:, : L - 1], attention_mask=mask, position_ids=pos,
+                       use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state  # (N, L - 1, D)
+        return first, rest
+
+    def sample(self, prompts, params, eos_id, seed):
+        pad_id, device = self.pad_id, next(self.model.parameters()).device
+        lens = torch.tensor([len(p) for p in prompts])
+        ids, attn = _left_pad(_right_pad(prompts, pad_id), lens, pad_id)
+        if seed is not None:
+            torch.manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        sample = params.temperature > 0
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=params.max_new_tokens,
+            do_sample=sample, temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None, top_k=(params.top_k or 0) if sample else None,
+            eos_token_id=eos_id, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
+        )
+        self.model.train(was_training)
+        tokens = out.sequences[:, ids.shape[1] :]  # (B, steps)
+        # scores are the processed logits each token was drawn from (temperature, top-k/p applied)
+        logp = [s.float().log_softmax(-1).gather(-1, tokens[:, t, None])[:, 0] for t, s in enumerate(out.scores)]
+        return tokens.tolist(), torch.stack(logp, 1).tolist()
+
+
+def _left_pad(right_padded: torch.Tensor, lens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) right-padded rows of ``lens`` tokens -> left-padded ids and attention mask (N, T) (1 on real tokens)."""
+    T = right_padded.shape[1]
+    start = T - lens[:, None].to(right_padded.device)  # (N, 1) first real column after left-padding
+    cols = torch.arange(T, device=right_padded.device)
+    mask = cols >= start
+    ids = right_padded.gather(1, (cols - start).clamp(min=0)).masked_fill(~mask, pad_id)
+    return ids, mask.long()
 
 
 def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -81,41 +262,18 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
     return logp.gather(-1, targets[:, None]).squeeze(-1), ent
 
 
-def _prompt_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Rows with identical prompts -> (first row of each distinct prompt (U,), row -> its prompt's index (B,)),
-    or None when every prompt is distinct (nothing to share)."""
-    from nanoseek.generate import distinct_prompts
-
-    prompts = [batch.input_ids[i, :n].tolist() for i, n in enumerate(batch.prompt_lens.tolist())]
-    first_rows, row_to_prompt = distinct_prompts(prompts)
-    if len(first_rows) == len(prompts):
-        return None
-    device = batch.input_ids.device
-    return torch.tensor(first_rows, device=device), torch.tensor(row_to_prompt, device=device)
-
-
-def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D token tensors -> left-padded ids (N, T) and attention mask (N, T) (1 on real tokens)."""
-    width = max(len(r) for r in rows)
-    ids = rows[0].new_full((len(rows), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 class Policy:
-    """A causal LM with the two things RL needs from it: completion log-probs and rollouts."""
+    """A causal LM with the two things RL needs from it: rollouts and completion log-probs."""
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
-        self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
         from nanoseek.model.transformer import Transformer
 
-        self.is_nanoseek = isinstance(model, Transformer)
+        self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
+        self.backend: Backend = (NanoseekBackend if isinstance(model, Transformer) else HFBackend)(model, pad_id)
 
     @classmethod
-    def load(cls, directory: str | Path, pad_id: int, eos_id: int | None, dtype: torch.dtype | None = None) -> Policy:
+    def load(cls, directory: str | Path, pad_id: int, eos_id: int | None, dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> Policy:
         """A nanoseek (deepseek_v2/v3) or any Hugging Face causal-LM checkpoint directory."""
         directory = Path(directory)
         config_file = directory / "config.json"
@@ -132,155 +290,70 @@ class Policy:
 
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32,
                                                          local_files_only=True)
-        return cls(model, pad_id, eos_id)
+        return cls(model.to(device), pad_id, eos_id)
 
-    # ------------------------------------------------------------------ pieces of the model
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def head(self) -> nn.Linear:
-        return self.model.lm_head if self.is_nanoseek else self.model.get_output_embeddings()
-
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (B, T) right-padded -> final normed hidden states (B, T, D)."""
-        if self.is_nanoseek:
-            return self.model(input_ids, return_hidden=True)
-        return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
 
     def copy(self) -> Policy:
         """A frozen copy (the reference model)."""
         ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         return Policy(ref, self.pad_id, self.eos_id, self.share_prompts)
 
+    def shares(self, batch: Batch) -> bool:
+        """Whether ``completion_states`` runs each distinct prompt once for this batch."""
+        return self.share_prompts and self.backend.can_share() and len(batch.prompt_lens) < len(batch)
+
+    # ------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Samples:
+        """One completion per prompt (repeat a prompt for several), cut after its first eos."""
+        tokens, logps = self.backend.sample(prompts, params, self.eos_id, seed)
+        n, eos = params.max_new_tokens, self.eos_id
+        ends = [t.index(eos) + 1 if eos is not None and eos in t[:n] else min(len(t), n) for t in tokens]
+        truncated = [not (eos is not None and eos in t[:n]) and len(t) >= n for t in tokens]
+        return Samples([t[:e] for t, e in zip(tokens, ends)], [lp[:e] for lp, e in zip(logps, ends)], truncated)
+
+    def rollout(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
+        """Completions only (see ``sample``)."""
+        return self.sample(prompts, SamplingParams(max_new_tokens, temperature, top_p, top_k), seed).completions
+
     # ------------------------------------------------------------------ log-probs
     def completion_states(self, batch: Batch) -> torch.Tensor:
-        """The final hidden state that predicts each completion token: (B, L, D); row i, column t predicts o_t.
-
-        Rows whose prompts are identical (the G completions of one GRPO group) share one forward pass over the
-        prompt when ``share_prompts`` is on: the prompt's latent cache is computed once per distinct prompt, copied
-        to its rows, and only the completion tokens run per row (gradients flow back through the copies).
-        """
-        groups = _prompt_groups(batch) if self.share_prompts and self._can_share() else None
-        if groups is None:
-            h = self.hidden(batch.input_ids)  # (B, T, D)
-            L = batch.completion_ids.shape[1]
-            pos = (batch.prompt_lens[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
-            return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
-        first_rows, row_to_prompt = groups
-        shared = self._shared_prompt_nanoseek if self.is_nanoseek else self._shared_prompt_hf
-        first, rest = shared(batch, first_rows, row_to_prompt)  # (B, D), (B, L - 1, D) or None when L = 1
-        return first[:, None] if rest is None else torch.cat((first[:, None], rest), dim=1)  # (B, L, D)
-
-    def _can_share(self) -> bool:
-        """Ours always; a Hugging Face decoder when its forward takes position ids and a cache to continue from."""
-        return self.is_nanoseek or self._hf_cache_kwarg() is not None
-
-    def _hf_cache_kwarg(self) -> str | None:
-        """The decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
-        "past_key_values"), or None when its forward cannot continue a cache at given positions."""
-        params = inspect.signature(self.model.get_decoder().forward).parameters
-        if "position_ids" not in params:
-            return None
-        return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-    def _shared_prompt_nanoseek(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
-        """Prompts (right-padded) once into a latent cache, copied per row; then the completions through it."""
-        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
-        width = int(plen[first_rows].max())
-        cache = self.model.new_cache(len(first_rows), width + L)
-        h_prompt = self.model(batch.input_ids[first_rows, :width], cache, input_lengths=plen[first_rows],
-                              return_hidden=True)  # (U, width, D)
-        first = h_prompt[row_to_prompt, plen - 1]  # (B, D): the last prompt token's state predicts o_1
-        if L == 1:
-            return first, None
-        cache.select(row_to_prompt)  # (B, width + L, ·): a copy of its prompt's cache per row
-        return first, self.model(batch.completion_ids[:, : L - 1], cache, return_hidden=True)  # (B, L - 1, D)
-
-    def _shared_prompt_hf(self, batch: Batch, first_rows: torch.Tensor, row_to_prompt: torch.Tensor):
-        """The same through a Hugging Face model's own cache: prompts left-padded, positions from the mask."""
-        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
-        ids, mask = _left_pad([batch.input_ids[i, : plen[i]] for i in first_rows.tolist()], self.pad_id)
-        decoder, name = self.model.get_decoder(), self._hf_cache_kwarg()
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                      use_cache=True)
-        first = out.last_hidden_state[row_to_prompt, -1]  # (B, D)
-        if L == 1:
-            return first, None
-        cache = getattr(out, name)  # the output field has the argument's name
-        cache.reorder_cache(row_to_prompt)
-        mask = torch.cat((mask[row_to_prompt], mask.new_ones(len(batch), L - 1)), dim=1)
-        pos = plen[:, None] + torch.arange(L - 1, device=plen.device)
-        rest = decoder(input_ids=batch.completion_ids[:, : L - 1], attention_mask=mask, position_ids=pos,
-                       use_cache=True, **{name: cache}).last_hidden_state  # (B, L - 1, D)
-        return first, rest
+        """The final hidden state that predicts each completion token: (N, L, D); row i, column t predicts o_t."""
+        if self.shares(batch):
+            first, rest = self.backend.shared_states(batch)
+            return first[:, None] if rest is None else torch.cat((first[:, None], rest), dim=1)
+        h = self.backend.hidden(batch.sequences(self.pad_id))  # (N, T, D)
+        L = batch.completion_ids.shape[1]
+        plen = batch.prompt_lens[batch.prompt_index]
+        pos = (plen[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
+        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (N, L, D)
 
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(o_t | q, o_<t) for every completion token: (B, L) float32, 0 on padding; entropies (B, L) or None.
+        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) or None.
 
         Only the real completion tokens reach the head, ``chunk_tokens`` at a time; entropies carry no gradient.
         """
-        h = self.completion_states(batch)  # (B, L, D)
-        B, L = batch.completion_ids.shape
+        h = self.completion_states(batch)  # (N, L, D)
+        N, L = batch.completion_ids.shape
         real = batch.completion_mask.bool()
-        hs, targets = h[real], batch.completion_ids[real]  # (N, D), (N,)
-        head = self.head()
+        hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
+        head = self.backend.head()
         logps, ents = [], []
         for s in range(0, hs.shape[0], chunk_tokens):
-            hc, tc = hs[s : s + chunk_tokens], targets[s : s + chunk_tokens]
-            args = (hc, tc, head.weight, head.bias, temperature, entropy)
-            if torch.is_grad_enabled() and hc.requires_grad:  # recompute the chunk's logits in backward
+            args = (hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
+                    entropy)
+            if torch.is_grad_enabled() and args[0].requires_grad:  # recompute the chunk's logits in backward
                 lp, en = checkpoint(_token_logprobs, *args, use_reentrant=False)
             else:
                 lp, en = _token_logprobs(*args)
             logps.append(lp)
             ents.append(en)
-        out = h.new_zeros(B, L, dtype=torch.float32)
+        out = h.new_zeros(N, L, dtype=torch.float32)
         logp = out.masked_scatter(real, torch.cat(logps)) if logps else out
-        ent = out.masked_scatter(real, torch.cat(ents)) if entropy and ents else (out if entropy else None)
+        ent = (out.masked_scatter(real, torch.cat(ents)) if ents else out) if entropy else None
         return logp, ent
-
-    # ------------------------------------------------------------------ rollouts
-    @torch.no_grad()
-    def rollout(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
-        """Sample one completion per prompt; each ends with eos if it stopped, else has ``max_new_tokens`` tokens."""
-        stop = () if self.eos_id is None else (self.eos_id,)
-        if self.is_nanoseek:
-            from nanoseek.generate import generate
-
-            outs = generate(self.model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_token_ids=stop, seed=seed)
-        else:
-            outs = self._hf_generate(prompts, max_new_tokens, temperature, top_p, top_k, seed)
-        return [self._finish(list(o), max_new_tokens) for o in outs]
-
-    def _finish(self, tokens: list[int], max_new_tokens: int) -> list[int]:
-        """Cut after the first eos; a completion that stopped early without showing its eos gets it back."""
-        if self.eos_id is None:
-            return tokens[:max_new_tokens]
-        if self.eos_id in tokens:
-            return tokens[: tokens.index(self.eos_id) + 1]
-        return tokens + [self.eos_id] if len(tokens) < max_new_tokens else tokens[:max_new_tokens]
-
-    def _hf_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                     top_k: int | None, seed: int | None) -> list[list[int]]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left-padded for generation
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
-        if seed is not None:
-            torch.manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
-        sample = temperature > 0
-        out = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-            top_k=(top_k or 0) if sample else None, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-        )
-        self.model.train(was_training)
-        return out[:, width:].tolist()

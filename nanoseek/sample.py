@@ -142,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.policy import Policy
-    from nanoseek.train.grpo import load_tokenizer  # nanoseek's or transformers' tokenizer, as the trainers load it
+    from nanoseek.tokenizer import load_tokenizer  # nanoseek's or transformers' tokenizer, as the trainers load it
 
     for flag in ("num_samples", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:

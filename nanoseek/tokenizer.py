@@ -103,3 +103,37 @@ def saved_chat_template(directory: str | Path) -> str:
     path = Path(directory) / "tokenizer_config.json"
     template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
     return template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE
+
+
+class TransformersTokenizer:
+    """A transformers tokenizer behind nanoseek's ``Tokenizer`` interface (encode/decode, pad/bos/eos ids, save)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the checkpoint's tokenizer has neither a pad nor an eos token; GRPO needs one")
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        self.tok.save_pretrained(directory)
+
+
+def load_tokenizer(directory: str | Path):
+    """The checkpoint's tokenizer: nanoseek's when it has nanoseek's special tokens, else transformers'."""
+    if not (Path(directory) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--model {directory}: no tokenizer.json next to the checkpoint")
+    try:
+        return Tokenizer.load(directory)
+    except ValueError:  # not nanoseek's special tokens: any Hugging Face tokenizer
+        from transformers import AutoTokenizer
+
+        return TransformersTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))

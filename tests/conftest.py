@@ -10,3 +10,19 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def bwrap() -> str:
+    """bubblewrap for the code sandbox. Missing, the test fails with the install hint, unless `make test` could not
+    install it and set NANOSEEK_SKIP_SANDBOX_TESTS=1: then the test is skipped with that reason."""
+    import os
+
+    from nanoseek.rewards.sandbox import SandboxUnavailable, require_bwrap
+
+    try:
+        return require_bwrap()
+    except SandboxUnavailable as err:
+        if os.environ.get("NANOSEEK_SKIP_SANDBOX_TESTS") == "1":
+            pytest.skip(f"code sandbox unavailable (NANOSEEK_SKIP_SANDBOX_TESTS=1): {err}")
+        raise

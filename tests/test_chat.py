@@ -91,9 +91,9 @@ def test_llama_style_template_matches_transformers(tmp_path):
     assert ref == "<s>[INST] <<SYS>>\nSys.\n<</SYS>>\n\n Hi [/INST] There. </s><s>[INST] Again? [/INST]"
     assert render_chat(directory, convo) == ref
     assert render_chat(hf, convo) == ref
-    from nanoseek.train.grpo import HFTokenizer
+    from nanoseek.tokenizer import TransformersTokenizer
 
-    wrapped = HFTokenizer(hf)  # the trainers' wrapper: the template's own <s> is not doubled
+    wrapped = TransformersTokenizer(hf)  # the trainers' wrapper: the template's own <s> is not doubled
     assert encode_prompt(wrapped, chat_template(wrapped), ref) == hf.encode(ref, add_special_tokens=False)
     assert encode_prompt(wrapped, None, "hi") == [1, 5]
     # the same template written into tokenizer_config.json (older transformers) instead of chat_template.jinja

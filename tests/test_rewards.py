@@ -13,6 +13,7 @@ from nanoseek.rewards.code import code_reward, extract_code
 from nanoseek.rewards.countdown import check_equation, countdown_reward, extract_answer, parse_expression
 from nanoseek.rewards.format import format_reward, lenient_format_reward
 from nanoseek.rewards.math import extract_final_answer, last_boxed, math_reward
+from nanoseek.rewards.sandbox import SandboxUnavailable, require_bwrap
 from nanoseek.tasks import examples, get_task
 
 TRL_KW = dict(completion_ids=[[1, 2]], trainer_state=None)  # extra kwargs TRL passes; must be accepted
@@ -157,7 +158,7 @@ def test_extract_code_takes_the_last_fenced_block():
     assert extract_code("z = 4") == "z = 4"
 
 
-def test_code_reward_asserts_and_io_pairs():
+def test_code_reward_asserts_and_io_pairs(bwrap):
     add = "```python\ndef add(a, b):\n    return a + b\n```"
     wrong = "def add(a, b):\n    return a - b"
     asserts = ["assert add(2, 3) == 5", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]
@@ -169,11 +170,11 @@ def test_code_reward_asserts_and_io_pairs():
 
 @pytest.mark.parametrize("hack", ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit",
                                   "print('pass 0')\nprint('pass 1')"])
-def test_code_reward_early_exit_is_not_a_pass(hack):
+def test_code_reward_early_exit_is_not_a_pass(hack, bwrap):
     assert code_reward(None, [hack], tests=[["assert False", "assert 1 == 2"]]) == [0.0]
 
 
-def test_code_reward_timeout_counts_as_failure():
+def test_code_reward_timeout_counts_as_failure(bwrap):
     t = time.perf_counter()
     r = code_reward(None, ["def f():\n    while True: pass"], tests=[["assert f() is None"]], timeout_s=1.0)
     assert r == [0.0] and time.perf_counter() - t < 4
@@ -183,6 +184,20 @@ def test_code_reward_bad_test_case_is_a_clear_error():
     with pytest.raises(ValueError, match="input/output pair"):
         code_reward(None, ["print(1)"], tests=[[{"stdin": "1"}]])
     assert code_reward(None, ["print(1)"], tests=[[]]) == [None]
+
+
+def test_code_reward_refuses_without_bubblewrap(monkeypatch):
+    """No weaker fallback: resolving the reward (the start of a GRPO run) and running code both refuse, naming the
+    install command."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    require_bwrap.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+            get_reward_fn("code")
+        with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+            code_reward(None, ["print(1)"], tests=[[("", "1")]])
+    finally:
+        require_bwrap.cache_clear()
 
 
 # ---- containment, registry, task adapter ---------------------------------------------------------------------
@@ -365,7 +380,7 @@ def test_check_reward_columns_names_function_and_dataset():
     check_reward_columns([math_reward], {"solution"})
     with pytest.raises(ValueError, match=r"reward function code_reward needs the column 'tests', which task "
                                          r"arithmetic lacks \(its columns: answer, example\)"):
-        check_reward_columns([math_reward, get_reward_fn("code")], task_columns, "task arithmetic")
+        check_reward_columns([math_reward, code_reward], task_columns, "task arithmetic")
     with pytest.raises(ValueError, match=r"math_reward needs the column 'answer' or 'solution', which data.jsonl "
                                          r"lacks \(its columns: level\)"):
         check_reward_columns([math_reward], {"level"}, "data.jsonl")

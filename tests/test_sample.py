@@ -149,9 +149,10 @@ def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
 
     assert [(r.prompt, r.completion) for r in read_records([out])] == [(r["prompt"], r["completion"]) for r in rows]
 
-    assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--reward-funcs", "code",
+    assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--reward-funcs", "countdown",
                  "--out", str(out)]) == 2
-    assert "code_reward needs the column 'tests', which dataset arithmetic[train] lacks" in capsys.readouterr().err
+    assert "countdown_reward needs the column 'numbers', which dataset arithmetic[train] lacks" in \
+        capsys.readouterr().err
     data, _ = dataset_file(tmp_path)
     assert main(["sample", "--model", str(checkpoint), "--dataset", str(data), "--out", str(out)]) == 2
     assert "--keep correct needs reward functions" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from nanoseek.rewards.countdown import countdown_reward
 from nanoseek.rewards.format import completion_text, format_reward, gsm8k_format_reward, lenient_format_reward
 from nanoseek.rewards.math import math_reward
 from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
+from nanoseek.rewards.sandbox import require_bwrap
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def get_reward_fn(name: str) -> RewardFn:
     """A reward function by name: a built-in (``REWARD_FNS``), or an import path, ``package.module:function``,
     ``package.module.function`` or ``path/to/file.py:function``. Modules are imported from ``sys.path`` (which
     includes PYTHONPATH) and the current directory, as ``python -m`` would."""
+    if name == "code":
+        require_bwrap()  # refuse now, at the start of a run: compute_rewards would turn each step's error into None
     if name in REWARD_FNS:
         return REWARD_FNS[name]
     if ":" not in name and "." not in name:

@@ -8,6 +8,8 @@ The ``tests`` column holds, per sample, a list of test cases of one of two kinds
   that stdin; it passes if it exits 0 and its stdout equals the expected output up to trailing whitespace per line.
 
 Reward = fraction of the sample's tests that pass (0.0 for no code; a sample with no tests gives None).
+The sandbox needs bubblewrap: without it ``get_reward_fn("code")`` (so a GRPO run with ``--reward-funcs code``, at
+its start) and every call here raise ``SandboxUnavailable`` with the install command; there is no weaker fallback.
 """
 
 from __future__ import annotations

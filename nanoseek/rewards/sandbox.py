@@ -1,92 +1,60 @@
-"""Run untrusted code (model completions) in a subprocess with layered limits.
+"""Run untrusted code (model completions) in a bubblewrap sandbox (``bwrap``, Debian package ``bubblewrap``).
 
-Layers, outermost first:
-- the parent: a fresh temp dir as cwd and HOME, an empty environment (no inherited secrets), a new session (own
-  process group) killed as a whole on wall-time timeout and again after exit (stray children), stdout/stderr
-  written to files so the file-size limit also caps them;
-- the child bootstrap (before any user code): rlimits for CPU seconds, address space, file size, number of
-  processes and open files; a fresh network namespace (``unshare(CLONE_NEWNET)``, only loopback and down) when the
-  kernel allows it; ``python -I -S`` isolation; an audit hook (PEP 578) that refuses sockets, process creation
-  (fork/exec/spawn/subprocess/system), ctypes and writes outside the temp dir.
+Isolation, all from the kernel, none from Python:
+- namespaces: new user, PID, mount, network (only its own loopback), IPC, UTS and cgroup; an unprivileged uid (65534)
+  with no capabilities and no way to create further user namespaces (``--disable-userns``);
+- files: a new root holding only read-only binds of the interpreter's install (``sys.base_prefix``) and the system
+  libraries (``/usr``, ``/lib*``), a fresh ``/proc`` of the sandbox's own PID namespace, a minimal ``/dev``, and one
+  private size-capped tmpfs ``/tmp`` as cwd and HOME; no ``/etc``, home dir, project or virtualenv;
+- processes: a seccomp filter refuses creating processes (fork, vfork, clone without CLONE_THREAD; clone3 answers
+  ENOSYS so threads fall back to clone; other syscall ABIs are killed), so nothing can be spawned, daemonized or
+  fork-bombed (RLIMIT_NPROC alone does not bind when the caller is root); ``--new-session``; ``--die-with-parent``
+  and the PID namespace end every process with the call: bwrap is killed at the wall-clock timeout and its namespace
+  with it;
+- rlimits (set by a bootstrap before the program runs): CPU seconds, address space, file size (which also caps
+  stdout/stderr, written to files), processes/threads, open files, no core dumps; an empty environment.
 
-Caveat: RLIMIT_NPROC does not bind uid 0, so when the parent runs as root the fork-bomb defence is the audit hook
-plus the process-group kill. The audit hook is defence in depth, not a proof against every escape.
+Without a working bubblewrap, ``run_code`` (and ``get_reward_fn("code")``, via ``require_bwrap``) raises
+``SandboxUnavailable`` saying how to install it; there is no weaker fallback.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
+import platform
 import shutil
-import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-# Runs in the child with ``python -I -S -c``; argv: limits, then the path of the program (deleted once read).
+INSTALL_HINT = "install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap`"
+_UID = 65534  # "nobody" inside the user namespace
+
+# Runs inside the sandbox with ``python -I -S -c``; argv: limits, then the fd holding the program (closed once read).
 _BOOTSTRAP = r"""
-import os, sys, resource, ctypes
-cpu_s, mem, fsize, nproc, nofile, audit, program = sys.argv[1:]
-for lim, val in ((resource.RLIMIT_CPU, int(cpu_s)), (resource.RLIMIT_AS, int(mem)), (resource.RLIMIT_FSIZE, int(fsize)),
-                 (resource.RLIMIT_NPROC, int(nproc)), (resource.RLIMIT_NOFILE, int(nofile)), (resource.RLIMIT_CORE, 0)):
+import os, sys, resource
+cpu_s, mem, fsize, nproc, nofile, fd = map(int, sys.argv[1:])
+for lim, val in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+                 (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(lim, (val, val))
-try:
-    ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET; fails without privileges: fine
-except Exception:
-    pass
-with open(program) as f:
-    source = f.read()
-os.remove(program)
-root = os.path.realpath(os.getcwd())
-del ctypes, resource, cpu_s, mem, fsize, nproc, nofile, program, f, lim, val
-
-_BLOCKED = frozenset({"os.fork", "os.forkpty", "os.system", "os.posix_spawn", "os.kill", "os.killpg",
-                      "subprocess.Popen", "pty.spawn", "os.putenv", "os.unsetenv", "webbrowser.open"})
-_PATH_EVENTS = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.chmod",
-                          "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"})
-_FROZEN_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__"})  # no rewiring of the hook itself
-
-# Everything the hook uses is bound at definition time, so patching builtins or globals cannot disarm it.
-def _hook(event, args, _root=root, _pid=str(os.getpid()), _real=os.path.realpath, _fsdecode=os.fsdecode,
-          _sep=os.sep, _blocked=_BLOCKED, _path_events=_PATH_EVENTS, _frozen=_FROZEN_ATTRS, _isinstance=isinstance,
-          _len=len, _deny=PermissionError, _text=(str, bytes),
-          _wflags=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC):
-    if event in _blocked or event.startswith(("socket.", "ctypes.", "os.exec", "os.spawn")):
-        raise _deny(f"sandbox: {event} is not allowed")
-    if event == "object.__setattr__" and _len(args) > 1 and args[1] in _frozen:
-        raise _deny(f"sandbox: setting {args[1]} is not allowed")
-    if event == "open":
-        path, mode, flags = args
-        if not _isinstance(path, _text):
-            return
-        real = _real(_fsdecode(path))
-        parts = real.split(_sep)
-        if _len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != _pid:
-            raise _deny(f"sandbox: another process's /proc entry is off limits: {path!r}")
-        writing = (mode is not None and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or (
-            (flags or 0) & _wflags)
-        if writing and real != _root and not real.startswith(_root + _sep):
-            raise _deny(f"sandbox: writing outside the sandbox directory is not allowed: {path!r}")
-    elif event in _path_events:
-        for p in args[:2]:
-            if _isinstance(p, _text):
-                real = _real(_fsdecode(p))
-                if real != _root and not real.startswith(_root + _sep):
-                    raise _deny(f"sandbox: {event} outside the sandbox directory is not allowed: {p!r}")
-
-if audit == "1":
-    sys.addaudithook(_hook)
-code = compile(source, "<sandbox>", "exec")
-del _hook, _BLOCKED, _PATH_EVENTS, _FROZEN_ATTRS, source, root, audit
+with open(fd, encoding="utf-8") as f:
+    code = compile(f.read(), "<sandbox>", "exec")
+del os, sys, resource, cpu_s, mem, fsize, nproc, nofile, fd, f, lim, val
 exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
 
+class SandboxUnavailable(ValueError):
+    """bubblewrap is missing or cannot create namespaces here (a set-up error: the CLI prints it, no traceback)."""
+
+
 @dataclass
 class SandboxResult:
-    returncode: int | None  # negative: killed by that signal (e.g. -9 after a timeout, -24 SIGXCPU, -25 SIGXFSZ)
+    returncode: int | None  # negative: killed by that signal (e.g. -9 after a timeout, -24 SIGXCPU)
     timed_out: bool
     stdout: str  # truncated to max_output characters
     stderr: str
@@ -98,27 +66,84 @@ class SandboxResult:
         return self.returncode == 0 and not self.timed_out
 
 
+def _seccomp_no_new_processes() -> bytes:
+    """Classic-BPF seccomp program (``struct sock_filter[]``): fork/vfork and clone without CLONE_THREAD → EPERM,
+    clone3 → ENOSYS (its flags are behind a pointer; libc then uses clone), other ABIs → kill, the rest allowed."""
+    machine = platform.machine()
+    if machine == "x86_64":  # AUDIT_ARCH_X86_64; syscalls >= 0x40000000 are the x32 ABI
+        arch, clone, denied, abi_bit = 0xC000003E, 56, (57, 58), 0x40000000
+    elif machine == "aarch64":  # AUDIT_ARCH_AARCH64 has no fork/vfork syscalls
+        arch, clone, denied, abi_bit = 0xC00000B7, 220, (), None
+    else:
+        raise SandboxUnavailable(f"the code sandbox's seccomp filter supports x86_64 and aarch64, not {machine}")
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000
+    eperm, enosys, clone_thread = 1, 38, 0x00010000
+    # (code, jump-if-true label, jump-if-false label, k); labels are resolved to relative offsets below
+    prog = [(ld, None, None, 4), (jeq, None, "kill", arch), (ld, None, None, 0)]
+    if abi_bit is not None:
+        prog.append((jge, "kill", None, abi_bit))
+    prog.append((jeq, "enosys", None, 435))  # clone3
+    prog += [(jeq, "eperm", None, nr) for nr in denied]
+    prog += [(jeq, None, "allow", clone), (ld, None, None, 16), (jset, "allow", "eperm", clone_thread)]
+    tail = {"allow": allow, "eperm": errno | eperm, "enosys": errno | enosys, "kill": kill}
+    at = {name: len(prog) + i for i, name in enumerate(tail)}
+    out = b"".join(struct.pack("=HBBI", code, at[t] - i - 1 if t else 0, at[f] - i - 1 if f else 0, k)
+                   for i, (code, t, f, k) in enumerate(prog))
+    return out + b"".join(struct.pack("=HBBI", ret, 0, 0, k) for k in tail.values())
+
+
+def _binds() -> list[str]:
+    """bwrap arguments for the new root: the interpreter's install and the system libraries, read-only."""
+    args = []
+    for path in ("/usr", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):  # merged /usr: /lib -> usr/lib
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    bound = ["/usr"]
+    for path in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
+                                                       os.path.dirname(_interpreter()))}):
+        if not any(path == b or path.startswith(b + "/") for b in bound):  # sorted: a parent comes first
+            args += ["--ro-bind", path, path]
+            bound.append(path)
+    return args
+
+
+def _interpreter() -> str:
+    return os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's; the venv stays out
+
+
+def _bwrap_argv(bwrap: str, seccomp_fd: int, disk_mb: int) -> list[str]:
+    return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(_UID), "--gid", str(_UID),
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
+            *_binds(), "--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb << 20), "--tmpfs", "/tmp",
+            "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/dev",
+            "--remount-ro", "/", "--seccomp", str(seccomp_fd)]
+
+
+@functools.cache
+def require_bwrap() -> str:
+    """The path of a working ``bwrap``; else ``SandboxUnavailable`` saying how to get one (checked once)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(f"the code reward runs model-written programs in bubblewrap, which is not "
+                                 f"installed (no `bwrap` on PATH); {INSTALL_HINT}")
+    probe = _run(bwrap, "print('ok')", stdin="", timeout_s=10.0, cpu_s=10, memory_mb=256, file_size_mb=1, disk_mb=1,
+                 max_processes=16, max_open_files=64, max_output=1000)
+    if not probe.passed or probe.stdout != "ok\n":
+        raise SandboxUnavailable(f"bubblewrap ({bwrap}) cannot create the code sandbox here: "
+                                 f"{probe.stderr.strip() or probe} (it needs bubblewrap >= 0.8 and unprivileged "
+                                 "user namespaces: sysctl kernel.unprivileged_userns_clone=1; in Docker, "
+                                 "--security-opt seccomp=unconfined)")
+    return bwrap
+
+
 def _read(f, limit: int) -> str:
     f.seek(0)
     data = f.read(limit + 1).decode("utf-8", errors="replace")
     return data if len(data) <= limit else data[:limit] + "\n...[truncated]"
-
-
-def _wait_unreaped(pid: int, deadline: float) -> bool:
-    """Wait until ``pid`` exits without reaping it (so its pid, and the process group id, cannot be reused before
-    we kill the group). True if the deadline passed first."""
-    delay = 0.001
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.perf_counter() >= deadline:
-            return True
-        time.sleep(delay)
-        delay = min(2 * delay, 0.02)
-    return False
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def run_code(
@@ -129,37 +154,47 @@ def run_code(
     cpu_s: int | None = None,
     memory_mb: int = 512,
     file_size_mb: int = 8,
+    disk_mb: int = 64,
     max_processes: int = 16,
     max_open_files: int = 64,
     max_output: int = 10_000,
-    audit: bool = True,
 ) -> SandboxResult:
     """Run Python ``code`` in the sandbox (see the module docstring) and return its outcome.
 
-    ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally fires first;
-    ``audit=False`` turns the audit hook off (for tests of the OS layer).
+    ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally fires first; ``disk_mb`` caps
+    the private /tmp; ``max_processes`` bounds threads (new processes are refused outright; for a root caller,
+    whom RLIMIT_NPROC does not bind, the address-space limit bounds threads through their stacks).
     """
-    if timeout_s <= 0 or memory_mb <= 0 or file_size_mb <= 0:
-        raise ValueError("run_code: timeout_s, memory_mb and file_size_mb must be positive")
+    if timeout_s <= 0 or memory_mb <= 0 or file_size_mb <= 0 or disk_mb <= 0:
+        raise ValueError("run_code: timeout_s, memory_mb, file_size_mb and disk_mb must be positive")
     cpu = cpu_s if cpu_s is not None else int(-(-timeout_s // 1)) + 1
-    workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-")
-    try:
-        program = os.path.join(workdir, ".program.py")
-        with open(program, "w") as f:
-            f.write(code)
-        env = {"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        argv = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, str(cpu), str(memory_mb << 20), str(file_size_mb << 20),
-                str(max_processes), str(max_open_files), "1" if audit else "0", program]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
-            inp.write(stdin.encode())
-            inp.seek(0)
-            start = time.perf_counter()
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=inp, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
-            timed_out = _wait_unreaped(proc.pid, start + timeout_s)
-            duration = time.perf_counter() - start
-            _kill_group(proc.pid)  # on timeout, and children left behind; the unreaped leader keeps the pgid ours
+    return _run(require_bwrap(), code, stdin=stdin, timeout_s=timeout_s, cpu_s=cpu, memory_mb=memory_mb,
+                file_size_mb=file_size_mb, disk_mb=disk_mb, max_processes=max_processes,
+                max_open_files=max_open_files, max_output=max_output)
+
+
+def _run(bwrap: str, code: str, *, stdin: str, timeout_s: float, cpu_s: int, memory_mb: int, file_size_mb: int,
+         disk_mb: int, max_processes: int, max_open_files: int, max_output: int) -> SandboxResult:
+    with (tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp,
+          tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as seccomp):
+        for f, data in ((inp, stdin.encode()), (program, code.encode()), (seccomp, _seccomp_no_new_processes())):
+            f.write(data)
+            f.seek(0)
+        limits = (cpu_s, memory_mb << 20, file_size_mb << 20, max_processes, max_open_files, program.fileno())
+        argv = [*_bwrap_argv(bwrap, seccomp.fileno(), disk_mb), "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP,
+                *map(str, limits)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, env={}, cwd="/",
+                                pass_fds=(program.fileno(), seccomp.fileno()))
+        try:
+            proc.wait(timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            proc.kill()  # --die-with-parent and the PID namespace take every sandboxed process with it
             proc.wait()
-            return SandboxResult(proc.returncode, timed_out, _read(out, max_output), _read(err, max_output), duration)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            timed_out = True
+        duration = time.perf_counter() - start
+        rc = proc.returncode
+        if 128 < rc < 128 + 65:  # bwrap reports a child killed by signal N as exit status 128 + N
+            rc = 128 - rc
+        return SandboxResult(rc, timed_out, _read(out, max_output), _read(err, max_output), duration)

@@ -3,7 +3,8 @@
 A critic of the policy's size (a copy of its transformer with a scalar value head, own optimizer) estimates
 V(s_t); the per-token reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token;
 advantages come from GAE(γ, λ), whitened over the batch; the policy takes the clipped token surrogate and the
-critic the clipped value loss. Rollouts, rewards and checkpoints are GRPO's.
+critic the clipped value loss. Rollouts, the optimisation loop and checkpoints are the ones GRPO uses
+(``nanoseek.train.rl``); the critic joins the loop as a second ``Trainable``.
 """
 
 from __future__ import annotations
@@ -11,206 +12,137 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nanoseek.policy import Batch, Policy
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, _average_gradients, _reduce, grpo_loss, train_grpo
+from nanoseek.train import cli_args
+from nanoseek.train.cli_args import option
+from nanoseek.train.losses import gae, grpo_loss, value_loss, whiten
+from nanoseek.train.optimize import (
+    MicroBatch,
+    OptimizeStats,
+    TokenCounter,
+    Trainable,
+    plan_micro_batches,
+    rollout_logprobs,
+)
+from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.rollout import Rollout
 
 
 @dataclass
-class PPOConfig(GRPOConfig):
-    num_generations: int = 1  # completions per prompt (PPO needs no group)
-    beta: float = 0.04  # KL coefficient in the reward
-    gamma: float = 1.0
-    lam: float = 0.95
-    critic_lr: float = 1e-5
-    cliprange_value: float = 0.2
-    whiten_advantages: bool = True
-
-    def validate(self) -> None:
-        generations = self.num_generations
-        self.num_generations = max(generations, 2)  # GRPO's group rule does not apply here
-        try:
-            super().validate()
-        finally:
-            self.num_generations = generations
-        if generations < 1 or not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1 or self.critic_lr <= 0:
-            raise ValueError("PPOConfig: need num_generations >= 1, 0 <= lam <= 1, 0 < gamma <= 1, critic_lr > 0")
-        if self.process_reward is not None:
-            raise ValueError("PPOConfig.process_reward: process supervision is GRPO's (nanoseek grpo); PPO uses GAE")
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over completion tokens (right-padded; V after the last token is 0).
-
-    rewards, values, mask: (B, L) -> (advantages, returns) (B, L): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
-    """
-    B, L = rewards.shape
-    values = values * mask
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(L)):
-        next_v = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
-    return adv, (adv + values) * mask
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    n = mask.sum().clamp(min=1.0)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
-    return (x - mean) / (var.sqrt() + eps) * mask
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> torch.Tensor:
-    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²), token mean."""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1.0)
+class PPOConfig(RLConfig):
+    out: str = option("runs/ppo", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
+    num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
+    beta: float = option(0.04, "KL coefficient β of the per-token KL penalty in the reward", min=0)
+    gamma: float = option(1.0, "GAE discount γ", gt=0, max=1)
+    lam: float = option(0.95, "GAE λ", min=0, max=1)
+    critic_lr: float = option(1e-5, "critic learning rate", gt=0)
+    cliprange_value: float = option(0.2, "clip range of the value loss", gt=0)
+    whiten_advantages: bool = option(True, "whiten advantages over the batch")
 
 
 class Critic(nn.Module):
-    """V(s_t): a copy of the policy's transformer (its vocabulary head dropped) with a scalar value head."""
+    """V(s_t): a copy of the policy's model (its hidden states; the vocabulary head stays unused) with a scalar
+    value head."""
 
     def __init__(self, policy: Policy):
         super().__init__()
-        if policy.is_nanoseek:
-            self.backbone = copy.deepcopy(policy.model)
-            self.backbone.lm_head, self.backbone.mtp = nn.Identity(), nn.ModuleList()
-            width = policy.model.config.hidden_size
-        else:
-            self.backbone = copy.deepcopy(policy.model.get_decoder())
-            width = policy.model.config.hidden_size
-        self.is_nanoseek = policy.is_nanoseek
-        self.value_head = nn.Linear(width, 1)
+        self.backbone = copy.deepcopy(policy.model)
+        self.states = Policy(self.backbone, policy.pad_id, policy.eos_id, policy.share_prompts)
+        self.value_head = nn.Linear(policy.model.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Values of the states before each completion token: (B, L)."""
-        if self.is_nanoseek:
-            h = self.backbone(batch.input_ids, return_hidden=True)
-        else:
-            h = self.backbone(input_ids=batch.input_ids).last_hidden_state
-        L = batch.completion_ids.shape[1]
-        pos = (batch.prompt_lens[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
-        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
-        return self.value_head(h).squeeze(-1).float() * batch.completion_mask
+        return self.value_head(self.states.completion_states(batch)).squeeze(-1).float() * batch.completion_mask
 
 
-class PPOTrainer(GRPOTrainer):
+class PPO:
     kind = "ppo"
 
-    def __init__(self, cfg: PPOConfig, policy: Policy, tokenizer, rank: int = 0, world: int = 1):
-        super().__init__(cfg, policy, tokenizer, rank, world)
+    def __init__(self, cfg: PPOConfig, policy: Policy, world: int):
+        self.cfg, self.policy = cfg, policy
+        self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
+        self.value_loss_sum = 0.0
+        self.kl = 0.0
 
-    def checkpoint_state(self) -> dict:
-        return {**super().checkpoint_state(), "critic": self.critic.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict()}
+    @torch.no_grad()
+    def values(self, batch: Batch, counter: TokenCounter) -> torch.Tensor:
+        out = torch.zeros(batch.completion_ids.shape)
+        shared = self.critic.states.shares(batch)
+        for rows in plan_micro_batches(batch, torch.arange(len(batch)), self.cfg.micro_batch_size, shared):
+            sub = batch.select(rows).to(self.policy.device)
+            counter.add(sub, shared)
+            v = self.critic(sub).cpu()
+            out[rows, : v.shape[1]] = v
+        return out
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        super().load_checkpoint_state(state)
+    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
+        cfg, batch = self.cfg, rollout.batch
+        n, mask = len(rollout), batch.completion_mask
+        opt = cfg.optimize_config()
+        old = rollout_logprobs(self.policy, batch, opt, counter)
+        ref = rollout_logprobs(self.ref, batch, opt, counter) if self.ref is not None else old
+        old_values = self.values(batch, counter)
+        kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
+        token_rewards = -cfg.beta * kl
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        token_rewards[torch.arange(n), last] += rollout.rewards * (mask.sum(1) > 0)
+        adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask)
+        self.kl = float(kl.sum()) / max(float(mask.sum()), 1.0)
+        self.value_loss_sum = 0.0
+        return rollout.attach(advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
+
+    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        rows, width, dev, mask = mb.rows, logp.shape[1], logp.device, mb.batch.completion_mask
+        loss, st = grpo_loss(logp, rollout.old_logp[rows, :width].to(dev), rollout.advantages[rows, :width].to(dev),
+                             mask, epsilon_low=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
+                             loss_type="bnpo", num_items=mb.num_tokens)
+        v_loss = value_loss(self.critic(mb.batch), rollout.extras["values"][rows, :width].to(dev),
+                            rollout.extras["returns"][rows, :width].to(dev), mask, self.cfg.cliprange_value)
+        v_loss = v_loss * float(mask.sum()) / max(mb.num_tokens, 1.0)  # token mean over the mini-batch
+        self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
+        return loss + v_loss, {k: float(v) for k, v in st.items()}
+
+    def trainables(self) -> list[Trainable]:
+        return [Trainable(self.critic, self.critic_optimizer, self.cfg.max_grad_norm)]
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
         if "critic" not in state:
             raise ValueError("this checkpoint has no critic: it was not written by PPO (or by an older nanoseek); "
                              "start the PPO run again without --resume")
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(rewards)  # PPO's advantages are per token, from GAE (below)
+    def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
+        from nanoseek.distributed import reduce_floats, world_size
 
-    def step(self, step: int) -> tuple[dict, list]:
-        cfg, model = self.cfg, self.policy.model
-        t0 = time.perf_counter()
-        for g in self.optimizer.param_groups:  # the policy's schedule; the critic keeps critic_lr
-            g["lr"] = self.lr_at(step)
-        rollout, info, samples = self.collect(step)
-        t_gen = time.perf_counter() - t0
-        model.train()
-        self.critic.train()
-        sums = dict.fromkeys(("kl", "clip_low", "clip_high", "tokens", "entropy", "loss", "value_loss"), 0.0)
-        grad_norms = []
-        n = len(rollout.batch) if rollout is not None else 0
-        if n:
-            batch = rollout.batch
-            mask = batch.completion_mask
-            old_logp = self.logprobs(self.policy, batch)
-            ref_logp = self.logprobs(self.ref, batch) if self.ref is not None else old_logp
-            with torch.no_grad():
-                old_values = torch.cat([self.critic(batch.select(r).to(self.policy.device)).cpu()
-                                        for r in self.micro_batches(torch.arange(n))])
-            kl = (old_logp - ref_logp) * mask  # k1 estimate in the reward (eq. 2)
-            token_rewards = -cfg.beta * kl
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            token_rewards[torch.arange(n), last] += rollout.rewards * (mask.sum(1) > 0)
-            adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = whiten(adv, mask)
-            sums["kl"] = float(kl.sum())
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        for _ in range(cfg.num_iterations):
-            order = torch.randperm(n, generator=gen)
-            for mini in order.tensor_split(cfg.num_minibatches):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                micro = self.micro_batches(mini) if len(mini) else []
-                for rows in micro:
-                    sub = batch.select(rows).to(self.policy.device)
-                    dev = sub.input_ids.device
-                    logp, ent = self.policy.completion_logprobs(sub, temperature=cfg.temperature,
-                                                                chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
-                    loss, st = grpo_loss(logp, old_logp[rows].to(dev), adv[rows].to(dev), sub.completion_mask,
-                                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type="bnpo")
-                    v_loss = value_loss(self.critic(sub), old_values[rows].to(dev), returns[rows].to(dev),
-                                        sub.completion_mask, cfg.cliprange_value)
-                    ((loss + v_loss) / len(micro)).backward()
-                    for k in ("clip_low", "clip_high", "tokens"):
-                        sums[k] += float(st[k])
-                    sums["entropy"] += float((ent * sub.completion_mask).sum())
-                    sums["loss"] += float(loss.detach()) * len(rows) / n
-                    sums["value_loss"] += float(v_loss.detach()) * len(rows) / n
-                _average_gradients(model, self.world)
-                _average_gradients(self.critic, self.world)
-                grad_norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
-                nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.critic_optimizer.step()
-        sums["kl"] *= cfg.num_iterations  # metrics() divides the KL sum by the tokens of every pass
-        m = self.metrics(step, info, sums, grad_norms, time.perf_counter() - t0, t_gen)
-        m["value_loss"] = _reduce([sums["value_loss"]])[0] / self.world / cfg.num_iterations
-        return m, samples
+        value, kl = reduce_floats([self.value_loss_sum, self.kl])
+        return {"value_loss": value / world_size() / self.cfg.num_iterations, "kl": kl / world_size()}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
-    """The PPO baseline, run by GRPO's loop (metrics.jsonl, checkpoints with the critic, exact ``--resume``)."""
-    return train_grpo(cfg, PPOTrainer)
+    """The PPO baseline, run by the shared RL loop (metrics.jsonl, checkpoints with the critic, exact resume)."""
+    return train_rl(cfg, PPO)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nanoseek.train.grpo import add_arguments as grpo_arguments
-
-    grpo_arguments(parser)
-    parser.set_defaults(num_generations=1, beta=0.04, out="runs/ppo")
-    a = parser.add_argument
-    a("--gamma", type=float, default=1.0, help="GAE discount γ")
-    a("--lam", type=float, default=0.95, help="GAE λ")
-    a("--critic-lr", type=float, default=1e-5)
-    a("--cliprange-value", type=float, default=0.2)
-    a("--no-whiten-advantages", dest="whiten_advantages", action="store_false")
+    cli_args.add_arguments(parser, PPOConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    names = {f.name for f in fields(PPOConfig)}
-    summary = train_ppo(PPOConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    summary = train_ppo(cli_args.from_args(PPOConfig, args))
     print(json.dumps(summary))
-    return 0
+    return 130 if summary["interrupted"] else 0

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,74 +32,60 @@ from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
-
-SCHEDULES = ("cosine", "wsd", "constant")
+from nanoseek.train import cli_args
+from nanoseek.train.cli_args import check_ranges, option
+from nanoseek.train.interrupt import StopFlag
+from nanoseek.train.schedule import SCHEDULES
+from nanoseek.train.schedule import lr_at as schedule_lr
 
 
 @dataclass
 class TrainConfig:
-    """Everything ``nanoseek pretrain`` / ``nanoseek sft`` accept (the CLI flags map 1:1)."""
+    """Everything ``nanoseek pretrain`` / ``nanoseek sft`` accept (the CLI flags are generated from the fields)."""
 
-    mode: str = "pretrain"  # "pretrain" (all tokens) | "sft" (loss on completion + eos)
+    mode: str = option("pretrain", "pretrain (loss on all tokens) or sft (loss on completion + eos)",
+                       choices=("pretrain", "sft"), cli=False)
     # model: a preset, or a config.json of ModelConfig fields, plus overrides; or a checkpoint to start from
-    preset: str = "tiny"
-    model_config: str | None = None
-    overrides: dict = field(default_factory=dict)
-    init_from: str | None = None
+    preset: str = option("tiny", "model preset (tiny | small | deepseek-v2-lite | deepseek-v2 | deepseek-v3)")
+    model_config: str | None = option(None, "JSON file of ModelConfig fields (unknown keys are an error)")
+    overrides: dict = option(default_factory=dict, help="model config fields to override", cli=False)  # --set
+    init_from: str | None = option(None, "checkpoint directory to start from (fine-tuning)")
     # data
-    task: str | None = "arithmetic"
-    data: list[str] = field(default_factory=list)  # .txt / .jsonl files (take precedence over task)
-    tokenizer: str | None = None  # a directory with tokenizer.json; default: the character tokenizer
-    seq_len: int = 64
+    task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
+    data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
+    tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
+    seq_len: int = option(64, "tokens per row", min=1)
     # optimisation
-    steps: int = 200
-    batch_size: int = 32  # global: split over ranks, then over grad_accum micro-batches
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
-    decay_frac: float = 0.2  # WSD: the last fraction of steps decays linearly to min_lr
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables
-    mtp_lambda: float = 0.3  # λ of the MTP loss (V3: 0.3, later 0.1)
-    bias_gamma: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 turns it off
-    balance_alpha: float = 1e-4  # α of the sequence-wise balance loss (V3: 0.0001)
-    bf16: bool = False  # bf16 autocast (fp32 master weights)
-    seed: int = 0
+    steps: int = option(200, "optimizer steps", min=1)
+    batch_size: int = option(32, "global batch: sequences per optimizer step, split over ranks, then over "
+                             "--grad-accum micro-batches", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(3e-3, "peak learning rate", min=0)
+    min_lr_ratio: float = option(0.1, "the decay ends at this fraction of --lr", min=0, max=1)
+    warmup: int = option(10, "linear warm-up steps", min=0)
+    schedule: str = option("cosine", "after warm-up", choices=SCHEDULES)
+    decay_frac: float = option(0.2, "WSD: the last fraction of steps decays linearly to the minimum", gt=0, max=1)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    grad_clip: float = option(1.0, "gradient clipping norm (0 disables)", min=0)
+    mtp_lambda: float = option(0.3, "λ of the MTP loss (V3: 0.3, later 0.1)", min=0)
+    bias_gamma: float = option(1e-3, "γ of the aux-loss-free bias update (V3: 0.001; 0 turns it off)", min=0)
+    balance_alpha: float = option(1e-4, "α of the sequence-wise balance loss (V3: 0.0001)", min=0)
+    bf16: bool = option(False, "bf16 autocast on the training device (fp32 master weights)")
+    seed: int = option(0, "seed of the model init and the data order")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     # run directory and checkpoints
-    out: str = "runs/pretrain"
-    resume: bool = False
-    ckpt_every: int = 0  # 0: only at the end (and on Ctrl-C)
-    keep: int = 3
-    stop_at: int | None = None  # stop (and save) after this step, as a preemption would
-    dist_mode: str = "ddp"  # "ddp" | "fsdp" under torchrun
-    progress: bool = True
+    out: str | None = option(None, "run directory (default runs/<command>)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    ckpt_every: int = option(0, "save every N steps (0: only at the end and on Ctrl-C)", min=0)
+    keep: int = option(3, "checkpoints kept", min=1)
+    stop_at: int | None = option(None, "stop and save after this step, as a preemption would (then --resume)",
+                                 min=1)
+    dist_mode: str = option("ddp", "under torchrun", choices=("ddp", "fsdp"))
+    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
-        def bad(name: str, rule: str) -> None:
-            raise ValueError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}: {rule}")
-
-        if self.mode not in ("pretrain", "sft"):
-            bad("mode", "must be 'pretrain' or 'sft'")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
-        for name in ("warmup", "ckpt_every"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        for name in ("lr", "weight_decay", "grad_clip", "mtp_lambda", "bias_gamma", "balance_alpha"):
-            if not getattr(self, name) >= 0:
-                bad(name, "must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "must be in [0, 1]")
-        if not 0 < self.decay_frac <= 1:
-            bad("decay_frac", "must be in (0, 1]")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {SCHEDULES}")
-        if self.dist_mode not in ("ddp", "fsdp"):
-            bad("dist_mode", "must be 'ddp' or 'fsdp'")
+        check_ranges(self)
 
 
 # ---------------------------------------------------------------------- optimiser and schedule
@@ -119,19 +102,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine to min_lr, or WSD: constant, then a linear decay over the last decay_frac."""
-    lo = cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = cfg.steps - max(1, round(cfg.decay_frac * cfg.steps))
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr + (lo - cfg.lr) * (step - decay_start + 1) / (cfg.steps - decay_start)
+    return schedule_lr(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
 
 
 # ---------------------------------------------------------------------- building
@@ -190,7 +161,7 @@ def micro_loss(model: nn.Module, base: Transformer, batch: Batch, cfg: TrainConf
     """
     for moe in base.moe_layers():
         moe.last_load = moe.last_balance_loss = None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and batch.input_ids.device.type == "cpu"):
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         if use_mtp:
             logits, mtp_logits = model(batch.input_ids, return_mtp=True)
         else:
@@ -218,33 +189,12 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-class StopFlag:
-    """SIGINT (Ctrl-C) asks the loop to stop after the current step; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 # ---------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns {"final_loss", "steps", "wall_time_s", "run_dir", "checkpoint", "resumed_from"}."""
+    """Train; returns {"final_loss", "steps", "wall_time_s", "run_dir", "checkpoint", "resumed_from",
+    "interrupted" (Ctrl-C stopped it)}."""
     cfg.validate()
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.device)
     per_rank, rem = divmod(cfg.batch_size, world)
     if rem or per_rank % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} rank(s) x --grad-accum "
@@ -253,7 +203,7 @@ def train(cfg: TrainConfig) -> dict:
     tok = build_tokenizer(cfg)
     config = build_model_config(cfg, tok)
     data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data)
-    run_dir = Path(cfg.out)
+    run_dir = Path(cfg.out or f"runs/{cfg.mode}")
 
     torch.manual_seed(cfg.seed)
     model = Transformer.from_pretrained(cfg.init_from) if cfg.init_from else Transformer(config)
@@ -282,7 +232,7 @@ def train(cfg: TrainConfig) -> dict:
     def save(at: int) -> Path | None:
         return _save(run_dir, at, model, optimizer, tok, cfg, fsdp)
 
-    saved = None
+    saved, interrupted = None, False
     with StopFlag() as stop:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -323,7 +273,8 @@ def train(cfg: TrainConfig) -> dict:
             record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
             logger.log(step + 1, **record)
             done = step + 1
-            stopping = sums[-1].item() > 0 or done == cfg.stop_at
+            interrupted = sums[-1].item() > 0
+            stopping = interrupted or done == cfg.stop_at
             if done == cfg.steps or stopping or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
                 saved = save(done)
             if stopping:
@@ -335,7 +286,8 @@ def train(cfg: TrainConfig) -> dict:
         saved = ckpt
     return {"final_loss": last_loss, "steps": step + 1 if cfg.steps > start else start,
             "wall_time_s": time.perf_counter() - t_start, "run_dir": str(run_dir),
-            "checkpoint": str(saved) if saved else None, "resumed_from": resumed_from}
+            "checkpoint": str(saved) if saved else None, "resumed_from": resumed_from,
+            "interrupted": interrupted}
 
 
 def _no_sync(net: nn.Module, fsdp: bool):
@@ -397,38 +349,9 @@ def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> No
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    a = parser.add_argument
-    a("--preset", default=d.preset, help="model preset (tiny | small | ...)")
-    a("--model-config", default=None, help="JSON file of ModelConfig fields (unknown keys are an error)")
-    a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field (repeatable)")
-    a("--init-from", default=None, help="checkpoint directory to start from (fine-tuning)")
-    a("--task", default=d.task, help="built-in task (default arithmetic); ignored when --data is given")
-    a("--data", nargs="+", default=[], help="local .txt / .jsonl files")
-    a("--tokenizer", default=None, help="directory with tokenizer.json (default: the character tokenizer)")
-    a("--seq-len", type=int, default=d.seq_len)
-    a("--steps", type=int, default=d.steps)
-    a("--batch-size", type=int, default=d.batch_size, help="global batch (sequences per optimizer step)")
-    a("--grad-accum", type=int, default=d.grad_accum)
-    a("--lr", type=float, default=d.lr)
-    a("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    a("--warmup", type=int, default=d.warmup)
-    a("--schedule", choices=SCHEDULES, default=d.schedule)
-    a("--decay-frac", type=float, default=d.decay_frac, help="WSD: fraction of steps in the final decay")
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--grad-clip", type=float, default=d.grad_clip, help="0 disables")
-    a("--mtp-lambda", type=float, default=d.mtp_lambda)
-    a("--bias-gamma", type=float, default=d.bias_gamma, help="aux-loss-free bias step γ (0: off)")
-    a("--balance-alpha", type=float, default=d.balance_alpha, help="sequence-wise balance loss α")
-    a("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
-    a("--seed", type=int, default=d.seed)
-    a("--out", default=None, help="run directory (default runs/<command>)")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a("--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end)")
-    a("--keep", type=int, default=d.keep, help="checkpoints kept")
-    a("--stop-at", type=int, default=None, help="stop and save after this step (resume later with --resume)")
-    a("--dist-mode", choices=("ddp", "fsdp"), default=d.dist_mode, help="under torchrun")
-    a("--no-progress", action="store_true", help="no progress bar")
+    cli_args.add_arguments(parser, TrainConfig)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field (repeatable)")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -445,29 +368,15 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        mode="sft" if args.command == "sft" else "pretrain", preset=args.preset, model_config=args.model_config,
-        overrides=parse_overrides(args.set), init_from=args.init_from, task=args.task, data=args.data,
-        tokenizer=args.tokenizer, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-        schedule=args.schedule, decay_frac=args.decay_frac, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma,
-        balance_alpha=args.balance_alpha, bf16=args.bf16, seed=args.seed, out=args.out or f"runs/{args.command}",
-        resume=args.resume, ckpt_every=args.ckpt_every, keep=args.keep, stop_at=args.stop_at,
-        dist_mode=args.dist_mode, progress=not args.no_progress,
-    )
+    return cli_args.from_args(TrainConfig, args, mode="sft" if args.command == "sft" else "pretrain",
+                              overrides=parse_overrides(args.set))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args)
-        summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        summary = train(config_from_args(args))
         if is_main():
-            print(f"error: {e}")
+            print(json.dumps(summary))
+    finally:
         cleanup()
-        return 2
-    if is_main():
-        print(json.dumps(summary))
-    cleanup()
-    return 0
+    return 130 if summary["interrupted"] else 0

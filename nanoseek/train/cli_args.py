@@ -1,0 +1,101 @@
+"""Command-line flags generated from the config dataclasses: each default, help text and allowed range is written
+once, in the field (``option``), and both ``--help`` and the start-up validation read it from there."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import typing
+from dataclasses import MISSING, field, fields
+from typing import Any
+
+
+def option(default: Any = MISSING, help: str = "", *, min: float | None = None, gt: float | None = None,
+           max: float | None = None, choices: tuple | None = None, default_factory: Any = MISSING,
+           cli: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field with its flag's help, its range (``min`` ≤ v, ``gt`` < v, v ≤ ``max``) and choices.
+    ``cli=False`` keeps a field out of the command line (set by code only); other ``kwargs`` go to argparse."""
+    meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "cli": cli, "argparse": kwargs}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg: Any) -> None:
+    """ValueError naming the flag, the value and the rule for the first field outside its declared range."""
+    for f in fields(cfg):
+        m, v = f.metadata, getattr(cfg, f.name)
+        if not m or v is None or isinstance(v, bool):
+            continue
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise ValueError(f"{flag(f.name)} {v!r}: choose one of {', '.join(map(str, m['choices']))}")
+        if isinstance(v, int | float):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{flag(f.name)} {v!r}: must be a finite number")
+            if m.get("min") is not None and v < m["min"]:
+                raise ValueError(f"{flag(f.name)} {v!r}: must be >= {m['min']}")
+            if m.get("gt") is not None and v <= m["gt"]:
+                raise ValueError(f"{flag(f.name)} {v!r}: must be > {m['gt']}")
+            if m.get("max") is not None and v > m["max"]:
+                raise ValueError(f"{flag(f.name)} {v!r}: must be <= {m['max']}")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"max_operand\": 9}'")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None) -> None:
+    """One flag per field of ``cls`` (``--field-name``), typed from the annotation, help and default from the
+    field; ``defaults`` overrides a field's default for this command."""
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for f in fields(cls):
+        m = f.metadata
+        if m and not m.get("cli", True):
+            continue
+        default = defaults.get(f.name, f.default if f.default is not MISSING else
+                               (f.default_factory() if f.default_factory is not MISSING else None))
+        kw: dict[str, Any] = {"default": default, "dest": f.name}
+        help_text = m.get("help", "") if m else ""
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
+        origin = typing.get_origin(base)
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kw.update(nargs="*", type=typing.get_args(base)[0])
+        elif origin is tuple:
+            item = typing.get_args(base)
+            kw.update(nargs=len(item), type=item[0])
+        elif base is dict or origin is dict:
+            kw.update(type=_json_object, metavar="JSON")
+        elif base in (int, float):
+            kw["type"] = base
+        else:  # str, and str-or-callable fields (given by name on the command line)
+            kw["type"] = str
+        if m and m.get("choices") is not None:
+            kw["choices"] = m["choices"]
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in defaults:
+            kw.update(required=True, default=None)
+        else:
+            help_text += " (default: %(default)s)"
+        kw.update(m.get("argparse", {}) if m else {})
+        parser.add_argument(flag(f.name), help=help_text, **kw)
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of ``cls`` from the parsed flags (fields without a flag keep their defaults)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **overrides)

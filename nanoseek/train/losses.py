@@ -1,0 +1,183 @@
+"""The RL math as pure functions: advantages, the clipped policy loss, PPO's GAE and value loss.
+
+- GRPO outcome supervision (DeepSeekMath arXiv:2402.03300 §4.1.2): Â_i = (r_i − mean(r)) / std(r) over a group of
+  G completions; RLOO's leave-one-out baseline; Dr. GRPO's unscaled advantages; process supervision (§4.1.3).
+- The clipped surrogate with the k3 KL (DeepSeekMath eq. 3–4), aggregated as GRPO, BNPO, DAPO or Dr. GRPO; GSPO's
+  sequence-level ratio (arXiv:2507.18071); DAPO's soft overlong penalty (arXiv:2503.14476 eq. 13).
+- PPO (eq. 1–2): GAE(γ, λ), whitening, the clipped value loss.
+
+Nothing here touches a model, an optimizer or a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
+ALIASES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
+
+
+# ---------------------------------------------------------------------- advantages
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group", rloo: bool = False,
+                     eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
+    """rewards: (N,) grouped contiguously by G -> advantages (N,).
+
+    Â_i = (r_i − b_i) / (σ + eps): b_i the group mean (DeepSeekMath outcome supervision) or, with ``rloo``, the mean
+    of the other G−1 rewards; σ the group std, the batch std (``batch_std`` when given: e.g. over every rank's
+    rewards), or 1 for ``scale="none"`` (Dr. GRPO). Std is the unbiased one, as in TRL. An all-equal group gets
+    exactly 0.
+    """
+    G = num_generations
+    if rewards.numel() % G:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={G}")
+    if G < 2:
+        raise ValueError("num_generations must be >= 2 for a group baseline")
+    r = rewards.view(-1, G).double()
+    baseline = (r.sum(1, keepdim=True) - r) / (G - 1) if rloo else r.mean(1, keepdim=True)
+    adv = r - baseline
+    if scale == "group":
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / ((_std(r) if batch_std is None else batch_std) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    return adv.view(-1).to(rewards.dtype)
+
+
+def _std(x: torch.Tensor) -> float:
+    """The unbiased std; 0 for fewer than two values."""
+    return float(x.std()) if x.numel() > 1 else 0.0
+
+
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], num_generations: int,
+                       length: int, eps: float = 1e-4, scale: str = "group",
+                       batch_std: float | None = None) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3) -> per-token advantages (N, length).
+
+    ``step_rewards[i][j]`` scores step j of completion i, whose last token is completion position
+    ``step_ends[i][j]``. Rewards are normalized over all steps R of all G outputs of a group,
+    r̃ = (r − mean(R)) / (std(R) + eps), and Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}. ``scale`` "batch" takes
+    the std over every step given (or ``batch_std``), "none" (Dr. GRPO) divides by nothing. A completion without
+    steps gets 0.
+    """
+    G = num_generations
+    if len(step_rewards) != len(step_ends) or len(step_rewards) % G:
+        raise ValueError("step_rewards and step_ends need one list per completion, grouped by num_generations")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
+    if batch_std is None:
+        batch_std = _std(torch.tensor([r for rs in step_rewards for r in rs], dtype=torch.float64))
+    for g in range(0, len(step_rewards), G):
+        group = torch.tensor([r for rs in step_rewards[g : g + G] for r in rs], dtype=torch.float64)
+        mean = float(group.mean()) if group.numel() else 0.0
+        std = {"group": _std(group) + eps, "batch": batch_std + eps, "none": 1.0}[scale]
+        for i in range(g, g + G):
+            if len(step_rewards[i]) != len(step_ends[i]):
+                raise ValueError(f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_ends[i])} ends")
+            for r, end in zip(step_rewards[i], step_ends[i]):
+                if not 0 <= end < length:
+                    raise ValueError(f"completion {i}: step end {end} outside the completion (length {length})")
+                adv[i, end] += (r - mean) / std
+    return adv.flip(1).cumsum(1).flip(1).float()  # Â_t = Σ over steps ending at or after t
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO eq. 13: 0 up to max_len − buffer, then linear down to −factor at max_len (and −factor beyond)."""
+    start = max_len - buffer
+    return -factor * ((lengths.float() - start) / buffer).clamp(0.0, 1.0)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
+              max_completion_length: int | None = None, num_items: float | None = None,
+              num_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + β·k3 KL, aggregated by ``loss_type``. Returns (loss, statistics).
+
+    logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision).
+    Per token: ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), with ρ the token
+    ratio π/π_old or, at the sequence level, GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t],
+    s_i = exp of the masked mean token log-ratio: the value s_i on every token, the gradient of the token's own
+    log-prob. With one advantage per sequence this is GSPO exactly (same loss and gradient); with per-token
+    advantages each token keeps its own (a bare (B, 1) ratio would credit every token with the sequence's mean
+    advantage instead).
+
+    Normalizers, so that a mini-batch split into micro-batches of any sizes sums to the same loss: ``num_rows``
+    (default B) divides "grpo" and "dr_grpo", ``num_items`` (default this batch's active tokens) divides "bnpo" and
+    "dapo" (the caller passes the mini-batch's tokens for "bnpo" and the whole rollout's over every rank, per
+    optimizer step, for "dapo"), and ``max_completion_length`` is the "dr_grpo" constant (default L).
+    Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
+    """
+    loss_type = ALIASES.get(loss_type, loss_type)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES) + sorted(ALIASES)}, got {loss_type!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    log_ratio = logp - old_logp
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":
+        seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # log s_i: (B, 1)
+        log_w = seq.detach() + logp - logp.detach()  # GSPO-token: value log s_i, gradient ∇log π_t
+    else:
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_w)
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, L)
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1  # k3, DeepSeekMath eq. 4
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    rows = mask.shape[0] if num_rows is None else num_rows
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(rows, 1)
+    elif loss_type in ("bnpo", "dapo"):
+        loss = per_token.sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)
+    else:  # dr_grpo
+        loss = per_token.sum() / (max(rows, 1) * (max_completion_length or mask.shape[1]))
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).float() * mask
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).float() * mask
+        stats = {"clip_low": low.sum(), "clip_high": high.sum(), "tokens": mask.sum(),
+                 "kl": (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())}
+    return loss, stats
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over completion tokens (right-padded; V after the last token is 0).
+
+    rewards, values, mask: (B, L) -> (advantages, returns) (B, L): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
+    """
+    B, L = rewards.shape
+    values = values * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(L)):
+        next_v = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    n = mask.sum().clamp(min=1.0)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
+    return (x - mean) / (var.sqrt() + eps) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²), token mean."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+

@@ -1,0 +1,171 @@
+"""One optimisation loop for every RL algorithm (GRPO and PPO are its two users).
+
+``optimize`` makes μ passes over a rollout; each pass shuffles the rows into mini-batches (one optimizer step
+each), and each mini-batch runs as micro-batches planned by length (``plan_micro_batches``): rows sorted by
+completion length are cut into micro-batches whose padded tokens stay within ``PAD_TOLERANCE`` of the real
+tokens, so a short completion never pays for the longest one in the rollout. Losses are normalised by the whole
+mini-batch (``MicroBatch.num_rows`` / ``num_tokens``), so any split gives the same gradient. Gradients are averaged
+over ranks, clipped and stepped for every ``Trainable`` (the policy; PPO adds its critic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nanoseek.distributed import average_gradients, reduce_floats, world_size
+from nanoseek.policy import Batch, Policy
+from nanoseek.train.rollout import Rollout
+
+PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    num_iterations: int = 1  # μ
+    num_minibatches: int = 1
+    micro_batch_size: int = 0  # most rows per forward (0: no limit beyond the padding rule)
+    temperature: float = 1.0
+    chunk_tokens: int = 1024  # completion tokens per head matmul
+
+
+@dataclass(frozen=True)
+class Trainable:
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows of one forward/backward (indices into the rollout), their tokens on the device, and the normalizers
+    of the mini-batch they belong to: its rows and loss tokens on this rank, and its loss tokens over every rank
+    divided by the number of ranks (DAPO's token mean over the whole batch)."""
+
+    rows: torch.Tensor
+    batch: Batch
+    num_rows: int
+    num_tokens: float
+    global_tokens: float
+
+
+LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TokenCounter:
+    """Tokens the log-prob and training forwards processed (padding included) and the real ones among them."""
+
+    processed: int = 0
+    real: int = 0
+
+    def add(self, batch: Batch, shared: bool) -> None:
+        processed, real = batch.token_counts(shared)
+        self.processed += processed
+        self.real += real
+
+
+@dataclass
+class OptimizeStats:
+    loss: float = 0.0  # mean mini-batch loss (weighted by rows), summed over passes
+    grad_norms: list[float] = field(default_factory=list)  # the first trainable's, per optimizer step
+    sums: dict[str, float] = field(default_factory=dict)  # loss statistics summed over micro-batches
+    entropy: float = 0.0  # Σ entropy over loss tokens, every pass
+    first_pass_logp: torch.Tensor | None = None  # (N, L) π before any update (only with a single mini-batch)
+
+
+def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
+    """Split ``rows`` into micro-batches by completion length (longest first), at most ``max_rows`` rows each (0: no
+    limit), cutting a new micro-batch only where continuing would lift the padded tokens of all micro-batches so
+    far above ``PAD_TOLERANCE`` × their real tokens. Long rows come first and pack tightly; the slack they leave
+    lets the short tail share few micro-batches. The cost model is ``Batch.token_counts`` (with ``shared``: each
+    distinct prompt once per micro-batch)."""
+    clen = batch.completion_lens[rows].tolist()
+    pidx = batch.prompt_index[rows].tolist()
+    plen = batch.prompt_lens.tolist()
+
+    def counts(cand: list[int]) -> tuple[int, int]:  # (processed, real) tokens of one micro-batch
+        if shared:
+            prompts = {pidx[i] for i in cand}
+            real = sum(clen[i] for i in cand) + sum(plen[p] for p in prompts)
+            return len(prompts) * max(plen[p] for p in prompts) + len(cand) * max(clen[i] for i in cand), real
+        real = sum(clen[i] + plen[pidx[i]] for i in cand)
+        return len(cand) * max(plen[pidx[i]] + clen[i] for i in cand), real
+
+    order = sorted(range(len(rows)), key=lambda i: -clen[i])  # stable: a group's rows stay together
+    plans: list[list[int]] = []
+    cur: list[int] = []
+    processed = real = 0  # of the closed micro-batches
+    for i in order:
+        cand = cur + [i]
+        p, r = counts(cand)
+        if cur and ((max_rows and len(cand) > max_rows) or processed + p > PAD_TOLERANCE * (real + r)):
+            p, r = counts(cur)
+            processed, real = processed + p, real + r
+            plans.append(cur)
+            cand = [i]
+        cur = cand
+    if cur:
+        plans.append(cur)
+    return [rows[torch.tensor(p, dtype=torch.long)] for p in plans]
+
+
+@torch.no_grad()
+def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
+    """log π(o_t | ·) of every completion token of ``batch`` (N, L), in length-planned micro-batches, on the CPU."""
+    out = torch.zeros(batch.completion_ids.shape)
+    rows = torch.arange(len(batch))
+    for mb in plan_micro_batches(batch, rows, cfg.micro_batch_size, policy.shares(batch)):
+        sub = batch.select(mb).to(policy.device)
+        counter.add(sub, policy.shares(sub))
+        lp, _ = policy.completion_logprobs(sub, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        out[mb, : lp.shape[1]] = lp.cpu()
+    return out
+
+
+def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[Trainable],
+             cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter) -> OptimizeStats:
+    """μ passes of mini-batch optimizer steps over ``rollout`` (see the module docstring); every rank takes the
+    same number of optimizer steps, an empty rank contributing zero gradients."""
+    n = len(rollout)
+    mask = rollout.mask
+    tokens_global = reduce_floats([float(mask.sum())])[0]
+    stats = OptimizeStats()
+    single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
+    if single_step:
+        stats.first_pass_logp = torch.zeros(mask.shape)
+    for module in (t.module for t in trainables):
+        module.train()
+    for _ in range(cfg.num_iterations):
+        order = torch.randperm(n, generator=generator)
+        for mini in order.tensor_split(cfg.num_minibatches):
+            for t in trainables:
+                t.optimizer.zero_grad(set_to_none=True)
+            num_tokens = float(mask[mini].sum())
+            plans = plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, policy.shares(rollout.batch)) \
+                if len(mini) else []
+            for rows in plans:
+                sub = rollout.batch.select(rows).to(policy.device)
+                counter.add(sub, policy.shares(sub))
+                mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
+                logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
+                                                       chunk_tokens=cfg.chunk_tokens, entropy=True)
+                loss, st = loss_fn(rollout, mb, logp)
+                loss.backward()
+                width = logp.shape[1]
+                stats.entropy += float((ent * mask[rows, :width].to(ent.device)).sum())
+                stats.loss += float(loss.detach()) * len(mini) / max(n, 1)
+                for k, v in st.items():
+                    stats.sums[k] = stats.sums.get(k, 0.0) + v
+                if stats.first_pass_logp is not None:
+                    stats.first_pass_logp[rows, :width] = logp.detach().cpu()
+            for i, t in enumerate(trainables):
+                average_gradients(t.module)
+                norm = float(nn.utils.clip_grad_norm_(t.module.parameters(), t.max_grad_norm))
+                if i == 0:
+                    stats.grad_norms.append(norm)
+                t.optimizer.step()
+    return stats

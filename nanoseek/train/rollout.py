@@ -1,0 +1,160 @@
+"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``.
+
+``collect`` samples every group of one step, scores it (outcome rewards and, optionally, process rewards), and
+with ``informative_only`` (DAPO's dynamic sampling) keeps only groups whose rewards differ, resampling up to a cap.
+Later stages never mutate a ``Rollout``: they attach what they compute (advantages, π_old and π_ref log-probs)
+with ``Rollout.attach``, which returns a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from nanoseek.policy import Batch, Policy, SamplingParams
+from nanoseek.rewards import StepRewards, compute_process_rewards, compute_rewards, reward_name
+from nanoseek.tasks import Example
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward."""
+
+    reward_fns: Sequence[Callable]
+    weights: Sequence[float]
+    tokenizer: object
+    process_fn: Callable | None = None
+    timeout_s: float | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [reward_name(fn) for fn in self.reward_fns]
+
+    def outcome(self, examples: list[Example], texts: list[str]):
+        columns = {"example": examples, "answer": [ex.answer for ex in examples]}
+        return compute_rewards(self.reward_fns, self.weights, [ex.prompt for ex in examples], texts, columns,
+                               timeout_s=self.timeout_s)
+
+    def steps(self, examples: list[Example], texts: list[str], completions: list[list[int]]):
+        """Each completion's StepRewards (or None), failures contained and logged."""
+        columns = {"example": examples, "answer": [ex.answer for ex in examples], "tokenizer": self.tokenizer}
+        steps, _ = compute_process_rewards(self.process_fn, [ex.prompt for ex in examples], texts, completions,
+                                           columns, timeout_s=self.timeout_s)
+        return steps
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One step's samples, in groups of G contiguous rows (row i belongs to group ``batch.prompt_index[i]``).
+
+    rewards: (N,) weighted outcome reward; rewards_per_fn: name -> (N,) raw values (NaN where a function gave
+    none); truncated: (N,) reached the length cap without eos; sampler_logp: (N, L) each token's log-prob under the
+    sampling distribution; steps: per-row StepRewards (process supervision) or None. Attached later:
+    advantages (N,) or (N, L), loss_mask (N, L) (default the completion mask), old_logp / ref_logp (N, L), and
+    ``extras`` (e.g. PPO's values and returns).
+    """
+
+    batch: Batch
+    examples: tuple[Example, ...]  # (U,) one per group
+    texts: tuple[str, ...]  # (N,)
+    rewards: torch.Tensor
+    rewards_per_fn: dict[str, torch.Tensor]
+    truncated: torch.Tensor
+    sampler_logp: torch.Tensor
+    steps: tuple[StepRewards | None, ...] | None = None
+    advantages: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, L) the tokens the loss is taken on."""
+        return self.batch.completion_mask if self.loss_mask is None else self.loss_mask
+
+    def attach(self, **values) -> Rollout:
+        return replace(self, **values)
+
+
+@dataclass(frozen=True)
+class CollectStats:
+    """What sampling saw, dropped groups included (for metrics): every sampled completion's outcome reward and
+    per-function values, group counts, and the kept rows' lengths."""
+
+    seen_rewards: tuple[float, ...]
+    seen_per_fn: dict[str, tuple[float, ...]]
+    groups: int
+    zero_std_groups: int
+    seen_steps: tuple[float, ...]  # every step reward of every sampled completion (process supervision)
+    no_steps: int  # sampled completions without any step reward
+
+
+def collect(policy: Policy, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+            prompts: Callable[[int], list[Example]], scorer: Scorer, *, num_generations: int,
+            params: SamplingParams, seed: Callable[[int], int], informative_only: bool = False,
+            max_resample_rounds: int = 0) -> tuple[Rollout, CollectStats]:
+    """Sample ``num_generations`` completions of each prompt of ``prompts(round)``, score them, and keep the groups
+    (with ``informative_only``: only groups whose outcome rewards, or with a process reward whose step rewards,
+    differ, resampling with ``prompts(round + 1)`` up to ``max_resample_rounds`` times until as many groups as
+    round 0's prompts are kept). ``seed(round)`` seeds each round's sampling."""
+    G = num_generations
+    process = scorer.process_fn is not None
+    kept: list[dict] = []
+    seen: list[float] = []
+    seen_fn: dict[str, list[float]] = {name: [] for name in scorer.names}
+    seen_steps: list[float] = []
+    no_steps = zero_std = groups = 0
+    want = None
+    for round_ in range(1 + (max_resample_rounds if informative_only else 0)):
+        exs = prompts(round_)
+        want = len(exs) if want is None else want
+        prompt_ids = [encode(ex.prompt) for ex in exs]
+        samples = policy.sample([p for p in prompt_ids for _ in range(G)], params, seed(round_))
+        rows = [ex for ex in exs for _ in range(G)]
+        texts = [decode(c) for c in samples.completions]
+        result = scorer.outcome(rows, texts)
+        steps = scorer.steps(rows, texts, samples.completions) if process else [None] * len(rows)
+        seen += result.total
+        for name, values in result.per_fn.items():
+            seen_fn[name] += [float("nan") if v is None else float(v) for v in values]
+        seen_steps += [r for s in steps if s is not None for r in s.rewards]
+        no_steps += sum(s is None or not s.rewards for s in steps) if process else 0
+        for g, ex in enumerate(exs):
+            sl = slice(g * G, (g + 1) * G)
+            groups += 1
+            flat = len(set(result.total[sl])) == 1
+            zero_std += flat
+            if process:
+                flat = len({r for s in steps[sl] if s is not None for r in s.rewards}) <= 1
+            if informative_only and flat:
+                continue
+            kept.append({"example": ex, "prompt": prompt_ids[g], "completions": samples.completions[sl],
+                         "logprobs": samples.logprobs[sl], "truncated": samples.truncated[sl], "texts": texts[sl],
+                         "total": result.total[sl], "steps": steps[sl],
+                         "per_fn": {name: values[sl] for name, values in result.per_fn.items()}})
+        if len(kept) >= want:
+            break
+    kept = kept[:want]
+    completions = [c for k in kept for c in k["completions"]]
+    batch = Batch.build([k["prompt"] for k in kept], [g for g in range(len(kept)) for _ in range(G)], completions,
+                        policy.pad_id)
+    sampler_logp = torch.zeros(batch.completion_ids.shape)
+    for i, lp in enumerate(lp for k in kept for lp in k["logprobs"]):
+        sampler_logp[i, : len(lp)] = torch.tensor(lp)
+    per_fn = {name: torch.tensor([float("nan") if v is None else float(v) for k in kept for v in k["per_fn"][name]])
+              for name in scorer.names}
+    rollout = Rollout(
+        batch=batch, examples=tuple(k["example"] for k in kept), texts=tuple(t for k in kept for t in k["texts"]),
+        rewards=torch.tensor([r for k in kept for r in k["total"]], dtype=torch.float32), rewards_per_fn=per_fn,
+        truncated=torch.tensor([t for k in kept for t in k["truncated"]], dtype=torch.bool),
+        sampler_logp=sampler_logp, steps=tuple(s for k in kept for s in k["steps"]) if process else None,
+    )
+    stats = CollectStats(tuple(seen), {k: tuple(v) for k, v in seen_fn.items()}, groups, zero_std, tuple(seen_steps),
+                         no_steps)
+    return rollout, stats

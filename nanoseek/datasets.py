@@ -148,6 +148,9 @@ def _data_files(path: Path, split: str) -> list[Path]:
     if path.is_file():
         if path.suffix not in FORMATS:
             raise ValueError(f"{path}: unknown format {path.suffix!r}; use {', '.join(FORMATS)}")
+        if split != "train":
+            raise ValueError(f"{path}: a single file has no {split!r} split; splits select among a folder's "
+                             "split-named files (train.jsonl, test.jsonl) or a hub dataset's splits")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
     if not files:

@@ -71,6 +71,8 @@ def test_folder_with_split_files(tmp_path):
     assert [r.prompt for r in load_prompts(tmp_path, split="test").rows] == ["1+1="]
     with pytest.raises(ValueError, match="no files of split 'validation'; its files are named for test, train"):
         load_prompts(tmp_path, split="validation")
+    with pytest.raises(ValueError, match="a single file has no 'test' split"):
+        load_prompts(tmp_path / "train.jsonl", split="test")
     plain = tmp_path / "plain"
     plain.mkdir()
     write_jsonl(plain / "a.jsonl", ROWS[:2])

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from nanoseek.rewards.math import math_reward
+from nanoseek.rewards.math import equations_hold, math_reward
 from nanoseek.tasks import distinct_examples, examples, get_task, in_eval_split
 from nanoseek.tasks.gsm8k import GSM8KTask
 
@@ -38,7 +38,7 @@ def test_answers_recomputed_and_solutions_check(max_number):
         assert work[-1].endswith(f"={ex.answer}")
         if template == "share":
             assert numbers[0] % numbers[1] == 0
-        assert task.score(ex.completion, ex) == 1.0
+        assert task.score(ex.completion, ex) == 1.0 and equations_hold(ex.completion)
     assert seen == set(FORMULAS)
 
 

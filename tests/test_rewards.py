@@ -403,3 +403,14 @@ def test_math_reward_on_gsm8k_answers():
 ])
 def test_gsm8k_format_reward(text, ok):
     assert get_reward_fn("format_gsm8k")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("5+3=8\n8-2=6\n#### 6", True), ("7*5=35\n35-26=9\n#### 9", True), ("12/3=4\n#### 4", True),
+    (" 3 - 5 = -2", True),
+    ("7*5=32\n4+19=37\n#### 32", False),  # the right answer after wrong work (seen from a tiny model)
+    ("#### 6", False),  # no work
+    ("5+3=8\n8-2=7", False), ("5/0=0", False), ("7/2=3", False), ("5+3+1=9", False), ("x=5", False),
+])
+def test_equations_reward(text, ok):
+    assert get_reward_fn("equations")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2

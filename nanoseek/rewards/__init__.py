@@ -30,7 +30,7 @@ from pathlib import Path
 from nanoseek.rewards.code import code_reward
 from nanoseek.rewards.countdown import countdown_reward
 from nanoseek.rewards.format import completion_text, format_reward, gsm8k_format_reward, lenient_format_reward
-from nanoseek.rewards.math import math_reward
+from nanoseek.rewards.math import equations_reward, math_reward
 from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
 from nanoseek.rewards.sandbox import require_bwrap
 
@@ -43,6 +43,7 @@ REWARD_FNS: dict[str, RewardFn] = {
     "format": format_reward,
     "format_lenient": lenient_format_reward,
     "format_gsm8k": gsm8k_format_reward,
+    "equations": equations_reward,
     "countdown": countdown_reward,
     "code": code_reward,
 }

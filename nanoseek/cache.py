@@ -8,6 +8,8 @@ allocation and no ``torch.cat`` growth.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -63,6 +65,32 @@ class KVCache:
     def read(self, layer_idx: int, name: str, length: int) -> torch.Tensor:
         """The first ``length`` slots of every sequence: (B, length, width), a view (no copy)."""
         return self.buffers[name][layer_idx - self.layer_offset][:, :length]
+
+    def view(self, start: int, stop: int) -> KVCache:
+        """Sequences ``start:stop`` as a cache sharing this one's storage: a forward on the view writes here and
+        advances these rows' ``lengths`` (the engine runs each step on a contiguous run of rows, without copies)."""
+        view = copy.copy(self)
+        view.buffers = {name: [b[start:stop] for b in layers] for name, layers in self.buffers.items()}
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy sequence ``src``'s cached tokens and length into row ``dst`` (moving a sequence, or sharing a
+        prefilled prompt with the rows that repeat it)."""
+        n = int(self.lengths[src])
+        for layers in self.buffers.values():
+            for b in layers:
+                b[dst, :n] = b[src, :n]
+        self.lengths[dst] = n
+
+    def swap_rows(self, i: int, j: int) -> None:
+        """Exchange sequences ``i`` and ``j`` (cached tokens and lengths)."""
+        n = int(self.lengths[[i, j]].max())
+        rows, swapped = [i, j], [j, i]
+        for layers in self.buffers.values():
+            for b in layers:
+                b[rows, :n] = b[swapped, :n]  # the right side is gathered into a copy first
+        self.lengths[rows] = self.lengths[swapped]
 
     def reset(self) -> None:
         self.lengths.zero_()

@@ -4,20 +4,31 @@ safetensors, so ``Transformer.from_pretrained`` and transformers read it), ``opt
 
 Writes are atomic: everything goes into a temporary directory that is renamed into place, then the
 ``latest`` pointer file is replaced (also by rename). A crash at any point leaves the previous checkpoint and
-pointer intact; only the newest ``keep`` checkpoints are kept.
+pointer intact; only the newest ``keep`` checkpoints are kept. Resuming verifies the newest checkpoint and falls
+back to the newest intact one (``latest_checkpoint``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanoseek import hf
+from nanoseek.config import ModelConfig
+from nanoseek.model.transformer import Transformer
+
 STEP_PREFIX = "step_"
+# ModelConfig fields a resumed run may change: they do not define the model (initialisation, loss weight, unknowns)
+NOT_THE_MODEL = ("extra", "initializer_range", "aux_loss_alpha")
 
 
 def _unwrap(model):
@@ -35,6 +46,19 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Fail at start, not after training: ``run_dir/checkpoints`` must be creatable and writable."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output directory {run_dir} is not writable ({e.strerror or e}); choose another --out"
+                         ) from None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state: dict | None = None, keep: int = 3,
@@ -83,16 +107,53 @@ def _prune(root: Path, keep: int, current: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points to, else the newest complete one, else None."""
+def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
+    """The checkpoint ``latest`` points to, else the newest complete one, else None.
+
+    With ``verify`` (the default) the candidate's files are checked (config.json parses, every weight file's
+    header reads, state.pt loads, optimizer.pt is a whole archive); a damaged checkpoint is skipped for the next
+    newest intact one, with one line on stderr naming both. If every checkpoint is damaged, a ValueError lists them.
+    """
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = _step_dirs(root)[::-1]
     pointer = root / "latest"
     if pointer.exists():
-        target = root / pointer.read_text().strip()
+        target = root / pointer.read_text(errors="replace").strip()
         if _complete(target):
-            return target
-    dirs = _step_dirs(root) if root.is_dir() else []
-    return dirs[-1] if dirs else None
+            candidates = [target] + [c for c in candidates if c != target]
+    if not verify or not candidates:
+        return candidates[0] if candidates else None
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                print(f"warning: checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); using {path}",
+                      file=sys.stderr)
+            return path
+        damaged.append((path, problem))
+    raise ValueError(f"{root}: every checkpoint is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in damaged))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None if its files are intact."""
+    try:
+        try:
+            json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            return f"{path / 'config.json'}: malformed JSON ({e})"
+        hf.check_weight_files(path)
+        state = _load(path / "state.pt")
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{path / 'state.pt'} holds no training state"
+        if (path / "optimizer.pt").exists():
+            with zipfile.ZipFile(path / "optimizer.pt"):  # torch.save's archive: a truncated one has no directory
+                pass
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -107,27 +168,49 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
-    """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``."""
-    from nanoseek.hf import _read_safetensors, from_hf_state_dict
-    from nanoseek.model.transformer import Transformer
+    """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``.
 
+    A checkpoint of another model (config fields or tensor shapes differ) raises a ValueError naming each
+    difference with both values; a damaged file raises one naming the file.
+    """
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
     model = _unwrap(model)
-    tensors = _read_safetensors(path)
     if isinstance(model, Transformer):
-        tensors = from_hf_state_dict(tensors, model.config)
+        _check_same_config(hf.read_config(path), model.config, path)
+        tensors = hf.read_state_dict(path, model.config)
+        hf.check_state_dict(tensors, model.state_dict(), path)
         model.load_state_dict(tensors, strict=True)
     else:  # a transformers model: its own names; tied weights are stored once
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
-                                                                                  False) else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+        tensors = hf.read_safetensors(path)
+        expected = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            expected = {k: v for k, v in expected.items() if not k.endswith("lm_head.weight") or k in tensors}
+        hf.check_state_dict(tensors, expected, path)
+        model.load_state_dict(tensors, strict=False)
     if optimizer is not None:
         opt_file = path / "optimizer.pt"
         if not opt_file.exists():
             raise FileNotFoundError(f"{opt_file} not found: this checkpoint has no optimizer state to resume from")
-        optimizer.load_state_dict(torch.load(opt_file, weights_only=False))
-    return torch.load(path / "state.pt", weights_only=False)
+        optimizer.load_state_dict(_load(opt_file))
+    return _load(path / "state.pt")
+
+
+def _load(file: Path):
+    """torch.load, with a damaged file named in a ValueError."""
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as e:  # a damaged pickle can fail in many ways; the file is what the user needs to know
+        raise ValueError(f"{file}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _check_same_config(saved: ModelConfig, current: ModelConfig, path: Path) -> None:
+    """Both configs as config.json would hold them (so a round trip compares equal), field by field."""
+    a, b = ModelConfig.from_dict(saved.to_dict()), ModelConfig.from_dict(current.to_dict())
+    diffs = [f"{name}: checkpoint {getattr(a, name)!r} vs model {getattr(b, name)!r}"
+             for name in (f.name for f in dataclasses.fields(ModelConfig))
+             if name not in NOT_THE_MODEL and getattr(a, name) != getattr(b, name)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same model "
+                         "config, or start a new run directory")

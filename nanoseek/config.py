@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ class ModelConfig:
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
     first_k_dense_replace: int = 1
-    aux_loss_alpha: float = 0.0
+    aux_loss_alpha: float = 1e-4  # V3 §4.2: α = 0.0001
     # MTP (V3 §2.2)
     num_nextn_predict_layers: int = 0
     # the rest of the block
@@ -72,11 +74,11 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept verbatim
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads is None or self.attention_type == "mla":
+            self.num_key_value_heads = self.num_attention_heads  # MLA has no KV-head count (every head its own)
         if self.head_dim is None:
             self.head_dim = self.v_head_dim
-        if not self.n_routed_experts:
+        if self.n_routed_experts is None:
             self.n_routed_experts = 0
         self.validate()
 
@@ -114,6 +116,21 @@ class ModelConfig:
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r}: {rule}")
 
+        for name, hint in _field_types().items():
+            if not _has_type(getattr(self, name), hint):
+                bad(name, f"must be {_type_name(hint)}")
+        for name, ok, rule in (
+            ("rope_theta", self.rope_theta > 0, "must be > 0"),
+            ("routed_scaling_factor", self.routed_scaling_factor > 0, "must be > 0"),
+            ("initializer_range", self.initializer_range >= 0, "must be >= 0"),
+            ("aux_loss_alpha", self.aux_loss_alpha >= 0, "must be >= 0"),
+            ("attention_dropout", 0 <= self.attention_dropout < 1, "must be in [0, 1)"),
+            ("n_routed_experts", self.n_routed_experts >= 0, "must be >= 0, or null for a dense model"),
+            *((name, getattr(self, name) is None or getattr(self, name) >= 0, "must be >= 0 or null")
+              for name in ("bos_token_id", "eos_token_id", "pad_token_id")),
+        ):
+            if not ok:
+                bad(name, rule)
         for name, allowed in (
             ("model_type", MODEL_TYPES),
             ("scoring_func", SCORING_FUNCS),
@@ -138,7 +155,7 @@ class ModelConfig:
             bad("qk_rope_head_dim", "must be even (RoPE rotates channel pairs)")
         if self.attention_type == "mha" and self.head_dim % 2:
             bad("head_dim", "must be even (RoPE rotates channel pairs)")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.attention_type == "mha" and self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
@@ -178,12 +195,15 @@ class ModelConfig:
                     f"invalid ModelConfig.rope_scaling type {kind!r}: must be one of {ROPE_TYPES}"
                 )
             if kind == "yarn":
-                if float(rs.get("factor", 0)) < 1:
-                    raise ValueError("invalid ModelConfig.rope_scaling['factor']: YaRN needs factor >= 1")
-                if "original_max_position_embeddings" not in rs:
-                    raise ValueError(
-                        "invalid ModelConfig.rope_scaling: YaRN needs 'original_max_position_embeddings'"
-                    )
+                for key in ("factor", "original_max_position_embeddings"):
+                    if key not in rs:
+                        raise ValueError(f"invalid ModelConfig.rope_scaling: YaRN needs {key!r}")
+                for key, lowest in (("factor", 1), ("original_max_position_embeddings", 1), ("beta_fast", 0),
+                                    ("beta_slow", 0), ("mscale", 0), ("mscale_all_dim", 0), ("attention_factor", 0)):
+                    value = rs.get(key)
+                    if value is not None and (not _has_type(value, float) or value < lowest):
+                        raise ValueError(f"invalid ModelConfig.rope_scaling[{key!r}]={value!r}: YaRN needs a "
+                                         f"finite number >= {lowest}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -204,8 +224,15 @@ class ModelConfig:
         Unknown keys are kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they
         raise instead, naming the key.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object of fields, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for name in ("rope_parameters", "rope_scaling"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise ValueError(f"invalid ModelConfig.{name}={d[name]!r}: must be an object or null")
+        if d.get("mlp_bias"):
+            raise ValueError(f"invalid mlp_bias={d['mlp_bias']!r}: nanoseek's FFNs have no bias (use false)")
         rope_params = d.pop("rope_parameters", None)
         if rope_params:
             rope_params = dict(rope_params)
@@ -217,7 +244,7 @@ class ModelConfig:
             rs = dict(d["rope_scaling"])
             rs.setdefault("rope_type", rs.get("type"))
             rs.pop("rope_theta", None)
-            if rs["rope_type"] == "default":
+            if rs["rope_type"] in ("default", None):
                 rs = None
             d["rope_scaling"] = rs
         if d.get("model_type") == "deepseek_v2":
@@ -231,8 +258,11 @@ class ModelConfig:
             d.setdefault("topk_method", "noaux_tc")
             if "num_nextn_predict_layers" not in d and "num_mtp_layers" in d:
                 d["num_nextn_predict_layers"] = d["num_mtp_layers"]
-        if isinstance(d.get("eos_token_id"), list):
+        if isinstance(d.get("eos_token_id"), list) and d["eos_token_id"]:
             d["eos_token_id"] = d["eos_token_id"][0]
+        for name in ("n_group", "topk_group"):  # transformers writes null for "no groups"
+            if name in d and d[name] is None:
+                d[name] = 1
         unknown = {k: v for k, v in d.items() if k not in known}
         if strict and unknown:
             names = ", ".join(sorted(unknown))
@@ -249,7 +279,32 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A checkpoint's config.json: every field that changes the computation must be present (see
+        ``required_fields``), types and ranges are checked, and errors name the file, field and value."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: a checkpoint directory needs its config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config.json must be a JSON object, got {type(raw).__name__}")
+        if raw.get("model_type") not in MODEL_TYPES:
+            raise ValueError(
+                f"{path}: model_type {raw.get('model_type')!r} is not one of {MODEL_TYPES}; "
+                "for other Hugging Face causal LMs use transformers.AutoModelForCausalLM"
+            )
+        missing = [name for name in required_fields(raw) if name not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {', '.join(missing)}; they change the computation, so a "
+                             "checkpoint's config.json must state them (no default is assumed)")
+        try:
+            return cls.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -261,6 +316,48 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def required_fields(raw: dict[str, Any]) -> list[str]:
+    """Fields a checkpoint's config.json must hold: those whose defaults differ between nanoseek and
+    transformers' DeepseekV2/V3 configs, or that decide shapes or routing."""
+    names = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rms_norm_eps",
+             "n_routed_experts"]
+    if raw.get("attention_type") == "mha":
+        names += ["num_key_value_heads", "head_dim"]
+    if raw.get("n_routed_experts"):
+        names += ["num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+                  "routed_scaling_factor", "norm_topk_prob", "n_group", "topk_group"]
+        if raw.get("model_type") == "deepseek_v2":
+            names.append("topk_method")  # V3 implies noaux_tc
+    return names
+
+
+def _field_types() -> dict[str, Any]:
+    """ModelConfig's fields and their annotated types (``extra`` excluded)."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "extra"}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations ModelConfig uses; bools are not ints, floats must be finite."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+             type(None): "null", dict: "an object"}
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    return " or ".join(names.get(typing.get_origin(h) or h, str(h)) for h in parts)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -1,9 +1,10 @@
 """Batched generation over the latent KV cache, and MTP self-speculative decoding (DeepSeek-V3 §5.4.3).
 
-``generate`` prefills all prompts in one right-padded forward (each row's cache advances by its own length),
-then decodes one token per live row per step; rows that hit a stop token or their budget leave the batch
-(their cache rows are dropped), so finished sequences stop costing compute. Outputs hold the new tokens only;
-a stop token that ended a row is included as its last token.
+``generate`` runs the batch on the continuous-batching engine (``nanoseek.engine``, the project's one sampler):
+the distinct prompts are prefilled in one right-padded forward (a GRPO group's G copies of a prompt once, the
+cache row then copied), then every live row decodes one token per step in one batched forward; rows that hit a
+stop token or their budget leave the batch at once, so finished sequences stop costing compute. Outputs hold the
+new tokens only; a stop token that ended a row is included as its last token.
 
 ``generate_speculative`` (greedy only) drafts one token with the first MTP module and verifies it with the
 main model in the same forward that produces the next token: 1 or 2 tokens per main-model step, output
@@ -19,38 +20,9 @@ from contextlib import contextmanager
 
 import torch
 
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.sampling import sample  # noqa: F401  (re-exported: ``from nanoseek.generate import sample``)
 from nanoseek.model.transformer import Transformer
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from.
-
-    temperature 0 is greedy (argmax; its log-prob is under the plain softmax). Otherwise the logits are divided
-    by ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches
-    ``top_p`` (nucleus; the most likely token always stays), renormalized, and sampled.
-    """
-    logits = logits.float()
-    if temperature == 0.0:
-        tokens = logits.argmax(-1)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    logp = logits.log_softmax(-1)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
 def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> None:
@@ -127,38 +99,20 @@ def generate(
     greedy (temperature 0) is deterministic. With ``return_logprobs`` also returns each new token's log-prob
     under the distribution it was sampled from (see ``sample``).
     """
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got {temperature}, {top_p}, {top_k}")
     _check(prompts, max_new_tokens, model.config.vocab_size)
-    out: list[list[int]] = [[] for _ in prompts]
-    logps: list[list[float]] = [[] for _ in prompts]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_token_ids=tuple(stop_token_ids))
     if max_new_tokens == 0 or not prompts:
-        return (out, logps) if return_logprobs else out
+        out: list[list[int]] = [[] for _ in prompts]
+        return (out, [[] for _ in prompts]) if return_logprobs else out
     device = model.embed_tokens.weight.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    engine = Engine(model, num_slots=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens)
+    requests = [engine.add(p, params, generator=generator) for p in prompts]
     with _eval_mode(model):
-        cache, h, _, lengths = _prefill(model, prompts, max_new_tokens)
-        logits = model.lm_head(h[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V)
-        rows = torch.arange(len(prompts), device=device)  # prompt index of each live row
-        for step in range(max_new_tokens):
-            tokens, lp = sample(logits, temperature, top_k, top_p, generator)
-            for r, t, p in zip(rows.tolist(), tokens.tolist(), lp.tolist()):
-                out[r].append(t)
-                logps[r].append(p)
-            if step == max_new_tokens - 1:
-                break
-            live = ~torch.isin(tokens, stop)
-            if not live.all():
-                if not live.any():
-                    break
-                keep = live.nonzero()[:, 0]
-                cache.select(keep)
-                rows, tokens = rows[keep], tokens[keep]
-            logits = model(tokens[:, None], cache)[:, -1]
-    return (out, logps) if return_logprobs else out
+        engine.run()
+    out = [r.output_ids for r in requests]
+    return (out, [r.logprobs for r in requests]) if return_logprobs else out
 
 
 @torch.inference_mode()

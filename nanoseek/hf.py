@@ -1,4 +1,6 @@
-"""Hugging Face interop: read and write ``deepseek_v2`` / ``deepseek_v3`` checkpoints under their own names.
+"""Hugging Face interop, as pure functions on state dicts and configs (the model class is not imported here):
+names both ways, config.json both ways, sharded safetensors reading and writing with atomic file writes.
+``Transformer.from_pretrained`` / ``save_pretrained`` and ``nanoseek.checkpoint`` are built on them.
 
 nanoseek's module tree uses the Hugging Face names already, with two differences handled here:
 - routed experts are stacked (``mlp.experts.gate_proj: (E, I, D)``) where the checkpoint has one tensor per
@@ -13,10 +15,12 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
@@ -27,11 +31,11 @@ _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_p
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # the router stays float32
 
 
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """nanoseek state dict -> Hugging Face names (experts unstacked, MTP at layer L+k with shared copies)."""
-    L = model.config.num_hidden_layers
+    L = config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if m := re.match(r"^mtp\.(\d+)\.(.*)$", name):
             k, rest = int(m[1]), m[2]
             rest = rest.removeprefix("block.")
@@ -47,10 +51,10 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
         else:
             out[name] = t
-    for k in range(model.config.num_nextn_predict_layers):
-        out[f"model.layers.{L + k}.embed_tokens.weight"] = model.embed_tokens.weight
-        out[f"model.layers.{L + k}.shared_head.head.weight"] = model.lm_head.weight
-    if model.config.tie_word_embeddings:
+    for k in range(config.num_nextn_predict_layers):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
+    if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in out.items()}
 
@@ -69,6 +73,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
             raise ValueError(f"checkpoint experts under {prefix} are not numbered 0..E-1: {ids[:8]}...")
+        if len({by_id[e].shape for e in ids}) > 1:
+            raise ValueError(f"checkpoint experts under {prefix}.*.{kind} differ in shape: "
+                             f"{sorted({tuple(by_id[e].shape) for e in ids})}")
         out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
     renamed = {}
     for name, t in out.items():
@@ -87,51 +94,81 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
                 else:
                     name = f"mtp.{k}.block.{rest}"
         renamed[name] = t
-    if config.tie_word_embeddings:
-        renamed.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
+        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
     return renamed
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_config(directory: str | Path) -> ModelConfig:
+    """``directory/config.json`` as a ModelConfig (checked: see ``ModelConfig.load``)."""
+    return ModelConfig.load(Path(directory) / "config.json")
+
+
+def config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The config.json dictionary transformers reads, with the weights' dtype."""
+    return {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one file, or the shards its index names)."""
+    directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{directory}: no model.safetensors or model.safetensors.index.json (is this a checkpoint directory?)"
-        )
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        if not all(isinstance(n, str) and n and "/" not in n for n in names):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names in {directory}")
+        return [directory / n for n in names]
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors or model.safetensors.index.json (is this a checkpoint directory?)"
+    )
+
+
+def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's weights under nanoseek's names; errors name the directory or file."""
+    tensors = read_safetensors(directory)
+    try:
+        return from_hf_state_dict(tensors, config)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
+def check_weight_files(directory: str | Path) -> None:
+    """Open every weight file's header (cheap: nothing is read): a missing, truncated or corrupt file raises an
+    error naming it."""
+    for f in weight_files(directory):
+        with _open_safetensors(f):
+            pass
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory under its stored names."""
     tensors = {}
-    for f in files:
-        with safe_open(str(directory / f), framework="pt") as fh:
+    for f in weight_files(directory):
+        with _open_safetensors(f) as fh:
             for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[k] = fh.get_tensor(k)
     return tensors
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None):
-    from nanoseek.model.rope import RotaryEmbedding
-    from nanoseek.model.transformer import Transformer
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint's weights are incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
 
-    directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: from_pretrained needs a checkpoint directory")
-    raw = json.loads(config_file.read_text())
-    if raw.get("model_type") not in ("deepseek_v2", "deepseek_v3"):
-        raise ValueError(
-            f"{config_file}: model_type {raw.get('model_type')!r} is not deepseek_v2/deepseek_v3; "
-            "for other Hugging Face causal LMs use transformers.AutoModelForCausalLM"
-        )
-    config = ModelConfig.from_dict(raw)
-    state = from_hf_state_dict(_read_safetensors(directory), config)
-    if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
-        # transformers drops the MTP module when it saves; load the main model without it
-        config = config.replace(num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = model.state_dict()
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise naming every missing, unexpected and mis-shaped tensor of ``state`` against the model's ``expected``."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [
@@ -144,41 +181,32 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None):
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
                 parts.append(f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise ValueError(f"checkpoint {directory} does not match its config.json: " + "; ".join(parts))
-    target = dtype or torch.float32
-    for k, v in state.items():
-        keep_fp32 = k.endswith(FP32_TENSORS) or not v.is_floating_point()
-        state[k] = v.to(torch.float32 if keep_fp32 else target)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rotary = RotaryEmbedding(config)  # the RoPE table is not in the state dict: build it off the meta device
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
+        raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_write_bytes(write: Callable[[str], None], path: Path) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(lambda tmp: Path(tmp).write_text(text), path)
 
 
-def save_pretrained(model, directory: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (or shards + index), each file atomically."""
+def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
+                     max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write a nanoseek state dict as ``config.json`` + ``model.safetensors`` (or shards + index) under the
+    Hugging Face names, each file atomically; files of an earlier save with another sharding are removed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_state_dict(model)
+    tensors = to_hf_state_dict(state, config)
     # a shared storage (MTP copies of embed/head) must be written as separate tensors
     tensors = {k: v.clone() if k.endswith(("embed_tokens.weight", "shared_head.head.weight")) else v
                for k, v in tensors.items()}
@@ -192,22 +220,19 @@ def save_pretrained(model, directory: str | Path, max_shard_bytes: int = 2 * 102
         shards[-1][k] = tensors[k]
         size += nbytes
     stale = set(directory.glob("model*.safetensors*"))
-    if len(shards) == 1:
-        _atomic_save(shards[0], directory / "model.safetensors")
-        stale.discard(directory / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, directory / fname)
-            weight_map.update(dict.fromkeys(shard, fname))
-            stale.discard(directory / fname)
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, shard in zip(names, shards):
+        atomic_write_bytes(lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}),
+                           directory / name)
+        stale.discard(directory / name)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(json.dumps(index, indent=2, sort_keys=True), directory / "model.safetensors.index.json")
+        atomic_write_text(json.dumps(index, indent=2, sort_keys=True), directory / "model.safetensors.index.json")
         stale.discard(directory / "model.safetensors.index.json")
     for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist
         old.unlink()
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    _atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", directory / "config.json")
+    cfg = config_dict(config, state["embed_tokens.weight"].dtype)
+    atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", directory / "config.json")

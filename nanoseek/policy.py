@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nanoseek.engine.sampling import SamplingParams
+
 NANOSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
@@ -110,16 +112,8 @@ def _right_pad(rows: list[list], pad, dtype: torch.dtype = torch.long) -> torch.
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-
-
-@dataclass(frozen=True)
 class Samples:
-    """What a rollout sampled: completions (eos included when it stopped), truncated (hit ``max_new_tokens``
+    """What a rollout sampled: completions (eos included when it stopped), truncated (hit ``max_tokens``
     without eos), and each token's log-prob under the sampling distribution."""
 
     completions: list[list[int]]
@@ -178,7 +172,7 @@ class NanoseekBackend:
     def sample(self, prompts, params, eos_id, seed):
         from nanoseek.generate import generate
 
-        return generate(self.model, prompts, params.max_new_tokens, temperature=params.temperature,
+        return generate(self.model, prompts, params.max_tokens, temperature=params.temperature,
                         top_k=params.top_k, top_p=params.top_p, stop_token_ids=() if eos_id is None else (eos_id,),
                         seed=seed, return_logprobs=True)
 
@@ -231,7 +225,7 @@ class HFBackend:
         self.model.eval()
         sample = params.temperature > 0
         out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=params.max_new_tokens,
+            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=params.max_tokens,
             do_sample=sample, temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None, top_k=(params.top_k or 0) if sample else None,
             eos_token_id=eos_id, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
@@ -308,9 +302,10 @@ class Policy:
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Samples:
-        """One completion per prompt (repeat a prompt for several), cut after its first eos."""
+        """One completion per prompt (repeat a prompt for several), cut after its first eos; ``params``' stop fields
+        are the policy's eos, and ``seed`` seeds the whole batch."""
         tokens, logps = self.backend.sample(prompts, params, self.eos_id, seed)
-        n, eos = params.max_new_tokens, self.eos_id
+        n, eos = params.max_tokens, self.eos_id
         ends = [t.index(eos) + 1 if eos is not None and eos in t[:n] else min(len(t), n) for t in tokens]
         truncated = [not (eos is not None and eos in t[:n]) and len(t) >= n for t in tokens]
         return Samples([t[:e] for t, e in zip(tokens, ends)], [lp[:e] for lp, e in zip(logps, ends)], truncated)
@@ -318,7 +313,8 @@ class Policy:
     def rollout(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
         """Completions only (see ``sample``)."""
-        return self.sample(prompts, SamplingParams(max_new_tokens, temperature, top_p, top_k), seed).completions
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        return self.sample(prompts, params, seed).completions
 
     # ------------------------------------------------------------------ log-probs
     def completion_states(self, batch: Batch) -> torch.Tensor:

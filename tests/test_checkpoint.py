@@ -5,7 +5,14 @@ import pytest
 import torch
 
 import nanoseek.checkpoint as ckpt_mod
-from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanoseek.checkpoint import (
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
@@ -101,3 +108,82 @@ def test_transformers_model_round_trip(tmp_path):
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+
+
+def _truncate(file, keep=0.5):
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # cut in the tensor data / inside the header
+def test_truncated_weights_name_the_file(tmp_path, keep):
+    model, opt = trained_pair()
+    path = save_checkpoint(tmp_path, 1, model, opt)
+    _truncate(path / "model.safetensors", keep)
+    with pytest.raises(ValueError, match=rf"{path / 'model.safetensors'}: unreadable safetensors file"):
+        Transformer.from_pretrained(path)
+    with pytest.raises(ValueError, match=rf"{path / 'model.safetensors'}: unreadable safetensors file"):
+        load_checkpoint(path, Transformer(model.config))
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    model = Transformer(ModelConfig.preset("tiny"))
+    model.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=str(shard)):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["weights", "state", "optimizer"])
+def test_resume_falls_back_to_newest_intact_checkpoint(tmp_path, capsys, damage):
+    model, opt = trained_pair()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, {"rng": rng_state()})
+    newest = tmp_path / "checkpoints" / "step_00000003"
+    _truncate(newest / {"weights": "model.safetensors", "state": "state.pt", "optimizer": "optimizer.pt"}[damage])
+    assert latest_checkpoint(tmp_path, verify=False) == newest
+    chosen = latest_checkpoint(tmp_path)
+    assert chosen.name == "step_00000002"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(newest) in err[0] and str(chosen) in err[0]
+    assert load_checkpoint(chosen, Transformer(model.config))["step"] == 2
+
+
+def test_every_checkpoint_damaged_is_an_error(tmp_path):
+    model, opt = trained_pair()
+    for step in (1, 2):
+        _truncate(save_checkpoint(tmp_path, step, model, opt) / "state.pt")
+    with pytest.raises(ValueError, match="every checkpoint is damaged: step_00000002: .*; step_00000001: "):
+        latest_checkpoint(tmp_path)
+
+
+def test_resume_with_another_model_names_the_mismatch(tmp_path):
+    model, opt = trained_pair()
+    path = save_checkpoint(tmp_path, 1, model, opt)
+    other = Transformer(model.config.replace(hidden_size=96))
+    with pytest.raises(ValueError, match=r"another model \(hidden_size: checkpoint 64 vs model 96\)"):
+        load_checkpoint(path, other)
+    other = Transformer(model.config.replace(rope_theta=500.0, num_experts_per_tok=3))
+    with pytest.raises(ValueError, match=r"num_experts_per_tok: checkpoint 2 vs model 3; rope_theta: checkpoint "
+                                         r"10000.0 vs model 500.0"):
+        load_checkpoint(path, other)
+
+
+def test_transformers_model_mismatch_names_the_tensor(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    path = save_checkpoint(tmp_path, 1, transformers.LlamaForCausalLM(cfg))
+    cfg.intermediate_size = 48
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight: checkpoint \(32, 64\) vs model "
+                                         r"\(32, 48\)"):
+        load_checkpoint(path, transformers.LlamaForCausalLM(cfg))
+
+
+def test_unwritable_output_dir_is_found_at_start(tmp_path):
+    check_writable(tmp_path / "new" / "run")  # created
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=rf"output directory {blocker / 'run'} is not writable"):
+        check_writable(blocker / "run")  # a path under a regular file can never be created

@@ -7,7 +7,7 @@ from nanoseek import ModelConfig, Transformer
 BAD = [
     (dict(kv_lora_rank=0), "kv_lora_rank"),
     (dict(q_lora_rank=-4), "q_lora_rank"),
-    (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+    (dict(attention_type="mha", num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
     (dict(n_group=3), "n_group"),
     (dict(n_group=2, topk_group=3), "topk_group"),
@@ -91,3 +91,68 @@ def test_hf_config_json_fields(tmp_path):
                 "rope_interleave", "model_type"):
         assert key in d
     assert "head_dim" not in d  # MLA: transformers derives it
+
+
+_DROP = object()
+
+
+def _saved(tmp_path, **changes):
+    d = ModelConfig.preset("tiny").to_dict()
+    for k, v in changes.items():
+        if v is _DROP:
+            d.pop(k)
+        else:
+            d[k] = v
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("field", ["num_experts_per_tok", "n_group", "routed_scaling_factor", "norm_topk_prob",
+                                   "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "n_routed_experts"])
+def test_checkpoint_config_missing_field_is_an_error(tmp_path, field):
+    path = _saved(tmp_path, **{field: _DROP})
+    with pytest.raises(ValueError, match=rf"{path}: missing field\(s\) {field}\b"):
+        ModelConfig.load(path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rope_theta", float("nan")), ("rope_theta", 0), ("rope_theta", -5.0), ("rope_theta", "big"),
+    ("hidden_size", -64), ("hidden_size", 64.0), ("hidden_size", True), ("num_experts_per_tok", "2"),
+    ("norm_topk_prob", 1), ("rms_norm_eps", 0.0), ("routed_scaling_factor", float("inf")),
+    ("n_shared_experts", -1), ("qk_nope_head_dim", -8), ("vocab_size", None), ("rope_scaling", [1, 2]),
+    ("rope_scaling", {"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 64}),
+    ("attention_dropout", 1.5), ("eos_token_id", -3), ("tie_word_embeddings", "no"), ("mlp_bias", True),
+])
+def test_checkpoint_config_bad_value_names_file_field_value(tmp_path, field, value):
+    path = _saved(tmp_path, **{field: value})
+    with pytest.raises(ValueError) as err:
+        ModelConfig.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and field in msg
+    if field != "rope_scaling":
+        assert repr(value) in msg
+
+
+def test_checkpoint_config_not_json_or_not_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "deepseek_v3",\n  "hidden_size": 6')
+    with pytest.raises(ValueError, match=rf"{path}:2: malformed JSON"):
+        ModelConfig.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{path}: a config.json must be a JSON object"):
+        ModelConfig.load(path)
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        ModelConfig.load(tmp_path / "nothing.json")
+
+
+def test_null_groups_mean_one_and_mla_ignores_kv_heads(tmp_path):
+    cfg = ModelConfig.load(_saved(tmp_path, n_group=None, topk_group=None, num_key_value_heads=128))
+    assert (cfg.n_group, cfg.topk_group, cfg.num_key_value_heads) == (1, 1, cfg.num_attention_heads)
+
+
+def test_user_json_keeps_defaults_and_presets():
+    """A user config (``from_dict``) may leave fields out; only checkpoints must state them."""
+    cfg = ModelConfig.from_dict({"hidden_size": 96, "num_experts_per_tok": 3}, strict=True)
+    assert cfg.hidden_size == 96 and cfg.num_experts_per_tok == 3 and cfg.n_routed_experts == 8
+    assert ModelConfig.preset("small").rope_theta == 10000.0

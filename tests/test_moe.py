@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import ModelConfig
-from nanoseek.model.moe import Gate, MoE, sequence_balance_loss, update_expert_bias
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model import moe as moe_module
+from nanoseek.model.moe import Gate, MoE, RouterStats, sequence_balance_loss, update_expert_bias
 
 
 def moe_config(**kw) -> ModelConfig:
@@ -38,8 +39,6 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("grouped_mm", [True, False])
 @pytest.mark.parametrize("kind", ["v3", "v2-group", "v2-greedy"])
 def test_grouped_experts_match_per_token_reference(kind, grouped_mm, monkeypatch):
-    from nanoseek.model import moe as moe_module
-
     if not grouped_mm:  # the per-expert loop used where torch has no grouped GEMM
         monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda x, w: False)
     kw = {"v3": {}, "v2-group": dict(model_type="deepseek_v2", scoring_func="softmax",
@@ -48,11 +47,12 @@ def test_grouped_experts_match_per_token_reference(kind, grouped_mm, monkeypatch
     moe = MoE(moe_config(**kw))
     randomize(moe)
     x = torch.randn(3, 7, 16)
-    ours = moe(x)
-    assert moe.last_load.sum() == 3 * 7 * 2
+    stats = RouterStats()
+    ours = moe(x, stats)
+    assert stats.load[0].sum() == 3 * 7 * 2
     torch.testing.assert_close(ours.double(), reference_moe(moe, x), atol=1e-5, rtol=1e-5)
     ours.sum().backward()  # gradients reach every routed expert that got tokens
-    hit = moe.last_load > 0
+    hit = stats.load[0] > 0
     assert (moe.experts.gate_proj.grad.flatten(1).abs().sum(1) > 0).eq(hit).all()
 
 
@@ -110,3 +110,54 @@ def test_sequence_balance_loss_hand_computed():
     # P_i = mean_t s/sum(s) = [(0.6+0.2)/2, (0.3+0.2)/2, (0.1+0.6)/2] = [0.4, 0.25, 0.35]
     expected = 1.5 * 0.4 + 0 * 0.25 + 1.5 * 0.35
     assert sequence_balance_loss(scores, top_k=1).item() == pytest.approx(expected)
+
+
+def test_router_stats_are_explicit(monkeypatch):
+    """A forward without a RouterStats records nothing on the modules and computes no balance loss; with one,
+    every MoE layer (the MTP module's included) reports its load, and the balance loss only when asked."""
+    model = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=1)).train()
+    ids = torch.randint(0, 256, (2, 9))
+    calls = []
+    monkeypatch.setattr(moe_module, "sequence_balance_loss", lambda *a: calls.append(1) or torch.zeros(()))
+    model(ids, return_mtp=True)
+    assert not calls
+    assert not any(hasattr(m, "last_load") or hasattr(m, "last_balance_loss") for m in model.moe_layers())
+    stats = RouterStats()
+    model(ids, return_mtp=True, router_stats=stats)
+    assert not calls and not stats.balance_loss
+    layers = [m.layer_idx for m in model.moe_layers()]
+    assert list(stats.load) == layers == [1, 2]  # main layer 1 (layer 0 is dense), then the MTP block (L + 0)
+    assert stats.load[1].sum() == 2 * 9 * 2 and stats.load[2].sum() == 2 * 8 * 2  # MTP sees T - 1 tokens
+    stats = RouterStats(balance=True)
+    model(ids, router_stats=stats)
+    assert len(calls) == 1 and list(stats.balance_loss) == [1]
+
+
+def test_grouped_mm_fallback_matches_grouped_mm(monkeypatch):
+    """The per-expert loop (devices / dtypes without a grouped GEMM kernel) gives grouped_mm's output and grads."""
+    assert moe_module.grouped_mm_supported(torch.device("cpu"), torch.float32)  # this machine takes grouped_mm
+    moe = MoE(moe_config())
+    randomize(moe)
+    x = torch.randn(4, 11, 16, requires_grad=True)
+    results = []
+    for use in (True, False):
+        monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda x, w, use=use: use)
+        moe.zero_grad()
+        x.grad = None
+        out = moe(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad.clone(), moe.experts.gate_proj.grad.clone(),
+                        moe.experts.down_proj.grad.clone()])
+    for grouped, loop in zip(*results):
+        torch.testing.assert_close(loop, grouped, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_only_where_a_kernel_exists(monkeypatch):
+    supported = moe_module.grouped_mm_supported
+    assert supported(torch.device("cpu"), torch.bfloat16) and not supported(torch.device("cpu"), torch.float64)
+    assert not supported(torch.device("meta"), torch.bfloat16) and not supported(torch.device("mps"), torch.float32)
+    for capability, dtype, expected in [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),
+                                        ((8, 0), torch.bfloat16, False), ((9, 0), torch.float32, False),
+                                        ((9, 0), torch.float16, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert supported(torch.device("cuda", 0), dtype) == expected, (capability, dtype)

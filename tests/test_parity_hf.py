@@ -83,3 +83,41 @@ def test_hf_to_nanoseek(case, tmp_path):
         theirs = hf(ids).logits
         ours = Transformer.from_pretrained(tmp_path).eval()(ids)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+             num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+             v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+             max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("hf_cls,extra", [
+    ("DeepseekV2Config", {}),  # n_group / topk_group null, greedy softmax routing
+    ("DeepseekV2Config", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+    ("DeepseekV3Config", dict(n_group=2, topk_group=1)),  # num_key_value_heads left at 128 (MLA ignores it)
+])
+def test_transformers_default_config_json_loads(hf_cls, extra, tmp_path):
+    """A config.json as transformers writes it from its own defaults (small sizes) loads with equal logits."""
+    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, hf_cls)(**SMALL, **extra)).eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 17))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        ours = Transformer.from_pretrained(tmp_path).eval()(ids)
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_test_extras_are_pinned():
+    """The suite depends on transformers' modeling code and TRL internals: constraints.txt pins every package of the
+    test extra (and torch) to the versions it is verified with."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    extra = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M)[1])
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints.txt").read_text(), re.M))
+    for requirement in [*extra, "torch"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]
+        assert name in pins, f"constraints.txt does not pin {name}"

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import cli
+from nanoseek import ModelConfig, cli
 from nanoseek.checkpoint import latest_checkpoint
 from nanoseek.data import IGNORE, TaskData
 from nanoseek.metrics import MetricsLogger, read_metrics
+from nanoseek.model.moe import RouterStats
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.pretrain import TrainConfig, build_model_config, lr_at, micro_loss, param_groups, train
@@ -125,10 +126,31 @@ def test_micro_loss_matches_hand_computation(mode):
         ce1 = F.cross_entropy(mtp1.flatten(0, 1), tokens[:, 2 : T + 1].flatten())
     else:
         ce1 = F.cross_entropy(mtp1.flatten(0, 1), batch.targets[:, 1:].flatten(), ignore_index=IGNORE)
-    bal = sum(m.last_balance_loss.double() for m in model.moe_layers())
+    stats = RouterStats(balance=True)
+    model(batch.input_ids, return_mtp=True, router_stats=stats)
+    bal = sum(v.double() for v in stats.balance_loss.values())
+    assert len(stats.balance_loss) == len(model.moe_layers())  # the MTP block's MoE included
     torch.testing.assert_close(loss.double(), ce + 0.3 * ce1 + 0.01 * bal, rtol=1e-6, atol=0)
     torch.testing.assert_close(parts[0], ce.detach() * n_tokens[0], rtol=1e-6, atol=0)
 
+
+
+def test_balance_alpha_defaults_to_the_model_configs_aux_loss_alpha():
+    """Without --balance-alpha the sequence-wise balance loss weight is ModelConfig.aux_loss_alpha; presets keep
+    the V3 value 1e-4 that was the flag's default."""
+    assert TrainConfig().balance_alpha is None
+    assert all(ModelConfig.preset(name).aux_loss_alpha == 1e-4 for name in ("tiny", "small", "deepseek-v3"))
+    tok = Tokenizer.char()
+    model = Transformer(build_model_config(TrainConfig(seq_len=16), tok).replace(aux_loss_alpha=0.05)).train()
+    batch = TaskData("arithmetic", tok, "pretrain", 16).batch(0, 4)
+    n_tokens = [int((batch.targets != IGNORE).sum())]
+    losses = {}
+    for alpha in (None, 0.05, 0.0):
+        losses[alpha], parts = micro_loss(model, model, batch, TrainConfig(seq_len=16, balance_alpha=alpha), n_tokens,
+                                          rows_scale=1.0, use_mtp=False)
+    assert parts[-1] > 0.5  # Σ_layers Σ_i f_i P_i is ~1 per layer
+    assert losses[None].item() == losses[0.05].item()
+    assert (losses[None] - losses[0.0]).item() == pytest.approx(0.05 * parts[-1].item(), rel=1e-4)
 
 def test_bias_update_sums_micro_batches(tmp_path):
     """With lr = 0 one step changes only the biases: b = γ·sign(mean − load) of the whole global batch,
@@ -143,12 +165,15 @@ def test_bias_update_sums_micro_batches(tmp_path):
     tok = Tokenizer.char()
     torch.manual_seed(cfg.seed)
     model = Transformer(build_model_config(cfg, tok)).train()
-    model(TaskData("arithmetic", tok, "pretrain", cfg.seq_len).batch(0, cfg.batch_size).input_ids, return_mtp=True)
+    stats = RouterStats()
+    model(TaskData("arithmetic", tok, "pretrain", cfg.seq_len).batch(0, cfg.batch_size).input_ids, return_mtp=True,
+          router_stats=stats)
     for m, b1, b4 in zip(model.moe_layers(), *biases):
-        expected = 0.01 * torch.sign(m.last_load.mean() - m.last_load)
+        load = stats.load[m.layer_idx]
+        expected = 0.01 * torch.sign(load.mean() - load)
         torch.testing.assert_close(b1, expected, rtol=0, atol=0)
         torch.testing.assert_close(b4, expected, rtol=0, atol=0)
-        assert b1[m.last_load.argmax()] < 0 and b1[m.last_load.argmin()] > 0
+        assert b1[load.argmax()] < 0 and b1[load.argmin()] > 0
 
 
 def test_param_groups_and_schedules():

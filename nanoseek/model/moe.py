@@ -10,6 +10,8 @@ and each expert multiplies its contiguous slice; there is no per-token Python lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, D), ids/weights: (N, K) -> (N, D) and tokens per expert (E,)."""
         N, K = ids.shape
+        E, I, D = self.gate_proj.shape
+        if N * (E - K) * D * I <= DENSE_MACS_PER_EXPERT * E:  # a few tokens (decode): every expert, 3 batched matmuls
+            return self.forward_dense(x, ids, weights)
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (N·K,) token-slots sorted by expert
         counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
@@ -99,19 +104,57 @@ class Experts(nn.Module):
         ys = ys * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
+    def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert on every token, weighted by the gate (0 for experts not chosen): E/K× the arithmetic of
+        the routed path in 3 batched matmuls instead of 3·E small ones. Same values (up to rounding)."""
+        E = self.gate_proj.shape[0]
+        xe = x.expand(E, *x.shape)  # (E, N, D)
+        h = F.silu(torch.bmm(xe, self.gate_proj.mT)) * torch.bmm(xe, self.up_proj.mT)  # (E, N, I)
+        y = torch.bmm(h, self.down_proj.mT)  # (E, N, D)
+        gate = x.new_zeros(x.shape[0], E).scatter_(1, ids, weights.to(x.dtype))  # (N, E)
+        return (y * gate.T[..., None]).sum(0), torch.bincount(ids.flatten(), minlength=E)
+
+
+# Multiply-adds that cost about as much as one small matmul call on a CPU core (~20 µs at ~50 GFLOP/s): the dense
+# path runs when its extra work, N·(E−K)·D·I, is below this per expert call it saves. For a 256-wide model with
+# 8 experts of width 32 that is decode batches up to ~80 tokens; at DeepSeek-V3's sizes, never.
+DENSE_MACS_PER_EXPERT = 500_000
+
 
 def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped GEMM (torch >= 2.10): fp32/bf16 on CPU, bf16 on CUDA; else a loop over experts."""
-    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+    """Whether torch's grouped GEMM runs x @ w here; else the per-expert loop (same result)."""
+    return x.dtype == w.dtype and grouped_mm_supported(x.device, x.dtype)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """F.grouped_mm (torch >= 2.10) has kernels for fp32/bf16 on CPU and bf16 on CUDA sm90+ (Hopper, Blackwell);
+    other CUDA GPUs and dtypes, and other devices, use the per-expert loop."""
+    if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@dataclass
+class RouterStats:
+    """Router statistics of one forward, filled by every MoE layer it passes: ``model(ids, router_stats=stats)``.
+
+    A forward without it records nothing and computes no balance loss (log-prob passes, generation).
+    load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i
+    (V3 eq. 17-20, before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP).
+    """
+
+    balance: bool = False
+    load: dict[int, torch.Tensor] = field(default_factory=dict)
+    balance_loss: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # the key of this layer's entries in RouterStats
         self.top_k = config.num_experts_per_tok
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
@@ -120,18 +163,16 @@ class MoE(nn.Module):
             if config.n_shared_experts > 0
             else None
         )
-        # statistics of the last forward, for balancing and logging (not part of the state dict)
-        self.last_load: torch.Tensor | None = None  # (E,) tokens routed to each expert
-        self.last_balance_loss: torch.Tensor | None = None  # Σ_i f_i P_i (V3 eq. 17-20), before α
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_stats: RouterStats | None = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, ids, scores = self.gate(flat)
         routed, counts = self.experts(flat, ids, weights)
-        self.last_load = counts.detach().float()
-        if self.training:
-            self.last_balance_loss = sequence_balance_loss(scores.view(B, T, -1), self.top_k)
+        if router_stats is not None:
+            router_stats.load[self.layer_idx] = counts.detach().float()
+            if router_stats.balance:
+                router_stats.balance_loss[self.layer_idx] = sequence_balance_loss(scores.view(B, T, -1), self.top_k)
         out = routed.view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -14,12 +14,12 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import AttentionContext, RMSNorm
+from nanoseek.model.block import Block
+from nanoseek.model.moe import RouterStats
 
 
 class MTPModule(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
-        from nanoseek.model.transformer import Block  # a block like any other (cyclic import otherwise)
-
         super().__init__()
         D = config.hidden_size
         self.enorm = RMSNorm(D, config.rms_norm_eps)
@@ -28,7 +28,8 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)  # TRM_k
         self.norm = RMSNorm(D, config.rms_norm_eps)  # shared_head.norm, before the shared OutHead
 
-    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, ctx: AttentionContext,
+                router_stats: RouterStats | None = None) -> torch.Tensor:
         """h_prev: (B, T, D) depth k-1 states of tokens i; next_emb: (B, T, D) Emb(t_{i+k}) -> h^k: (B, T, D)."""
         x = self.eh_proj(torch.cat((self.enorm(next_emb), self.hnorm(h_prev)), dim=-1))
-        return self.block(x, ctx)
+        return self.block(x, ctx, router_stats)

@@ -9,28 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nanoseek import hf
 from nanoseek.cache import KVCache, cache_widths
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MHA, MLA, AttentionContext, RMSNorm
-from nanoseek.model.moe import MLP, Experts, Gate, MoE
+from nanoseek.model.attention import MLA, AttentionContext, RMSNorm
+from nanoseek.model.block import Block
+from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.rope import RotaryEmbedding
-
-
-class Block(nn.Module):
-    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); FFN is dense in the first k layers, MoE after."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config) if config.attention_type == "mla" else MHA(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
@@ -85,6 +71,7 @@ class Transformer(nn.Module):
         input_lengths: torch.Tensor | None = None,
         return_mtp: bool = False,
         return_hidden: bool = False,
+        router_stats: RouterStats | None = None,
     ):
         """input_ids: (B, T) -> logits (B, T, vocab).
 
@@ -92,22 +79,24 @@ class Transformer(nn.Module):
         ``input_lengths`` (B,) (default T: all new tokens are real; shorter rows are right-padded).
         ``return_mtp`` adds the MTP logits: a list, depth k giving (B, T-k, vocab) where row i predicts t_{i+k+1}.
         ``return_hidden`` returns the final normed hidden states (B, T, D) instead of logits, so a caller can
-        apply ``lm_head`` in chunks.
+        apply ``lm_head`` in chunks. ``router_stats`` collects every MoE layer's expert load (and, if asked, its
+        balance loss), the MTP modules' included.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
         ctx = self.context(B, T, cache, x.dtype)
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, router_stats)
         h = self.norm(x)
         if cache is not None:
             cache.lengths += T if input_lengths is None else input_lengths
         out = h if return_hidden else self.lm_head(h)
         if return_mtp:
-            return out, self.mtp_logits(h, input_ids)
+            return out, self.mtp_logits(h, input_ids, router_stats)
         return out
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor,
+                   router_stats: RouterStats | None = None) -> list[torch.Tensor]:
         """Training-time MTP chain (V3 eq. 21-22): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T})."""
         T = input_ids.shape[1]
         out = []
@@ -115,7 +104,7 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             ctx = self.context(h.shape[0], T - k, None, h.dtype)
-            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx)
+            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx, router_stats)
             out.append(self.lm_head(module.norm(h)))
         return out
 
@@ -181,12 +170,25 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
         """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""
-        from nanoseek.hf import load_pretrained
-
-        return load_pretrained(directory, dtype=dtype)
+        directory = Path(directory)
+        config = hf.read_config(directory)
+        state = hf.read_state_dict(directory, config)
+        if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
+            # transformers drops the MTP module when it saves; load the main model without it
+            config = config.replace(num_nextn_predict_layers=0)
+        with torch.device("meta"):
+            model = cls(config)
+        hf.check_state_dict(state, model.state_dict(), directory)
+        target = dtype or torch.float32
+        for k, v in state.items():
+            keep_fp32 = k.endswith(hf.FP32_TENSORS) or not v.is_floating_point()
+            state[k] = v.to(torch.float32 if keep_fp32 else target)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary = RotaryEmbedding(config)  # the RoPE table is not in the state dict: build it off the meta device
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
-        """Write config.json + safetensors under the Hugging Face names (atomically, via a temp directory)."""
-        from nanoseek.hf import save_pretrained
-
-        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)
+        """Write config.json + safetensors under the Hugging Face names (each file atomically)."""
+        hf.write_pretrained(self.state_dict(), self.config, directory, max_shard_bytes=max_shard_bytes)

@@ -29,7 +29,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.data import IGNORE, Batch, make_data
 from nanoseek.distributed import all_reduce_, barrier, cleanup, init_distributed, is_main, wrap_model
 from nanoseek.metrics import MetricsLogger
-from nanoseek.model.moe import update_expert_bias
+from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import cli_args
@@ -70,7 +70,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient clipping norm (0 disables)", min=0)
     mtp_lambda: float = option(0.3, "λ of the MTP loss (V3: 0.3, later 0.1)", min=0)
     bias_gamma: float = option(1e-3, "γ of the aux-loss-free bias update (V3: 0.001; 0 turns it off)", min=0)
-    balance_alpha: float = option(1e-4, "α of the sequence-wise balance loss (V3: 0.0001)", min=0)
+    balance_alpha: float | None = option(None, "α of the sequence-wise balance loss (V3: 0.0001; default: the "
+                                          "model config's aux_loss_alpha)", min=0)
     bf16: bool = option(False, "bf16 autocast on the training device (fp32 master weights)")
     seed: int = option(0, "seed of the model init and the data order")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
@@ -153,19 +154,20 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
 
 # ---------------------------------------------------------------------- one step
 def micro_loss(model: nn.Module, base: Transformer, batch: Batch, cfg: TrainConfig, n_tokens: list[int],
-               rows_scale: float, use_mtp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               rows_scale: float, use_mtp: bool, router_stats: RouterStats | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed-then-normalised loss of one micro-batch and its parts' sums (ce, mtp_ce_k..., balance) for logging.
 
     n_tokens[k]: loss tokens of the whole global batch at depth k (0: next token); rows_scale: this micro-batch's
-    share of the global batch's sequences (the balance loss is a per-sequence mean).
+    share of the global batch's sequences (the balance loss is a per-sequence mean); router_stats: filled with
+    this forward's expert loads (a fresh one if None).
     """
-    for moe in base.moe_layers():
-        moe.last_load = moe.last_balance_loss = None
+    stats = RouterStats(balance=True) if router_stats is None else router_stats
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         if use_mtp:
-            logits, mtp_logits = model(batch.input_ids, return_mtp=True)
+            logits, mtp_logits = model(batch.input_ids, return_mtp=True, router_stats=stats)
         else:
-            logits, mtp_logits = model(batch.input_ids), []
+            logits, mtp_logits = model(batch.input_ids, router_stats=stats), []
     V = logits.shape[-1]
     ce = F.cross_entropy(_fp32(logits).view(-1, V), batch.targets.view(-1), ignore_index=IGNORE, reduction="sum")
     loss = ce / max(n_tokens[0], 1)
@@ -176,10 +178,10 @@ def micro_loss(model: nn.Module, base: Transformer, batch: Batch, cfg: TrainConf
                                reduction="sum")
         loss = loss + cfg.mtp_lambda / D * ce_k / max(n_tokens[k], 1)
         parts.append(ce_k.detach())
-    balance = sum((m.last_balance_loss for m in base.moe_layers() if m.last_balance_loss is not None),
-                  torch.zeros((), device=logits.device))
-    if cfg.balance_alpha > 0:
-        loss = loss + cfg.balance_alpha * balance * rows_scale
+    balance = sum(stats.balance_loss.values(), torch.zeros((), device=logits.device))
+    alpha = base.config.aux_loss_alpha if cfg.balance_alpha is None else cfg.balance_alpha
+    if alpha > 0:
+        loss = loss + alpha * balance * rows_scale
     parts.append(balance.detach() * rows_scale)
     return loss, torch.stack([p.double() for p in parts])
 
@@ -248,13 +250,14 @@ def train(cfg: TrainConfig) -> dict:
                 lo = rank * per_rank + i * micro
                 mb = batch.rows(slice(lo, lo + micro)).to(device)
                 last = i == cfg.grad_accum - 1
+                stats = RouterStats(balance=True)
                 with _no_sync(net, fsdp) if not last else contextlib.nullcontext():
-                    loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp)
+                    loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp, stats)
                     (loss * world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
                 sums[:-1] += parts
                 for load, m in zip(loads, moes):
-                    if m.last_load is not None:
-                        load += m.last_load
+                    if m.layer_idx in stats.load:
+                        load += stats.load[m.layer_idx]
             grad_norm = _clip(model, cfg.grad_clip)
             optimizer.step()
             sums[-1] = float(stop.requested)

@@ -142,7 +142,8 @@ class RLTrainer:
         return collect(
             self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
             num_generations=cfg.num_generations,
-            params=SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k),
+            params=SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p),
             seed=lambda r: (base + r) * 64 + self.rank, informative_only=getattr(cfg, "dynamic_sampling", False),
             max_resample_rounds=getattr(cfg, "max_resample_rounds", 0),
         )

@@ -1,0 +1,94 @@
+"""Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
+
+``sample`` draws one token per row from temperature-scaled logits cut to top-k and then to the top-p nucleus, and
+returns each token's log-prob under the distribution it was drawn from (what a policy-gradient ratio needs).
+``sample_rows`` samples a batch whose rows carry different parameters and generators: rows that share both are
+drawn in one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own
+generator (its text does not depend on what else is in the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (OpenAI's request fields, in nanoseek's names)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None  # a private generator: the same text whatever else is in the batch
+    stop_token_ids: tuple[int, ...] = ()  # the stop token ends the output and is included in the token ids
+    stop: tuple[str, ...] = field(default=())  # stop strings: the text ends before the first one
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            problems.append(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be >= 1 (or None for no cut), got {self.top_k!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from.
+
+    temperature 0 is greedy (argmax; its log-prob is under the plain softmax). Otherwise the logits are divided
+    by ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches
+    ``top_p`` (nucleus; the most likely token always stays), renormalized, and sampled.
+    """
+    logits = logits.float()
+    if temperature == 0.0:
+        tokens = logits.argmax(-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logp = logits.log_softmax(-1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> tuple[list[int], list[float]]:
+    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs) as lists.
+
+    Rows with equal (temperature, top_k, top_p) and the same generator object are sampled in one ``sample`` call,
+    in row order; greedy rows ignore their generator."""
+    groups: dict[tuple, list[int]] = {}
+    for b, (p, g) in enumerate(zip(params, generators)):
+        key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(g))
+        groups.setdefault(key, []).append(b)
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    logps = torch.empty(len(params), dtype=torch.float32, device=logits.device)
+    for rows in groups.values():
+        p = params[rows[0]]
+        idx = torch.tensor(rows, device=logits.device) if len(rows) < len(params) else slice(None)
+        tokens[idx], logps[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, generators[rows[0]])
+    return tokens.tolist(), logps.tolist()

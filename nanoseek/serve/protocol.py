@@ -1,0 +1,135 @@
+"""OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``), checked field by field.
+
+Unknown fields are refused (as OpenAI does), and so are known ones nanoseek does not implement with a value that
+would change the output (penalties, logit_bias, tools, top_logprobs): a setting either works or is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nanoseek.engine import SamplingParams
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class APIError(Exception):
+    """A client error, answered as ``{"error": {message, type, param, code}}`` with ``status``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM and SGLang accept it too
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _stop_not_empty(self):
+        if self.stop == "":
+            raise ValueError("stop must be a non-empty string or a list of them")
+        return self
+
+    def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...], index: int) -> SamplingParams:
+        """The engine's parameters for choice ``index`` (a seed is offset per choice so n > 1 choices differ)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        seed = None if self.seed is None else self.seed + index
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=seed, stop_token_ids=stop_token_ids, stop=stop)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: NonNegInt | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # the sampled tokens' log-probs; top-k alternatives: no
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
+    suffix: None = None
+
+    @model_validator(mode="after")
+    def _prompt_not_empty(self):
+        if self.prompt in ("", []) or (isinstance(self.prompt, list) and any(p in ("", []) for p in self.prompt)):
+            raise ValueError("prompt must not be empty")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]  # a string, or text parts (joined)
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """The message as a chat template reads it: content as one string."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: NonNegInt | None = None
+    max_completion_tokens: NonNegInt | None = None
+    logprobs: bool = False
+    top_logprobs: Literal[0] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return self
+
+
+def _type_tag(item) -> bool:
+    """pydantic puts the union member tried into an error's location ('str', 'list[int]', ...): not a field."""
+    return isinstance(item, str) and (item in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in item
+                                      or item.startswith(("function-", "constrained-")))
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic's first error as an OpenAI error naming the field."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _type_tag(x)]
+    param = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
+    if e.get("type") == "extra_forbidden":
+        return APIError(f"unrecognized request argument supplied: {param}", param)
+    if e.get("type") == "missing":
+        return APIError(f"missing required parameter: {param}", param)
+    return APIError(f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})",
+                    param)

@@ -1,0 +1,77 @@
+"""A tiny model with a byte-level BPE tokenizer (multi-byte UTF-8 in its vocabulary) served by `nanoseek serve` in a
+subprocess on a free 127.0.0.1 port: shared by test_serve.py and test_chat_page.py."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.tokenizer import Tokenizer
+
+TEXT = "naïve café — 日本語のテキスト, emoji 🙂🚀 and ascii words, Ünïcödé façade, 中文字符 ✓ ∑ ≠ ∞.\n" * 20
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, directory: Path, model: Transformer, tokenizer: Tokenizer, proc: subprocess.Popen, port: int):
+        self.directory, self.model, self.tokenizer, self.proc = directory, model, tokenizer, proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.name = directory.name
+        self.log = directory.parent / "server.log"
+
+
+def start_server(tmp: Path) -> Served:
+    (tmp / "text.txt").write_text(TEXT, encoding="utf-8")
+    tok = Tokenizer.train_bpe([tmp / "text.txt"], vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3, num_nextn_predict_layers=0,
+                                eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    model = Transformer(config).eval()
+    directory = tmp / "tiny-bpe"
+    model.save_pretrained(directory)
+    tok.save(directory)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(tmp / "server.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
+             "--cache-memory", "1", "--max-batch", "24", "--prefill-chunk", "16", "--device", "cpu"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+        )
+    served = Served(directory, model, tok, proc, port)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{served.log.read_text()}")
+        try:
+            if httpx.get(served.url + "/health", timeout=1).status_code == 200:
+                return served
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the server did not answer /health in 120 s:\n{served.log.read_text()}")
+
+
+def stop_server(served: Served, timeout: float = 30) -> int:
+    """SIGTERM, then the exit code (the server must exit by itself within ``timeout``)."""
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGTERM)
+    try:
+        return served.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        raise

@@ -13,12 +13,13 @@ nanoseek's own tokenizers (char and BPE) carry ``DEFAULT_CHAT_TEMPLATE``, saved 
     System: You are terse.            <- the system message, if any, then an empty line
 
     User: What is 2+3?                <- each user turn, newline-terminated
-    Assistant: 5<eos>                 <- each assistant turn ends with the EOS token, then a newline
+    Assistant: 5<eos>                 <- each assistant turn ends with the EOS token (then a newline, if more follows)
     User: And 2+4?
     Assistant:                        <- the generation prompt: "Assistant: " (a trailing space)
 
-so a prompt rendered with the generation prompt, followed by the assistant's content and ``<eos>``, is exactly the
-rendering of the longer conversation: the SFT target of a reply is its content plus EOS.
+so a prompt rendered with the generation prompt, followed by the reply and ``<eos>``, is exactly the rendering of
+the conversation that ends with that reply: the SFT target of a reply is its content plus EOS, and the policy
+stops sampling where the template ends the turn.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\\n\\n' }}"
     "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
     "{% else %}{{ raise_exception('unknown role ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
@@ -138,7 +140,7 @@ def _from_directory(directory: Path) -> ChatTemplate:
 
 def chat_template(source) -> ChatTemplate:
     """The chat template of ``source``: a checkpoint/tokenizer directory, nanoseek's ``Tokenizer``, a transformers
-    tokenizer, or an object wrapping one in ``.tok`` (``nanoseek.train.grpo.HFTokenizer``)."""
+    tokenizer, or an object wrapping one in ``.tok`` (``nanoseek.tokenizer.TransformersTokenizer``)."""
     if isinstance(source, ChatTemplate):
         return source
     if isinstance(source, (str, Path)):
@@ -178,15 +180,25 @@ def prompt_text(template: ChatTemplate | None, prompt: str | list[dict], system_
     return template.render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
 
-def sft_texts(template: ChatTemplate | None, prompt: str | list[dict], completion: str | list[dict],
-              system_prompt: str | None = None) -> tuple[str, str]:
-    """(prompt text, completion text) of one SFT row; the loss goes on the completion text only.
+def encode_prompt(tokenizer, template: ChatTemplate | None, text: str) -> list[int]:
+    """A prompt's token ids: BOS (when the tokenizer has one) and the text, except when the chat template already
+    wrote the BOS token at its start (Llama's templates do), so BOS is never doubled."""
+    bos = dict(template.special_tokens).get("bos_token") if template is not None else None
+    has_bos = getattr(tokenizer, "bos_id", None) is not None and not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_bos=has_bos)
 
-    Plain strings are used as they are. A conversational row (prompt messages, completion ``[{"role":
-    "assistant", ...}]``) is rendered whole, and the completion text is what the completion adds after the prompt
-    rendered with the generation prompt (with the default template: the reply, ``<eos>`` and a newline)."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return prompt_text(template, prompt, system_prompt), completion
+
+def sft_texts(template: ChatTemplate | None, prompt: str | list[dict], completion: str | list[dict],
+              system_prompt: str | None = None) -> tuple[str, str, bool]:
+    """(prompt text, completion text, whether to append EOS) of one SFT row; the loss goes on the completion.
+
+    Plain strings (without ``system_prompt``) are used as they are, and the trainer appends EOS (True). Else the
+    row is a conversation (prompt messages, completion ``[{"role": "assistant", ...}]``; a string on either side
+    becomes a user / assistant message) rendered whole, and the completion text is what it adds after the prompt
+    rendered with the generation prompt. That ends with the template's own end of turn (``<eos>`` with the default
+    template), so no EOS is appended (False), as TRL does."""
+    if isinstance(prompt, str) and isinstance(completion, str) and system_prompt is None:
+        return prompt, completion, True
     if template is None:
         raise ValueError("conversational SFT rows need a chat template; this tokenizer has none")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -197,4 +209,4 @@ def sft_texts(template: ChatTemplate | None, prompt: str | list[dict], completio
     if not full.startswith(head):
         raise ValueError("the chat template renders the prompt differently inside the whole conversation, so the "
                          f"completion cannot be cut off: {head[-60:]!r} vs {full[:len(head)][-60:]!r}")
-    return head, full[len(head):]
+    return head, full[len(head):], False

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("nanoseek.train.grpo", "GRPO reinforcement learning with verifiable rewards"),
     "ppo": ("nanoseek.train.ppo", "the PPO (critic) baseline, for comparison with GRPO"),
     "generate": ("nanoseek.generate", "sample from a checkpoint with the latent KV cache"),
+    "sample": ("nanoseek.sample", "K completions per prompt, scored; keep the verified ones as an SFT dataset"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server with continuous batching, and a chat page"),
     "eval": ("nanoseek.evaluate", "held-out accuracy of a checkpoint on a built-in task"),
     "tokenizer": ("nanoseek.tokenizer_cli", "train a byte-level BPE tokenizer on local text"),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, chat_template, prompt_text, render_chat, sft_texts
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, chat_template, encode_prompt, prompt_text, render_chat, sft_texts
 from nanoseek.tokenizer import Tokenizer
 
 CONVERSATION = [
@@ -42,7 +42,7 @@ def test_default_template_exact_text(tmp_path):
     assert render_chat(tok, CONVERSATION, system_prompt="Be brief.") == expected
     # the EOS of an assistant turn is one token
     ids = tok.encode(render_chat(tok, CONVERSATION[:3], add_generation_prompt=False))
-    assert ids.count(tok.eos_id) == 1 and ids[-2] == tok.eos_id
+    assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -91,6 +91,11 @@ def test_llama_style_template_matches_transformers(tmp_path):
     assert ref == "<s>[INST] <<SYS>>\nSys.\n<</SYS>>\n\n Hi [/INST] There. </s><s>[INST] Again? [/INST]"
     assert render_chat(directory, convo) == ref
     assert render_chat(hf, convo) == ref
+    from nanoseek.tokenizer import TransformersTokenizer
+
+    wrapped = TransformersTokenizer(hf)  # the trainers' wrapper: the template's own <s> is not doubled
+    assert encode_prompt(wrapped, chat_template(wrapped), ref) == hf.encode(ref, add_special_tokens=False)
+    assert encode_prompt(wrapped, None, "hi") == [1, 5]
     # the same template written into tokenizer_config.json (older transformers) instead of chat_template.jinja
     (directory / "chat_template.jinja").unlink()
     config = json.loads((directory / "tokenizer_config.json").read_text())
@@ -139,9 +144,13 @@ def test_prompt_and_sft_texts():
     assert prompt_text(t, "37+48=") == "37+48="  # plain strings as they are (TRL's standard format)
     assert prompt_text(t, "37+48=", system_prompt="Add.") == "System: Add.\n\nUser: 37+48=\nAssistant: "
     assert prompt_text(t, CONVERSATION[1:2]) == "User: What is 2+3?\nAssistant: "
-    assert sft_texts(t, "2+3=", "5") == ("2+3=", "5")
-    head, tail = sft_texts(t, CONVERSATION[1:2], [{"role": "assistant", "content": "5"}])
-    assert (head, tail) == ("User: What is 2+3?\nAssistant: ", "5<eos>\n")
-    assert sft_texts(t, "What is 2+3?", [{"role": "assistant", "content": "5"}]) == (head, tail)
+    assert sft_texts(t, "2+3=", "5") == ("2+3=", "5", True)
+    row = sft_texts(t, CONVERSATION[1:2], [{"role": "assistant", "content": "5"}])
+    assert row == ("User: What is 2+3?\nAssistant: ", "5<eos>", False)
+    assert sft_texts(t, "What is 2+3?", [{"role": "assistant", "content": "5"}]) == row
+    assert sft_texts(t, "What is 2+3?", "5", system_prompt="Be brief.") == \
+        ("System: Be brief.\n\nUser: What is 2+3?\nAssistant: ", "5<eos>", False)
     with pytest.raises(ValueError, match="need a chat template"):
         prompt_text(None, CONVERSATION)
+    tok = Tokenizer.char()
+    assert encode_prompt(tok, t, "User: hi") == tok.encode("User: hi", add_bos=True)

@@ -290,3 +290,127 @@ def test_math_reward_works_off_the_main_thread():
 
     with ThreadPoolExecutor(1) as pool:  # math-verify's signal-based timeout would raise here
         assert pool.submit(math_reward, None, [r"\boxed{1/2}", "#### 3"], answer=["0.5", "4"]).result() == [1.0, 0.0]
+
+
+# ---- reward functions by import path, dataset columns, required columns ------------------------------------------
+
+REWARD_MODULE = '''
+def echo(prompts, completions, completion_ids, answer, level, **kwargs):
+    """level*10 + number of completion tokens if the row's answer is in its completion, else -1."""
+    out = []
+    for p, c, ids, a, lv in zip(prompts, completions, completion_ids, answer, level):
+        text = c if isinstance(p, str) else c[0]["content"]  # conversational: [{"role": "assistant", ...}]
+        assert isinstance(p, str) == isinstance(c, str)
+        out.append(lv * 10 + len(ids) if a in text else -1.0)
+    return out
+
+NOT_A_FUNCTION = 3
+'''
+
+
+def test_reward_by_import_path_gets_row_aligned_columns(tmp_path, monkeypatch):
+    import json
+
+    from nanoseek.datasets import load_prompts
+    from nanoseek.rewards import check_reward_columns, trl_completions
+
+    (tmp_path / "myrewards").mkdir()
+    (tmp_path / "myrewards" / "__init__.py").write_text("")
+    (tmp_path / "myrewards" / "acc.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"prompt": "a?", "answer": "x", "level": 1},
+            {"prompt": [{"role": "user", "content": "b?"}], "answer": "y", "level": 2},
+            {"prompt": "c?", "answer": "z", "level": 3}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_prompts(tmp_path / "d.jsonl")
+    batch = ds.batch(0, 3, seed=2)  # shuffled: alignment is what is tested
+    assert [r.answer for r in batch] != ["x", "y", "z"]
+    texts = {"x": "it is x", "y": "it is y", "z": "no idea"}
+    prompts = [r.prompt for r in batch]
+    completions = trl_completions(prompts, [texts[r.answer] for r in batch])
+    ids = [[7] * len(texts[r.answer]) for r in batch]
+    expected = [{"x": 17.0, "y": 27.0, "z": -1.0}[r.answer] for r in batch]
+    for name in ("myrewards.acc:echo", "myrewards.acc.echo", f"{tmp_path}/myrewards/acc.py:echo"):
+        fn = get_reward_fn(name)
+        check_reward_columns([fn], ds.columns)
+        for timeout in (None, 10.0):  # in process, and in the forked worker
+            res = compute_rewards([fn], None, prompts, completions, ds.columns_of(batch), timeout_s=timeout,
+                                  completion_ids=ids)
+            assert res.errors == {} and res.per_fn["echo"] == expected
+
+
+def test_reward_module_in_the_current_directory(tmp_path, monkeypatch):
+    """`nanoseek grpo --reward-funcs my_rewards:fn` run where my_rewards.py is, as `python -m` would find it."""
+    (tmp_path / "cwd_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    assert get_reward_fn("cwd_rewards:echo").__module__ == "cwd_rewards"
+
+
+@pytest.mark.parametrize("name, match", [
+    ("nope", "unknown reward function 'nope'; built-in: .*math.*; or give an import path"),
+    ("no_such_pkg.mod:fn", r"no module 'no_such_pkg.mod' on PYTHONPATH or in the current directory"),
+    ("rw_mod:missing", r"module 'rw_mod' \(.*rw_mod.py\) has no attribute 'missing'; its functions: echo"),
+    ("rw_mod:NOT_A_FUNCTION", r"rw_mod.NOT_A_FUNCTION is a int, not callable"),
+    ("rw_broken.fn", r"importing 'rw_broken' failed: No module named 'not_installed_dep'"),
+    ("rw_raises:fn", r"importing 'rw_raises' raised ZeroDivisionError"),
+    ("missing_file.py:fn", r"no file missing_file.py"),
+])
+def test_reward_import_errors(tmp_path, monkeypatch, name, match):
+    (tmp_path / "rw_mod.py").write_text(REWARD_MODULE)
+    (tmp_path / "rw_broken.py").write_text("import not_installed_dep\n")
+    (tmp_path / "rw_raises.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        get_reward_fn(name)
+
+
+def test_check_reward_columns_names_function_and_dataset():
+    from nanoseek.rewards import check_reward_columns, required_columns
+
+    def needs_tests(prompts, completions, tests, completion_ids, timeout=3, **kw):
+        return [0.0] * len(completions)
+
+    assert required_columns(math_reward) == (("answer", "solution"),)
+    assert required_columns(needs_tests) == (("tests",),)
+    assert required_columns(get_reward_fn("countdown")) == (("numbers",), ("target",))
+    assert required_columns(format_reward) == ()
+    task_columns = {"answer", "example"}  # what a built-in task gives
+    check_reward_columns([task_reward(get_task("arithmetic")), math_reward, format_reward], task_columns)
+    check_reward_columns([math_reward], {"solution"})
+    with pytest.raises(ValueError, match=r"reward function code_reward needs the column 'tests', which task "
+                                         r"arithmetic lacks \(its columns: answer, example\)"):
+        check_reward_columns([math_reward, code_reward], task_columns, "task arithmetic")
+    with pytest.raises(ValueError, match=r"math_reward needs the column 'answer' or 'solution', which data.jsonl "
+                                         r"lacks \(its columns: level\)"):
+        check_reward_columns([math_reward], {"level"}, "data.jsonl")
+    with pytest.raises(ValueError, match="needs_tests needs the column 'tests'"):
+        check_reward_columns([needs_tests], {"answer"})
+
+
+def test_math_reward_on_gsm8k_answers():
+    gold = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "#### 1,000"]
+    completions = [[{"role": "assistant", "content": r"48 + 24 = 72, so \boxed{72}"}], "So 1000.\n#### 1000"]
+    assert math_reward([[{"role": "user", "content": "q"}], "q"], completions, answer=gold) == [1.0, 1.0]
+    assert math_reward(["q", "q"], ["#### 71", r"\boxed{100}"], answer=gold) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("5+3=8\n8-2=6\n#### 6", True), ("work\n#### 1,000\n", True), ("x\n####-3", True),
+    ("#### 6", False),  # no work
+    ("5+3=8\n#### 6\nmore", False), ("5+3=8\n#### six", False), ("5+3=8\n\n#### 6 7", False),
+    ("a # b\n#### 6", False), ("5+3=8 #### 8", False),
+])
+def test_gsm8k_format_reward(text, ok):
+    assert get_reward_fn("format_gsm8k")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("5+3=8\n8-2=6\n#### 6", True), ("7*5=35\n35-26=9\n#### 9", True), ("12/3=4\n#### 4", True),
+    (" 3 - 5 = -2", True),
+    ("7*5=32\n4+19=37\n#### 32", False),  # the right answer after wrong work (seen from a tiny model)
+    ("#### 6", False),  # no work
+    ("5+3=8\n8-2=7", False), ("5/0=0", False), ("7/2=3", False), ("5+3+1=9", False), ("x=5", False),
+])
+def test_equations_reward(text, ok):
+    assert get_reward_fn("equations")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2

@@ -1,19 +1,36 @@
-"""Verifiable reward functions with TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``,
-a registry, a task adapter, and ``compute_rewards``, which contains failing or hanging functions; process rewards
-(per-step, ``nanoseek.rewards.process``) and ``compute_process_rewards``, which contains them the same way."""
+"""Verifiable reward functions with TRL's signature
+``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, a registry, a task adapter, and
+``compute_rewards``, which contains failing or hanging functions; process rewards (per-step,
+``nanoseek.rewards.process``) and ``compute_process_rewards``, which contains them the same way.
+
+As in TRL: ``prompts[i]`` is the dataset's prompt (a string, or a list of ``{"role", "content"}`` messages),
+``completions[i]`` the sampled text, or ``[{"role": "assistant", "content": text}]`` when the prompt is
+conversational (``trl_completions``), ``completion_ids[i]`` its token ids, and every other dataset column arrives as
+a keyword list aligned with the completions (row i of each column belongs to completion i). None means "no reward
+for this sample"; it counts as 0 in the total and is left out of the function's mean.
+
+``get_reward_fn`` takes a built-in name or an import path; ``check_reward_columns`` refuses, before training, a
+reward function that needs a column the dataset lacks.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
 import multiprocessing
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import isnan, nan  # (the name `math` is the submodule nanoseek.rewards.math here)
+from pathlib import Path
 
 from nanoseek.rewards.code import code_reward
 from nanoseek.rewards.countdown import countdown_reward
-from nanoseek.rewards.format import completion_text, format_reward, lenient_format_reward
-from nanoseek.rewards.math import math_reward
+from nanoseek.rewards.format import completion_text, format_reward, gsm8k_format_reward, lenient_format_reward
+from nanoseek.rewards.math import equations_reward, math_reward
 from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
 from nanoseek.rewards.sandbox import require_bwrap
 
@@ -25,6 +42,8 @@ REWARD_FNS: dict[str, RewardFn] = {
     "math": math_reward,
     "format": format_reward,
     "format_lenient": lenient_format_reward,
+    "format_gsm8k": gsm8k_format_reward,
+    "equations": equations_reward,
     "countdown": countdown_reward,
     "code": code_reward,
 }
@@ -33,11 +52,86 @@ _IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.valu
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    if name not in REWARD_FNS:
-        raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}")
+    """A reward function by name: a built-in (``REWARD_FNS``), or an import path, ``package.module:function``,
+    ``package.module.function`` or ``path/to/file.py:function``. Modules are imported from ``sys.path`` (which
+    includes PYTHONPATH) and the current directory, as ``python -m`` would."""
     if name == "code":
         require_bwrap()  # refuse now, at the start of a run: compute_rewards would turn each step's error into None
-    return REWARD_FNS[name]
+    if name in REWARD_FNS:
+        return REWARD_FNS[name]
+    if ":" not in name and "." not in name:
+        raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}; or give "
+                         "an import path, package.module:function")
+    module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    module = _import(module_name, name)
+    if not hasattr(module, attr):
+        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"reward function {name!r}: module {module_name!r} ({module.__file__}) has no attribute "
+                         f"{attr!r}; its functions: {', '.join(public) or 'none'}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"reward function {name!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def _import(module_name: str, spec: str):
+    """The module of a reward import path; errors say which module is missing and where it was looked for."""
+    path = Path(module_name)
+    if module_name.endswith(".py") and not path.is_file():
+        raise ValueError(f"reward function {spec!r}: no file {path}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        if not module_name.endswith(".py"):
+            return importlib.import_module(module_name)
+        loader = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
+        loader.loader.exec_module(module)
+        return module
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(f"reward function {spec!r}: no module {module_name!r} on PYTHONPATH or in the current "
+                             f"directory {os.getcwd()}") from None
+        raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise ValueError(f"reward function {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+
+
+def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
+    """The dataset columns ``fn`` needs, as groups of which one column must be present: its ``required_columns``
+    attribute if it sets one (``math_reward``: ``(("answer", "solution"),)``), else the keyword parameters of its
+    signature without a default after ``prompts, completions`` (``def f(prompts, completions, tests, **kw)``
+    needs ``tests``); ``completion_ids`` is always given."""
+    declared = getattr(fn, "required_columns", None)
+    if declared is not None:
+        return tuple((g,) if isinstance(g, str) else tuple(g) for g in declared)
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple((p.name,) for p in params
+                 if p.kind in kinds and p.default is p.empty and p.name != "completion_ids")
+
+
+def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the dataset") -> None:
+    """Raise ValueError, naming the function and the dataset, if a reward function needs a column (see
+    ``required_columns``) that ``columns`` (the dataset's column names) lacks. Call it once before training."""
+    have = set(columns)
+    for fn in fns:
+        for group in required_columns(fn):
+            if not have & set(group):
+                raise ValueError(
+                    f"reward function {reward_name(fn)} needs the column {' or '.join(map(repr, group))}, which "
+                    f"{dataset} lacks (its columns: {', '.join(sorted(have)) or 'none besides the prompt'}); "
+                    "rename one with --answer-column, add it to the data, or choose another reward function")
+
+
+def trl_completions(prompts: list, texts: list[str]) -> list:
+    """Completions as TRL passes them to reward functions: the text for a string prompt, a one-message
+    conversation ``[{"role": "assistant", "content": text}]`` for a conversational prompt."""
+    return [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
 
 
 def reward_name(fn: RewardFn) -> str:
@@ -59,6 +153,7 @@ def task_reward(task) -> RewardFn:
         return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
 
     reward.__name__ = f"{task.name}_reward"
+    reward.required_columns = (("example", "answer"),)
     return reward
 
 
@@ -124,18 +219,20 @@ def compute_rewards(
     completions: list,
     columns: dict | None = None,
     timeout_s: float | None = 60.0,
+    completion_ids: list[list[int]] | None = None,
 ) -> RewardResult:
     """Weighted rewards of N completions, surviving bad reward functions.
 
     A function that raises, returns the wrong number of values, or (with ``timeout_s``) runs longer than
     ``timeout_s`` gives None for all its samples and is logged with ``logging.warning``; the others still count.
     Built-in functions run in-process; others run in a forked worker when ``timeout_s`` is set (a thread cannot
-    be stopped), so a hang is cut off. ``columns`` are the dataset columns passed as keyword arguments.
+    be stopped), so a hang is cut off. ``columns`` are the dataset columns passed as keyword arguments, with
+    ``completion_ids`` (the sampled token ids, TRL's argument) when given.
     """
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"compute_rewards: {len(reward_fns)} reward functions but {len(weights)} weights")
-    columns = columns or {}
+    columns = {**(columns or {}), **({} if completion_ids is None else {"completion_ids": completion_ids})}
     n = len(completions)
     total = [0.0] * n
     per_fn: dict[str, list[float | None]] = {}
@@ -186,5 +283,6 @@ def compute_process_rewards(
     return steps, errors
 
 
-__all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "compute_process_rewards",
-           "compute_rewards", "get_process_reward_fn", "get_reward_fn", "reward_name", "task_reward"]
+__all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "check_reward_columns",
+           "compute_process_rewards", "compute_rewards", "get_process_reward_fn", "get_reward_fn", "required_columns",
+           "reward_name", "task_reward", "trl_completions"]

@@ -1,5 +1,5 @@
 """DeepSeek-R1's output template (arXiv 2501.12948 §2.2.2, Table 1): the reasoning in ``<think>…</think>``
-followed by the final answer in ``<answer>…</answer>``."""
+followed by the final answer in ``<answer>…</answer>``; and GSM8K's: worked lines, then ``#### N`` last."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ _STRICT = re.compile(r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*"
                      r"<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z", re.DOTALL)
 # lenient: a think block followed (anywhere later) by a non-empty answer block
 _LENIENT = re.compile(r"<think>.*?</think>.*?<answer>\s*\S.*?</answer>", re.DOTALL)
+# GSM8K: one or more non-empty lines of work without "####", then a last line "#### N" (an integer)
+_GSM8K = re.compile(r"\A\s*(?:[^\n#]*[^\s#][^\n#]*\n)+####[ \t]*-?\d[\d,]*\s*\Z")
 
 
 def completion_text(completion) -> str:
@@ -41,3 +43,8 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 def lenient_format_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 if a think block is followed by a non-empty answer block anywhere in the completion, else 0.0."""
     return [1.0 if is_lenient_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def gsm8k_format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 for GSM8K's format (worked lines, then ``#### N`` as the last line, N an integer), else 0.0."""
+    return [1.0 if _GSM8K.match(completion_text(c)) else 0.0 for c in completions]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+from fractions import Fraction
 
 from math_verify import parse, verify
 
@@ -12,6 +13,7 @@ from nanoseek.rewards.countdown import extract_answer
 from nanoseek.rewards.format import completion_text
 
 _GSM8K = re.compile(r"####\s*([^\n]+)")
+_EQUATION = re.compile(r"\s*(-?\d+)\s*([-+*/])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
 
 
 def last_boxed(text: str) -> str | None:
@@ -80,3 +82,30 @@ def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> l
         pred_parsed = _parse_answer(pred) if pred is not None else []
         rewards.append(1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()) else 0.0)
     return rewards
+
+
+def equations_hold(text: str) -> bool:
+    """Every line with an ``=`` is one true step ``a op b = c`` (integers, op in + - * /), and there is one at
+    least: the worked solution checks, not only its final answer."""
+    lines = [line for line in text.split("\n") if "=" in line]
+    if not lines:
+        return False
+    for line in lines:
+        m = _EQUATION.fullmatch(line)
+        if m is None:
+            return False
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        if op == "/" and b == 0:
+            return False
+        if {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b or 1)}[op] != c:
+            return False
+    return True
+
+
+def equations_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the completion's worked steps are all true arithmetic (see ``equations_hold``), else 0.0: with
+    ``math`` under ``nanoseek sample --keep correct``, a lucky final answer after wrong work is not kept."""
+    return [1.0 if equations_hold(completion_text(c)) else 0.0 for c in completions]
+
+
+math_reward.required_columns = (("answer", "solution"),)  # one of them (see nanoseek.rewards.required_columns)

@@ -90,8 +90,9 @@ def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: i
 
 def get_task(name: str, **kwargs) -> Task:
     from nanoseek.tasks.arithmetic import ArithmeticTask
+    from nanoseek.tasks.gsm8k import GSM8KTask
 
-    tasks: dict[str, type] = {"arithmetic": ArithmeticTask}
+    tasks: dict[str, type] = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
     try:
         from nanoseek.tasks.countdown import CountdownTask
 

@@ -1,0 +1,319 @@
+"""Prompt datasets for RL, SFT, evaluation and sampling, in TRL's conventions.
+
+A row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a ``completion``
+(the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``, ``tests``, ...),
+which reward functions receive as keyword lists aligned with the completions. A row may instead hold the whole
+conversation in ``messages``: the prompt is everything before the final assistant message, which is the completion.
+
+Sources: local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, folders of them, or a Hugging Face hub
+dataset name (through ``datasets.load_dataset``). Built-in tasks become datasets with ``task_dataset`` (a fixed
+set of distinct problems) or ``TaskPrompts`` (fresh problems every step, with the same interface).
+Bad rows raise ValueError naming file, row and column. ``PromptDataset.batch(step, n, seed)`` gives a step's rows,
+a pure function of (seed, step), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from nanoseek.chat import check_messages
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One dataset row. ``columns`` holds every column but prompt/completion/messages, under the names the reward
+    functions see (the answer column is always called ``answer``). ``where`` says where it came from."""
+
+    prompt: str | list[dict]
+    completion: str | list[dict] | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+    @property
+    def answer(self) -> str | None:
+        a = self.columns.get("answer")
+        return None if a is None else str(a)
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class PromptDataset:
+    """Rows and the extra column names they carry (a row without one of them has None there)."""
+
+    name: str
+    rows: tuple[Row, ...]
+    columns: frozenset[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
+        """The n rows of ``step``: the rows in a fresh seeded shuffle every epoch, taken n at a time, so each row is
+        seen once per epoch (as TRL's sampler does); a pure function of (seed, step). ``round_`` > 0 (a
+        dynamic-sampling redraw within a step) walks another seeded order."""
+        N, start = len(self.rows), step * n
+        out: list[Row] = []
+        while len(out) < n:
+            epoch, offset = divmod(start + len(out), N)
+            order = _epoch_order(f"{seed}/{round_}/{epoch}", N)
+            out += [self.rows[i] for i in order[offset : offset + n - len(out)]]
+        return out
+
+    def columns_of(self, rows: list[Row]) -> dict[str, list]:
+        """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
+        return columns_of(rows, self.columns)
+
+    def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
+        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text, like the built-in
+        tasks (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
+        held = [int(hashlib.sha256(_key(r).encode()).hexdigest()[:8], 16) % eval_fraction == 0 for r in self.rows]
+        train = tuple(r for r, h in zip(self.rows, held) if not h)
+        evals = tuple(r for r, h in zip(self.rows, held) if h)
+        if not train or not evals:
+            raise ValueError(f"dataset {self.name}: {len(self.rows)} rows are too few to hold out one in "
+                             f"{eval_fraction}; give an evaluation dataset")
+        return (PromptDataset(f"{self.name}[train]", train, self.columns),
+                PromptDataset(f"{self.name}[eval]", evals, self.columns))
+
+
+@dataclass(frozen=True)
+class TaskPrompts:
+    """A built-in task behind ``PromptDataset``'s interface (``batch``, ``columns``, ``columns_of``), so a trainer
+    takes either: a step's rows are ``nanoseek.tasks.examples`` drawn fresh from (seed, step, round), as the GRPO
+    trainer draws them, with columns ``answer`` and ``example`` (what the task's own reward reads)."""
+
+    task: Any
+    split: str = "train"
+    columns: frozenset[str] = frozenset({"answer", "example"})
+
+    @property
+    def name(self) -> str:
+        return f"task {self.task.name}"
+
+    def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
+        from nanoseek.tasks import examples
+
+        exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
+        return [_task_row(ex, self.task, self.split) for ex in exs]
+
+    def columns_of(self, rows: list[Row]) -> dict[str, list]:
+        return columns_of(rows, self.columns)
+
+
+def columns_of(rows: list[Row], names) -> dict[str, list]:
+    """Columns ``names`` of ``rows`` as keyword lists aligned with the rows (None where a row lacks one)."""
+    return {c: [r.columns.get(c) for r in rows] for c in sorted(names)}
+
+
+def _task_row(ex, task, split: str) -> Row:
+    return Row(ex.prompt, ex.completion, {"answer": ex.answer, "example": ex}, f"task {task.name} {split}")
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(key: str, n: int) -> tuple[int, ...]:
+    """A seeded permutation of range(n), cached: consecutive steps walk the same epoch."""
+    order = list(range(n))
+    random.Random(key).shuffle(order)
+    return tuple(order)
+
+
+def _key(row: Row) -> str:
+    return row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
+
+
+# ---------------------------------------------------------------------- reading
+def _split_of(path: Path) -> str:
+    """The split a data file's name gives (``train-00000-of-00002.parquet`` -> ``train``), or ""."""
+    name = path.stem.lower().replace("-", "_").replace(".", "_").split("_")[0]
+    return name if name in SPLIT_NAMES else ""
+
+
+def _data_files(path: Path, split: str) -> list[Path]:
+    """The data files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
+    ``test-00000-of-00001.parquet``, ...) only those of ``split``."""
+    if path.is_file():
+        if path.suffix not in FORMATS:
+            raise ValueError(f"{path}: unknown format {path.suffix!r}; use {', '.join(FORMATS)}")
+        if split != "train":
+            raise ValueError(f"{path}: a single file has no {split!r} split; splits select among a folder's "
+                             "split-named files (train.jsonl, test.jsonl) or a hub dataset's splits")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
+    if not files:
+        raise ValueError(f"{path}: no {', '.join(FORMATS)} files in this folder")
+    splits = {_split_of(p) for p in files} - {""}
+    if not splits:
+        return files
+    if split not in splits:
+        raise ValueError(f"{path}: no files of split {split!r}; its files are named for {', '.join(sorted(splits))}")
+    return [p for p in files if _split_of(p) == split]
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row dict) for each row of one file; malformed content raises ValueError naming file and line."""
+    fmt = FORMATS[path.suffix]
+    text = path.read_text(encoding="utf-8") if fmt == "json" else ""
+    if fmt == "json" and not text.lstrip().startswith("["):  # JSON lines (also accepted in .json, as datasets does)
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} line {n}: a {type(obj).__name__}, expected a JSON object of columns")
+            yield f"{path} line {n}", obj
+    elif fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for n, obj in enumerate(data, start=1):
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} row {n}: a {type(obj).__name__}, expected a JSON object of columns")
+            yield f"{path} row {n}", obj
+    elif fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
+
+        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {n}", obj
+    else:
+        with path.open(newline="", encoding="utf-8") as f:
+            for n, obj in enumerate(csv.DictReader(f), start=1):
+                yield f"{path} row {n}", obj
+
+
+def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset {name!r} is not a local file or folder; hub datasets need the `datasets` "
+                         "package: pip install 'nanoseek[data]'") from None
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - hub/network/builder errors all mean: this dataset cannot be read
+        raise ValueError(f"dataset {name!r} (config {config}, split {split}): not a local file or folder, and "
+                         f"datasets.load_dataset failed: {type(e).__name__}: {e}") from None
+    for n, obj in enumerate(ds, start=1):
+        yield f"{name}[{split}] row {n}", obj
+
+
+def _parse_json_cell(value, where: str, column: str):
+    """CSV cells are strings: a conversational cell is a JSON list of messages."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where} column {column!r}: starts like a JSON list of messages but does not "
+                             "parse") from None
+    return value
+
+
+def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False):
+    value = _parse_json_cell(value, where, column)
+    if isinstance(value, str):
+        if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
+            raise ValueError(f"{where} column {column!r}: empty")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"{where} column {column!r}: a {type(value).__name__}; give a string or a list of "
+                         "{'role', 'content'} messages")
+    check_messages(value, f"{where} column {column!r}")
+    if assistant_only and any(m["role"] != "assistant" for m in value):
+        raise ValueError(f"{where} column {column!r}: a completion holds assistant messages only")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str, messages_column: str,
+              answer_column: str | None) -> Row:
+    if prompt_column in obj:
+        if obj[prompt_column] is None:
+            raise ValueError(f"{where} column {prompt_column!r}: missing value (null)")
+        prompt = _check_text_or_messages(obj[prompt_column], where, prompt_column)
+        completion = obj.get(completion_column)
+        if completion is not None:
+            completion = _check_text_or_messages(completion, where, completion_column, assistant_only=True)
+        used = {prompt_column, completion_column}
+    elif messages_column in obj:
+        messages = _check_text_or_messages(obj[messages_column], where, messages_column)
+        if isinstance(messages, str):
+            raise ValueError(f"{where} column {messages_column!r}: a string; give a list of messages")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
+        if last_user < 0:
+            raise ValueError(f"{where} column {messages_column!r}: no user or system message before the reply")
+        prompt, completion = messages[: last_user + 1], messages[last_user + 1 :] or None
+        used = {messages_column}
+    else:
+        raise ValueError(f"{where}: no column {prompt_column!r} (nor {messages_column!r}); the row has "
+                         f"{', '.join(map(repr, obj)) or 'no columns'}: name the prompt column (--prompt-column)")
+    columns = {k: v for k, v in obj.items() if k not in used}
+    if answer_column is not None:
+        if answer_column not in obj:
+            raise ValueError(f"{where}: no answer column {answer_column!r}; the row has {', '.join(map(repr, obj))}")
+        columns.pop(answer_column)
+        columns["answer"] = obj[answer_column]
+    return Row(prompt, completion, columns, where)
+
+
+def load_prompts(source: str | Path, *, config: str | None = None, split: str = "train",
+                 prompt_column: str = "prompt", answer_column: str | None = None,
+                 completion_column: str = "completion", messages_column: str = "messages",
+                 require_completion: bool = False) -> PromptDataset:
+    """Read a dataset (see the module docstring) into validated rows.
+
+    Args:
+        source: a local file or folder, else a hub dataset name.
+        config, split: the hub dataset's configuration and split; for a folder whose files are named by split
+            (``train.jsonl``, ``test.parquet``), which files to read.
+        prompt_column, completion_column, messages_column: where the prompt, the SFT target and whole
+            conversations are.
+        answer_column: the column with the gold answers, passed to rewards as ``answer`` (default: ``answer``
+            if the dataset has one); when given, every row must have it.
+        require_completion: every row needs a completion (SFT).
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        rows_in = (r for p in _data_files(path, split) for r in _read_file(p))
+    elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
+        raise ValueError(f"dataset {source}: no such file or folder")
+    else:
+        rows_in = _read_hub(str(source), config, split)
+    rows: list[Row] = []
+    for where, obj in rows_in:
+        row = _make_row(obj, where, prompt_column, completion_column, messages_column, answer_column)
+        if require_completion and row.completion is None:
+            raise ValueError(f"{where}: no completion; SFT rows need {prompt_column!r} + {completion_column!r}, "
+                             f"or {messages_column!r} ending with an assistant message")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"dataset {source} (split {split}): no rows")
+    columns = frozenset(c for r in rows for c in r.columns)
+    return PromptDataset(str(source), tuple(rows), columns)
+
+
+def task_dataset(task, n: int, split: str, seed: int = 0) -> PromptDataset:
+    """Up to n distinct examples of a built-in task (``nanoseek.tasks``) as a dataset: prompt, completion (the
+    task's reference solution) and columns ``answer`` and ``example`` (what the task's own reward reads)."""
+    from nanoseek.tasks import distinct_examples
+
+    rows = tuple(_task_row(ex, task, split) for ex in distinct_examples(task, n, split, seed))
+    return PromptDataset(f"{task.name}[{split}]", rows, frozenset({"answer", "example"}))

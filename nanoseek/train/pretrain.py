@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -34,6 +35,7 @@ from nanoseek.distributed import all_reduce_, barrier, cleanup, init_distributed
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import update_expert_bias
 from nanoseek.model.transformer import Transformer
+from nanoseek.rundir import check_run_dir
 from nanoseek.tokenizer import Tokenizer
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -53,6 +55,7 @@ class TrainConfig:
     task: str | None = "arithmetic"
     data: list[str] = field(default_factory=list)  # .txt / .jsonl files (take precedence over task)
     tokenizer: str | None = None  # a directory with tokenizer.json; default: the character tokenizer
+    allow_unknown_chars: bool = False  # characters the tokenizer lacks become <unk> instead of an error
     seq_len: int = 64
     # optimisation
     steps: int = 200
@@ -74,6 +77,7 @@ class TrainConfig:
     # run directory and checkpoints
     out: str = "runs/pretrain"
     resume: bool = False
+    overwrite: bool = False  # delete what --out holds and start over
     ckpt_every: int = 0  # 0: only at the end (and on Ctrl-C)
     keep: int = 3
     stop_at: int | None = None  # stop (and save) after this step, as a preemption would
@@ -99,6 +103,8 @@ class TrainConfig:
             bad("min_lr_ratio", "must be in [0, 1]")
         if not 0 < self.decay_frac <= 1:
             bad("decay_frac", "must be in (0, 1]")
+        if self.stop_at is not None and self.stop_at < 1:
+            bad("stop_at", "must be >= 1")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}")
         if self.dist_mode not in ("ddp", "fsdp"):
@@ -242,9 +248,11 @@ class StopFlag:
 
 # ---------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns {"final_loss", "steps", "wall_time_s", "run_dir", "checkpoint", "resumed_from"}."""
+    """Train; returns {"final_loss", "steps", "wall_time_s", "run_dir", "checkpoint", "resumed_from",
+    "interrupted"} (interrupted: Ctrl-C stopped the run after saving)."""
     cfg.validate()
     rank, world, device = init_distributed()
+    run_plan = check_run_dir(cfg.out, cfg.mode, resume=cfg.resume, overwrite=cfg.overwrite)
     per_rank, rem = divmod(cfg.batch_size, world)
     if rem or per_rank % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} rank(s) x --grad-accum "
@@ -252,8 +260,9 @@ def train(cfg: TrainConfig) -> dict:
     micro = per_rank // cfg.grad_accum
     tok = build_tokenizer(cfg)
     config = build_model_config(cfg, tok)
-    data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data)
-    run_dir = Path(cfg.out)
+    data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
+                     allow_unknown_chars=cfg.allow_unknown_chars)
+    run_dir = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
 
     torch.manual_seed(cfg.seed)
     model = Transformer.from_pretrained(cfg.init_from) if cfg.init_from else Transformer(config)
@@ -271,7 +280,6 @@ def train(cfg: TrainConfig) -> dict:
         _load_optimizer(ckpt / "optimizer.pt", model, optimizer, fsdp)
         set_rng_state(state["rng"])
     if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     logger = MetricsLogger(run_dir, cfg.steps, desc=cfg.mode, enabled=is_main(), start_step=start,
                            progress=cfg.progress)
@@ -282,7 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     def save(at: int) -> Path | None:
         return _save(run_dir, at, model, optimizer, tok, cfg, fsdp)
 
-    saved = None
+    saved, interrupted = None, False
     with StopFlag() as stop:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -323,19 +331,20 @@ def train(cfg: TrainConfig) -> dict:
             record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
             logger.log(step + 1, **record)
             done = step + 1
-            stopping = sums[-1].item() > 0 or done == cfg.stop_at
+            interrupted = sums[-1].item() > 0
+            stopping = interrupted or done == cfg.stop_at
             if done == cfg.steps or stopping or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
                 saved = save(done)
             if stopping:
                 if is_main():
-                    print(f"stopped after step {done}; checkpoint {saved}; continue with --resume")
+                    print(f"stopped after step {done}; checkpoint {saved}; continue with --resume", file=sys.stderr)
                 break
     logger.close()
     if start >= cfg.steps and ckpt is not None:
         saved = ckpt
     return {"final_loss": last_loss, "steps": step + 1 if cfg.steps > start else start,
             "wall_time_s": time.perf_counter() - t_start, "run_dir": str(run_dir),
-            "checkpoint": str(saved) if saved else None, "resumed_from": resumed_from}
+            "checkpoint": str(saved) if saved else None, "resumed_from": resumed_from, "interrupted": interrupted}
 
 
 def _no_sync(net: nn.Module, fsdp: bool):
@@ -406,6 +415,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--task", default=d.task, help="built-in task (default arithmetic); ignored when --data is given")
     a("--data", nargs="+", default=[], help="local .txt / .jsonl files")
     a("--tokenizer", default=None, help="directory with tokenizer.json (default: the character tokenizer)")
+    a("--allow-unknown-chars", action="store_true", help="let characters the tokenizer lacks become <unk> "
+      "(default: an error listing them)")
     a("--seq-len", type=int, default=d.seq_len)
     a("--steps", type=int, default=d.steps)
     a("--batch-size", type=int, default=d.batch_size, help="global batch (sequences per optimizer step)")
@@ -423,7 +434,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     a("--seed", type=int, default=d.seed)
     a("--out", default=None, help="run directory (default runs/<command>)")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (a new run if "
+      "--out is empty)")
+    a("--overwrite", action="store_true", help="delete what --out holds and start over")
     a("--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end)")
     a("--keep", type=int, default=d.keep, help="checkpoints kept")
     a("--stop-at", type=int, default=None, help="stop and save after this step (resume later with --resume)")
@@ -448,26 +461,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         mode="sft" if args.command == "sft" else "pretrain", preset=args.preset, model_config=args.model_config,
         overrides=parse_overrides(args.set), init_from=args.init_from, task=args.task, data=args.data,
-        tokenizer=args.tokenizer, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
+        tokenizer=args.tokenizer, allow_unknown_chars=args.allow_unknown_chars, seq_len=args.seq_len,
+        steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
         schedule=args.schedule, decay_frac=args.decay_frac, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma,
         balance_alpha=args.balance_alpha, bf16=args.bf16, seed=args.seed, out=args.out or f"runs/{args.command}",
-        resume=args.resume, ckpt_every=args.ckpt_every, keep=args.keep, stop_at=args.stop_at,
+        resume=args.resume, overwrite=args.overwrite, ckpt_every=args.ckpt_every, keep=args.keep, stop_at=args.stop_at,
         dist_mode=args.dist_mode, progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses; 130 after a Ctrl-C save."""
     try:
-        cfg = config_from_args(args)
-        summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        summary = train(config_from_args(args))
         if is_main():
-            print(f"error: {e}")
+            print(json.dumps(summary))
+    finally:
         cleanup()
-        return 2
-    if is_main():
-        print(json.dumps(summary))
-    cleanup()
-    return 0
+    return 130 if summary["interrupted"] else 0

@@ -178,8 +178,8 @@ class FileData:
             self.stream = stream
             self.n = (len(stream) - 1) // seq_len  # chunk i: tokens [i·T, i·T + T]
             if self.n < 1:
-                raise ValueError(f"data has {len(stream)} tokens, too few for one sequence of --seq-len {seq_len}; "
-                                 "add text or lower --seq-len")
+                raise ValueError(f"data {', '.join(map(str, paths))} has {len(stream)} tokens, too few for one "
+                                 f"sequence of --seq-len {seq_len}; add text or lower --seq-len")
 
     def _index(self, i: int) -> int:
         """Global sample number -> item of this epoch's permutation."""

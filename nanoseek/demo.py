@@ -120,7 +120,10 @@ def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
                     prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
                     steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
                     save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1)
-    return train_grpo(gc)
+    summary = train_grpo(gc)
+    if summary["steps"] < cfg.grpo_steps:  # Ctrl-C: GRPO saved and returned early; do not mark the stage done
+        raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
+    return summary
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

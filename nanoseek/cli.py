@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 
 # subcommand -> (module, one-line help). Listed only when the module exists.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -38,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; the exit status says how it ended, for every command alike: 0 done, 2 a usage error
+    (bad flags, input files or config: one line on stderr naming the flag, file or field), 1 a failure (the
+    traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad flags: argparse prints usage to stderr and exits 2
     if args.command is None:
         parser.print_help()
         return 0
@@ -47,11 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file/field and the fix
-        print(f"nanoseek {args.command}: error: {err}", file=sys.stderr)
+        _error(f"nanoseek {args.command}: error: {err}")
         return 2
+    except Exception as err:  # a bug or a failure of the system: the traceback says where
+        if _main_rank():
+            traceback.print_exc()
+        _error(f"nanoseek {args.command}: failed: {type(err).__name__}: {err} (traceback above)")
+        return 1
+
+
+def _main_rank() -> bool:
+    """Rank 0 of a torchrun job (or a single process): the one that reports errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _error(message: str) -> None:
+    if _main_rank():
+        print(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- `nanoseek info`

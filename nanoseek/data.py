@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.tasks import Example, get_task, in_eval_split
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.tokenizer import Tokenizer, encode_checked
 
 IGNORE = -100  # target id that takes no loss (torch cross_entropy's ignore_index)
 
@@ -44,6 +44,7 @@ class Record:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    whole_file: bool = False  # ``text`` is a whole plain-text file (``where`` its path, no line)
 
 
 # ---------------------------------------------------------------------- reading files
@@ -56,11 +57,17 @@ def read_records(paths: list[str | Path]) -> list[Record]:
     for p in map(Path, paths):
         if not p.is_file():
             raise ValueError(f"data file {p} not found: pass an existing .txt or .jsonl file to --data")
-        raw = p.read_text(encoding="utf-8")
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            data = p.read_bytes()
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{p}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save the "
+                             "file as UTF-8") from None
         if not raw.strip():
             raise ValueError(f"data file {p} is empty: it needs text (or JSONL records) to train on")
         if p.suffix != ".jsonl":
-            records.append(Record(where=str(p), text=raw))
+            records.append(Record(where=str(p), text=raw, whole_file=True))
             continue
         for n, line in enumerate(raw.splitlines(), start=1):
             if not line.strip():
@@ -83,10 +90,16 @@ def read_records(paths: list[str | Path]) -> list[Record]:
 
 
 # ---------------------------------------------------------------------- row builders
-def sft_row(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    """bos + prompt + completion + eos, and the number of leading tokens that take no loss (bos + prompt)."""
-    p = tok.encode(prompt, add_bos=True)
-    return p + tok.encode(completion, add_eos=True), len(p)
+def sft_row(tok: Tokenizer, prompt: str, completion: str, where: str | None = None,
+            allow_unknown: bool = False) -> tuple[list[int], int]:
+    """bos + prompt + completion + eos, and the number of leading tokens that take no loss (bos + prompt).
+    With ``where`` (a file:line), characters the tokenizer lacks are an error naming it unless ``allow_unknown``."""
+    if where is None:
+        p = tok.encode(prompt, add_bos=True)
+        return p + tok.encode(completion, add_eos=True), len(p)
+    p = encode_checked(tok, prompt, f"{where} (prompt)", add_bos=True, allow_unknown=allow_unknown)
+    c = encode_checked(tok, completion, f"{where} (completion)", add_eos=True, allow_unknown=allow_unknown)
+    return p + c, len(p)
 
 
 def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> Batch:
@@ -141,7 +154,8 @@ class TaskData:
 class FileData:
     """Local files: packed chunks of the document stream (pretrain) or padded pairs (sft), reshuffled each epoch."""
 
-    def __init__(self, paths: list[str | Path], tok: Tokenizer, mode: str, seq_len: int, seed: int = 0):
+    def __init__(self, paths: list[str | Path], tok: Tokenizer, mode: str, seq_len: int, seed: int = 0,
+                 allow_unknown_chars: bool = False):
         self.tok, self.mode, self.seq_len, self.seed = tok, mode, seq_len, seed
         records = read_records(paths)
         if mode == "sft":
@@ -149,7 +163,7 @@ class FileData:
             for r in records:
                 if r.prompt is None:
                     raise ValueError(f'{r.where}: sft needs {{"prompt", "completion"}} records, got a text document')
-                toks, n_prompt = sft_row(tok, r.prompt, r.completion)
+                toks, n_prompt = sft_row(tok, r.prompt, r.completion, r.where, allow_unknown_chars)
                 if len(toks) - 1 > seq_len:
                     raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
                                      "raise --seq-len or shorten the example")
@@ -159,12 +173,13 @@ class FileData:
             stream: list[int] = []
             for r in records:
                 text = r.text if r.text is not None else r.prompt + r.completion
-                stream += tok.encode(text, add_bos=True, add_eos=True)
+                stream += encode_checked(tok, text, r.where, add_bos=True, add_eos=True,
+                                         allow_unknown=allow_unknown_chars, is_file=r.whole_file)
             self.stream = stream
             self.n = (len(stream) - 1) // seq_len  # chunk i: tokens [i·T, i·T + T]
             if self.n < 1:
-                raise ValueError(f"data has {len(stream)} tokens, too few for one sequence of --seq-len {seq_len}; "
-                                 "add text or lower --seq-len")
+                raise ValueError(f"data {', '.join(map(str, paths))} has {len(stream)} tokens, too few for one "
+                                 f"sequence of --seq-len {seq_len}; add text or lower --seq-len")
 
     def _index(self, i: int) -> int:
         """Global sample number -> item of this epoch's permutation."""
@@ -183,11 +198,11 @@ class FileData:
 
 
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,
-              files: list[str] | None = None) -> TaskData | FileData:
+              files: list[str] | None = None, allow_unknown_chars: bool = False) -> TaskData | FileData:
     if mode not in ("pretrain", "sft"):
         raise ValueError(f"mode must be 'pretrain' or 'sft', got {mode!r}")
     if files:
-        return FileData(files, tok, mode, seq_len, seed)
+        return FileData(files, tok, mode, seq_len, seed, allow_unknown_chars)
     if task:
         return TaskData(task, tok, mode, seq_len, seed)
     raise ValueError("no training data: pass --task NAME (a built-in task) or --data FILE")

@@ -20,8 +20,6 @@ import argparse
 import functools
 import json
 import math
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +120,10 @@ def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
                     prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
                     steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
                     save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1)
-    return train_grpo(gc)
+    summary = train_grpo(gc)
+    if summary["steps"] < cfg.grpo_steps:  # Ctrl-C: GRPO saved and returned early; do not mark the stage done
+        raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
+    return summary
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -372,22 +373,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/demo", help="run directory (checkpoints, metrics, plots, report)")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
+    parser.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out and start over")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the demo's small matrices gain little from more, and one "
                              "thread per process cannot oversubscribe a shared CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.rundir import prepare_run_dir
+
     if args.threads < 1:
-        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    out = prepare_run_dir(args.out, "demo", resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        if not (out / "stages.json").exists() and not (out / "demo_config.json").exists():
-            print(f"--out {out} exists and is not a demo run directory; choose another --out", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)  # a fresh run replaces an earlier demo run (use --resume to continue it)
     run_demo(cfg, out, resume=args.resume)
     return 0

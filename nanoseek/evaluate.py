@@ -92,7 +92,7 @@ def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-    a("--task", default="countdown", help="built-in task")
+    a("--task", default=None, help="built-in task (default: the task the checkpoint's run trained on)")
     a("--n", type=int, default=1000, help="distinct held-out problems (fewer when the held-out split is smaller)")
     a("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples")
@@ -102,29 +102,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--json", default=None, help="also write the result to this file")
 
 
+def recorded_task(model_dir: Path) -> str | None:
+    """The built-in task the run that wrote ``model_dir`` trained on, from the config file of its run directory
+    (``train_config.json``, ``grpo_config.json`` or ``ppo_config.json``, beside ``checkpoints/``); None when the
+    run trained on data files or nothing was recorded."""
+    run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
+    for run_dir in run_dirs:
+        for name in ("train_config.json", "grpo_config.json", "ppo_config.json"):
+            path = run_dir / name
+            if path.is_file():
+                try:
+                    config = json.loads(path.read_text())
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
+                return None if config.get("data") else config.get("task")
+    return None
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Range checks of ``nanoseek eval``'s numeric flags, before anything is loaded."""
+    for name, low in (("n", 1), ("k", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.k and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for the --k {args.k} samples, got {args.temperature}")
+
+
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.model.transformer import Transformer
     from nanoseek.tasks import distinct_examples, get_task
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.tokenizer import Tokenizer, encode_checked
 
-    directory = Path(args.model)
+    check_flags(args)
+    directory = resolve_model_dir(args.model)
     if not (directory / "tokenizer.json").is_file():
-        raise SystemExit(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
+        raise ValueError(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
                          "tokenizer")
-    if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    trained_on = recorded_task(directory)
+    name = args.task or trained_on
+    if name is None:
+        raise ValueError(f"--model {directory} does not record a built-in task it trained on; pass --task NAME "
+                         "(a built-in task such as arithmetic or countdown)")
+    if trained_on and args.task and args.task != trained_on:
+        print(f"note: evaluating on --task {args.task}; the model was trained on {trained_on}", file=sys.stderr)
+    task = get_task(name)
     tokenizer = Tokenizer.load(directory)
     model = Transformer.from_pretrained(directory)
-    task = get_task(args.task)
     held_out = distinct_examples(task, args.n, "eval", seed=args.seed)
+    for ex in held_out:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
+        encode_checked(tokenizer, ex.prompt, f"task {name!r} prompt {ex.prompt!r}",
+                       max_tokens=model.config.max_position_embeddings)
     if len(held_out) < args.n:
-        print(f"the held-out split of {args.task!r} has {len(held_out)} distinct problems; evaluating all of them",
+        print(f"the held-out split of {name!r} has {len(held_out)} distinct problems; evaluating all of them",
               file=sys.stderr)
     result = evaluate(model, tokenizer, held_out, task, k=args.k,
                       temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, seed=args.seed)
     summary = {k: v for k, v in result.items() if k not in ("greedy_completions", "greedy_correct", "sample_correct")}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({"task": name, **summary}, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps({"task": name, **result}, indent=2))
     return 0

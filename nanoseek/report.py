@@ -76,10 +76,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        path = plot_metrics(args.run_dir, args.out, args.keys)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
-    print(path)
+    print(plot_metrics(args.run_dir, args.out, args.keys))
     return 0

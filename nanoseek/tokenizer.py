@@ -137,3 +137,40 @@ def load_tokenizer(directory: str | Path):
         from transformers import AutoTokenizer
 
         return TransformersTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+
+
+# ---------------------------------------------------------------------- input checks
+def unknown_characters(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
+    """(offset, text) of every piece of ``text`` the tokenizer maps to ``<unk>`` (a byte-level BPE has none)."""
+    enc = tok.tok.encode(text, add_special_tokens=False)
+    return [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
+
+
+def _show(chars: list[str]) -> str:
+    distinct = sorted(set(chars))
+    shown = ", ".join(f"{c!r} (U+{ord(c[0]):04X})" for c in distinct[:10])
+    return shown + (f" and {len(distinct) - 10} more" if len(distinct) > 10 else "")
+
+
+def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = False, add_eos: bool = False,
+                   allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False) -> list[int]:
+    """``tok.encode`` that refuses what would silently change the input: text that is not valid Unicode,
+    characters the tokenizer lacks (unless ``allow_unknown``; the error lists them and names ``where``: a prompt,
+    a file:line, or with ``is_file`` a file whose line it adds), and more than ``max_tokens`` tokens (a prompt
+    over the model's context, ``max_position_embeddings``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at character {e.start})"
+                         ) from None
+    if not allow_unknown and (unknown := unknown_characters(tok, text)):
+        line = text.count("\n", 0, unknown[0][0]) + 1
+        at = f"{where}:{line}" if is_file else f"{where} (line {line} of its text)" if "\n" in text else where
+        raise ValueError(f"{at}: {len(unknown)} character(s) outside the tokenizer's vocabulary (the first here): "
+                         f"{_show([c for _, c in unknown])}; they would become {UNK}: remove them, use a tokenizer "
+                         "that has them (`nanoseek tokenizer train`), or pass --allow-unknown-chars")
+    ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
+                         "(max_position_embeddings); shorten it")
+    return ids

@@ -19,13 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.vocab_size < 260:
-        print(f"error: --vocab-size {args.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
-        return 2
-    try:
-        tok = Tokenizer.train_bpe(args.files, args.vocab_size, args.min_frequency)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
+    tok = Tokenizer.train_bpe(args.files, args.vocab_size, args.min_frequency)
     tok.save(args.out)
     print(f"{args.out}/tokenizer.json: {tok.vocab_size} tokens")
     return 0

@@ -97,8 +97,8 @@ def test_cli_counts_distinct_problems_and_says_when_the_split_is_smaller(tmp_pat
     torch.manual_seed(0)
     Transformer(ModelConfig.preset("tiny", vocab_size=TOK.vocab_size)).save_pretrained(tmp_path)
     TOK.save(tmp_path)
-    assert main(["eval", "--model", str(tmp_path), "--n", "1000", "--k", "0", "--max-new-tokens", "2",
-                 "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["eval", "--model", str(tmp_path), "--task", "countdown", "--n", "1000", "--k", "0",
+                 "--max-new-tokens", "2", "--json", str(tmp_path / "r.json")]) == 0
     split = len(distinct_examples(TASK, 1000, "eval", seed=0))
     assert f"has {split} distinct problems" in capsys.readouterr().err
     result = json.loads((tmp_path / "r.json").read_text())

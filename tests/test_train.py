@@ -232,7 +232,7 @@ def test_cli_contract_and_resume(tmp_path, capsys):
     assert cli.main([*argv[:6], "5", *argv[7:], "--resume"]) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
     assert cli.main(["pretrain", "--set", "bogus=1", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown model config key" in capsys.readouterr().out
+    assert "unknown model config key" in capsys.readouterr().err
     assert cli.main(["plot", str(out)]) == 0 and (out / "metrics.png").stat().st_size > 1000
 
 

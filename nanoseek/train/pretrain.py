@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +32,7 @@ from nanoseek.distributed import all_reduce_, barrier, cleanup, init_distributed
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
+from nanoseek.rundir import check_run_dir
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import cli_args
 from nanoseek.train.cli_args import check_ranges, option
@@ -54,6 +56,8 @@ class TrainConfig:
     task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
     data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
+    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
+                                       "listing them)")
     seq_len: int = option(64, "tokens per row", min=1)
     # optimisation
     steps: int = option(200, "optimizer steps", min=1)
@@ -77,7 +81,9 @@ class TrainConfig:
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     # run directory and checkpoints
     out: str | None = option(None, "run directory (default runs/<command>)")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (a new run if --out is "
+                          "empty)")
+    overwrite: bool = option(False, "delete what --out holds and start over")
     ckpt_every: int = option(0, "save every N steps (0: only at the end and on Ctrl-C)", min=0)
     keep: int = option(3, "checkpoints kept", min=1)
     stop_at: int | None = option(None, "stop and save after this step, as a preemption would (then --resume)",
@@ -197,6 +203,7 @@ def train(cfg: TrainConfig) -> dict:
     "interrupted" (Ctrl-C stopped it)}."""
     cfg.validate()
     rank, world, device = init_distributed(cfg.device)
+    run_plan = check_run_dir(cfg.out or f"runs/{cfg.mode}", cfg.mode, resume=cfg.resume, overwrite=cfg.overwrite)
     per_rank, rem = divmod(cfg.batch_size, world)
     if rem or per_rank % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} rank(s) x --grad-accum "
@@ -204,8 +211,9 @@ def train(cfg: TrainConfig) -> dict:
     micro = per_rank // cfg.grad_accum
     tok = build_tokenizer(cfg)
     config = build_model_config(cfg, tok)
-    data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data)
-    run_dir = Path(cfg.out or f"runs/{cfg.mode}")
+    data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
+                     allow_unknown_chars=cfg.allow_unknown_chars)
+    run_dir = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
 
     torch.manual_seed(cfg.seed)
     model = Transformer.from_pretrained(cfg.init_from) if cfg.init_from else Transformer(config)
@@ -223,7 +231,6 @@ def train(cfg: TrainConfig) -> dict:
         _load_optimizer(ckpt / "optimizer.pt", model, optimizer, fsdp)
         set_rng_state(state["rng"])
     if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     logger = MetricsLogger(run_dir, cfg.steps, desc=cfg.mode, enabled=is_main(), start_step=start,
                            progress=cfg.progress)
@@ -282,7 +289,7 @@ def train(cfg: TrainConfig) -> dict:
                 saved = save(done)
             if stopping:
                 if is_main():
-                    print(f"stopped after step {done}; checkpoint {saved}; continue with --resume")
+                    print(f"stopped after step {done}; checkpoint {saved}; continue with --resume", file=sys.stderr)
                 break
     logger.close()
     if start >= cfg.steps and ckpt is not None:
@@ -376,6 +383,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses; 130 after a Ctrl-C save."""
     try:
         summary = train(config_from_args(args))
         if is_main():

@@ -1,0 +1,169 @@
+"""Run directories: every command that writes one calls ``check_run_dir`` at start, before any heavy work, and
+``RunDirPlan.create()`` once its inputs are checked.
+
+A run directory belongs to one run of one kind (pretrain, sft, grpo, ppo, demo, ...), recorded in
+``run_dir/nanoseek_run.json``. A command refuses to start in a directory that holds anything else (another run,
+a model, a checkpoint, other files) unless
+
+- ``--resume``: the directory holds a run of the same kind, which continues; on an empty or missing directory
+  ``--resume`` starts a new run with a note (so a preemptible job can always be relaunched with one command line);
+- ``--overwrite``: what is there is deleted first (never the working directory, one of its parents, the home
+  directory or a git checkout).
+
+Directories written before the marker existed are recognised by their config files (``train_config.json``,
+``grpo_config.json``, ``ppo_config.json``, ``stages.json``). ``create()`` also proves the directory writable at
+start, so an unwritable ``--out`` fails before training, not after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "nanoseek_run.json"
+# config files of run directories written before the marker: file -> the run kind (None: read "mode" from it)
+LEGACY_CONFIGS = {"train_config.json": None, "grpo_config.json": "grpo", "ppo_config.json": "ppo",
+                  "stages.json": "demo", "demo_config.json": "demo"}
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (a usage error: exit status 2)."""
+
+
+def recorded_kind(path: str | Path) -> str | None:
+    """The kind of run a directory holds: its marker, else a legacy config file, else None."""
+    path = Path(path)
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text())["kind"])
+        except (ValueError, KeyError, TypeError):
+            raise RunDirError(f"{marker} is not a nanoseek run marker (expected {{\"kind\": ...}}); delete it or "
+                              "pass --overwrite") from None
+    for name, kind in LEGACY_CONFIGS.items():
+        if (path / name).is_file():
+            if kind is not None:
+                return kind
+            try:
+                return str(json.loads((path / name).read_text())["mode"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def describe(path: Path) -> str:
+    """What a directory holds, in a few words, for error messages."""
+    from nanoseek.checkpoint import latest_checkpoint
+
+    kind = recorded_kind(path)
+    parts = [f"a run of `nanoseek {kind}`"] if kind else []
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        parts.append(f"checkpoints up to {latest.name}")
+    if any((path / f).exists() for f in MODEL_FILES):
+        parts.append("a model (config.json / weights)")
+    if not parts:
+        names = sorted(p.name for p in path.iterdir())
+        parts.append(f"{len(names)} file(s): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
+    return " and ".join(parts)
+
+
+def _refuse_to_clear(path: Path) -> str | None:
+    """Why ``path`` must never be deleted by --overwrite, or None."""
+    real, cwd, home = path.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if real in (Path(real.anchor), home, cwd) or real in cwd.parents:
+        return "it is the filesystem root, the home directory, the working directory or one of its parents"
+    if (path / ".git").exists():
+        return "it is a git checkout"
+    return None
+
+
+@dataclass(frozen=True)
+class RunDirPlan:
+    """What ``check_run_dir`` decided: ``clear`` the directory first; ``resume`` a run of ``kind`` found there."""
+
+    path: Path
+    kind: str
+    clear: bool
+    resume: bool
+
+    def create(self) -> Path:
+        """Clear (with --overwrite), create the directory and write the marker, on rank 0 (the other ranks of a
+        torchrun job wait and fail with it). Fails with RunDirError if the directory is not writable."""
+        import torch
+
+        from nanoseek.distributed import all_reduce_, barrier, is_main
+
+        barrier()  # every rank has checked the directory before rank 0 changes it
+        error = None
+        if is_main():
+            try:
+                self._create()
+            except RunDirError as e:
+                error = e
+        failed = all_reduce_(torch.tensor([float(error is not None)]))
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RunDirError(f"rank 0 could not prepare the run directory {self.path}")
+        return self.path
+
+    def _create(self) -> None:
+        try:
+            if self.clear:
+                for child in self.path.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            marker = self.path / MARKER
+            if self.resume and marker.is_file():
+                return
+            tmp = self.path / f".{MARKER}.{os.getpid()}"
+            tmp.write_text(json.dumps({"kind": self.kind}) + "\n")
+            os.replace(tmp, marker)
+        except OSError as e:
+            raise RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
+                              "--out") from None
+
+
+def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> RunDirPlan:
+    """Decide whether a ``kind`` run may use ``path``; raise RunDirError naming the directory, what it holds and
+    the flag that allows it. Reads only: every rank may call it."""
+    path = Path(path)
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a run directory; choose another --out")
+    empty = not path.exists() or not any(path.iterdir())
+    if empty:
+        if resume:
+            print(f"note: --resume: {path} holds no run yet; starting a new `nanoseek {kind}` run",
+                  file=sys.stderr)
+        return RunDirPlan(path, kind, clear=False, resume=False)
+    if overwrite:
+        why = _refuse_to_clear(path)
+        if why:
+            raise RunDirError(f"--overwrite will not delete {path}: {why}; choose another --out")
+        return RunDirPlan(path, kind, clear=True, resume=False)
+    found = recorded_kind(path)
+    if resume and found == kind:
+        return RunDirPlan(path, kind, clear=False, resume=True)
+    holds = describe(path)
+    if resume:
+        raise RunDirError(f"--out {path} holds {holds}, not a run of `nanoseek {kind}`, so --resume cannot "
+                          "continue it; choose another --out, or pass --overwrite instead of --resume to delete it")
+    allow = "--resume to continue it or " if found == kind else ""
+    raise RunDirError(f"--out {path} already holds {holds}; pass {allow}--overwrite to delete it and start over, "
+                      "or choose another --out")
+
+
+def prepare_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """``check_run_dir`` then ``create``: for commands with no input checks in between."""
+    return check_run_dir(path, kind, resume=resume, overwrite=overwrite).create()

@@ -114,5 +114,5 @@ def test_resume_is_exact_and_restores_the_critic(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     grpo_kw = {k: v for k, v in kw.items() if k != "critic_lr"}
     train_grpo(GRPOConfig(out=str(tmp_path / "g"), steps=1, **grpo_kw))
-    with pytest.raises(ValueError, match="no critic"):
+    with pytest.raises(ValueError, match="not a run of `nanoseek ppo`"):  # a GRPO run cannot become PPO
         train_ppo(PPOConfig(out=str(tmp_path / "g"), steps=2, resume=True, **kw))

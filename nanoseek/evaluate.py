@@ -88,6 +88,48 @@ def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 
     return result
 
 
+@torch.no_grad()
+def evaluate_prompts(policy, encode, decode, rows: list, scorer, correct: list[str], *, k: int = 4,
+                     temperature: float = 1.0, max_new_tokens: int = 16, batch_size: int = 256, seed: int = 0,
+                     min_reward: float = 1.0) -> dict[str, float]:
+    """Held-out metrics of a policy on dataset rows through its sampler (``Policy.sample``), scored by ``scorer``
+    (``nanoseek.train.rollout.Scorer``). A completion is correct when every function named in ``correct`` gives
+    at least ``min_reward`` and it ended by itself (``nanoseek.sample.verified``). Returns ``accuracy`` (greedy),
+    ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy completion tokens) and,
+    with k > 0, ``pass@k`` (any of k samples at ``temperature`` correct) and ``sample_accuracy`` (their mean)."""
+    from nanoseek.policy import SamplingParams
+    from nanoseek.sample import verified
+
+    if not rows:
+        raise ValueError("evaluate_prompts: no held-out rows")
+    was_training = policy.model.training
+    policy.model.eval()
+
+    def run(rows_rep: list, temp: float, seed_: int) -> tuple[list[bool], list[float], list[int]]:
+        ok, total, lengths = [], [], []
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temp)
+        for b, start in enumerate(range(0, len(rows_rep), batch_size)):
+            chunk = rows_rep[start : start + batch_size]
+            samples = policy.sample([encode(r.prompt) for r in chunk], params, seed_ * 100_003 + b)
+            texts = [decode(c) for c in samples.completions]
+            result = scorer.outcome(chunk, texts, samples.completions)
+            for j, trunc in enumerate(samples.truncated):
+                ok.append(verified([result.per_fn[n][j] for n in correct], trunc, min_reward))
+            total += result.total
+            lengths += [len(c) for c in samples.completions]
+        return ok, total, lengths
+
+    ok, total, lengths = run(list(rows), 0.0, seed)
+    n = len(rows)
+    out = {"accuracy": sum(ok) / n, "reward": sum(total) / n, "mean_length": sum(lengths) / n}
+    if k:
+        ok_k, _, _ = run([r for r in rows for _ in range(k)], temperature, seed + 1)
+        out[f"pass@{k}"] = sum(any(ok_k[i * k : (i + 1) * k]) for i in range(n)) / n
+        out["sample_accuracy"] = sum(ok_k) / (n * k)
+    policy.model.train(was_training)
+    return out
+
+
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument

@@ -22,14 +22,18 @@ demo: $(STAMP)
 # The code reward's sandbox needs bubblewrap: installed here where possible (root with apt-get); otherwise this says
 # how, and the sandbox tests are skipped with that reason (pytest -rs lists it).
 test: $(STAMP)
-	@if ! command -v bwrap >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make test: installing bubblewrap (the code sandbox): apt-get install -y bubblewrap"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null; \
+	@missing=""; command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make test: installing$$missing (the code sandbox, the chat-page test's browser): apt-get install -y$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
 	fi; \
+	command -v chromium >/dev/null || echo "make test: chromium is missing, so the chat-page test is SKIPPED." \
+	  "Install it with: sudo apt-get install chromium" >&2; \
 	if command -v bwrap >/dev/null; then $(BIN)/python -m pytest; else \
 	  echo "make test: bubblewrap is missing and could not be installed here, so the code-sandbox tests are" \
 	       "SKIPPED. Install it with: sudo apt-get install bubblewrap" >&2; \
-	  NANOSEEK_SKIP_SANDBOX_TESTS=1 $(BIN)/python -m pytest -rs; \
+	  NANOSEEK_SKIP_SANDBOX_TESTS=1 $(BIN)/python -m pytest; \
 	fi
 
 test-all: $(STAMP)

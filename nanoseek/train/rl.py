@@ -88,7 +88,8 @@ class RLConfig:
     keep: int = option(2, "checkpoints kept", min=1)
     seed: int = option(0, "seed of prompts, sampling and shuffling")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
-    resume: bool = option(False, "continue exactly from OUT's latest checkpoint")
+    resume: bool = option(False, "continue exactly from OUT's latest checkpoint (a new run if --out is empty)")
+    overwrite: bool = option(False, "delete what --out holds and start over")
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -269,10 +270,13 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
     continues exactly from the latest."""
     from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
     from nanoseek.metrics import MetricsLogger
+    from nanoseek.rundir import check_run_dir
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.interrupt import StopFlag
 
     cfg.validate()
+    kind = algorithm_cls.kind
+    run_plan = check_run_dir(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite)
     cfg = replace(cfg, model=str(resolve_model_dir(cfg.model)))
     rank, world, device = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed + rank)
@@ -280,11 +284,10 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     policy = Policy.load(cfg.model, tokenizer.pad_id, tokenizer.eos_id, device=device)
     policy.share_prompts = cfg.share_prompts
-    out = Path(cfg.out)
     trainer = RLTrainer(cfg, policy, tokenizer, algorithm_cls, rank, world)
-    kind = trainer.algorithm.kind
+    out = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
     start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+    if run_plan.resume and (ckpt := latest_checkpoint(out)) is not None:
         state = load_checkpoint(ckpt, policy.model, trainer.optimizer)
         start = int(state["step"])
         trainer.load_checkpoint_state(state)

@@ -297,7 +297,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         (out / f"{kind}_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     logger = MetricsLogger(out, cfg.steps, kind, enabled=main, start_step=start, progress=cfg.progress)
     first = last = None
-    best = BestCheckpoint(out, cfg.best_metric, cfg.resume) if cfg.save_best else None
+    best = BestCheckpoint(out, cfg.best_metric, run_plan.resume) if cfg.save_best else None
     t0 = time.perf_counter()
 
     def save(step: int) -> None:

@@ -4,7 +4,7 @@ All completions go through ``nanoseek.generate.generate`` (latent KV cache) in b
 problem at temperature τ:
 - ``accuracy``: the greedy completion is correct;
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
-- ``maj@k``: the most frequent of the k sampled answers (ties: the earliest) is correct;
+- ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
 - ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
 
 ``greedy_correct`` and ``sample_correct`` keep the per-problem results (in order), for paired comparisons of
@@ -22,12 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek.rewards.math import extract_final_answer
 from nanoseek.tasks import Example, Task
 
 
 def _answer_key(text: str) -> str:
-    """The answer a sample votes for in maj@k: its first line, without surrounding spaces."""
-    return text.strip().split("\n", 1)[0].strip()
+    """The answer a sample votes for in maj@k: its extracted final answer (``#### 42``, ``\\boxed{42}``,
+    ``<answer>42</answer>``: ``nanoseek.rewards.math.extract_final_answer``), else its first line, without
+    surrounding spaces; so two worked solutions that reach the same number vote together."""
+    final = extract_final_answer(text)
+    return final.strip() if final is not None else text.strip().split("\n", 1)[0].strip()
 
 
 @torch.no_grad()

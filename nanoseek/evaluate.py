@@ -146,6 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=512)
     a("--seed", type=int, default=0, help="held-out set and sampling seed")
     a("--json", default=None, help="also write the result to this file")
+    a("--dataset", default=None, help="evaluate on a dataset's prompts instead of a task (local file or folder, or a "
+      "hub dataset): correct = every --reward-funcs function verifies the completion")
+    a("--dataset-config", default=None, help="the hub dataset's configuration")
+    a("--dataset-split", default=None, help="the split (default: train for a single file, else test)")
+    a("--prompt-column", default="prompt", help="the column with the prompts (strings or chat messages)")
+    a("--answer-column", default=None, help="the column with the gold answers, given to rewards as `answer`")
+    a("--reward-funcs", nargs="*", default=[], help="--dataset: built-in names or import paths "
+      "(package.module:function)")
+    a("--min-reward", type=float, default=1.0, help="--dataset: the value each function must reach to verify")
+    a("--system-prompt", default=None, help="--dataset: system message for every prompt (chat template)")
 
 
 def recorded_task(model_dir: Path) -> str | None:
@@ -174,8 +184,48 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be > 0 for the --k {args.k} samples, got {args.temperature}")
 
 
+def run_dataset(args: argparse.Namespace) -> dict:
+    """``eval --dataset``: greedy accuracy, pass@k, mean reward and length on a dataset's first ``--n`` prompts,
+    through the policy's sampler (``evaluate_prompts``); a completion is correct when every reward function gives
+    at least ``--min-reward`` and it ended by itself."""
+    from nanoseek.chat import chat_template, encode_prompt, prompt_text
+    from nanoseek.datasets import load_prompts
+    from nanoseek.policy import Policy
+    from nanoseek.rewards import check_reward_columns, get_reward_fn, reward_name
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.rollout import Scorer
+
+    if not args.reward_funcs:
+        raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
+    fns = [get_reward_fn(n) for n in args.reward_funcs]
+    split = args.dataset_split or ("train" if Path(args.dataset).expanduser().is_file() else "test")
+    ds = load_prompts(args.dataset, config=args.dataset_config, split=split, prompt_column=args.prompt_column,
+                      answer_column=args.answer_column)
+    check_reward_columns(fns, ds.columns, f"--dataset {args.dataset}")
+    rows = list(ds.rows[: args.n])
+    tok = load_tokenizer(args.model)
+    chat = args.system_prompt is not None or any(r.conversational for r in rows)
+    template = chat_template(tok) if chat else None
+    policy = Policy.load(args.model, tok.pad_id, tok.eos_id)
+    scorer = Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns)
+    result = evaluate_prompts(
+        policy, lambda p: encode_prompt(tok, template, prompt_text(template, p, args.system_prompt)), tok.decode,
+        rows, scorer, [reward_name(f) for f in fns], k=args.k, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, min_reward=args.min_reward)
+    return {"dataset": args.dataset, "n": len(rows), "reward_funcs": args.reward_funcs, **result}
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
+
+    if args.dataset:
+        check_flags(args)
+        args.model = str(resolve_model_dir(args.model))
+        result = run_dataset(args)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     from nanoseek.model.transformer import Transformer
     from nanoseek.tasks import distinct_examples, get_task
     from nanoseek.tokenizer import Tokenizer, encode_checked

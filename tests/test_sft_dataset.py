@@ -43,3 +43,29 @@ def test_sft_on_sample_output(tmp_path, checkpoint):  # noqa: F811 - the fixture
     assert main(["sft", "--init-from", str(checkpoint), "--dataset", str(samples), "--steps", "2", "--batch-size",
                  "4", "--seq-len", "48", "--out", str(run), "--no-progress"]) == 0
     assert (run / "checkpoints" / "latest").is_file()
+
+
+LEVEL_REWARDS = '''
+def level0(prompts, completions, level, **kwargs):
+    return [float(lv == 0) for lv in level]
+
+def level_at_most_1(prompts, completions, level, **kwargs):
+    return [float(lv <= 1) for lv in level]
+'''
+
+
+def test_eval_dataset_counts_completions_every_reward_verifies(tmp_path, checkpoint, monkeypatch, capsys):  # noqa: F811
+    (tmp_path / "level_rewards.py").write_text(LEVEL_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data, _ = dataset_file(tmp_path)  # six rows, levels 0 1 2 0 1 2, two of them conversational
+    common = ["eval", "--model", str(checkpoint), "--dataset", str(data), "--k", "2", "--max-new-tokens", "16"]
+
+    def accuracy(*fns) -> dict:
+        assert main([*common, "--reward-funcs", *fns]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert accuracy("level_rewards:level_at_most_1")["accuracy"] == pytest.approx(4 / 6)
+    both = accuracy("level_rewards:level0", "level_rewards:level_at_most_1")
+    assert both["accuracy"] == pytest.approx(2 / 6) and both["pass@2"] == pytest.approx(2 / 6)
+    assert both["reward"] == pytest.approx((2 * 2 + 2) / 6) and both["n"] == 6
+    assert main([*common]) == 2 and "--reward-funcs" in capsys.readouterr().err

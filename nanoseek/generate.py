@@ -197,13 +197,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--decode-impl", choices=("absorb", "naive"), default="absorb", help="MLA decode path")
     parser.add_argument("--speculative", action="store_true", help="greedy MTP self-speculative decoding")
+    parser.add_argument("--allow-unknown-chars", action="store_true",
+                        help="let characters the tokenizer lacks become <unk> (default: an error listing them)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
 
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
     directory = resolve_model_dir(args.checkpoint)
-    model = Transformer.from_pretrained(directory)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer.from_pretrained(directory).to(device)
     if model.config.attention_type == "mla":
         model.set_decode_impl(args.decode_impl)
     tokenizer = None
@@ -221,7 +227,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"--checkpoint {directory} has no tokenizer.json: pass token ids with --ids", file=sys.stderr)
         return 2
     else:
-        prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in args.prompt]
+        from nanoseek.tokenizer import encode_checked
+
+        prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=tokenizer.bos_id is not None,
+                                  allow_unknown=args.allow_unknown_chars) for i, p in enumerate(args.prompt)]
+    context = model.config.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if len(p) + args.max_new_tokens > context:
+            raise ValueError(f"--prompt {i + 1}: {len(p)} tokens + --max-new-tokens {args.max_new_tokens} exceed the "
+                             f"model's context of {context} (max_position_embeddings); shorten the prompt or lower "
+                             "--max-new-tokens")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     stop = () if eos is None else (eos,)
     try:

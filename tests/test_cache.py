@@ -3,6 +3,7 @@ batches with YaRN on; bytes per token measured from the allocated tensors; batch
 
 import pytest
 import torch
+from builders import randomize_
 
 from nanoseek import ModelConfig, Transformer
 
@@ -23,18 +24,9 @@ CONFIGS = {
 
 
 
-def randomize_(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random non-trivial weights everywhere (norm weights around 1), so logits differ strongly across tokens."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.parameters():
-            noise = torch.randn(t.shape, generator=g)
-            t.copy_(1 + 0.3 * noise if t.dim() == 1 else 0.2 * noise)
-
-
 def make(name: str) -> Transformer:
     model = Transformer(ModelConfig(**{**BASE, **CONFIGS[name]})).eval()
-    randomize_(model)
+    randomize_(model, scale=0.2)
     return model
 
 

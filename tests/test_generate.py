@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from test_parity_hf import make_config, randomize_
+from builders import randomize_
+from test_parity_hf import make_config
 
 from nanoseek import ModelConfig, Transformer, generate
 from nanoseek.generate import generate_speculative, sample

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import randomize_
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import moe as moe_module
@@ -11,13 +12,6 @@ def moe_config(**kw) -> ModelConfig:
     base = dict(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                 topk_group=1, routed_scaling_factor=2.0)
     return ModelConfig.preset("tiny", **{**base, **kw})
-
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +39,7 @@ def test_grouped_experts_match_per_token_reference(kind, grouped_mm, monkeypatch
                                      topk_method="group_limited_greedy"),
           "v2-greedy": dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy")}[kind]
     moe = MoE(moe_config(**kw))
-    randomize(moe)
+    randomize_(moe, seed=0, scale=0.5, biases=False)
     x = torch.randn(3, 7, 16)
     stats = RouterStats()
     ours = moe(x, stats)
@@ -58,7 +52,7 @@ def test_grouped_experts_match_per_token_reference(kind, grouped_mm, monkeypatch
 
 def test_bias_changes_selection_not_gate_values():
     gate = Gate(moe_config(n_group=1, topk_group=1))
-    randomize(gate)
+    randomize_(gate, seed=0, scale=0.5, biases=False)
     x = torch.randn(64, 16)
     w0, ids0, scores = gate(x)
     gate.e_score_correction_bias[5] = 10.0  # force expert 5 into every token's top-k
@@ -75,7 +69,7 @@ def test_bias_changes_selection_not_gate_values():
 
 def test_group_limited_routing_stays_in_chosen_groups():
     gate = Gate(moe_config(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3))
-    randomize(gate)
+    randomize_(gate, seed=0, scale=0.5, biases=False)
     x = torch.randn(200, 16)
     _, ids, scores = gate(x)
     groups = scores.view(-1, 4, 2).topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices  # (N, 2)
@@ -137,7 +131,7 @@ def test_grouped_mm_fallback_matches_grouped_mm(monkeypatch):
     """The per-expert loop (devices / dtypes without a grouped GEMM kernel) gives grouped_mm's output and grads."""
     assert moe_module.grouped_mm_supported(torch.device("cpu"), torch.float32)  # this machine takes grouped_mm
     moe = MoE(moe_config())
-    randomize(moe)
+    randomize_(moe, seed=0, scale=0.5, biases=False)
     x = torch.randn(4, 11, 16, requires_grad=True)
     results = []
     for use in (True, False):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from builders import randomize_
 
 from nanoseek import ModelConfig, Transformer
 
@@ -33,21 +34,6 @@ CASES = {
 
 def make_config(name: str) -> ModelConfig:
     return ModelConfig(**{**BASE, **CASES[name]})
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """Random weights everywhere, norms and the correction bias included (never zeros or ones)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if "inv_freq" in name or not t.is_floating_point():
-                continue
-            if name.endswith("e_score_correction_bias"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-            elif t.dim() == 1:
-                t.copy_(1 + 0.3 * torch.randn(t.shape, generator=g))
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.15)
 
 
 def hf_logits(directory, ids):
@@ -116,7 +102,8 @@ def test_test_extras_are_pinned():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    extra = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M)[1])
+    test_extra = re.search(r"^test = \[(.*?)\]$", (root / "pyproject.toml").read_text(), re.M | re.S)[1]
+    extra = re.findall(r'"([^"]+)"', re.sub(r"#.*", "", test_extra))
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints.txt").read_text(), re.M))
     for requirement in [*extra, "torch"]:
         name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]

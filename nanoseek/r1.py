@@ -37,21 +37,21 @@ class R1Config:
 
     preset: str = "tiny"
     seq_len: int = 160  # the longest prompt (< 90 characters) plus a completion of max_new_tokens, with BOS / EOS
-    cold_sft_steps: int = 400
+    cold_sft_steps: int = 1000  # held-out greedy 7% at 250 steps, 16% at 500, 35% at 1000 (measured, seed 0)
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    grpo_steps: int = 40
+    grpo_steps: int = 100
     prompts_per_step: int = 8
     num_generations: int = 8
     grpo_lr: float = 2e-4
     max_new_tokens: int = 48
-    rs_prompts: int = 256  # rejection sampling: distinct training problems
+    rs_prompts: int = 1024  # rejection sampling: distinct training problems
     rs_samples: int = 4  # samples per problem
-    rft_steps: int = 100  # SFT of the RL model on the kept samples
-    rft_lr: float = 1e-3
-    distill_prompts: int = 512  # distillation: distinct training problems sampled from the final model
+    rft_steps: int = 200  # SFT of the RL model on the kept samples
+    rft_lr: float = 3e-4
+    distill_prompts: int = 2048  # distillation: distinct training problems sampled from the final model
     distill_samples: int = 4
-    student_steps: int = 400
+    student_steps: int = 1000
     student: dict = field(default_factory=lambda: dict(STUDENT))
     eval_n: int = 200
     eval_k: int = 4
@@ -59,9 +59,9 @@ class R1Config:
 
     @classmethod
     def quick(cls, seed: int = 0) -> R1Config:
-        return cls(cold_sft_steps=60, grpo_steps=4, prompts_per_step=4, num_generations=4, max_new_tokens=40,
-                   rs_prompts=32, rs_samples=2, rft_steps=10, distill_prompts=32, distill_samples=2,
-                   student_steps=30, eval_n=24, eval_k=2, seed=seed)
+        return cls(cold_sft_steps=500, grpo_steps=5, prompts_per_step=4, num_generations=4, rs_prompts=128,
+                   rs_samples=4, rft_steps=20, distill_prompts=128, distill_samples=4, student_steps=50, eval_n=50,
+                   eval_k=2, seed=seed)
 
 
 # ---------------------------------------------------------------------- stages

@@ -182,3 +182,23 @@ def test_save_best_keeps_the_best_step(tmp_path, monkeypatch, reward_module):
     assert any(not torch.equal(got[k], later[k]) for k in want)  # training moved on after step 2
     with pytest.raises(ValueError, match="--save-best needs --eval-every"):
         GRPOConfig(model="m", save_best="accuracy").validate()
+
+
+def test_ppo_on_a_dataset_with_held_out_split(tmp_path, reward_module):
+    from nanoseek.train.ppo import PPOConfig, train_ppo
+
+    rows = [{"prompt": f"{a}+{b}=", "target": str(a + b)} for a in range(10) for b in range(3)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = PPOConfig(model=str(random_checkpoint(tmp_path / "m")), out=str(tmp_path / "run"), dataset=str(data),
+                    reward_funcs=["my_rewards:length_reward"], num_generations=2, prompts_per_step=2,
+                    max_completion_length=3, steps=1, eval_every=1, eval_k=0, progress=False)
+    train_ppo(cfg)
+    (row,) = read_metrics(tmp_path / "run")
+    assert {"eval/accuracy", "eval/reward", "eval/mean_length"} <= set(row) and "eval/pass@0" not in row
+    # one prompt in 10 is held out of training (by a hash of its text), and the evaluation uses those
+    from nanoseek.datasets import load_prompts
+    from nanoseek.train.rl_data import rl_data
+
+    train, held = load_prompts(data).split(10)
+    got = rl_data(cfg, None)
+    assert got.train.rows == train.rows and got.held_out.rows == held.rows and len(held) < len(rows) // 3

@@ -28,7 +28,7 @@ import torch
 TASK = "gsm8k"
 REWARDS = ("format_gsm8k",)  # GRPO: the task's accuracy reward first, then these
 VERIFY = ("format_gsm8k", "equations")  # rejection sampling: the task's reward and these must all give 1.0
-STUDENT = {"attention_type": "mha", "n_routed_experts": 0, "num_nextn_predict_layers": 0}
+STUDENT = {"attention_type": "mha", "n_routed_experts": 0, "num_nextn_predict_layers": 0, "intermediate_size": 64}
 
 
 @dataclass
@@ -41,9 +41,9 @@ class R1Config:
     sft_batch: int = 32
     sft_lr: float = 3e-3
     grpo_steps: int = 100
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     num_generations: int = 8
-    grpo_lr: float = 2e-4
+    grpo_lr: float = 5e-5  # 2e-4 with 8 prompts per step fell from 35% to 22.5% held-out greedy (measured)
     max_new_tokens: int = 48
     rs_prompts: int = 1024  # rejection sampling: distinct training problems
     rs_samples: int = 4  # samples per problem

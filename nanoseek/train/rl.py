@@ -174,8 +174,10 @@ class RLTrainer:
         from nanoseek.rewards import reward_name
 
         cfg = self.cfg
-        m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(self.data.held_out.rows),
-                             self.scorer, [reward_name(f) for f in self.data.correct], k=cfg.eval_k,
+        held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
+        m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
+                             replace(self.scorer, columns=held_out.columns),
+                             [reward_name(f) for f in self.data.correct], k=cfg.eval_k,
                              temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
         return {f"eval/{k}": v for k, v in m.items()}
 

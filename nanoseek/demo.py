@@ -64,13 +64,13 @@ class DemoConfig:
 class Stages:
     """OUT/stages.json: the result of every finished stage (what ``--resume`` skips)."""
 
-    def __init__(self, out: Path, resume: bool):
-        self.path = out / "stages.json"
+    def __init__(self, out: Path, resume: bool, tag: str = "demo"):
+        self.path, self.tag = out / "stages.json", tag
         self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
 
     def run(self, name: str, fn):
         if name in self.done:
-            print(f"[demo] {name}: done earlier, reusing its result")
+            print(f"[{self.tag}] {name}: done earlier, reusing its result")
             return self.done[name]
         t0 = time.perf_counter()
         result = fn()

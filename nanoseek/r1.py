@@ -147,7 +147,7 @@ def run_pipeline(cfg: R1Config, out: Path, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     (out / "r1_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    stages = Stages(out, resume)
+    stages = Stages(out, resume, tag="r1")
 
     def evaluated(name: str, fn) -> dict:  # a training stage, then its held-out evaluation (timed apart)
         result = stages.run(name, fn)
@@ -176,7 +176,8 @@ def run_pipeline(cfg: R1Config, out: Path, resume: bool = False) -> dict:
                                                 data=dist_data["data"], overrides=cfg.student)
                         if dist_data["kept"] else _skip("distillation", "the teacher's samples were all rejected"))
     del student
-    report = build_report(cfg, stages.done, time.perf_counter() - t_start)
+    wall = sum(v.get("time_s", 0.0) for v in stages.done.values()) if resume else time.perf_counter() - t_start
+    report = build_report(cfg, stages.done, wall)
     write_report(out, report)
     return report
 

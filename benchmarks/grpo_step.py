@@ -167,6 +167,9 @@ def main() -> None:
     p.add_argument("--arch", choices=["llama", "deepseek_v3"], default="llama")
     p.add_argument("--task", choices=["arithmetic", "countdown"], default="arithmetic")
     p.add_argument("--no-share-prompts", action="store_true", help="nanoseek runs every row's prompt separately")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the pair of trainers this many times, alternating, and report the medians (a shared "
+                        "machine's load drifts: alternating exposes both to it alike)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", choices=["nanoseek", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -176,12 +179,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "llama"
         make_model(model, a.hidden, a.layers, a.arch)
-        results = run_workers(__file__, ("nanoseek", "trl"), model, a, ("P", "G", "L", "beta", "mu", "lr", "steps",
-                                                                         "threads", "no_share_prompts", "task"))
+        runs = [run_workers(__file__, ("nanoseek", "trl"), model, a, ("P", "G", "L", "beta", "mu", "lr", "steps",
+                                                                      "threads", "no_share_prompts", "task"))
+                for _ in range(a.repeats)]
+    results = {name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
+               for name in ("nanoseek", "trl")}
     n, t = results["nanoseek"], results["trl"]
     print(f"random {a.arch} hidden={a.hidden} layers={a.layers}; task {a.task}; P={a.P} G={a.G} L={a.L} "
           f"beta={a.beta} mu={a.mu}; "
-          f"{a.steps} steps (first excluded); {a.threads} thread(s)"
+          f"{a.steps} steps (first excluded); {a.threads} thread(s); medians of {a.repeats} alternating run(s)"
           f"{'; nanoseek without prompt sharing' if a.no_share_prompts else ''}")
     print(f"{'':10} {'s/step':>8} {'compl tok/s':>12} {'peak RSS MB':>12} {'mean reward':>12} "
           f"{'mean/max len':>13}")
@@ -191,8 +197,11 @@ def main() -> None:
     print(f"nanoseek processed / real tokens in log-prob and training passes: {n['processed_over_real']:.3f}")
     print(f"speed-up nanoseek/TRL: {t['s_per_step'] / n['s_per_step']:.2f}x (time per step), "
           f"{n['completion_tok_per_s'] / t['completion_tok_per_s']:.2f}x (completion tokens/s)")
+    if a.repeats > 1:
+        ratios = sorted(r["trl"]["s_per_step"] / r["nanoseek"]["s_per_step"] for r in runs)
+        print(f"per-run speed-ups (time per step): {', '.join(f'{x:.2f}x' for x in ratios)}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
         two = launch(tmp_path, 2, mode, mode)
         l2 = losses(two)
         assert len(l2) == 5
-        assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (mode, l1, l2)
+        # FSDP2 gathers and reduce-scatters in its own order: fp32 rounding differs by ~1e-5 over 5 steps (a wrong
+        # normalisation shows at 1e-2)
+        assert max(abs(a - b) for a, b in zip(l1, l2)) < (1e-5 if mode == "ddp" else 5e-5), (mode, l1, l2)
         b0, b1 = torch.load(two / "bias_rank0.pt"), torch.load(two / "bias_rank1.pt")
         assert any(b.abs().sum() > 0 for b in b0)  # the update ran
         for x, y in zip(b0, b1):

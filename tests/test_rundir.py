@@ -15,7 +15,7 @@ import torch
 
 from nanoseek import cli
 from nanoseek.checkpoint import latest_checkpoint
-from nanoseek.hf import _read_safetensors
+from nanoseek.hf import read_safetensors
 from nanoseek.metrics import MetricsLogger, read_jsonl, read_metrics, rewind_log
 from nanoseek.rundir import MARKER, RunDirError, check_run_dir, recorded_kind
 
@@ -239,7 +239,7 @@ def _kill_and_resume(tmp_path: Path, kill_points) -> None:
     assert steps(killed) == list(range(1, 9))
     a, b = latest_checkpoint(straight), latest_checkpoint(killed)
     assert a.name == b.name == "step_00000008"
-    wa, wb = _read_safetensors(a), _read_safetensors(b)
+    wa, wb = read_safetensors(a), read_safetensors(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

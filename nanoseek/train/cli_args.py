@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, field, fields
 from typing import Any
 
@@ -99,3 +100,19 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of ``cls`` from the parsed flags (fields without a flag keep their defaults)."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names}, **overrides)
+
+
+def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
+    """A CLI run of ``train(cfg)``: the summary on rank 0's stdout, the process group left cleanly; exit status 130
+    after a Ctrl-C save. Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses."""
+    from nanoseek.distributed import cleanup, is_main
+
+    try:
+        summary = train(cfg)
+    except BaseException:
+        cleanup(synchronize=False)
+        raise
+    if is_main():
+        print(json.dumps(summary))
+    cleanup()
+    return 130 if summary["interrupted"] else 0

@@ -18,7 +18,6 @@ switch is independent of the others:
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -171,6 +170,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = train_grpo(cli_args.from_args(GRPOConfig, args))
-    print(json.dumps(summary))
-    return 130 if summary["interrupted"] else 0
+    return cli_args.run_command(train_grpo, cli_args.from_args(GRPOConfig, args))

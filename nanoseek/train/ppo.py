@@ -10,7 +10,6 @@ critic the clipped value loss. Rollouts, the optimisation loop and checkpoints a
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +141,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = train_ppo(cli_args.from_args(PPOConfig, args))
-    print(json.dumps(summary))
-    return 130 if summary["interrupted"] else 0
+    return cli_args.run_command(train_ppo, cli_args.from_args(PPOConfig, args))

@@ -28,7 +28,7 @@ from torch import nn
 from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanoseek.config import ModelConfig
 from nanoseek.data import IGNORE, Batch, DatasetData, make_data
-from nanoseek.distributed import all_reduce_, barrier, cleanup, init_distributed, is_main, wrap_model
+from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
@@ -401,11 +401,4 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses; 130 after a Ctrl-C save."""
-    try:
-        summary = train(config_from_args(args))
-        if is_main():
-            print(json.dumps(summary))
-    finally:
-        cleanup()
-    return 130 if summary["interrupted"] else 0
+    return cli_args.run_command(train, config_from_args(args))

@@ -180,12 +180,16 @@ def prompt_text(template: ChatTemplate | None, prompt: str | list[dict], system_
     return template.render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
 
-def encode_prompt(tokenizer, template: ChatTemplate | None, text: str) -> list[int]:
-    """A prompt's token ids: BOS (when the tokenizer has one) and the text, except when the chat template already
-    wrote the BOS token at its start (Llama's templates do), so BOS is never doubled."""
+def adds_bos(tokenizer, template: ChatTemplate | None, text: str) -> bool:
+    """Whether a prompt's ids get a BOS: when the tokenizer has one, unless the chat template already wrote the BOS
+    token at the start of ``text`` (Llama's templates do), so BOS is never doubled."""
     bos = dict(template.special_tokens).get("bos_token") if template is not None else None
-    has_bos = getattr(tokenizer, "bos_id", None) is not None and not (bos and text.startswith(bos))
-    return tokenizer.encode(text, add_bos=has_bos)
+    return getattr(tokenizer, "bos_id", None) is not None and not (bos and text.startswith(bos))
+
+
+def encode_prompt(tokenizer, template: ChatTemplate | None, text: str) -> list[int]:
+    """A prompt's token ids: BOS (see ``adds_bos``) and the text."""
+    return tokenizer.encode(text, add_bos=adds_bos(tokenizer, template, text))
 
 
 def sft_texts(template: ChatTemplate | None, prompt: str | list[dict], completion: str | list[dict],

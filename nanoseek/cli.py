@@ -14,6 +14,7 @@ import traceback
 # subcommand -> (module, one-line help). Listed only when the module exists.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
+    "r1": ("nanoseek.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
     "info": ("nanoseek.cli", "build a preset model; print parameters, active parameters and KV-cache sizes"),
     "pretrain": ("nanoseek.train.pretrain", "next-token (+MTP) pretraining on a built-in task or local text"),
     "sft": ("nanoseek.train.pretrain", "supervised fine-tuning on (prompt, completion) pairs"),

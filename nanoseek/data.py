@@ -91,14 +91,15 @@ def read_records(paths: list[str | Path]) -> list[Record]:
 
 # ---------------------------------------------------------------------- row builders
 def sft_row(tok: Tokenizer, prompt: str, completion: str, where: str | None = None,
-            allow_unknown: bool = False) -> tuple[list[int], int]:
+            allow_unknown: bool = False, add_bos: bool = True, add_eos: bool = True) -> tuple[list[int], int]:
     """bos + prompt + completion + eos, and the number of leading tokens that take no loss (bos + prompt).
-    With ``where`` (a file:line), characters the tokenizer lacks are an error naming it unless ``allow_unknown``."""
+    With ``where`` (a file:line), characters the tokenizer lacks are an error naming it unless ``allow_unknown``.
+    ``add_bos`` / ``add_eos`` False: a chat template already wrote them."""
     if where is None:
-        p = tok.encode(prompt, add_bos=True)
-        return p + tok.encode(completion, add_eos=True), len(p)
-    p = encode_checked(tok, prompt, f"{where} (prompt)", add_bos=True, allow_unknown=allow_unknown)
-    c = encode_checked(tok, completion, f"{where} (completion)", add_eos=True, allow_unknown=allow_unknown)
+        p = tok.encode(prompt, add_bos=add_bos)
+        return p + tok.encode(completion, add_eos=add_eos), len(p)
+    p = encode_checked(tok, prompt, f"{where} (prompt)", add_bos=add_bos, allow_unknown=allow_unknown)
+    c = encode_checked(tok, completion, f"{where} (completion)", add_eos=add_eos, allow_unknown=allow_unknown)
     return p + c, len(p)
 
 
@@ -195,6 +196,38 @@ class FileData:
         T = self.seq_len
         stream = [t for i in items for t in self.stream[i * T : i * T + T + 1]]
         return pack_rows(stream, batch_size, T)
+
+
+class DatasetData(FileData):
+    """SFT rows of a dataset (``nanoseek.datasets.load_prompts``): prompt + completion, or ``messages``.
+    Conversational rows (and every row with ``system_prompt``) are rendered with the tokenizer's chat template
+    (``nanoseek.chat.sft_texts``): the completion ends with the template's own end of turn, so no second EOS is
+    added, and the BOS is not doubled when the template writes one."""
+
+    def __init__(self, source: str, tok: Tokenizer, seq_len: int, seed: int = 0, *, config: str | None = None,
+                 split: str = "train", prompt_column: str = "prompt", completion_column: str = "completion",
+                 messages_column: str = "messages", system_prompt: str | None = None,
+                 allow_unknown_chars: bool = False):
+        from nanoseek.chat import adds_bos, chat_template, sft_texts
+        from nanoseek.datasets import load_prompts
+
+        self.tok, self.mode, self.seq_len, self.seed = tok, "sft", seq_len, seed
+        ds = load_prompts(source, config=config, split=split, prompt_column=prompt_column,
+                          completion_column=completion_column, messages_column=messages_column,
+                          require_completion=True)
+        chat = system_prompt is not None or any(r.conversational or not isinstance(r.completion, str)
+                                                for r in ds.rows)
+        template = chat_template(tok) if chat else None
+        self.rows = []
+        for r in ds.rows:
+            prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
+            toks, n_prompt = sft_row(tok, prompt, completion, r.where, allow_unknown_chars,
+                                     add_bos=adds_bos(tok, template, prompt), add_eos=add_eos)
+            if len(toks) - 1 > seq_len:
+                raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
+                                 "raise --seq-len or shorten the example")
+            self.rows.append((toks, n_prompt))
+        self.n = len(self.rows)
 
 
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,

@@ -228,8 +228,8 @@ def _parse_json_cell(value, where: str, column: str):
     return value
 
 
-def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False):
-    value = _parse_json_cell(value, where, column)
+def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
+    value = _parse_json_cell(value, where, column) if csv_cell else value
     if isinstance(value, str):
         if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
             raise ValueError(f"{where} column {column!r}: empty")
@@ -244,17 +244,20 @@ def _check_text_or_messages(value, where: str, column: str, assistant_only: bool
 
 
 def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str, messages_column: str,
-              answer_column: str | None) -> Row:
+              answer_column: str | None, csv_cells: bool = False) -> Row:
+    """One validated row; ``csv_cells``: string cells holding JSON lists are conversations (a CSV file has only
+    strings; elsewhere a string is text, even one that starts with "[")."""
     if prompt_column in obj:
         if obj[prompt_column] is None:
             raise ValueError(f"{where} column {prompt_column!r}: missing value (null)")
-        prompt = _check_text_or_messages(obj[prompt_column], where, prompt_column)
+        prompt = _check_text_or_messages(obj[prompt_column], where, prompt_column, csv_cell=csv_cells)
         completion = obj.get(completion_column)
         if completion is not None:
-            completion = _check_text_or_messages(completion, where, completion_column, assistant_only=True)
+            completion = _check_text_or_messages(completion, where, completion_column, assistant_only=True,
+                                                 csv_cell=csv_cells)
         used = {prompt_column, completion_column}
     elif messages_column in obj:
-        messages = _check_text_or_messages(obj[messages_column], where, messages_column)
+        messages = _check_text_or_messages(obj[messages_column], where, messages_column, csv_cell=csv_cells)
         if isinstance(messages, str):
             raise ValueError(f"{where} column {messages_column!r}: a string; give a list of messages")
         last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
@@ -292,14 +295,14 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
     """
     path = Path(source).expanduser()
     if path.exists():
-        rows_in = (r for p in _data_files(path, split) for r in _read_file(p))
+        rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in _read_file(p))
     elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
         raise ValueError(f"dataset {source}: no such file or folder")
     else:
-        rows_in = _read_hub(str(source), config, split)
+        rows_in = ((*r, False) for r in _read_hub(str(source), config, split))
     rows: list[Row] = []
-    for where, obj in rows_in:
-        row = _make_row(obj, where, prompt_column, completion_column, messages_column, answer_column)
+    for where, obj, csv_cells in rows_in:
+        row = _make_row(obj, where, prompt_column, completion_column, messages_column, answer_column, csv_cells)
         if require_completion and row.completion is None:
             raise ValueError(f"{where}: no completion; SFT rows need {prompt_column!r} + {completion_column!r}, "
                              f"or {messages_column!r} ending with an assistant message")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 TASK = "countdown"
+VALIDATION_SEED = 1_000  # GRPO's validation problems (training split) are drawn with this seed
 
 
 @dataclass
@@ -47,26 +48,29 @@ class DemoConfig:
     eval_n: int = 1000  # distinct held-out problems, at most (Countdown's held-out split has 316; 315 are drawn)
     eval_k: int = 8
     curve_points: int = 4  # GRPO checkpoints on the held-out accuracy curve
+    validation_n: int = 200  # GRPO's validation problems: distinct training-split problems, disjoint from held-out
+    validate_every: int = 10  # GRPO evaluates greedy validation accuracy every N steps, keeping the best checkpoint
+    grpo_checkpoint: str = "final"  # the GRPO row of the table: "final", or "best" by validation accuracy
     seed: int = 0
     overrides: dict = field(default_factory=lambda: {"max_position_embeddings": 64})
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
         return cls(sft_steps=300, grpo_steps=80, prompts_per_step=16, continued_sft_steps=175, eval_n=200, eval_k=4,
-                   curve_points=2, seed=seed)
+                   curve_points=2, validation_n=100, validate_every=20, seed=seed)
 
 
 # ---------------------------------------------------------------------- stages
 class Stages:
     """OUT/stages.json: the result of every finished stage (what ``--resume`` skips)."""
 
-    def __init__(self, out: Path, resume: bool):
-        self.path = out / "stages.json"
+    def __init__(self, out: Path, resume: bool, tag: str = "demo"):
+        self.path, self.tag = out / "stages.json", tag
         self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
 
     def run(self, name: str, fn):
         if name in self.done:
-            print(f"[demo] {name}: done earlier, reusing its result")
+            print(f"[{self.tag}] {name}: done earlier, reusing its result")
             return self.done[name]
         t0 = time.perf_counter()
         result = fn()
@@ -119,7 +123,9 @@ def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
     gc = GRPOConfig(model=model_dir, out=str(out), task=TASK, num_generations=cfg.num_generations,
                     prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
                     steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
-                    save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1)
+                    save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1,
+                    eval_every=cfg.validate_every, eval_dataset=str(out.parent / "validation.jsonl"),
+                    eval_n=cfg.validation_n, eval_k=0, save_best="accuracy")
     summary = train_grpo(gc)
     if summary["steps"] < cfg.grpo_steps:  # Ctrl-C: GRPO saved and returned early; do not mark the stage done
         raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
@@ -132,7 +138,8 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
     """Run every stage into ``out``; returns the report dict (also written to out/report.json)."""
-    from nanoseek.tasks import examples, get_task
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.tasks import distinct_examples, examples, get_task
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -145,15 +152,23 @@ def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
         with open(out / "heldout.jsonl", "w") as f:
             for ex in held_out:
                 f.write(json.dumps({"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}) + "\n")
+        validation = distinct_examples(task, cfg.validation_n, "train", seed=VALIDATION_SEED)
+        with open(out / "validation.jsonl", "w") as f:  # training-split problems: disjoint from the held-out set
+            for ex in validation:
+                f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n")
         return {"task": TASK, "train_example": asdict(examples(task, 1, "train", seed=cfg.seed)[0]),
-                "heldout": len(held_out)}
+                "heldout": len(held_out), "validation": len(validation)}
 
     stages.run("data", data)
     sft = stages.run("sft", lambda: _sft(cfg, out / "sft", cfg.sft_steps, None, resume))  # 2.
     stages.run("eval_sft", lambda: _eval(sft["checkpoint"], cfg, cfg.eval_k, "SFT"))  # 3.
     stages.run("grpo", lambda: _grpo(cfg, out / "grpo", sft["checkpoint"], resume))  # 4.
     final = str(_checkpoints(out / "grpo")[-1])
-    stages.run("eval_grpo", lambda: _eval(final, cfg, cfg.eval_k, "SFT + GRPO"))  # 5.
+    best = json.loads((out / "grpo" / "best" / "best.json").read_text())  # by validation accuracy
+    stages.run("eval_grpo_final", lambda: _eval(final, cfg, cfg.eval_k, "SFT + GRPO (final)"))  # 5.
+    stages.run("eval_grpo_best", lambda: {**_eval(str(resolve_model_dir(out / "grpo" / "best")), cfg, cfg.eval_k,
+                                                  f"SFT + GRPO (best by validation: step {best['step']})"),
+                                          "step": best["step"], "validation_accuracy": best["value"]})
     points = [(0, sft["checkpoint"])] + [(int(p.name.split("_")[1]), str(p)) for p in _checkpoints(out / "grpo")]
 
     def curve() -> dict:  # held-out greedy and sampled accuracy at each saved GRPO step
@@ -184,7 +199,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
 def build_report(cfg: DemoConfig, done: dict, wall_time_s: float, resumed: bool) -> dict:
     k = cfg.eval_k
-    before, after, base = done["eval_sft"], done["eval_grpo"], done["eval_sft_continued"]
+    before, after, base = done["eval_sft"], done[f"eval_grpo_{cfg.grpo_checkpoint}"], done["eval_sft_continued"]
+    final, best = done["eval_grpo_final"], done["eval_grpo_best"]
     if any("greedy_correct" not in r or "sample_correct" not in r for r in (before, after, base)):
         raise ValueError("this run directory was evaluated by an older nanoseek (no per-problem results); run the "
                          "demo again without --resume")
@@ -200,6 +216,8 @@ def build_report(cfg: DemoConfig, done: dict, wall_time_s: float, resumed: bool)
         f"pass@{k}_before": before.get(f"pass@{k}"), f"maj@{k}_before": before.get(f"maj@{k}"),
         f"pass@{k}_after": after.get(f"pass@{k}"), f"maj@{k}_after": after.get(f"maj@{k}"),
         "sft": row(before), "grpo": row(after), "sft_continued": row(base),
+        "grpo_checkpoint": cfg.grpo_checkpoint, "grpo_final": row(final),
+        "grpo_best": {**row(best), "step": best["step"], "validation_accuracy": best["validation_accuracy"]},
         "sft_time_s": done["sft"]["time_s"], "grpo_time_s": done["grpo"]["time_s"],
         "sft_continued_time_s": done["sft_continued"]["time_s"],
         "sft_steps": cfg.sft_steps, "grpo_steps": cfg.grpo_steps, "continued_sft_steps": cfg.continued_sft_steps,
@@ -323,6 +341,17 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_note(report: dict) -> str:
+    """Which GRPO checkpoint the table reports, and the other one's held-out accuracy."""
+    best, final = report["grpo_best"], report["grpo_final"]
+    which = "the final checkpoint" if report["grpo_checkpoint"] == "final" else \
+        f"the best checkpoint by validation accuracy (step {best['step']})"
+    return (f"The GRPO row is {which}. Held-out greedy / sampled: final {_pct(final['accuracy'])} / "
+            f"{_pct(final['sample_accuracy'])}; best by validation (step {best['step']}, validation greedy "
+            f"{_pct(best['validation_accuracy'])} on {report['config']['validation_n']} training-split problems) "
+            f"{_pct(best['accuracy'])} / {_pct(best['sample_accuracy'])}.")
+
+
 def write_outputs(out: Path, report: dict, done: dict) -> None:
     """Plots, report.json, report.md, and the summary printed to stdout."""
     report["plots"] = write_plots(out, done)
@@ -351,6 +380,7 @@ def write_outputs(out: Path, report: dict, done: dict) -> None:
         f"{verdict}, given {report['sft_continued_time_s']:.0f} s vs GRPO's {report['grpo_time_s']:.0f} s; "
         f"sampled: GRPO − continued SFT {points(report['grpo_vs_continued_sft_sampled'])}.",
         f"(CIs: paired over the {gain['n']} problems, normal approximation.) wall time {report['wall_time_s']:.0f} s",
+        checkpoint_note(report),
     ]
     text = "\n".join(lines)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -367,10 +397,74 @@ def write_outputs(out: Path, report: dict, done: dict) -> None:
     print("\n" + text)
 
 
+# ---------------------------------------------------------------------- several seeds
+TABLE_ROWS = (("sft", "SFT warm-start", "sft_time_s"), ("grpo", "SFT + GRPO", "grpo_time_s"),
+              ("sft_continued", "SFT + continued SFT", "sft_continued_time_s"))
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    n, mean = len(values), sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def seeds_summary(reports: list[dict]) -> dict:
+    """Every figure of the demo table over several seeds' reports: row -> column -> spread."""
+    k = reports[0]["config"]["eval_k"]
+    cols = ("accuracy", "sample_accuracy", f"maj@{k}", f"pass@{k}")
+    out = {name: {c: spread([r[name][c] for r in reports]) for c in cols} for name, _, _ in TABLE_ROWS}
+    for name, _, time_key in TABLE_ROWS:
+        out[name]["time_s"] = spread([r[time_key] for r in reports])
+    out["gain"] = spread([r["gain"]["mean"] for r in reports])
+    out["grpo_vs_continued_sft"] = spread([r["grpo_vs_continued_sft"]["mean"] for r in reports])
+    return {"seeds": [r["seed"] for r in reports], "k": k, "rows": out}
+
+
+def seeds_table(summary: dict) -> str:
+    k = summary["k"]
+
+    def cell(d: dict, pct: bool = True) -> str:
+        f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.0f} s")
+        return f"{f(d['mean'])} ± {f(d['std'])} ({f(d['min'])}–{f(d['max'])})"
+
+    lines = [f"| model (mean ± std (min–max) over {len(summary['seeds'])} seeds) | greedy | sampled (T=1) | maj@{k} "
+             f"| pass@{k} | stage time |", "|---|---|---|---|---|---|"]
+    for name, label, _ in TABLE_ROWS:
+        r = summary["rows"][name]
+        lines.append(f"| {label} | {cell(r['accuracy'])} | {cell(r['sample_accuracy'])} | {cell(r[f'maj@{k}'])} | "
+                     f"{cell(r[f'pass@{k}'])} | {cell(r['time_s'], pct=False)} |")
+    gain, vs = summary["rows"]["gain"], summary["rows"]["grpo_vs_continued_sft"]
+    lines += ["", f"GRPO − SFT, greedy: {100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f} points "
+              f"({100 * gain['min']:+.1f} to {100 * gain['max']:+.1f}); GRPO − continued SFT: "
+              f"{100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} points ({100 * vs['min']:+.1f} to "
+              f"{100 * vs['max']:+.1f}); seeds {', '.join(map(str, summary['seeds']))}."]
+    return "\n".join(lines)
+
+
+def run_seeds(make_cfg, seeds: list[int], out: Path, resume: bool = False) -> dict:
+    """The demo once per seed (OUT/seed_S/), then OUT/seeds.json and OUT/seeds.md: mean and spread of every
+    figure in the table."""
+    reports = []
+    for seed in seeds:
+        print(f"[demo] seed {seed} ({len(reports) + 1}/{len(seeds)})")
+        (out / f"seed_{seed}").mkdir(exist_ok=True)
+        reports.append(run_demo(make_cfg(seed), out / f"seed_{seed}", resume=resume))
+    summary = seeds_summary(reports)
+    table = seeds_table(summary)
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+    (out / "seeds.md").write_text(f"# nanoseek demo over {len(seeds)} seeds\n\n{table}\n")
+    print("\n" + table)
+    return summary
+
+
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the shortened CI run (about 3 minutes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the demo for N seeds (--seed, --seed + 1, ...) and report the mean and spread of "
+                             "every figure (OUT/seeds.md)")
     parser.add_argument("--out", default="runs/demo", help="run directory (checkpoints, metrics, plots, report)")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
     parser.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out and start over")
@@ -384,8 +478,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     out = prepare_run_dir(args.out, "demo", resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
-    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    run_demo(cfg, out, resume=args.resume)
+    make_cfg = DemoConfig.quick if args.quick else (lambda seed: DemoConfig(seed=seed))
+    if args.seeds > 1:
+        run_seeds(make_cfg, list(range(args.seed, args.seed + args.seeds)), out, resume=args.resume)
+    else:
+        run_demo(make_cfg(args.seed), out, resume=args.resume)
     return 0

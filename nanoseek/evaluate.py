@@ -4,7 +4,7 @@ All completions go through ``nanoseek.generate.generate`` (latent KV cache) in b
 problem at temperature τ:
 - ``accuracy``: the greedy completion is correct;
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
-- ``maj@k``: the most frequent of the k sampled answers (ties: the earliest) is correct;
+- ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
 - ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
 
 ``greedy_correct`` and ``sample_correct`` keep the per-problem results (in order), for paired comparisons of
@@ -22,12 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek.rewards.math import extract_final_answer
 from nanoseek.tasks import Example, Task
 
 
 def _answer_key(text: str) -> str:
-    """The answer a sample votes for in maj@k: its first line, without surrounding spaces."""
-    return text.strip().split("\n", 1)[0].strip()
+    """The answer a sample votes for in maj@k: its extracted final answer (``#### 42``, ``\\boxed{42}``,
+    ``<answer>42</answer>``: ``nanoseek.rewards.math.extract_final_answer``), else its first line, without
+    surrounding spaces; so two worked solutions that reach the same number vote together."""
+    final = extract_final_answer(text)
+    return final.strip() if final is not None else text.strip().split("\n", 1)[0].strip()
 
 
 @torch.no_grad()
@@ -88,6 +92,48 @@ def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 
     return result
 
 
+@torch.no_grad()
+def evaluate_prompts(policy, encode, decode, rows: list, scorer, correct: list[str], *, k: int = 4,
+                     temperature: float = 1.0, max_new_tokens: int = 16, batch_size: int = 256, seed: int = 0,
+                     min_reward: float = 1.0) -> dict[str, float]:
+    """Held-out metrics of a policy on dataset rows through its sampler (``Policy.sample``), scored by ``scorer``
+    (``nanoseek.train.rollout.Scorer``). A completion is correct when every function named in ``correct`` gives
+    at least ``min_reward`` and it ended by itself (``nanoseek.sample.verified``). Returns ``accuracy`` (greedy),
+    ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy completion tokens) and,
+    with k > 0, ``pass@k`` (any of k samples at ``temperature`` correct) and ``sample_accuracy`` (their mean)."""
+    from nanoseek.policy import SamplingParams
+    from nanoseek.sample import verified
+
+    if not rows:
+        raise ValueError("evaluate_prompts: no held-out rows")
+    was_training = policy.model.training
+    policy.model.eval()
+
+    def run(rows_rep: list, temp: float, seed_: int) -> tuple[list[bool], list[float], list[int]]:
+        ok, total, lengths = [], [], []
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temp)
+        for b, start in enumerate(range(0, len(rows_rep), batch_size)):
+            chunk = rows_rep[start : start + batch_size]
+            samples = policy.sample([encode(r.prompt) for r in chunk], params, seed_ * 100_003 + b)
+            texts = [decode(c) for c in samples.completions]
+            result = scorer.outcome(chunk, texts, samples.completions)
+            for j, trunc in enumerate(samples.truncated):
+                ok.append(verified([result.per_fn[n][j] for n in correct], trunc, min_reward))
+            total += result.total
+            lengths += [len(c) for c in samples.completions]
+        return ok, total, lengths
+
+    ok, total, lengths = run(list(rows), 0.0, seed)
+    n = len(rows)
+    out = {"accuracy": sum(ok) / n, "reward": sum(total) / n, "mean_length": sum(lengths) / n}
+    if k:
+        ok_k, _, _ = run([r for r in rows for _ in range(k)], temperature, seed + 1)
+        out[f"pass@{k}"] = sum(any(ok_k[i * k : (i + 1) * k]) for i in range(n)) / n
+        out["sample_accuracy"] = sum(ok_k) / (n * k)
+    policy.model.train(was_training)
+    return out
+
+
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
@@ -100,6 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=512)
     a("--seed", type=int, default=0, help="held-out set and sampling seed")
     a("--json", default=None, help="also write the result to this file")
+    a("--dataset", default=None, help="evaluate on a dataset's prompts instead of a task (local file or folder, or a "
+      "hub dataset): correct = every --reward-funcs function verifies the completion")
+    a("--dataset-config", default=None, help="the hub dataset's configuration")
+    a("--dataset-split", default=None, help="the split (default: train for a single file, else test)")
+    a("--prompt-column", default="prompt", help="the column with the prompts (strings or chat messages)")
+    a("--answer-column", default=None, help="the column with the gold answers, given to rewards as `answer`")
+    a("--reward-funcs", nargs="*", default=[], help="--dataset: built-in names or import paths "
+      "(package.module:function)")
+    a("--min-reward", type=float, default=1.0, help="--dataset: the value each function must reach to verify")
+    a("--system-prompt", default=None, help="--dataset: system message for every prompt (chat template)")
 
 
 def recorded_task(model_dir: Path) -> str | None:
@@ -128,8 +184,48 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be > 0 for the --k {args.k} samples, got {args.temperature}")
 
 
+def run_dataset(args: argparse.Namespace) -> dict:
+    """``eval --dataset``: greedy accuracy, pass@k, mean reward and length on a dataset's first ``--n`` prompts,
+    through the policy's sampler (``evaluate_prompts``); a completion is correct when every reward function gives
+    at least ``--min-reward`` and it ended by itself."""
+    from nanoseek.chat import chat_template, encode_prompt, prompt_text
+    from nanoseek.datasets import load_prompts
+    from nanoseek.policy import Policy
+    from nanoseek.rewards import check_reward_columns, get_reward_fn, reward_name
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.rollout import Scorer
+
+    if not args.reward_funcs:
+        raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
+    fns = [get_reward_fn(n) for n in args.reward_funcs]
+    split = args.dataset_split or ("train" if Path(args.dataset).expanduser().is_file() else "test")
+    ds = load_prompts(args.dataset, config=args.dataset_config, split=split, prompt_column=args.prompt_column,
+                      answer_column=args.answer_column)
+    check_reward_columns(fns, ds.columns, f"--dataset {args.dataset}")
+    rows = list(ds.rows[: args.n])
+    tok = load_tokenizer(args.model)
+    chat = args.system_prompt is not None or any(r.conversational for r in rows)
+    template = chat_template(tok) if chat else None
+    policy = Policy.load(args.model, tok.pad_id, tok.eos_id)
+    scorer = Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns)
+    result = evaluate_prompts(
+        policy, lambda p: encode_prompt(tok, template, prompt_text(template, p, args.system_prompt)), tok.decode,
+        rows, scorer, [reward_name(f) for f in fns], k=args.k, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, min_reward=args.min_reward)
+    return {"dataset": args.dataset, "n": len(rows), "reward_funcs": args.reward_funcs, **result}
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
+
+    if args.dataset:
+        check_flags(args)
+        args.model = str(resolve_model_dir(args.model))
+        result = run_dataset(args)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     from nanoseek.model.transformer import Transformer
     from nanoseek.tasks import distinct_examples, get_task
     from nanoseek.tokenizer import Tokenizer, encode_checked

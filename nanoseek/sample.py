@@ -107,6 +107,16 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
     return out, summary
 
 
+def write_rows(path: str | Path, rows: list[dict]) -> Path:
+    """The rows as JSON lines, written atomically (a temporary file, then a rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    tmp.replace(out)
+    return out
+
+
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
@@ -171,11 +181,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         batch_size=args.batch_size, system_prompt=args.system_prompt, keep=args.keep, min_reward=args.min_reward,
         reward_timeout_s=args.reward_timeout, progress=sys.stderr.isatty())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    tmp.replace(out)
+    out = write_rows(args.out, rows)
     print(f"sampled {summary['samples']} completions of {summary['prompts']} prompts; kept {summary['kept']} "
           f"({summary['prompts_kept']} prompts) -> {out}")
     print("  " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if "reward" in k))

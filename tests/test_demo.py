@@ -48,6 +48,17 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
         lines = (out / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
+    # GRPO validated every 20 steps on training-split problems disjoint from the held-out ones; the table says which
+    # checkpoint its GRPO row is
+    validated = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in validated if "eval/accuracy" in r] == [20, 40, 60, 80]
+    best = report["grpo_best"]
+    assert best["validation_accuracy"] == max(r["eval/accuracy"] for r in validated if "eval/accuracy" in r)
+    assert report["grpo_checkpoint"] == "final" and report["grpo"] == report["grpo_final"]
+    assert "The GRPO row is the final checkpoint" in done.stdout and f"step {best['step']}" in done.stdout
+    held = {json.loads(line)["prompt"] for line in (out / "heldout.jsonl").read_text().splitlines()}
+    validation = {json.loads(line)["prompt"] for line in (out / "validation.jsonl").read_text().splitlines()}
+    assert len(validation) == 100 and not held & validation
 
 
 def test_paired_difference_hand_computed():
@@ -58,6 +69,23 @@ def test_paired_difference_hand_computed():
     assert d["ci95"] == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2, rel=1e-12)
     with pytest.raises(ValueError, match="equal"):
         paired_difference([1, 0], [1])
+
+
+def test_seeds_summary_hand_computed():
+    from nanoseek.demo import seeds_summary, seeds_table
+
+    def report(seed, a_sft, a_grpo):
+        row = {"accuracy": a_sft, "sample_accuracy": 0.5, "maj@4": 0.5, "pass@4": 0.9}
+        return {"seed": seed, "config": {"eval_k": 4}, "sft": row, "grpo": {**row, "accuracy": a_grpo},
+                "sft_continued": row, "sft_time_s": 10.0, "grpo_time_s": 20.0 + seed, "sft_continued_time_s": 20.0,
+                "gain": {"mean": a_grpo - a_sft}, "grpo_vs_continued_sft": {"mean": a_grpo - a_sft}}
+
+    s = seeds_summary([report(0, 0.4, 0.5), report(1, 0.3, 0.6), report(2, 0.2, 0.4)])
+    g = s["rows"]["grpo"]["accuracy"]
+    assert g["mean"] == pytest.approx(0.5) and g["std"] == pytest.approx(0.1) and (g["min"], g["max"]) == (0.4, 0.6)
+    assert s["rows"]["gain"]["mean"] == pytest.approx(0.2) and s["rows"]["grpo"]["time_s"]["max"] == 22.0
+    table = seeds_table(s)
+    assert "| SFT + GRPO | 50.0% ± 10.0% (40.0%–60.0%) |" in table and "21 s ± 1 s (20 s–22 s)" in table
 
 
 def test_quick_demo_plots_are_valid_pngs(quick_run):

@@ -62,6 +62,17 @@ def test_majority_tie_goes_to_the_earliest_answer(monkeypatch):
     assert r["accuracy"] == 0.0 and r["pass@6"] == 1.0
 
 
+def test_majority_votes_on_the_final_answer(monkeypatch):
+    """GSM8K-style samples: different worked solutions reaching #### 6 vote together."""
+    gsm = get_task("gsm8k")
+    ex = [Example("Tom has 5 pens, buys 3 more and gives away 2. How many does he have now?", "", "6")]
+    samples = ["5+3=9\n#### 7", "5+3=8\n8-2=6\n#### 6", "3+5=8\n8-2=6\n#### 6", "8-2=6\n#### 6",
+               "5+3=9\n#### 7"]  # by first line "5+3=9" would win with 2 votes; by final answer 6 wins with 3
+    _scripted(monkeypatch, {ex[0].prompt: "#### 1"}, {ex[0].prompt: samples})
+    r = evaluate(None, TOK, ex, gsm, k=5, max_new_tokens=32, progress=False)
+    assert r["maj@5"] == 1.0 and r["sample_accuracy"] == pytest.approx(3 / 5)
+
+
 def test_greedy_matches_a_plain_argmax_decode():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=TOK.vocab_size)).eval()

@@ -189,7 +189,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     # rounds of 3 groups: round 0 -> one informative group, round 1 -> one, round 2 -> two (only one needed)
     scripted = iter([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1]])
 
-    def outcome(examples, texts):
+    def outcome(examples, texts, completion_ids=None):
         r = [float(x) for x in next(scripted)]
         return RewardResult(r, {"scripted": r})
 

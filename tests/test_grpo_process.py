@@ -106,7 +106,7 @@ def test_trainer_token_advantages_by_hand(tmp_path):
 
     def sample(prompts, params, seed):
         assert prompts == [trainer.encode(ex.prompt) for ex in exs for _ in range(3)]  # G rows per prompt
-        assert params.max_new_tokens == 4
+        assert params.max_tokens == 4
         a, b = exs[0].answer, exs[1].answer  # single digits
         wa, wb = str((int(a) + 1) % 10), str((int(b) + 1) % 10)
         texts = [a, wa, a + "7", " " + b, "    ", wb]  # the 5th is 4 spaces, truncated: no step at all

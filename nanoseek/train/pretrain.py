@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, Batch, make_data
+from nanoseek.data import IGNORE, Batch, DatasetData, make_data
 from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import RouterStats, update_expert_bias
@@ -55,6 +55,16 @@ class TrainConfig:
     # data
     task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
     data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
+    dataset: str | None = option(None, "sft: a dataset of prompt + completion or messages rows (local "
+                                 ".jsonl/.json/.parquet/.csv file or folder, or a hub dataset; `nanoseek sample` "
+                                 "output works); conversations use the tokenizer's chat template")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
+    prompt_column: str = option("prompt", "--dataset: the column with the prompts")
+    completion_column: str = option("completion", "--dataset: the column with the completions (the SFT targets)")
+    messages_column: str = option("messages", "--dataset: the column with whole conversations")
+    system_prompt: str | None = option(None, "--dataset: system message for every row (rendered with the chat "
+                                       "template)")
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
                                        "listing them)")
@@ -211,8 +221,16 @@ def train(cfg: TrainConfig) -> dict:
     micro = per_rank // cfg.grad_accum
     tok = build_tokenizer(cfg)
     config = build_model_config(cfg, tok)
-    data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
-                     allow_unknown_chars=cfg.allow_unknown_chars)
+    if cfg.dataset:
+        if cfg.mode != "sft":
+            raise ValueError("--dataset holds SFT rows (prompt + completion or messages); pretrain reads --data")
+        data = DatasetData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
+                           split=cfg.dataset_split, prompt_column=cfg.prompt_column,
+                           completion_column=cfg.completion_column, messages_column=cfg.messages_column,
+                           system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
+    else:
+        data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
+                         allow_unknown_chars=cfg.allow_unknown_chars)
     run_dir = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
 
     torch.manual_seed(cfg.seed)

@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 
+from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, reduce_floats
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.train.cli_args import check_ranges, option
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
+from nanoseek.train.rl_data import rl_data
 from nanoseek.train.rollout import CollectStats, Rollout, Scorer, collect
 from nanoseek.train.schedule import lr_at
 
@@ -33,12 +35,32 @@ class RLConfig:
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory with tokenizer.json, or a run directory")
     out: str = option("runs/rl", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
-    task: str = option("arithmetic", "built-in task giving prompts and the task reward")
+    task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
     task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
+    dataset: str | None = option(None, "prompts from a local .jsonl/.json/.parquet/.csv file or folder, or a hub "
+                                 "dataset, instead of --task (rewards: --reward-funcs only)")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
+    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
+    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    completion_column: str = option("completion", "the column with reference completions (SFT-style rows)")
+    messages_column: str = option("messages", "the column with whole conversations (prompt = all but the reply)")
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     reward_funcs: list[str] = option(default_factory=list,
-                                     help="extra reward functions: math, format, countdown, code")
+                                     help="reward functions: built-in names (math, format, format_gsm8k, equations, "
+                                     "countdown, code) or import paths (package.module:function)")
     reward_weights: list[float] = option(default_factory=list,
-                                         help="weights: the task reward first, then each extra (default all 1)")
+                                         help="weights: the task reward first (without --dataset), then each of "
+                                         "--reward-funcs (default all 1)")
+    eval_every: int = option(0, "evaluate on held-out prompts every N steps and at the end (0: never)", min=0)
+    eval_dataset: str | None = option(None, "held-out prompts for --eval-every (default: the task's held-out "
+                                      "split, or one in 10 of --dataset's prompts, held out of training)")
+    eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
+    eval_n: int = option(200, "most held-out prompts evaluated", min=1)
+    eval_k: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
+    save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best (accuracy, "
+                                   "pass@k, sample_accuracy, reward)",
+                                   choices=("accuracy", "pass@k", "sample_accuracy", "reward"))
     num_generations: int = option(8, "G completions per prompt", min=1)
     prompts_per_step: int = option(8, "P prompts per step (global: split over ranks)", min=1)
     max_completion_length: int = option(16, "most tokens per completion", min=1)
@@ -72,10 +94,22 @@ class RLConfig:
 
     def validate(self) -> None:
         check_ranges(self)
-        n_fns = 1 + len(self.reward_funcs)
+        n_fns = (0 if self.dataset else 1) + len(self.reward_funcs)
+        if self.dataset and not self.reward_funcs:
+            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
+                             "package.module:function); a dataset has no task reward")
         if self.reward_weights and len(self.reward_weights) != n_fns:
-            raise ValueError(f"--reward-weights: {len(self.reward_weights)} given, need {n_fns} (the task reward, "
-                             "then each of --reward-funcs)")
+            raise ValueError(f"--reward-weights: {len(self.reward_weights)} given, need {n_fns} ("
+                             f"{'' if self.dataset else 'the task reward, then '}each of --reward-funcs)")
+        if self.save_best and not self.eval_every:
+            raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
+        if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_k:
+            raise ValueError(f"--save-best {self.save_best} needs --eval-k > 0 (samples per held-out prompt)")
+
+    @property
+    def best_metric(self) -> str:
+        """The metrics.jsonl key ``--save-best`` compares (``eval/pass@4`` for pass@k with --eval-k 4)."""
+        return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_k}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,32 +144,42 @@ class RLTrainer:
     """The policy, its optimizer, the reward functions and one algorithm; ``step(n)`` runs RL step n (1-based)."""
 
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, algorithm_cls, rank: int = 0, world: int = 1):
-        from nanoseek.rewards import get_process_reward_fn, get_reward_fn, task_reward
-        from nanoseek.tasks import get_task
+        from nanoseek.rewards import get_process_reward_fn
 
         cfg.validate()
         self.cfg, self.policy, self.tokenizer, self.rank, self.world = cfg, policy, tokenizer, rank, world
-        self.task = get_task(cfg.task, **cfg.task_kwargs)
-        fns = [task_reward(self.task)] + [get_reward_fn(n) for n in cfg.reward_funcs]
+        self.data = rl_data(cfg, tokenizer)
+        fns = self.data.reward_fns
         pr = getattr(cfg, "process_reward", None)
         self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer,
-                             get_process_reward_fn(pr) if isinstance(pr, str) else pr, cfg.reward_timeout_s)
+                             get_process_reward_fn(pr) if isinstance(pr, str) else pr, cfg.reward_timeout_s,
+                             self.data.columns)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.algorithm: Algorithm = algorithm_cls(cfg, policy, world)
-        self.bos = getattr(tokenizer, "bos_id", None)
 
     # -------------------------------------------------------------- data
-    def prompts(self, step: int, round_: int = 0):
+    def prompts(self, step: int, round_: int = 0) -> list[Row]:
         """This rank's share of step ``step``'s P prompts (deterministic in seed, step and round: exact on resume)."""
-        from nanoseek.tasks import examples
-
         P = self.cfg.prompts_per_step
-        exs = examples(self.task, P, "train", seed=(self.cfg.seed * 1_000_003 + step - 1) * 101 + round_)
-        return exs[self.rank * P // self.world : (self.rank + 1) * P // self.world]
+        rows = self.data.train.batch(step - 1, P, seed=self.cfg.seed, round_=round_)
+        return rows[self.rank * P // self.world : (self.rank + 1) * P // self.world]
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_bos=self.bos is not None)
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        return self.data.encode(self.tokenizer, prompt)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
+        from nanoseek.evaluate import evaluate_prompts
+        from nanoseek.rewards import reward_name
+
+        cfg = self.cfg
+        held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
+        m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
+                             replace(self.scorer, columns=held_out.columns),
+                             [reward_name(f) for f in self.data.correct], k=cfg.eval_k,
+                             temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
+        return {f"eval/{k}": v for k, v in m.items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
         cfg = self.cfg
@@ -255,6 +299,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         (out / f"{kind}_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     logger = MetricsLogger(out, cfg.steps, kind, enabled=main, start_step=start, progress=cfg.progress)
     first = last = None
+    best = BestCheckpoint(out, cfg.best_metric, run_plan.resume) if cfg.save_best else None
     t0 = time.perf_counter()
 
     def save(step: int) -> None:
@@ -269,6 +314,10 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
             done = step
             first = m["reward"] if first is None else first
             last = m["reward"]
+            if main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                m.update(trainer.evaluate(step))
+                if best is not None:
+                    best.update(step, m[cfg.best_metric], policy.model, tokenizer)
             if main:
                 logger.log(step, **m)
                 if cfg.log_completions_every and (step - 1) % cfg.log_completions_every == 0:
@@ -284,7 +333,31 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         save(done)
     logger.close()
     return {"steps": done, "first_reward": first, "final_reward": last, "wall_time": time.perf_counter() - t0,
-            "run_dir": str(out), "interrupted": stopped}
+            "run_dir": str(out), "interrupted": stopped, **({"best": best.record} if best is not None else {})}
+
+
+class BestCheckpoint:
+    """OUT/best: the checkpoint of the step with the highest eval metric so far (ties: the earlier step), saved
+    atomically with ``save_checkpoint`` (``--model OUT/best`` loads it); OUT/best/best.json records the metric,
+    its value and the step. On resume the record of the interrupted run is kept."""
+
+    def __init__(self, out: Path, metric: str, resume: bool):
+        self.dir, self.metric = out / "best", metric
+        path = self.dir / "best.json"
+        self.record: dict | None = json.loads(path.read_text()) if resume and path.is_file() else None
+
+    def update(self, step: int, value: float, model, tokenizer) -> bool:
+        """Save the model if ``value`` beats the best so far; returns whether it did."""
+        from nanoseek.checkpoint import save_checkpoint
+
+        if self.record is not None and value <= self.record["value"]:
+            return False
+        self.record = {"metric": self.metric, "value": value, "step": step}
+        save_checkpoint(self.dir, step, model, state={"best": self.record}, keep=1, tokenizer=tokenizer)
+        tmp = self.dir / "best.json.tmp"
+        tmp.write_text(json.dumps(self.record, indent=2))
+        tmp.replace(self.dir / "best.json")
+        return True
 
 
 def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None:

@@ -13,34 +13,40 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from nanoseek.datasets import Row, columns_of
 from nanoseek.policy import Batch, Policy, SamplingParams
-from nanoseek.rewards import StepRewards, compute_process_rewards, compute_rewards, reward_name
-from nanoseek.tasks import Example
+from nanoseek.rewards import StepRewards, compute_process_rewards, compute_rewards, reward_name, trl_completions
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward."""
+    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward.
+    Rows are dataset rows (``nanoseek.datasets.Row``, a built-in task's included): each function gets the rows'
+    prompts, the completions as TRL passes them (a message list for a conversational prompt), the completion ids
+    and the dataset's ``columns`` as keyword lists aligned with the completions."""
 
     reward_fns: Sequence[Callable]
     weights: Sequence[float]
     tokenizer: object
     process_fn: Callable | None = None
     timeout_s: float | None = None
+    columns: frozenset[str] = frozenset({"answer", "example"})
 
     @property
     def names(self) -> list[str]:
         return [reward_name(fn) for fn in self.reward_fns]
 
-    def outcome(self, examples: list[Example], texts: list[str]):
-        columns = {"example": examples, "answer": [ex.answer for ex in examples]}
-        return compute_rewards(self.reward_fns, self.weights, [ex.prompt for ex in examples], texts, columns,
-                               timeout_s=self.timeout_s)
+    def outcome(self, rows: list[Row], texts: list[str], completion_ids: list[list[int]] | None = None):
+        prompts = [r.prompt for r in rows]
+        return compute_rewards(self.reward_fns, self.weights, prompts, trl_completions(prompts, texts),
+                               columns_of(rows, self.columns), timeout_s=self.timeout_s,
+                               completion_ids=completion_ids)
 
-    def steps(self, examples: list[Example], texts: list[str], completions: list[list[int]]):
+    def steps(self, rows: list[Row], texts: list[str], completions: list[list[int]]):
         """Each completion's StepRewards (or None), failures contained and logged."""
-        columns = {"example": examples, "answer": [ex.answer for ex in examples], "tokenizer": self.tokenizer}
-        steps, _ = compute_process_rewards(self.process_fn, [ex.prompt for ex in examples], texts, completions,
+        prompts = [r.prompt for r in rows]
+        columns = {**columns_of(rows, self.columns), "tokenizer": self.tokenizer}
+        steps, _ = compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
                                            columns, timeout_s=self.timeout_s)
         return steps
 
@@ -57,7 +63,7 @@ class Rollout:
     """
 
     batch: Batch
-    examples: tuple[Example, ...]  # (U,) one per group
+    examples: tuple[Row, ...]  # (U,) one dataset row per group
     texts: tuple[str, ...]  # (N,)
     rewards: torch.Tensor
     rewards_per_fn: dict[str, torch.Tensor]
@@ -95,8 +101,8 @@ class CollectStats:
     no_steps: int  # sampled completions without any step reward
 
 
-def collect(policy: Policy, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-            prompts: Callable[[int], list[Example]], scorer: Scorer, *, num_generations: int,
+def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], decode: Callable[[list[int]], str],
+            prompts: Callable[[int], list[Row]], scorer: Scorer, *, num_generations: int,
             params: SamplingParams, seed: Callable[[int], int], informative_only: bool = False,
             max_resample_rounds: int = 0) -> tuple[Rollout, CollectStats]:
     """Sample ``num_generations`` completions of each prompt of ``prompts(round)``, score them, and keep the groups
@@ -118,7 +124,7 @@ def collect(policy: Policy, encode: Callable[[str], list[int]], decode: Callable
         samples = policy.sample([p for p in prompt_ids for _ in range(G)], params, seed(round_))
         rows = [ex for ex in exs for _ in range(G)]
         texts = [decode(c) for c in samples.completions]
-        result = scorer.outcome(rows, texts)
+        result = scorer.outcome(rows, texts, samples.completions)
         steps = scorer.steps(rows, texts, samples.completions) if process else [None] * len(rows)
         seen += result.total
         for name, values in result.per_fn.items():

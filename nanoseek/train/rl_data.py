@@ -1,0 +1,77 @@
+"""Where an RL run's prompts, rewards and held-out prompts come from: a built-in task (fresh problems every step,
+the task's own reward first) or a dataset (``--dataset``: its rows in seeded epochs, ``--reward-funcs`` only),
+behind one interface (``batch``, ``columns``), so the trainer has one code path for both.
+
+A dataset's extra columns reach the reward functions row-aligned; a reward function that needs a column the
+prompts lack is refused here, at start. Conversational prompts and ``--system-prompt`` are rendered with the
+tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseek.chat import ChatTemplate, chat_template, encode_prompt, prompt_text
+from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
+from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn, task_reward
+
+
+@dataclass(frozen=True)
+class RLData:
+    """train: a step's prompts (``batch(step, n, seed, round_)``); held_out: the evaluation prompts (or None);
+    reward_fns: the outcome rewards in weight order; correct: the names of the functions that decide whether a
+    completion is correct in evaluation (a task's own reward, else every reward function); template: the chat
+    template when prompts need one."""
+
+    train: PromptDataset | TaskPrompts
+    held_out: PromptDataset | None
+    reward_fns: list[RewardFn]
+    correct: list[RewardFn]
+    template: ChatTemplate | None
+    system_prompt: str | None = None
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return self.train.columns
+
+    def encode(self, tokenizer, prompt: str | list[dict]) -> list[int]:
+        """A prompt's token ids, rendered with the chat template when it is conversational (no doubled BOS)."""
+        return encode_prompt(tokenizer, self.template, prompt_text(self.template, prompt, self.system_prompt))
+
+
+def _load(cfg, source: str, split: str) -> PromptDataset:
+    return load_prompts(source, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
+                        answer_column=cfg.answer_column, completion_column=cfg.completion_column,
+                        messages_column=cfg.messages_column)
+
+
+def rl_data(cfg, tokenizer) -> RLData:
+    """The prompts, held-out prompts and reward functions of an RL config (``nanoseek.train.rl.RLConfig``)."""
+    from nanoseek.tasks import get_task
+
+    extra = [get_reward_fn(n) for n in cfg.reward_funcs]
+    held_out = None
+    if cfg.dataset:
+        train = _load(cfg, cfg.dataset, cfg.dataset_split)
+        fns, correct = extra, extra
+        if cfg.eval_every and not cfg.eval_dataset:
+            train, held_out = train.split(10)  # one prompt in 10 held out of training
+    else:
+        task = get_task(cfg.task, **cfg.task_kwargs)
+        train = TaskPrompts(task)
+        own = task_reward(task)
+        fns, correct = [own, *extra], [own]
+        if cfg.eval_every and not cfg.eval_dataset:
+            held_out = task_dataset(task, cfg.eval_n, "eval", seed=0)
+    if cfg.eval_every and cfg.eval_dataset:
+        split = cfg.eval_split or ("train" if Path(cfg.eval_dataset).expanduser().is_file() else "test")
+        held_out = _load(cfg, cfg.eval_dataset, split)
+        check_reward_columns(fns, held_out.columns, f"--eval-dataset {cfg.eval_dataset}")
+    if held_out is not None and len(held_out) > cfg.eval_n:
+        held_out = PromptDataset(held_out.name, held_out.rows[: cfg.eval_n], held_out.columns)
+    check_reward_columns(fns, train.columns, train.name if cfg.dataset is None else f"--dataset {cfg.dataset}")
+    rows = [*getattr(train, "rows", ()), *(held_out.rows if held_out is not None else ())]
+    template = chat_template(tokenizer) if cfg.system_prompt is not None or any(r.conversational for r in rows) \
+        else None
+    return RLData(train, held_out, fns, correct, template, cfg.system_prompt)

@@ -21,10 +21,12 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from nanoseek.distributed import device_of
 
 TASK = "countdown"
 VALIDATION_SEED = 1_000  # GRPO's validation problems (training split) are drawn with this seed
@@ -52,6 +54,7 @@ class DemoConfig:
     validate_every: int = 10  # GRPO evaluates greedy validation accuracy every N steps, keeping the best checkpoint
     grpo_checkpoint: str = "final"  # the GRPO row of the table: "final", or "best" by validation accuracy
     seed: int = 0
+    device: str | None = None  # cpu, cuda or cuda:N (default: cuda when available)
     overrides: dict = field(default_factory=lambda: {"max_position_embeddings": 64})
 
     @classmethod
@@ -98,7 +101,7 @@ def _eval(checkpoint: str, cfg: DemoConfig, k: int, desc: str) -> dict:
 
     held_out = list(held_out_set(cfg.eval_n))
     print(f"[demo] evaluating {desc} on {len(held_out)} held-out problems")
-    model = Transformer.from_pretrained(checkpoint)
+    model = Transformer.from_pretrained(checkpoint).to(device_of(cfg.device))
     result = evaluate(model, Tokenizer.load(checkpoint), held_out, get_task(TASK), k=k,
                       max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
     return {**result, "checkpoint": checkpoint}
@@ -110,7 +113,7 @@ def _sft(cfg: DemoConfig, out: Path, steps: int, init_from: str | None, resume: 
     tc = TrainConfig(mode="sft", preset=cfg.preset, overrides={} if init_from else dict(cfg.overrides),
                      init_from=init_from, task=TASK, seq_len=32, steps=steps, batch_size=cfg.sft_batch,
                      lr=cfg.sft_lr, warmup=20, schedule="constant", weight_decay=0.0, seed=cfg.seed, out=str(out),
-                     resume=resume, keep=1)
+                     resume=resume, keep=1, device=cfg.device)
     summary = train(tc)
     if summary["steps"] < steps:  # Ctrl-C: train saved a checkpoint and returned early; do not mark the stage done
         raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
@@ -125,7 +128,7 @@ def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
                     steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
                     save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1,
                     eval_every=cfg.validate_every, eval_dataset=str(out.parent / "validation.jsonl"),
-                    eval_n=cfg.validation_n, eval_k=0, save_best="accuracy")
+                    eval_n=cfg.validation_n, eval_k=0, save_best="accuracy", device=cfg.device)
     summary = train_grpo(gc)
     if summary["steps"] < cfg.grpo_steps:  # Ctrl-C: GRPO saved and returned early; do not mark the stage done
         raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
@@ -471,6 +474,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the demo's small matrices gain little from more, and one "
                              "thread per process cannot oversubscribe a shared CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -482,7 +486,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     out = prepare_run_dir(args.out, "demo", resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
-    make_cfg = DemoConfig.quick if args.quick else (lambda seed: DemoConfig(seed=seed))
+    device_of(args.device)  # an unusable --device fails here, before any stage
+    make_cfg = (lambda seed: replace(DemoConfig.quick(seed), device=args.device)) if args.quick else \
+        (lambda seed: DemoConfig(seed=seed, device=args.device))
     if args.seeds > 1:
         run_seeds(make_cfg, list(range(args.seed, args.seed + args.seeds)), out, resume=args.resume)
     else:

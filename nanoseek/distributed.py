@@ -29,6 +29,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device_of(name: str | None) -> torch.device:
+    """``--device``: "cpu", "cuda" or "cuda:N"; None means cuda when available, else the CPU."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return torch.device(name)
+
+
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """-> (rank, world_size, device). Joins the process group when launched by torchrun with WORLD_SIZE > 1.
 
@@ -36,11 +45,7 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu")
-    dev = torch.device(name)
+    dev = device_of(device)
     cuda = dev.type == "cuda"
     if cuda and dev.index is None:
         dev = torch.device("cuda", local)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek.distributed import device_of
 from nanoseek.rewards.math import extract_final_answer
 from nanoseek.tasks import Example, Task
 
@@ -156,6 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "(package.module:function)")
     a("--min-reward", type=float, default=1.0, help="--dataset: the value each function must reach to verify")
     a("--system-prompt", default=None, help="--dataset: system message for every prompt (chat template)")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def recorded_task(model_dir: Path) -> str | None:
@@ -206,7 +208,7 @@ def run_dataset(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(args.model)
     chat = args.system_prompt is not None or any(r.conversational for r in rows)
     template = chat_template(tok) if chat else None
-    policy = Policy.load(args.model, tok.pad_id, tok.eos_id)
+    policy = Policy.load(args.model, tok.pad_id, tok.eos_id, device=device_of(args.device))
     scorer = Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns)
     result = evaluate_prompts(
         policy, lambda p: encode_prompt(tok, template, prompt_text(template, p, args.system_prompt)), tok.decode,
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: evaluating on --task {args.task}; the model was trained on {trained_on}", file=sys.stderr)
     task = get_task(name)
     tokenizer = Tokenizer.load(directory)
-    model = Transformer.from_pretrained(directory)
+    model = Transformer.from_pretrained(directory).to(device_of(args.device))
     held_out = distinct_examples(task, args.n, "eval", seed=args.seed)
     for ex in held_out:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
         encode_checked(tokenizer, ex.prompt, f"task {name!r} prompt {ex.prompt!r}",

@@ -20,10 +20,12 @@ import argparse
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from nanoseek.distributed import device_of
 
 TASK = "gsm8k"
 REWARDS = ("format_gsm8k",)  # GRPO: the task's accuracy reward first, then these
@@ -56,6 +58,7 @@ class R1Config:
     eval_n: int = 200
     eval_k: int = 4
     seed: int = 0
+    device: str | None = None  # cpu, cuda or cuda:N (default: cuda when available)
 
     @classmethod
     def quick(cls, seed: int = 0) -> R1Config:
@@ -80,7 +83,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: R1Config) -> dict:
     from nanoseek.tasks import get_task
     from nanoseek.tokenizer import Tokenizer
 
-    model = Transformer.from_pretrained(checkpoint)
+    model = Transformer.from_pretrained(checkpoint).to(device_of(cfg.device))
     r = evaluate(model, Tokenizer.load(checkpoint), list(held_out_set(cfg.eval_n)), get_task(TASK), k=cfg.eval_k,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=False)
     return {"n": r["n"], "accuracy": r["accuracy"], "sample_accuracy": r.get("sample_accuracy"),
@@ -96,7 +99,7 @@ def _sft(cfg: R1Config, out: Path, steps: int, lr: float, resume: bool, *, init_
     tc = TrainConfig(mode="sft", preset=cfg.preset, overrides=dict(overrides or {}), init_from=init_from,
                      task=TASK, data=[data] if data else [], seq_len=cfg.seq_len, steps=steps,
                      batch_size=cfg.sft_batch, lr=lr, warmup=min(20, steps // 5), seed=cfg.seed, out=str(out),
-                     resume=resume, keep=1, progress=False)
+                     resume=resume, keep=1, progress=False, device=cfg.device)
     summary = train(tc)
     if summary["interrupted"]:  # Ctrl-C: train saved a checkpoint; do not mark the stage done
         raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
@@ -110,7 +113,7 @@ def _grpo(cfg: R1Config, out: Path, model_dir: str, resume: bool) -> dict:
     gc = GRPOConfig(model=model_dir, out=str(out), task=TASK, reward_funcs=list(REWARDS),
                     num_generations=cfg.num_generations, prompts_per_step=cfg.prompts_per_step,
                     max_completion_length=cfg.max_new_tokens, steps=cfg.grpo_steps, lr=cfg.grpo_lr, seed=cfg.seed,
-                    resume=resume, keep=1, progress=False, log_completions_every=10)
+                    resume=resume, keep=1, progress=False, log_completions_every=10, device=cfg.device)
     summary = train_grpo(gc)
     if summary["interrupted"]:
         raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
@@ -129,7 +132,7 @@ def _sample_verified(cfg: R1Config, model_dir: str, path: Path, n_prompts: int, 
 
     task = get_task(TASK)
     tok = load_tokenizer(model_dir)
-    policy = Policy.load(model_dir, tok.pad_id, tok.eos_id)
+    policy = Policy.load(model_dir, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(policy, tok, task_dataset(task, n_prompts, "train", seed=seed),
                                    [task_reward(task), *map(get_reward_fn, VERIFY)], num_samples=n_samples,
                                    max_new_tokens=cfg.max_new_tokens, seed=seed, keep="correct")
@@ -242,6 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
     parser.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out and start over")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,5 +255,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     out = prepare_run_dir(args.out, "r1", resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
-    run_pipeline(R1Config.quick(args.seed) if args.quick else R1Config(seed=args.seed), out, resume=args.resume)
+    device_of(args.device)  # an unusable --device fails here, before any stage
+    cfg = R1Config.quick(args.seed) if args.quick else R1Config(seed=args.seed)
+    run_pipeline(replace(cfg, device=args.device), out, resume=args.resume)
     return 0

@@ -493,4 +493,5 @@ def run(args: argparse.Namespace) -> int:
         run_seeds(make_cfg, list(range(args.seed, args.seed + args.seeds)), out, resume=args.resume)
     else:
         run_demo(make_cfg(args.seed), out, resume=args.resume)
+        print(f"\nserve the trained model: nanoseek serve --model {out / 'grpo'}   then open http://127.0.0.1:8000/")
     return 0

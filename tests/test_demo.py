@@ -48,6 +48,7 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
         lines = (out / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
+    assert f"nanoseek serve --model {out / 'grpo'}" in done.stdout  # how to serve what it trained
     # GRPO validated every 20 steps on training-split problems disjoint from the held-out ones; the table says which
     # checkpoint its GRPO row is
     validated = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]

@@ -147,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=64, help="sequences per sampler call")
     a("--system-prompt", default=None, help="system message for every prompt (rendered with the chat template)")
     a("--reward-timeout", type=float, default=60.0, help="seconds before a non-built-in reward function is stopped")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,9 +173,12 @@ def run(args: argparse.Namespace) -> int:
                                prompt_column=args.prompt_column, answer_column=args.answer_column)
         if args.num_prompts is not None:
             dataset = PromptDataset(dataset.name, dataset.rows[: args.num_prompts], dataset.columns)
-    tokenizer = load_tokenizer(args.model)
-    policy = Policy.load(args.model, tokenizer.pad_id, tokenizer.eos_id)
-    policy.model.to(args.device)
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.distributed import device_of
+
+    model_dir = resolve_model_dir(args.model)  # a model directory, or a run directory's latest checkpoint
+    tokenizer = load_tokenizer(model_dir)
+    policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(args.device))
     rows, summary = sample_dataset(
         policy, tokenizer, dataset, fns, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

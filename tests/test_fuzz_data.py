@@ -9,6 +9,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,10 +51,9 @@ def data_files(draw) -> tuple[str, bytes]:
     return suffix, content
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(command=st.sampled_from(["sft", "pretrain"]), file=data_files())
-def test_mutated_data_files_give_clear_errors(command, file):
-    suffix, content = file
+def run_on(command: str, suffix: str, content: bytes) -> int:
+    """``nanoseek COMMAND --data FILE`` on these bytes: no traceback, status 0 or 2, and an error (status 2) names
+    the file (with its line, or why the whole file is unusable). Returns the status."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"data{suffix}"
         path.write_bytes(content)
@@ -70,4 +70,19 @@ def test_mutated_data_files_give_clear_errors(command, file):
             located = re.search(re.escape(str(path)) + r":\d+", message)
             file_level = any(s in message for s in ("is empty", "too few for one sequence", "got a text document"))
             assert located or file_level, message
+        return rc
 
+
+@pytest.mark.parametrize("command, suffix, content", [
+    ("sft", ".jsonl", b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": 1'),  # a torn JSON line
+    ("sft", ".jsonl", b'{"prompt": "1+1=", "completion": "2"}\n\xff\xfe\n'),  # not UTF-8
+    ("pretrain", ".txt", b""),  # empty
+])
+def test_known_bad_data_files_are_errors_naming_the_file(command, suffix, content):
+    assert run_on(command, suffix, content) == 2  # the error-message checks of run_on ran
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(command=st.sampled_from(["sft", "pretrain"]), file=data_files())
+def test_mutated_data_files_give_clear_errors(command, file):
+    run_on(command, *file)

@@ -137,6 +137,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
     single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
     if single_step:
         stats.first_pass_logp = torch.zeros(mask.shape)
+    shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
     for module in (t.module for t in trainables):
         module.train()
     for _ in range(cfg.num_iterations):
@@ -145,8 +146,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
             for t in trainables:
                 t.optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
-            plans = plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, policy.shares(rollout.batch)) \
-                if len(mini) else []
+            plans = plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared) if len(mini) else []
             for rows in plans:
                 sub = rollout.batch.select(rows).to(policy.device)
                 counter.add(sub, policy.shares(sub))

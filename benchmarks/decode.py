@@ -92,9 +92,9 @@ def hf_cache_from(cache: KVCache, hf) -> object:
     dyn = DynamicCache(config=hf.config)
     ctx = int(cache.lengths[0])
     for layer in range(hf.config.num_hidden_layers):
-        c_kv = cache.read(layer, "c_kv", ctx)[:, None].clone()
-        k_pe = cache.read(layer, "k_pe", ctx)[:, None].clone()
-        dyn.update(c_kv, k_pe, layer)
+        widths = [hf.config.kv_lora_rank, hf.config.qk_rope_head_dim]
+        c_kv, k_pe = cache.read(layer, "latent", ctx)[:, None].split(widths, dim=-1)
+        dyn.update(c_kv.contiguous(), k_pe.contiguous(), layer)
     return dyn
 
 

@@ -9,7 +9,7 @@
    that fit, and engine throughput on a long-context workload where the budget binds, overall and over the decode
    steps alone (generation throughput, as DeepSeek-V2 reports it; prefill costs both the same).
 3. Batch-1 decode against the memory-bandwidth roofline: bytes a step must read (weights + latent cache) / step
-   time, against measured copy bandwidth.
+   time, against the copy bandwidth measured right after, at three context lengths.
 
     python benchmarks/serve.py                      # the full run (minutes on a CPU)
     python benchmarks/serve.py --quick              # a small smoke run
@@ -158,7 +158,8 @@ def engine_throughput(model: Transformer, jobs, cache_bytes: int, max_len: int, 
 # ---------------------------------------------------------------------- 3. batch-1 decode roofline
 def decode_roofline(model: Transformer, context: int, steps: int) -> dict:
     engine = Engine(model, 1, context + steps + 2)
-    engine.add(list(range(4, 4 + context)), SamplingParams(max_tokens=steps + 2))
+    vocab = model.config.vocab_size
+    engine.add([4 + i % (vocab - 4) for i in range(context)], SamplingParams(max_tokens=steps + 2))
     engine.step()  # prefill and the first decode step (warm-up)
     times = []
     while engine.has_work():
@@ -172,19 +173,26 @@ def decode_roofline(model: Transformer, context: int, steps: int) -> dict:
             "copy_GBps": bandwidth / 1e9, "fraction": read / step / bandwidth}
 
 
+def median_range(runs: list[dict], key: str, fmt: str) -> str:
+    """"median (min-max)" of ``run[key]`` over runs."""
+    values = sorted(run[key] for run in runs)
+    return f"{statistics.median(values):{fmt}} ({values[0]:{fmt}}-{values[-1]:{fmt}})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run (12 requests, short lengths)")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--roofline-repeats", type=int, default=3, help="batch-1 decode measurements per context")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = args.quick
     n_req = 12 if quick else args.requests
     prompts, outputs = ((16, 64), (8, 24)) if quick else ((16, 400), (16, 192))
-    config = ModelConfig(**{**BENCH, "num_hidden_layers": 2, "max_position_embeddings": 4096,
+    config = ModelConfig(**{**BENCH, "num_hidden_layers": 2, "max_position_embeddings": 8192,
                             "vocab_size": 512 if quick else BENCH["vocab_size"], "eos_token_id": None})
     results: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                              "throughput_ratio": rows["mla"]["tokens_per_s"] / rows["mha"]["tokens_per_s"],
                              "decode_throughput_ratio": rows["mla"]["decode_tokens_per_s"] /
                              rows["mha"]["decode_tokens_per_s"]}
-    results["roofline"] = decode_roofline(mla, 256 if quick else 2048, 16 if quick else 64)
+    contexts = (64, 256) if quick else (512, 2048, 4096)
+    runs = [decode_roofline(mla, context, 16 if quick else 64) for _ in range(args.roofline_repeats)
+            for context in contexts]  # contexts interleaved, so a slow spell of the machine hits them all
+    results["roofline"] = [{"context": c, "runs": [r for r in runs if r["context"] == c]} for c in contexts]
 
     h, m, r = results["http"], results["mla_vs_mha"], results["roofline"]
     print(f"# {results['cpu']}, {args.threads} threads, torch {results['torch']}")
@@ -236,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['decode_tokens_per_s']:.1f} |")
     print(f"fit ratio {m['fit_ratio']:.1f}x (2·n_h·d_h/(d_c+d_R) = {m['paper_ratio']:.1f}x), throughput ratio "
           f"{m['throughput_ratio']:.2f}x overall, {m['decode_throughput_ratio']:.2f}x in decode (generation) steps")
-    print(f"\n## 3. Batch-1 decode at context {r['context']}: {r['step_ms']:.2f} ms/step, "
-          f"{r['bytes_per_step'] / 2**20:.1f} MiB read/step = {r['achieved_GBps']:.1f} GB/s vs copy "
-          f"{r['copy_GBps']:.1f} GB/s = {r['fraction']:.0%} of the roofline")
+    print(f"\n## 3. Batch-1 decode against the copy-bandwidth roofline (median, range of {args.roofline_repeats} runs)"
+          "\n| context | ms/step | MiB read/step | GB/s | copy GB/s | of the roofline |\n|---|---|---|---|---|---|")
+    for row in r:
+        runs = row["runs"]
+        mib = runs[0]["bytes_per_step"] / 2**20
+        print(f"| {row['context']} | {median_range(runs, 'step_ms', '.2f')} | {mib:.1f} | "
+              f"{median_range(runs, 'achieved_GBps', '.1f')} | {median_range(runs, 'copy_GBps', '.1f')} | "
+              f"{median_range(runs, 'fraction', '.0%')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

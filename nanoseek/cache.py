@@ -1,9 +1,10 @@
 """Preallocated per-layer KV caches with per-sequence lengths (ragged batches).
 
 MLA caches only the normed latent c_KV (d_c) and the one shared RoPE key k_R (d_R) per token and layer
-(DeepSeek-V2 §2.1.2, eq. 9-10); the MHA/GQA baseline caches full keys and values. Both are the same class,
-so both are measured the same way. Writes go in place at each sequence's own position: no per-step
-allocation and no ``torch.cat`` growth.
+(DeepSeek-V2 §2.1.2, eq. 9-10), side by side in one row [c_KV | k_R], so the absorbed decode scores both in
+one pass over the cache (vLLM stores them the same way); the MHA/GQA baseline caches full keys and values.
+Both are the same class, so both are measured the same way. Writes go in place at each sequence's own
+position: no per-step allocation and no ``torch.cat`` growth.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class KVCache:
 
 
 def cache_widths(config) -> dict[str, int]:
-    """What one token stores per layer: MLA {c_kv: d_c, k_pe: d_R}; MHA/GQA {k, v: n_kv·d_h}."""
+    """What one token stores per layer: MLA {latent: [c_KV | k_R], d_c + d_R}; MHA/GQA {k, v: n_kv·d_h}."""
     if config.attention_type == "mla":
-        return {"c_kv": config.kv_lora_rank, "k_pe": config.qk_rope_head_dim}
+        return {"latent": config.kv_lora_rank + config.qk_rope_head_dim}
     kv = config.num_key_value_heads * config.head_dim
     return {"k": kv, "v": kv}

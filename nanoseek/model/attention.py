@@ -102,12 +102,12 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)  # k_R: (B, T, d_R), shared by heads (eq. 16)
 
         if ctx.cache is not None:
-            ctx.cache.write(layer_idx, ctx.positions, c_kv=c_kv, k_pe=k_pe)
-            c_kv = ctx.cache.read(layer_idx, "c_kv", ctx.kv_len)  # (B, S, d_c)
-            k_pe = ctx.cache.read(layer_idx, "k_pe", ctx.kv_len)  # (B, S, d_R)
+            ctx.cache.write(layer_idx, ctx.positions, latent=torch.cat((c_kv, k_pe), dim=-1))
+            latent = ctx.cache.read(layer_idx, "latent", ctx.kv_len)  # [c_KV | k_R]: (B, S, d_c + d_R)
             if self.decode_impl == "absorb" and T <= ABSORB_MAX_QUERY_LEN:
-                out = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, ctx.mask)
+                out = self.attend_absorbed(q_nope, q_pe, latent, ctx.mask)
             else:
+                c_kv, k_pe = latent.split([self.d_c, self.d_rope], dim=-1)
                 out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
         else:
             out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
@@ -127,22 +127,26 @@ class MLA(nn.Module):
         )
         return out[..., : self.d_v]
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Absorbed path: score and mix in latent space; the keys/values are never expanded. (B, H, T, d_v)."""
+    def attend_absorbed(self, q_nope, q_pe, latent, mask):
+        """Absorbed path: score and mix in latent space; the keys/values are never expanded. Returns (B, H, T, d_v).
+
+        q_C·k_C + q_R·k_R = [W_UKᵀ q_C | q_R]·[c_KV | k_R] (eq. 17 with W_UK absorbed into the query), so the H·T
+        queries attend over one shared key/value head, the cached row itself: one fused attention call reads the
+        cache once for all heads (MQA-like traffic), and the first d_c columns of its output are Σ_j p_ij c_KV,j.
+        """
         B, H, T, _ = q_nope.shape
-        S = c_kv.shape[1]
+        S = latent.shape[1]
         w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (H, d_h, d_c), (H, d_v, d_c)
-        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W_UKᵀ q_C: (B, H, T, d_c)
-        # every head reads the same c_KV and k_R: one (H·T × S) matmul each, MQA-like traffic
-        scores = torch.bmm(q_lat.reshape(B, H * T, self.d_c), c_kv.transpose(1, 2))
-        scores = scores.baddbmm_(q_pe.reshape(B, H * T, self.d_rope), k_pe.transpose(1, 2))
-        scores = (scores * self.softmax_scale).view(B, H, T, S)
+        q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.d_nope), w_uk)  # W_UKᵀ q_C: (H, B·T, d_c)
+        q = torch.cat((q_lat.view(H, B, T, self.d_c).transpose(0, 1), q_pe), dim=-1)  # (B, H, T, d_c + d_R)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.bmm(probs.view(B, H * T, S), c_kv).view(B, H, T, self.d_c)  # Σ_j p_ij c_KV,j
-        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)  # W_UV per head: (B, H, T, d_v)
+            mask = mask.expand(B, H, T, S).reshape(B, 1, H * T, S)
+        kv = latent[:, None]  # (B, 1, S, d_c + d_R): key and value (the value's last d_R columns are dropped)
+        o = F.scaled_dot_product_attention(q.reshape(B, 1, H * T, -1), kv, kv, attn_mask=mask, scale=self.softmax_scale)
+        o_lat = o[..., : self.d_c].reshape(B, H, T, self.d_c)  # Σ_j p_ij c_KV,j
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, self.d_c), w_uv.transpose(1, 2))  # W_UV o per head
+        return out.view(H, B, T, self.d_v).transpose(0, 1)
 
 
 class MHA(nn.Module):

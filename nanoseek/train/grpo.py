@@ -81,6 +81,15 @@ class GRPOConfig(RLConfig):
                                  "process supervision does not use for advantages (use "
                                  "--mask-truncated-completions instead)")
 
+    def process_reward_fn(self) -> Callable | None:
+        from nanoseek.rewards import get_process_reward_fn
+
+        pr = self.process_reward
+        return get_process_reward_fn(pr) if isinstance(pr, str) else pr
+
+    def resampling(self) -> tuple[bool, int]:
+        return self.dynamic_sampling, self.max_resample_rounds
+
     def to_dict(self) -> dict:
         """``asdict`` with a callable ``process_reward`` recorded by its name (JSON- and checkpoint-safe)."""
         from nanoseek.rewards import reward_name

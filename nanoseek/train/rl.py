@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -92,6 +93,14 @@ class RLConfig:
     overwrite: bool = option(False, "delete what --out holds and start over")
     progress: bool = option(True, "show a progress bar")
 
+    def process_reward_fn(self) -> Callable | None:
+        """Per-step rewards for process supervision (GRPO's ``--process-reward``); None: outcome rewards only."""
+        return None
+
+    def resampling(self) -> tuple[bool, int]:
+        """(keep only groups whose rewards differ, most extra sampling rounds): DAPO's dynamic sampling (GRPO's)."""
+        return False, 0
+
     def validate(self) -> None:
         check_ranges(self)
         n_fns = (0 if self.dataset else 1) + len(self.reward_funcs)
@@ -144,16 +153,12 @@ class RLTrainer:
     """The policy, its optimizer, the reward functions and one algorithm; ``step(n)`` runs RL step n (1-based)."""
 
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, algorithm_cls, rank: int = 0, world: int = 1):
-        from nanoseek.rewards import get_process_reward_fn
-
         cfg.validate()
         self.cfg, self.policy, self.tokenizer, self.rank, self.world = cfg, policy, tokenizer, rank, world
         self.data = rl_data(cfg, tokenizer)
         fns = self.data.reward_fns
-        pr = getattr(cfg, "process_reward", None)
-        self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer,
-                             get_process_reward_fn(pr) if isinstance(pr, str) else pr, cfg.reward_timeout_s,
-                             self.data.columns)
+        self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, cfg.process_reward_fn(),
+                             cfg.reward_timeout_s, self.data.columns)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.algorithm: Algorithm = algorithm_cls(cfg, policy, world)
@@ -184,13 +189,14 @@ class RLTrainer:
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
         cfg = self.cfg
         base = (cfg.seed * 1_000_003 + step - 1) * 101
+        informative_only, max_rounds = cfg.resampling()
         return collect(
             self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
             num_generations=cfg.num_generations,
             params=SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p),
-            seed=lambda r: (base + r) * 64 + self.rank, informative_only=getattr(cfg, "dynamic_sampling", False),
-            max_resample_rounds=getattr(cfg, "max_resample_rounds", 0),
+            seed=lambda r: (base + r) * 64 + self.rank, informative_only=informative_only,
+            max_resample_rounds=max_rounds,
         )
 
     # -------------------------------------------------------------- one step

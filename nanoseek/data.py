@@ -25,15 +25,17 @@ IGNORE = -100  # target id that takes no loss (torch cross_entropy's ignore_inde
 
 
 @dataclass
-class Batch:
+class LMBatch:
+    """Language-model rows: inputs and their next-token targets (pretraining and SFT)."""
+
     input_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T); targets[:, i] is the token after input_ids[:, i], or IGNORE
 
-    def rows(self, index: slice) -> Batch:
-        return Batch(self.input_ids[index], self.targets[index])
+    def rows(self, index: slice) -> LMBatch:
+        return LMBatch(self.input_ids[index], self.targets[index])
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.targets.to(device))
+    def to(self, device: torch.device) -> LMBatch:
+        return LMBatch(self.input_ids.to(device), self.targets.to(device))
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,8 @@ def sft_row(tok: Tokenizer, prompt: str, completion: str, where: str | None = No
     return p + c, len(p)
 
 
-def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> Batch:
-    """[(tokens, n_prompt)] -> right-padded Batch; the loss covers tokens[n_prompt:] (completion + eos)."""
+def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> LMBatch:
+    """[(tokens, n_prompt)] -> right-padded batch; the loss covers tokens[n_prompt:] (completion + eos)."""
     T = max(len(t) for t, _ in rows) - 1
     inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -112,13 +114,13 @@ def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> Batch:
         t = torch.tensor(toks)
         inputs[b, : len(t) - 1] = t[:-1]
         targets[b, n_prompt - 1 : len(t) - 1] = t[n_prompt:]
-    return Batch(inputs, targets)
+    return LMBatch(inputs, targets)
 
 
-def pack_rows(stream: list[int], batch_size: int, seq_len: int) -> Batch:
+def pack_rows(stream: list[int], batch_size: int, seq_len: int) -> LMBatch:
     """The first batch_size·(seq_len+1) tokens of ``stream`` as rows: inputs t[:-1], targets t[1:]."""
     rows = torch.tensor(stream[: batch_size * (seq_len + 1)], dtype=torch.long).view(batch_size, seq_len + 1)
-    return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+    return LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
 
 # ---------------------------------------------------------------------- sources
@@ -140,7 +142,7 @@ class TaskData:
                 out.append(ex)
         return out
 
-    def batch(self, step: int, batch_size: int) -> Batch:
+    def batch(self, step: int, batch_size: int) -> LMBatch:
         rng = random.Random(f"{self.task.name}/{self.seed}/{step}")
         if self.mode == "sft":
             rows = [sft_row(self.tok, e.prompt, e.completion) for e in self._draw(rng, batch_size)]
@@ -189,7 +191,7 @@ class FileData:
         random.Random(f"{self.seed}/{epoch}").shuffle(perm)
         return perm[j]
 
-    def batch(self, step: int, batch_size: int) -> Batch:
+    def batch(self, step: int, batch_size: int) -> LMBatch:
         items = [self._index(step * batch_size + b) for b in range(batch_size)]
         if self.mode == "sft":
             return pad_rows([self.rows[i] for i in items], self.tok.pad_id)

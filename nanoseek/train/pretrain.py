@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, Batch, DatasetData, make_data
+from nanoseek.data import IGNORE, DatasetData, LMBatch, make_data
 from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import RouterStats, update_expert_bias
@@ -169,7 +169,7 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------- one step
-def micro_loss(model: nn.Module, base: Transformer, batch: Batch, cfg: TrainConfig, n_tokens: list[int],
+def micro_loss(model: nn.Module, base: Transformer, batch: LMBatch, cfg: TrainConfig, n_tokens: list[int],
                rows_scale: float, use_mtp: bool, router_stats: RouterStats | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed-then-normalised loss of one micro-batch and its parts' sums (ce, mtp_ce_k..., balance) for logging.

@@ -226,20 +226,25 @@ torch.save({"prompts": prompts, "metrics": metrics, "weights": trainer.policy.mo
 
 
 def run_two_ranks(script_text: str, model_dir, tmp_path) -> tuple[dict, dict]:
-    """Run ``script_text MODEL_DIR OUT`` under torchrun with 2 CPU processes; return what ranks 0 and 1 saved."""
+    """Run ``script_text MODEL_DIR OUT`` under torchrun with 2 CPU processes; return what ranks 0 and 1 saved, after
+    checking that both issued the same collectives."""
+    import os
     import socket
     import subprocess
     import sys
 
+    from builders import DUMP_COLLECTIVES, FLIGHT_RECORDER_ENV, same_collectives
+
     script = tmp_path / "dist_script.py"
-    script.write_text(script_text)
+    script.write_text(script_text + DUMP_COLLECTIVES + 'dump_collectives(f"{out}/collectives_{rank}.json")\n')
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(script), str(model_dir), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **FLIGHT_RECORDER_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    same_collectives(tmp_path / "collectives_0.json", tmp_path / "collectives_1.json")
     return torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
 
 

@@ -487,8 +487,11 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_run_dir(args.out, "demo", resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     device_of(args.device)  # an unusable --device fails here, before any stage
-    make_cfg = (lambda seed: replace(DemoConfig.quick(seed), device=args.device)) if args.quick else \
-        (lambda seed: DemoConfig(seed=seed, device=args.device))
+    base = DemoConfig.quick if args.quick else DemoConfig
+
+    def make_cfg(seed: int) -> DemoConfig:
+        return replace(base(seed=seed), device=args.device)
+
     if args.seeds > 1:
         run_seeds(make_cfg, list(range(args.seed, args.seed + args.seeds)), out, resume=args.resume)
     else:

@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; the exit status says how it ended, for every command alike: 0 done, 2 a usage error
     (bad flags, input files or config: one line on stderr naming the flag, file or field), 1 a failure (the
     traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work)."""
+    from nanoseek.cli_args import check_renamed
+
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_renamed(argv)
+    except ValueError as err:
+        _error(f"nanoseek: error: {err}")
+        return 2
     args = parser.parse_args(argv)  # bad flags: argparse prints usage to stderr and exits 2
     if args.command is None:
         parser.print_help()

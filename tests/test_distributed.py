@@ -15,7 +15,7 @@ from nanoseek.distributed import shard_range
 SCRIPT = DUMP_COLLECTIVES + """
 import os, sys, torch
 from nanoseek.train import pretrain
-from nanoseek.train.cli_args import run_command
+from nanoseek.cli_args import run_command
 out, mode = sys.argv[1], sys.argv[2]
 cfg = pretrain.TrainConfig(steps=5, batch_size=8, grad_accum=2, seq_len=24, lr=3e-3, warmup=2, bias_gamma=0.01,
                            out=out, progress=False, dist_mode=mode)

@@ -25,8 +25,8 @@ import torch
 
 from nanoseek.distributed import global_std
 from nanoseek.policy import Policy
-from nanoseek.train import cli_args
-from nanoseek.train.cli_args import option
+from nanoseek import cli_args
+from nanoseek.cli_args import option
 from nanoseek.train.losses import (
     ALIASES,
     LOSS_TYPES,

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from nanoseek.policy import Batch, Policy
-from nanoseek.train import cli_args
-from nanoseek.train.cli_args import option
+from nanoseek import cli_args
+from nanoseek.cli_args import option
 from nanoseek.train.losses import gae, grpo_loss, value_loss, whiten
 from nanoseek.train.optimize import (
     MicroBatch,

@@ -34,8 +34,8 @@ from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.rundir import check_run_dir
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import cli_args
-from nanoseek.train.cli_args import check_ranges, option
+from nanoseek import cli_args
+from nanoseek.cli_args import check_ranges, option
 from nanoseek.train.interrupt import StopFlag
 from nanoseek.train.schedule import SCHEDULES
 from nanoseek.train.schedule import lr_at as schedule_lr

@@ -23,7 +23,7 @@ import torch
 from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, reduce_floats
 from nanoseek.policy import Policy, SamplingParams
-from nanoseek.train.cli_args import check_ranges, option
+from nanoseek.cli_args import check_ranges, option
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
 from nanoseek.train.rl_data import rl_data
 from nanoseek.train.rollout import CollectStats, Rollout, Scorer, collect

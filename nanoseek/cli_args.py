@@ -23,6 +23,28 @@ def option(default: Any = MISSING, help: str = "", *, min: float | None = None, 
     return field(default=default, metadata=meta)
 
 
+# Old flag names, refused with the one name each concept has now (TRL's where TRL has the concept).
+RENAMED: dict[str, str] = {
+    "--checkpoint": "--model",
+    "--init-from": "--model",
+    "--max-new-tokens": "--max-completion-length",
+    "--num-samples": "--num-generations",
+    "--k": "--num-generations",
+    "--ckpt-every": "--save-every",
+    "--warmup": "--warmup-steps",
+    "--schedule": "--lr-schedule",
+    "--grad-clip": "--max-grad-norm",
+}
+
+
+def check_renamed(argv: list[str]) -> None:
+    """ValueError for a flag that has a new name, naming the new one."""
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in RENAMED:
+            raise ValueError(f"{old} is now {RENAMED[old]}")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

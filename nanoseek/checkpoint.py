@@ -48,19 +48,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def check_writable(run_dir: str | Path) -> None:
-    """Fail at start, not after training: ``run_dir/checkpoints`` must be creatable and writable."""
-    root = Path(run_dir) / "checkpoints"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output directory {run_dir} is not writable ({e.strerror or e}); choose another --out"
-                         ) from None
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state: dict | None = None, keep: int = 3,
                     tokenizer=None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it and prune to the newest ``keep``."""

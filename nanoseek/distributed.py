@@ -101,23 +101,12 @@ def barrier() -> None:
 
 def cleanup(synchronize: bool = True) -> None:
     """Leave the process group. ``synchronize`` (the normal exit) first waits for every rank, so no rank tears down
-    gloo while a peer's background thread still serves the last collective. (A torchrun run aborted once with
-    SIGABRT in gloo on a loaded machine; not reproduced in 137 later runs under load and injected faults; the tests
-    check that every rank issues the same collectives and leaves through this barrier.) After an error, leave
-    without waiting: the other ranks may never arrive."""
+    gloo while a peer's background thread still serves the last collective. After an error, leave without waiting:
+    the other ranks may never arrive."""
     if is_distributed():
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def shard_range(n: int, rank: int, world: int) -> range:
-    """This rank's contiguous share of n items; ranks differ by at most one item."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
 
 
 def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool = False) -> nn.Module:

@@ -58,7 +58,6 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attention_factor = 1.0
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.interleave = config.rope_interleave or config.model_type == "deepseek_v2"
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) or (B, T) -> cos, sin: (..., T, dim/2), already times YaRN's attention factor."""

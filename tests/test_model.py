@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -109,25 +107,6 @@ def test_bf16_forward_runs():
     model = Transformer(ModelConfig.preset("tiny")).to(torch.bfloat16).eval()
     out = model(torch.randint(0, 256, (2, 5)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-
-
-def _imports(module: str) -> set[str]:
-    """Every module a source file imports, at any depth (function-level imports included)."""
-    import ast
-    import importlib.util
-
-    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
-    return {n.module if isinstance(n, ast.ImportFrom) else a.name
-            for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
-            for a in (n.names if isinstance(n, ast.Import) else [None])}
-
-
-def test_hf_adapter_is_pure_and_imports_have_no_cycle():
-    """hf.py does not import the model; block / mtp do not import transformer (no hf <-> transformer <-> mtp cycle)."""
-    assert not {m for m in _imports("nanoseek.hf") if m.startswith("nanoseek.model")}
-    for module in ("nanoseek.model.block", "nanoseek.model.mtp", "nanoseek.model.moe", "nanoseek.model.attention"):
-        assert "nanoseek.model.transformer" not in _imports(module), module
-    assert "nanoseek.model.block" in _imports("nanoseek.model.mtp")
 
 
 def test_tied_embeddings_round_trip(tmp_path):

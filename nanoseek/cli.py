@@ -10,6 +10,14 @@ import importlib.util
 import os
 import sys
 import traceback
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek import cli_args
+from nanoseek.cli_args import option
+from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.model.transformer import Transformer
 
 # subcommand -> (module, one-line help). Listed only when the module exists.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -44,12 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; the exit status says how it ended, for every command alike: 0 done, 2 a usage error
     (bad flags, input files or config: one line on stderr naming the flag, file or field), 1 a failure (the
     traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work)."""
-    from nanoseek.cli_args import check_renamed
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     try:
-        check_renamed(argv)
+        cli_args.check_renamed(argv)
     except ValueError as err:
         _error(f"nanoseek: error: {err}")
         return 2
@@ -84,30 +90,33 @@ def _error(message: str) -> None:
 
 
 # ---------------------------------------------------------------------- `nanoseek info`
+@dataclass
+class InfoConfig:
+    preset: str = option("small", "the model shape", choices=tuple(PRESETS))
+    seq_len: int = option(16, "tokens in the forward pass (presets up to 1024 wide)", min=1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", help="tiny | small | deepseek-v2-lite | deepseek-v2 | deepseek-v3")
-    parser.add_argument("--seq-len", type=int, default=16, help="tokens in the forward pass (small presets only)")
+    cli_args.add_arguments(parser, InfoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from nanoseek import ModelConfig, Transformer
-
-    config = ModelConfig.preset(args.preset)
+    cfg = cli_args.from_args(InfoConfig, args)
+    cli_args.check_ranges(cfg)
+    config = ModelConfig.preset(cfg.preset)
     huge = config.hidden_size > 1024
     with torch.device("meta" if huge else "cpu"):
         model = Transformer(config)
     mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
     mla_elems, mha_elems = config.kv_cache_elements_per_token(), mha.kv_cache_elements_per_token()
-    print(f"preset {args.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    print(f"preset {cfg.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
     n_mtp = model.num_parameters(include_mtp=True) - model.num_parameters()
     print(f"  parameters            {model.num_parameters():>16,}  (+{n_mtp:,} MTP)")
     print(f"  active per token      {model.num_active_parameters():>16,}")
     print(f"  KV cache elems/token  MLA {mla_elems:,}  vs  MHA {mha_elems:,} "
           f"({config.num_attention_heads} heads x {config.v_head_dim})  = {100 * mla_elems / mha_elems:.2f}%")
     if not huge:
-        ids = torch.randint(0, config.vocab_size, (1, args.seq_len))
+        ids = torch.randint(0, config.vocab_size, (1, cfg.seq_len))
         with torch.no_grad():
             logits = model.eval()(ids)
         print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(logits.shape)}")

@@ -17,60 +17,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.cli_args import option
+
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-SCORING_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
-ATTENTION_TYPES = ("mla", "mha")
+YARN_LOWEST = {"factor": 1, "original_max_position_embeddings": 1, "beta_fast": 0, "beta_slow": 0, "mscale": 0,
+               "mscale_all_dim": 0, "attention_factor": 0}  # the smallest value each YaRN key may take
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 128  # dense FFN width (first_k_dense_replace layers)
-    moe_intermediate_size: int = 32  # width of one routed/shared expert
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None  # MHA/GQA baseline only; None = num_attention_heads
+    """Each field declares its type and range (``option``: ``min`` ≤ v, ``gt`` < v, ``choices``); ``validate``
+    checks them, then the rules that relate fields."""
+
+    model_type: str = option("deepseek_v3", choices=MODEL_TYPES)
+    vocab_size: int = option(256, min=1)
+    hidden_size: int = option(64, min=1)
+    intermediate_size: int = option(128, "dense FFN width (first_k_dense_replace layers)", min=1)
+    moe_intermediate_size: int = option(32, "width of one routed/shared expert", min=1)
+    num_hidden_layers: int = option(2, min=1)
+    num_attention_heads: int = option(4, min=1)
+    num_key_value_heads: int | None = option(None, "MHA/GQA baseline only; null = num_attention_heads", min=1)
     # MLA (V2 §2.1.2-2.1.3): d_c = kv_lora_rank, d_c' = q_lora_rank, d_h = qk_nope_head_dim, d_R = qk_rope_head_dim
-    q_lora_rank: int | None = 32
-    kv_lora_rank: int = 32
-    qk_nope_head_dim: int = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
+    q_lora_rank: int | None = option(32, "null for a plain q projection", min=1)
+    kv_lora_rank: int = option(32, min=1)
+    qk_nope_head_dim: int = option(16, min=0)
+    qk_rope_head_dim: int = option(8, "even: RoPE rotates channel pairs", min=1)
+    v_head_dim: int = option(16, min=1)
     # DeepSeekMoE (V2 §2.2, V3 §2.1.2)
-    n_routed_experts: int | None = 8  # None or 0: every layer is dense
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 2
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
+    n_routed_experts: int | None = option(8, "null or 0: every layer is dense", min=0)
+    n_shared_experts: int = option(1, min=0)
+    num_experts_per_tok: int = option(2, min=1)
+    n_group: int = option(1, min=1)
+    topk_group: int = option(1, min=1)
+    routed_scaling_factor: float = option(1.0, gt=0)
     norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
-    first_k_dense_replace: int = 1
-    aux_loss_alpha: float = 1e-4  # V3 §4.2: α = 0.0001
+    scoring_func: str = option("sigmoid", choices=("softmax", "sigmoid"))
+    topk_method: str = option("noaux_tc", choices=("greedy", "group_limited_greedy", "noaux_tc"))
+    first_k_dense_replace: int = option(1, min=0)
+    aux_loss_alpha: float = option(1e-4, "V3 §4.2: α = 0.0001", min=0)
     # MTP (V3 §2.2)
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = option(0, min=0)
     # the rest of the block
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 512
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = option("silu", "SwiGLU experts", choices=("silu",))
+    max_position_embeddings: int = option(512, min=1)
+    rms_norm_eps: float = option(1e-6, gt=0)
+    rope_theta: float = option(10000.0, gt=0)
+    rope_scaling: dict[str, Any] | None = None  # checked by _check_rope_scaling
     rope_interleave: bool = True
     attention_bias: bool = False
-    attention_dropout: float = 0.0
+    attention_dropout: float = option(0.0, "a probability below 1", min=0)
     tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    initializer_range: float = option(0.02, min=0)
+    bos_token_id: int | None = option(None, min=0)
+    eos_token_id: int | None = option(None, min=0)
+    pad_token_id: int | None = option(None, min=0)
     # nanoseek's own
-    attention_type: str = "mla"
-    head_dim: int | None = None  # MHA/GQA baseline head size; None = v_head_dim
+    attention_type: str = option("mla", "mha: the MHA/GQA baseline", choices=("mla", "mha"))
+    head_dim: int | None = option(None, "MHA/GQA baseline head size; null = v_head_dim", min=1)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept verbatim
 
     def __post_init__(self) -> None:
@@ -113,97 +117,44 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(name: str, rule: str) -> None:
-            raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r}: {rule}")
-
-        for name, hint in _field_types().items():
-            if not _has_type(getattr(self, name), hint):
-                bad(name, f"must be {_type_name(hint)}")
-        for name, ok, rule in (
-            ("rope_theta", self.rope_theta > 0, "must be > 0"),
-            ("routed_scaling_factor", self.routed_scaling_factor > 0, "must be > 0"),
-            ("initializer_range", self.initializer_range >= 0, "must be >= 0"),
-            ("aux_loss_alpha", self.aux_loss_alpha >= 0, "must be >= 0"),
-            ("attention_dropout", 0 <= self.attention_dropout < 1, "must be in [0, 1)"),
-            ("n_routed_experts", self.n_routed_experts >= 0, "must be >= 0, or null for a dense model"),
-            *((name, getattr(self, name) is None or getattr(self, name) >= 0, "must be >= 0 or null")
-              for name in ("bos_token_id", "eos_token_id", "pad_token_id")),
-        ):
-            if not ok:
-                bad(name, rule)
-        for name, allowed in (
-            ("model_type", MODEL_TYPES),
-            ("scoring_func", SCORING_FUNCS),
-            ("topk_method", TOPK_METHODS),
-            ("attention_type", ATTENTION_TYPES),
-        ):
-            if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {allowed}")
-        positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-            "head_dim",
+        """ValueError naming the field, its value and the rule: first each field's declared type and range, then
+        the rules between fields."""
+        hints = typing.get_type_hints(ModelConfig)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                _check_field(f, getattr(self, f.name), hints[f.name])
+        experts, mha = self.n_routed_experts, self.attention_type == "mha"
+        per_group = experts // self.n_group
+        pairs = "must be even (RoPE rotates channel pairs)"
+        rules = [
+            ("attention_dropout", self.attention_dropout < 1, "must be < 1"),
+            ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, pairs),
+            ("head_dim", not mha or self.head_dim % 2 == 0, pairs),
+            ("num_key_value_heads", not mha or self.num_attention_heads % self.num_key_value_heads == 0,
+             f"must divide num_attention_heads={self.num_attention_heads}"),
         ]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(name, "must be a positive integer")
-        if self.qk_nope_head_dim < 0:
-            bad("qk_nope_head_dim", "must be >= 0")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            bad("q_lora_rank", "must be a positive integer, or null for a plain q projection")
-        if self.qk_rope_head_dim % 2:
-            bad("qk_rope_head_dim", "must be even (RoPE rotates channel pairs)")
-        if self.attention_type == "mha" and self.head_dim % 2:
-            bad("head_dim", "must be even (RoPE rotates channel pairs)")
-        if self.attention_type == "mha" and self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-        if self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers", "must be >= 0")
-        if self.first_k_dense_replace < 0:
-            bad("first_k_dense_replace", "must be >= 0")
-        if self.rms_norm_eps <= 0:
-            bad("rms_norm_eps", "must be > 0")
-        if self.hidden_act != "silu":
-            bad("hidden_act", "only 'silu' (SwiGLU experts) is supported")
-        if self.n_routed_experts:
-            if self.moe_intermediate_size <= 0:
-                bad("moe_intermediate_size", "must be a positive integer")
-            if self.n_shared_experts < 0:
-                bad("n_shared_experts", "must be >= 0")
-            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                bad("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}]")
-            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
-                bad("n_group", f"must be positive and divide n_routed_experts={self.n_routed_experts}")
-            if not 1 <= self.topk_group <= self.n_group:
-                bad("topk_group", f"must be in [1, n_group={self.n_group}]")
-            per_group = self.n_routed_experts // self.n_group
-            if self.topk_method != "greedy" and self.num_experts_per_tok > self.topk_group * per_group:
-                bad("num_experts_per_tok", "must be <= topk_group * (n_routed_experts / n_group)")
-            if self.topk_method == "noaux_tc" and per_group < 2:
-                bad("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
-            if self.model_type == "deepseek_v3" and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
-                bad("scoring_func", "deepseek_v3 uses scoring_func='sigmoid' with topk_method='noaux_tc'")
-            if self.model_type == "deepseek_v2" and self.scoring_func != "softmax":
-                bad("scoring_func", "deepseek_v2 uses scoring_func='softmax'")
-            if self.model_type == "deepseek_v2" and self.topk_method == "noaux_tc":
-                bad("topk_method", "deepseek_v2 uses 'greedy' or 'group_limited_greedy'")
+        if experts:
+            v2, v3 = self.model_type == "deepseek_v2", self.model_type == "deepseek_v3"
+            rules += [
+                ("num_experts_per_tok", self.num_experts_per_tok <= experts, f"must be <= n_routed_experts={experts}"),
+                ("n_group", experts % self.n_group == 0, f"must divide n_routed_experts={experts}"),
+                ("topk_group", self.topk_group <= self.n_group, f"must be <= n_group={self.n_group}"),
+                ("num_experts_per_tok",
+                 self.topk_method == "greedy" or self.num_experts_per_tok <= self.topk_group * per_group,
+                 "must be <= topk_group * (n_routed_experts / n_group)"),
+                ("n_group", self.topk_method != "noaux_tc" or per_group >= 2,
+                 "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts"),
+                ("scoring_func", not v3 or (self.scoring_func, self.topk_method) == ("sigmoid", "noaux_tc"),
+                 "deepseek_v3 uses scoring_func='sigmoid' with topk_method='noaux_tc'"),
+                ("scoring_func", not v2 or self.scoring_func == "softmax", "deepseek_v2 uses scoring_func='softmax'"),
+                ("topk_method", not v2 or self.topk_method != "noaux_tc",
+                 "deepseek_v2 uses 'greedy' or 'group_limited_greedy'"),
+            ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r}: {rule}")
         if self.rope_scaling is not None:
-            rs = self.rope_scaling
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in ROPE_TYPES:
-                raise ValueError(
-                    f"invalid ModelConfig.rope_scaling type {kind!r}: must be one of {ROPE_TYPES}"
-                )
-            if kind == "yarn":
-                for key in ("factor", "original_max_position_embeddings"):
-                    if key not in rs:
-                        raise ValueError(f"invalid ModelConfig.rope_scaling: YaRN needs {key!r}")
-                for key, lowest in (("factor", 1), ("original_max_position_embeddings", 1), ("beta_fast", 0),
-                                    ("beta_slow", 0), ("mscale", 0), ("mscale_all_dim", 0), ("attention_factor", 0)):
-                    value = rs.get(key)
-                    if value is not None and (not _has_type(value, float) or value < lowest):
-                        raise ValueError(f"invalid ModelConfig.rope_scaling[{key!r}]={value!r}: YaRN needs a "
-                                         f"finite number >= {lowest}")
+            _check_rope_scaling(self.rope_scaling)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -334,10 +285,38 @@ def required_fields(raw: dict[str, Any]) -> list[str]:
     return names
 
 
-def _field_types() -> dict[str, Any]:
-    """ModelConfig's fields and their annotated types (``extra`` excluded)."""
-    hints = typing.get_type_hints(ModelConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "extra"}
+def _check_field(f: dataclasses.Field, value: Any, hint: Any) -> None:
+    """The type of ``f``'s annotation and the range and choices of its ``option``."""
+    m = f.metadata
+    if not _has_type(value, hint):
+        rule = f"must be {_type_name(hint)}"
+    elif value is None or not m:
+        return
+    elif m["choices"] is not None and value not in m["choices"]:
+        rule = f"must be one of {m['choices']}"
+    elif m["min"] is not None and value < m["min"]:
+        rule = f"must be >= {m['min']}"
+    elif m["gt"] is not None and value <= m["gt"]:
+        rule = f"must be > {m['gt']}"
+    else:
+        return
+    raise ValueError(f"invalid ModelConfig.{f.name}={value!r}: {rule}" + (f" ({m['help']})" if m and m["help"] else ""))
+
+
+def _check_rope_scaling(rs: dict[str, Any]) -> None:
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"invalid ModelConfig.rope_scaling type {kind!r}: must be one of {ROPE_TYPES}")
+    if kind != "yarn":
+        return
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in rs:
+            raise ValueError(f"invalid ModelConfig.rope_scaling: YaRN needs {key!r}")
+    for key, lowest in YARN_LOWEST.items():
+        value = rs.get(key)
+        if value is not None and (not _has_type(value, float) or value < lowest):
+            raise ValueError(f"invalid ModelConfig.rope_scaling[{key!r}]={value!r}: YaRN needs a finite number >= "
+                             f"{lowest}")
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Inputs that used to go silently wrong, through the command line: eval's task, characters outside the
+"""Inputs that must not go silently wrong, through the command line: eval's task, characters outside the
 tokenizer's vocabulary, prompts over the context, numeric flags out of range; and one exit-status contract for
 every command (errors on stderr; 2 usage error, 1 failure, 130 Ctrl-C after saving), also via python -m."""
 
@@ -130,6 +130,17 @@ def test_numeric_flags_are_range_checked_at_start(tmp_path, capsys, argv, flag):
     captured = capsys.readouterr()
     assert flag in captured.err and not captured.out
     assert not (tmp_path / "run").exists()
+
+
+def test_info_flags_come_from_a_dataclass_with_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: small)" in out and "(default: 16)" in out
+    assert cli.main(["info", "--preset", "tiny", "--seq-len", "0"]) == 2
+    assert "--seq-len 0: must be >= 1" in capsys.readouterr().err
+    assert cli.main(["info", "--preset", "tiny", "--seq-len", "4"]) == 0
+    assert "logits (1, 4, 256)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------- exit statuses, stderr, python -m

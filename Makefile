@@ -4,16 +4,23 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
 
+# the runtime dependencies (what `make demo` needs)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $(STAMP)
 
-.PHONY: install demo test test-all lint bench
+# and the test extras (transformers, TRL, playwright, ...), which only the tests need
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(TEST_STAMP)
+
+.PHONY: install demo test test-all lint
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -21,7 +28,7 @@ demo: $(STAMP)
 
 # The code reward's sandbox needs bubblewrap: installed here where possible (root with apt-get); otherwise this says
 # how, and the sandbox tests are skipped with that reason (pytest -rs lists it).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	@missing=""; command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -36,8 +43,8 @@ test: $(STAMP)
 	  NANOSEEK_SKIP_SANDBOX_TESTS=1 $(BIN)/python -m pytest; \
 	fi
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check nanoseek tests benchmarks

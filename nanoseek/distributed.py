@@ -45,15 +45,12 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = device_of(device)
-    cuda = dev.type == "cuda"
-    if cuda and dev.index is None:
-        dev = torch.device("cuda", local)
-    device = dev
-    if cuda:
+    device = device_of(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
     if world > 1 and not is_distributed():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank(), world_size(), device
 
 

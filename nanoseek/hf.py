@@ -104,11 +104,6 @@ def read_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.load(Path(directory) / "config.json")
 
 
-def config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """The config.json dictionary transformers reads, with the weights' dtype."""
-    return {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-
-
 def weight_files(directory: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (one file, or the shards its index names)."""
     directory = Path(directory)
@@ -234,5 +229,6 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
         stale.discard(directory / "model.safetensors.index.json")
     for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist
         old.unlink()
-    cfg = config_dict(config, state["embed_tokens.weight"].dtype)
-    atomic_write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", directory / "config.json")
+    dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")  # the weights' dtype, for transformers
+    atomic_write_text(json.dumps({**config.to_dict(), "torch_dtype": dtype}, indent=2, sort_keys=True) + "\n",
+                      directory / "config.json")

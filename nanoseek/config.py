@@ -84,6 +84,8 @@ class ModelConfig:
             self.head_dim = self.v_head_dim
         if self.n_routed_experts is None:
             self.n_routed_experts = 0
+        if self.model_type == "deepseek_v2":
+            self.rope_interleave = True  # V2 applies RoPE to interleaved channel pairs
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -202,7 +204,6 @@ class ModelConfig:
             d.setdefault("scoring_func", "softmax")
             d.setdefault("topk_method", "greedy")
             d.setdefault("norm_topk_prob", False)
-            d["rope_interleave"] = True  # V2 applies RoPE to interleaved channel pairs
             d.setdefault("num_nextn_predict_layers", 0)
         if d.get("model_type") == "deepseek_v3":
             d.setdefault("scoring_func", "sigmoid")

@@ -69,7 +69,7 @@ class MLA(nn.Module):
         self.n_heads = config.num_attention_heads
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.d_c = config.kv_lora_rank
-        self.interleave = config.rope_interleave or config.model_type == "deepseek_v2"
+        self.interleave = config.rope_interleave
         self.softmax_scale = config.softmax_scale()
         self.dropout = config.attention_dropout
         self.decode_impl = "absorb"  # "absorb" | "naive": which path a cached decode step takes

@@ -226,9 +226,6 @@ class ModelConfig:
         cfg.extra = unknown
         return cfg
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         """A checkpoint's config.json: every field that changes the computation must be present (see

@@ -31,7 +31,7 @@ def test_round_trip_through_config_json(tmp_path):
     cfg = ModelConfig.preset("small", rope_scaling=dict(rope_type="yarn", factor=8.0,
                                                         original_max_position_embeddings=64, mscale=1.0,
                                                         mscale_all_dim=1.0))
-    cfg.save(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     back = ModelConfig.load(tmp_path / "config.json")
     assert back == cfg
 
@@ -83,8 +83,8 @@ def test_mla_cache_fraction_at_v2_dims():
 
 def test_hf_config_json_fields(tmp_path):
     """config.json carries the Hugging Face field names transformers reads."""
-    ModelConfig.preset("tiny").save(tmp_path / "c.json")
-    d = json.loads((tmp_path / "c.json").read_text())
+    Transformer(ModelConfig.preset("tiny")).save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
     for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                 "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
                 "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "num_nextn_predict_layers",

@@ -25,7 +25,6 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 
-EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # the router stays float32

@@ -21,6 +21,11 @@ from nanoseek.cli_args import option
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "yarn")
+# transformers' defaults where they differ from nanoseek's (a config.json may leave these out)
+HF_DEFAULTS = {
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+}
 YARN_LOWEST = {"factor": 1, "original_max_position_embeddings": 1, "beta_fast": 0, "beta_slow": 0, "mscale": 0,
                "mscale_all_dim": 0, "attention_factor": 0}  # the smallest value each YaRN key may take
 
@@ -200,16 +205,10 @@ class ModelConfig:
             if rs["rope_type"] in ("default", None):
                 rs = None
             d["rope_scaling"] = rs
-        if d.get("model_type") == "deepseek_v2":
-            d.setdefault("scoring_func", "softmax")
-            d.setdefault("topk_method", "greedy")
-            d.setdefault("norm_topk_prob", False)
-            d.setdefault("num_nextn_predict_layers", 0)
-        if d.get("model_type") == "deepseek_v3":
-            d.setdefault("scoring_func", "sigmoid")
-            d.setdefault("topk_method", "noaux_tc")
-            if "num_nextn_predict_layers" not in d and "num_mtp_layers" in d:
-                d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if d.get("model_type") == "deepseek_v3" and "num_mtp_layers" in d:
+            d.setdefault("num_nextn_predict_layers", d["num_mtp_layers"])
+        for name, value in HF_DEFAULTS.get(d.get("model_type"), {}).items():
+            d.setdefault(name, value)
         if isinstance(d.get("eos_token_id"), list) and d["eos_token_id"]:
             d["eos_token_id"] = d["eos_token_id"][0]
         for name in ("n_group", "topk_group"):  # transformers writes null for "no groups"

@@ -170,11 +170,9 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
         for k in sorted(set(state) & set(expected))
         if state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or misshaped:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                parts.append(f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    parts = [f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+             for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+    if parts:
         raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
 
 

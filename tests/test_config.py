@@ -156,3 +156,31 @@ def test_user_json_keeps_defaults_and_presets():
     cfg = ModelConfig.from_dict({"hidden_size": 96, "num_experts_per_tok": 3}, strict=True)
     assert cfg.hidden_size == 96 and cfg.num_experts_per_tok == 3 and cfg.n_routed_experts == 8
     assert ModelConfig.preset("small").rope_theta == 10000.0
+
+
+def test_declared_ranges_are_checked_and_named_with_the_fix():
+    """Every field's declared ``min`` / ``gt`` / ``choices`` is enforced; the message names the field, the value
+    and the rule, with the field's help where it has one."""
+    import dataclasses
+
+    for f in dataclasses.fields(ModelConfig):
+        m = f.metadata
+        if not m:
+            continue
+        bad = ("nope" if m["choices"] is not None else m["min"] - 1 if m["min"] is not None
+               else m["gt"] if m["gt"] is not None else None)
+        if bad is None:
+            continue
+        bad = float(bad) if f.type == "float" else bad
+        mha = {"attention_type": "mha"} if f.name == "num_key_value_heads" else {}  # MLA ignores the KV-head count
+        with pytest.raises(ValueError, match=rf"ModelConfig\.{f.name}={bad!r}: must be") as err:
+            ModelConfig.preset("tiny", **mha, **{f.name: bad})
+        assert m["help"] in str(err.value)
+    with pytest.raises(ValueError, match=r"q_lora_rank=-4: must be >= 1 \(null for a plain q projection\)"):
+        ModelConfig.preset("tiny", q_lora_rank=-4)
+
+
+def test_deepseek_v2_rotates_interleaved_pairs():
+    cfg = ModelConfig(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy", rope_interleave=False)
+    assert cfg.rope_interleave is True
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,21 +1,26 @@
-"""Prompt datasets for RL, SFT, evaluation and sampling, in TRL's conventions.
+"""Records from files and the hub, and prompt datasets for RL, SFT, evaluation and sampling (TRL's conventions).
 
-A row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a ``completion``
-(the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``, ``tests``, ...),
-which reward functions receive as keyword lists aligned with the completions. A row may instead hold the whole
-conversation in ``messages``: the prompt is everything before the final assistant message, which is the completion.
+``read_file`` is the one record reader: the rows of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, or a
+text file as one ``{"text"}`` record; ``nanoseek.data`` builds token batches from the same records.
 
-Sources: local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, folders of them, or a Hugging Face hub
-dataset name (through ``datasets.load_dataset``). Built-in tasks become datasets with ``task_dataset`` (a fixed
-set of distinct problems) or ``TaskPrompts`` (fresh problems every step, with the same interface).
-Bad rows raise ValueError naming file, row and column. ``PromptDataset.batch(step, n, seed)`` gives a step's rows,
-a pure function of (seed, step), so a resumed run sees the same data.
+A prompt row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a
+``completion`` (the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``,
+``tests``, ...), which reward functions receive as keyword lists aligned with the completions. A row may instead
+hold the whole conversation in ``messages``: the prompt is everything before the final assistant message, which is
+the completion.
+
+Sources: local files, folders of them, or a Hugging Face hub dataset name (through ``datasets.load_dataset``).
+Built-in tasks become datasets with ``task_dataset`` (a fixed set of distinct problems) or ``TaskPrompts`` (fresh
+problems every step, with the same interface). Bad rows raise ValueError naming file, line or row, and column.
+``PromptDataset.batch(step, n, seed)`` gives a step's rows, a pure function of (seed, step), so a resumed run sees
+the same data.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -135,7 +140,63 @@ def _key(row: Row) -> str:
     return row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
 
 
-# ---------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------- reading records
+def read_file(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of one file: the rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``
+    file, or the whole text of any other file as one ``{"text": ...}`` record. ``where`` is ``file:line`` for JSON
+    lines, ``file row N`` for other rows, the path for a text file. A missing, empty, non-UTF-8 or malformed file
+    raises ValueError naming the file (and line) and what to fix."""
+    if not path.is_file():
+        raise ValueError(f"data file {path} not found: pass an existing file")
+    fmt = FORMATS.get(path.suffix, "text")
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
+        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {n}", obj
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                         "file as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"data file {path} is empty: it has no rows or text to read")
+    if fmt == "csv":
+        for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+            yield f"{path} row {n}", obj
+        return
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
+    if fmt == "text":
+        yield str(path), {"text": text}
+    elif path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for n, obj in enumerate(data, start=1):
+            yield f"{path} row {n}", _columns(obj, f"{path} row {n}")
+    else:  # JSON lines (also accepted in .json, as `datasets` does)
+        for n, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
+                                     "one JSON object of columns") from None
+                yield f"{path}:{n}", _columns(obj, f"{path}:{n}")
+
+
+def _columns(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
+    return obj
+
+
 def _split_of(path: Path) -> str:
     """The split a data file's name gives (``train-00000-of-00002.parquet`` -> ``train``), or ""."""
     name = path.stem.lower().replace("-", "_").replace(".", "_").split("_")[0]
@@ -143,11 +204,12 @@ def _split_of(path: Path) -> str:
 
 
 def _data_files(path: Path, split: str) -> list[Path]:
-    """The data files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
+    """The row files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
     ``test-00000-of-00001.parquet``, ...) only those of ``split``."""
     if path.is_file():
         if path.suffix not in FORMATS:
-            raise ValueError(f"{path}: unknown format {path.suffix!r}; use {', '.join(FORMATS)}")
+            raise ValueError(f"{path}: got a text document ({path.suffix or 'no suffix'}); prompt rows come from "
+                             f"{', '.join(FORMATS)} files")
         if split != "train":
             raise ValueError(f"{path}: a single file has no {split!r} split; splits select among a folder's "
                              "split-named files (train.jsonl, test.jsonl) or a hub dataset's splits")
@@ -161,44 +223,6 @@ def _data_files(path: Path, split: str) -> list[Path]:
     if split not in splits:
         raise ValueError(f"{path}: no files of split {split!r}; its files are named for {', '.join(sorted(splits))}")
     return [p for p in files if _split_of(p) == split]
-
-
-def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row dict) for each row of one file; malformed content raises ValueError naming file and line."""
-    fmt = FORMATS[path.suffix]
-    text = path.read_text(encoding="utf-8") if fmt == "json" else ""
-    if fmt == "json" and not text.lstrip().startswith("["):  # JSON lines (also accepted in .json, as datasets does)
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {n}: a {type(obj).__name__}, expected a JSON object of columns")
-            yield f"{path} line {n}", obj
-    elif fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        for n, obj in enumerate(data, start=1):
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} row {n}: a {type(obj).__name__}, expected a JSON object of columns")
-            yield f"{path} row {n}", obj
-    elif fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
-
-        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path} row {n}", obj
-    else:
-        with path.open(newline="", encoding="utf-8") as f:
-            for n, obj in enumerate(csv.DictReader(f), start=1):
-                yield f"{path} row {n}", obj
 
 
 def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -295,7 +319,7 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
     """
     path = Path(source).expanduser()
     if path.exists():
-        rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in _read_file(p))
+        rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in read_file(p))
     elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
         raise ValueError(f"dataset {source}: no such file or folder")
     else:

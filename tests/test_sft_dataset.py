@@ -7,7 +7,7 @@ import pytest
 from test_sample import checkpoint, dataset_file  # noqa: F401 - fixtures
 
 from nanoseek.cli import main
-from nanoseek.data import DatasetData
+from nanoseek.data import SFTData
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -17,18 +17,18 @@ def test_rows_tokenized_exactly(tmp_path):
             {"prompt": "3+4=", "completion": "7", "answer": "7"}]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = DatasetData(str(path), tok, 64)
+    data = SFTData(str(path), tok, 64)
     (chat, n_chat), (plain, n_plain) = data.rows
     head = tok.encode("User: 1+1=\nAssistant: ", add_bos=True)
     assert (chat, n_chat) == (head + tok.encode("2") + [tok.eos_id], len(head))  # the template's EOS, only one
     assert (plain, n_plain) == (tok.encode("3+4=", add_bos=True) + tok.encode("7") + [tok.eos_id], 5)
-    data = DatasetData(str(path), tok, 64, system_prompt="Add.")
+    data = SFTData(str(path), tok, 64, system_prompt="Add.")
     head = tok.encode("System: Add.\n\nUser: 3+4=\nAssistant: ", add_bos=True)
     assert data.rows[1] == (head + tok.encode("7") + [tok.eos_id], len(head))
     with pytest.raises(ValueError, match="more than --seq-len 10"):
-        DatasetData(str(path), tok, 10)
+        SFTData(str(path), tok, 10)
     path.write_text(json.dumps({"prompt": "[1]+1=", "completion": "[2"}) + "\n")  # JSON strings stay text
-    assert DatasetData(str(path), tok, 64).rows == [(tok.encode("[1]+1=", add_bos=True) + tok.encode("[2") +
+    assert SFTData(str(path), tok, 64).rows == [(tok.encode("[1]+1=", add_bos=True) + tok.encode("[2") +
                                                      [tok.eos_id], 7)]
 
 

@@ -1,15 +1,18 @@
 """Built-in tasks with verifiable answers: each makes (prompt, reference completion, gold answer) examples
-and scores a completion. Train and held-out splits are disjoint by construction (a hash of the prompt
-decides the split), so evaluation never sees a training prompt.
+and scores a completion (with the verifiers of ``nanoseek.rewards``); ``task_reward`` is that score as a TRL-style
+reward function. Train and held-out splits are disjoint by construction (a hash of the prompt decides the split),
+so evaluation never sees a training prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from nanoseek.rewards.format import completion_text
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,21 @@ def get_task(name: str, **kwargs) -> Task:
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(tasks))}")
     return tasks[name](**kwargs)
+
+
+def task_reward(task: Task) -> Callable[..., list[float]]:
+    """A TRL-style reward scoring each completion with ``task.score(completion, example)``. The dataset column
+    ``example`` holds ``Example``s; else an ``answer`` column builds them from prompt and answer."""
+
+    def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
+        if example is None:
+            if answer is None:
+                raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
+            example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
+        if len(example) != len(completions):
+            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
+        return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
+
+    reward.__name__ = f"{task.name}_reward"
+    reward.required_columns = (("example", "answer"),)
+    return reward

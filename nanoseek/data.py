@@ -12,15 +12,15 @@ rank builds the same global batch and takes its own rows of it.
 
 from __future__ import annotations
 
-import random
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanoseek.chat import adds_bos, chat_template, sft_texts
-from nanoseek.datasets import load_prompts, read_file
-from nanoseek.tasks import Example, get_task, in_eval_split
+from nanoseek.datasets import epoch_indices, load_prompts, read_file
+from nanoseek.tasks import draw, examples, get_task
 from nanoseek.tokenizer import Tokenizer, encode_checked
 
 IGNORE = -100  # target id that takes no loss (torch cross_entropy's ignore_index)
@@ -74,50 +74,25 @@ def pack_rows(stream: list[int], batch_size: int, seq_len: int) -> LMBatch:
 
 # ---------------------------------------------------------------------- sources
 class TaskData:
-    """Fresh examples of a built-in task every step (train split only), seeded by (seed, step)."""
+    """Fresh examples of a built-in task every step (train split only), drawn from (seed, step)."""
 
     def __init__(self, task: str, tok: Tokenizer, mode: str, seq_len: int, seed: int = 0):
         self.task, self.tok, self.mode, self.seq_len, self.seed = get_task(task), tok, mode, seq_len, seed
-        longest = max(len(sft_row(tok, e.prompt, e.completion)[0]) for e in self._draw(random.Random(0), 256))
+        longest = max(len(sft_row(tok, e.prompt, e.completion)[0]) for e in examples(self.task, 256, "train"))
         if mode == "sft" and longest - 1 > seq_len:
             raise ValueError(f"task {task!r} examples reach {longest - 1} tokens but --seq-len is {seq_len}; "
                              f"raise --seq-len to at least {longest - 1}")
 
-    def _draw(self, rng: random.Random, n: int) -> list[Example]:
-        out: list[Example] = []
-        while len(out) < n:
-            ex = self.task.example(rng)
-            if not in_eval_split(ex.prompt, self.task):  # never train on a held-out prompt
-                out.append(ex)
-        return out
-
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        rng = random.Random(f"{self.task.name}/{self.seed}/{step}")
+        drawn = draw(self.task, "train", seed=f"{self.seed}/{step}")
         if self.mode == "sft":
-            rows = [sft_row(self.tok, e.prompt, e.completion) for e in self._draw(rng, batch_size)]
+            rows = [sft_row(self.tok, e.prompt, e.completion) for e in itertools.islice(drawn, batch_size)]
             return pad_rows(rows, self.tok.pad_id)
         stream: list[int] = []
         while len(stream) < batch_size * (self.seq_len + 1):
-            e = self._draw(rng, 1)[0]
+            e = next(drawn)
             stream += self.tok.encode(e.prompt + e.completion, add_bos=True, add_eos=True)
         return pack_rows(stream, batch_size, self.seq_len)
-
-
-class _Epochs:
-    """``n`` items visited in a fresh seeded order every epoch: sample i of the run is a pure function of i."""
-
-    n: int
-    seed: int
-
-    def _index(self, i: int) -> int:
-        """Global sample number -> item of this epoch's permutation."""
-        epoch, j = divmod(i, self.n)
-        perm = list(range(self.n))
-        random.Random(f"{self.seed}/{epoch}").shuffle(perm)
-        return perm[j]
-
-    def _items(self, step: int, batch_size: int) -> list[int]:
-        return [self._index(step * batch_size + b) for b in range(batch_size)]
 
 
 def _paths(paths: list[str | Path]) -> list[Path]:
@@ -126,7 +101,7 @@ def _paths(paths: list[str | Path]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-class TextData(_Epochs):
+class TextData:
     """Pretraining on files: their records' text (``text``, or ``prompt`` + ``completion``) joined into one stream
     of ``bos ... eos`` documents, served as chunks of seq_len + 1 tokens, reshuffled each epoch."""
 
@@ -145,8 +120,8 @@ class TextData(_Epochs):
                              f"sequence of --seq-len {seq_len}; add text or lower --seq-len")
 
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        T = self.seq_len
-        stream = [t for i in self._items(step, batch_size) for t in self.stream[i * T : i * T + T + 1]]
+        T, items = self.seq_len, epoch_indices(self.n, step, batch_size, self.seed)
+        stream = [t for i in items for t in self.stream[i * T : i * T + T + 1]]
         return pack_rows(stream, batch_size, T)
 
 
@@ -158,7 +133,7 @@ def _document(obj: dict, where: str) -> str:
     raise ValueError(f'{where}: expected a "text" string or "prompt" and "completion" strings, got {sorted(obj)}')
 
 
-class SFTData(_Epochs):
+class SFTData:
     """SFT on prompt datasets (``nanoseek.datasets.load_prompts``: files, folders or a hub dataset): prompt +
     completion rows, or ``messages``. Plain string rows are ``bos + prompt + completion + eos``; conversational rows
     (and every row with ``system_prompt``) are rendered with the tokenizer's chat template (``nanoseek.chat.
@@ -188,7 +163,7 @@ class SFTData(_Epochs):
         self.n = len(self.rows)
 
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        return pad_rows([self.rows[i] for i in self._items(step, batch_size)], self.pad_id)
+        return pad_rows([self.rows[i] for i in epoch_indices(self.n, step, batch_size, self.seed)], self.pad_id)
 
 
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.chat import check_messages
+from nanoseek.tasks import Example, Task, distinct_examples, examples
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
@@ -67,16 +68,8 @@ class PromptDataset:
         return len(self.rows)
 
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
-        """The n rows of ``step``: the rows in a fresh seeded shuffle every epoch, taken n at a time, so each row is
-        seen once per epoch (as TRL's sampler does); a pure function of (seed, step). ``round_`` > 0 (a
-        dynamic-sampling redraw within a step) walks another seeded order."""
-        N, start = len(self.rows), step * n
-        out: list[Row] = []
-        while len(out) < n:
-            epoch, offset = divmod(start + len(out), N)
-            order = _epoch_order(f"{seed}/{round_}/{epoch}", N)
-            out += [self.rows[i] for i in order[offset : offset + n - len(out)]]
-        return out
+        """The n rows of ``step`` (see ``epoch_indices``); ``round_`` > 0 is a dynamic-sampling redraw."""
+        return [self.rows[i] for i in epoch_indices(len(self.rows), step, n, seed, round_)]
 
     def columns_of(self, rows: list[Row]) -> dict[str, list]:
         """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
@@ -101,7 +94,7 @@ class TaskPrompts:
     takes either: a step's rows are ``nanoseek.tasks.examples`` drawn fresh from (seed, step, round), as the GRPO
     trainer draws them, with columns ``answer`` and ``example`` (what the task's own reward reads)."""
 
-    task: Any
+    task: Task
     split: str = "train"
     columns: frozenset[str] = frozenset({"answer", "example"})
 
@@ -110,8 +103,6 @@ class TaskPrompts:
         return f"task {self.task.name}"
 
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
-        from nanoseek.tasks import examples
-
         exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
         return [_task_row(ex, self.task, self.split) for ex in exs]
 
@@ -124,8 +115,19 @@ def columns_of(rows: list[Row], names) -> dict[str, list]:
     return {c: [r.columns.get(c) for r in rows] for c in sorted(names)}
 
 
-def _task_row(ex, task, split: str) -> Row:
+def _task_row(ex: Example, task: Task, split: str) -> Row:
     return Row(ex.prompt, ex.completion, {"answer": ex.answer, "example": ex}, f"task {task.name} {split}")
+
+
+def epoch_indices(n_items: int, step: int, size: int, seed: int = 0, round_: int = 0) -> list[int]:
+    """The ``size`` item indices of ``step``: all ``n_items`` in a fresh seeded shuffle every epoch, taken ``size``
+    at a time, so each item is seen once per epoch (as TRL's sampler does); a pure function of (seed, step).
+    ``round_`` > 0 walks another seeded order."""
+    out: list[int] = []
+    while len(out) < size:
+        epoch, offset = divmod(step * size + len(out), n_items)
+        out += _epoch_order(f"{seed}/{round_}/{epoch}", n_items)[offset : offset + size - len(out)]
+    return out
 
 
 @lru_cache(maxsize=4)
@@ -337,10 +339,8 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
     return PromptDataset(str(source), tuple(rows), columns)
 
 
-def task_dataset(task, n: int, split: str, seed: int = 0) -> PromptDataset:
+def task_dataset(task: Task, n: int, split: str, seed: int = 0) -> PromptDataset:
     """Up to n distinct examples of a built-in task (``nanoseek.tasks``) as a dataset: prompt, completion (the
     task's reference solution) and columns ``answer`` and ``example`` (what the task's own reward reads)."""
-    from nanoseek.tasks import distinct_examples
-
     rows = tuple(_task_row(ex, task, split) for ex in distinct_examples(task, n, split, seed))
     return PromptDataset(f"{task.name}[{split}]", rows, frozenset({"answer", "example"}))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanoseek.data import IGNORE, SFTData, TaskData, TextData, make_data, pad_rows, sft_row
+from nanoseek.datasets import epoch_indices
 from nanoseek.tasks import in_eval_split
 from nanoseek.tokenizer import Tokenizer
 
@@ -42,7 +43,7 @@ def test_file_data_epochs_cover_every_chunk(tmp_path):
     data = TextData([f], TOK, seq_len=10, seed=0)
     assert data.n == (102 - 1) // 10  # bos + 100 chars + eos
     firsts = [data.batch(step, 2).input_ids[:, 0].tolist() for step in range(data.n // 2)]
-    seen = sorted(data._index(i) for i in range(data.n))
+    seen = sorted(epoch_indices(data.n, 0, data.n, seed=0))  # the chunks of the first epoch
     assert seen == list(range(data.n)) and len(firsts) == data.n // 2
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"{i}*2=", "completion": str(2 * i)}) for i in range(5)) + "\n")

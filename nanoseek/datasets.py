@@ -243,19 +243,13 @@ def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
         yield f"{name}[{split}] row {n}", obj
 
 
-def _parse_json_cell(value, where: str, column: str):
-    """CSV cells are strings: a conversational cell is a JSON list of messages."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
+def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
+    if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):  # a conversation in a CSV cell
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             raise ValueError(f"{where} column {column!r}: starts like a JSON list of messages but does not "
                              "parse") from None
-    return value
-
-
-def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
-    value = _parse_json_cell(value, where, column) if csv_cell else value
     if isinstance(value, str):
         if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
             raise ValueError(f"{where} column {column!r}: empty")

@@ -12,15 +12,15 @@ rank builds the same global batch and takes its own rows of it.
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanoseek.chat import adds_bos, chat_template, sft_texts
-from nanoseek.datasets import epoch_indices, load_prompts, read_file
-from nanoseek.tasks import draw, examples, get_task
+from nanoseek.datasets import Row, TaskPrompts, epoch_indices, load_prompts, read_file
+from nanoseek.tasks import draw, get_task
 from nanoseek.tokenizer import Tokenizer, encode_checked
 
 IGNORE = -100  # target id that takes no loss (torch cross_entropy's ignore_index)
@@ -41,17 +41,29 @@ class LMBatch:
 
 
 # ---------------------------------------------------------------------- row builders
-def sft_row(tok: Tokenizer, prompt: str, completion: str, where: str | None = None,
-            allow_unknown: bool = False, add_bos: bool = True, add_eos: bool = True) -> tuple[list[int], int]:
-    """bos + prompt + completion + eos, and the number of leading tokens that take no loss (bos + prompt).
-    With ``where`` (a file:line), characters the tokenizer lacks are an error naming it unless ``allow_unknown``.
-    ``add_bos`` / ``add_eos`` False: a chat template already wrote them."""
-    if where is None:
-        p = tok.encode(prompt, add_bos=add_bos)
-        return p + tok.encode(completion, add_eos=add_eos), len(p)
-    p = encode_checked(tok, prompt, f"{where} (prompt)", add_bos=add_bos, allow_unknown=allow_unknown)
-    c = encode_checked(tok, completion, f"{where} (completion)", add_eos=add_eos, allow_unknown=allow_unknown)
-    return p + c, len(p)
+def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: str | None = None,
+             allow_unknown_chars: bool = False) -> list[tuple[list[int], int]]:
+    """SFT rows as (tokens, n_prompt): the loss covers tokens[n_prompt:] (the completion and its end).
+
+    Plain string rows are ``bos + prompt + completion + eos``. Conversational rows (and every row, given a
+    ``system_prompt``) are rendered with the tokenizer's chat template (``nanoseek.chat.sft_texts``): the
+    completion ends with the template's own end of turn, so no second EOS is added, and the BOS is not doubled
+    when the template writes one. Characters the tokenizer lacks (unless ``allow_unknown_chars``) and rows longer
+    than seq_len + 1 tokens are errors naming the row."""
+    chat = system_prompt is not None or any(r.conversational or not isinstance(r.completion, str) for r in rows)
+    template = chat_template(tok) if chat else None
+    out = []
+    for r in rows:
+        prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
+        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=adds_bos(tok, template, prompt),
+                           allow_unknown=allow_unknown_chars)
+        toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=add_eos,
+                                  allow_unknown=allow_unknown_chars)
+        if len(toks) - 1 > seq_len:
+            raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
+                             "raise --seq-len or shorten the example")
+        out.append((toks, len(p)))
+    return out
 
 
 def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> LMBatch:
@@ -74,30 +86,30 @@ def pack_rows(stream: list[int], batch_size: int, seq_len: int) -> LMBatch:
 
 # ---------------------------------------------------------------------- sources
 class TaskData:
-    """Fresh examples of a built-in task every step (train split only), drawn from (seed, step)."""
+    """Fresh examples of a built-in task every step (train split only), drawn from (seed, step): SFT rows
+    (``nanoseek.datasets.TaskPrompts``), or their text packed for pretraining."""
 
     def __init__(self, task: str, tok: Tokenizer, mode: str, seq_len: int, seed: int = 0):
-        self.task, self.tok, self.mode, self.seq_len, self.seed = get_task(task), tok, mode, seq_len, seed
-        longest = max(len(sft_row(tok, e.prompt, e.completion)[0]) for e in examples(self.task, 256, "train"))
-        if mode == "sft" and longest - 1 > seq_len:
-            raise ValueError(f"task {task!r} examples reach {longest - 1} tokens but --seq-len is {seq_len}; "
-                             f"raise --seq-len to at least {longest - 1}")
+        self.task = get_task(task)
+        self.prompts = TaskPrompts(self.task)
+        self.tok, self.mode, self.seq_len, self.seed = tok, mode, seq_len, seed
+        if mode == "sft":
+            sft_rows(tok, self.prompts.batch(0, 256), seq_len)  # the task's examples fit in seq_len
 
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        drawn = draw(self.task, "train", seed=f"{self.seed}/{step}")
         if self.mode == "sft":
-            rows = [sft_row(self.tok, e.prompt, e.completion) for e in itertools.islice(drawn, batch_size)]
-            return pad_rows(rows, self.tok.pad_id)
+            return pad_rows(sft_rows(self.tok, self.prompts.batch(step, batch_size, self.seed), self.seq_len),
+                            self.tok.pad_id)
         stream: list[int] = []
-        while len(stream) < batch_size * (self.seq_len + 1):
-            e = next(drawn)
+        for e in draw(self.task, "train", seed=f"{self.seed}/{step}"):
             stream += self.tok.encode(e.prompt + e.completion, add_bos=True, add_eos=True)
-        return pack_rows(stream, batch_size, self.seq_len)
+            if len(stream) >= batch_size * (self.seq_len + 1):
+                return pack_rows(stream, batch_size, self.seq_len)
 
 
 def _paths(paths: list[str | Path]) -> list[Path]:
     if not paths:
-        raise ValueError("no data files given: pass --data FILE (.txt or .jsonl) or --task NAME")
+        raise ValueError("no data files given: pass --data FILE (.txt, .jsonl, .json, .csv or .parquet) or --task NAME")
     return [Path(p) for p in paths]
 
 
@@ -134,11 +146,8 @@ def _document(obj: dict, where: str) -> str:
 
 
 class SFTData:
-    """SFT on prompt datasets (``nanoseek.datasets.load_prompts``: files, folders or a hub dataset): prompt +
-    completion rows, or ``messages``. Plain string rows are ``bos + prompt + completion + eos``; conversational rows
-    (and every row with ``system_prompt``) are rendered with the tokenizer's chat template (``nanoseek.chat.
-    sft_texts``): the completion ends with the template's own end of turn, so no second EOS is added, and the BOS is
-    not doubled when the template writes one. Rows are padded per batch, reshuffled each epoch."""
+    """SFT on prompt datasets (``nanoseek.datasets.load_prompts``: files, folders or a hub dataset) of prompt +
+    completion or ``messages`` rows, tokenized by ``sft_rows``, padded per batch, reshuffled each epoch."""
 
     def __init__(self, sources: str | Path | list[str | Path], tok: Tokenizer, seq_len: int, seed: int = 0, *,
                  config: str | None = None, split: str = "train", prompt_column: str = "prompt",
@@ -149,17 +158,7 @@ class SFTData:
                 for r in load_prompts(source, config=config, split=split, prompt_column=prompt_column,
                                       completion_column=completion_column, messages_column=messages_column,
                                       require_completion=True).rows]
-        chat = system_prompt is not None or any(r.conversational or not isinstance(r.completion, str) for r in rows)
-        template = chat_template(tok) if chat else None
-        self.rows = []
-        for r in rows:
-            prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
-            toks, n_prompt = sft_row(tok, prompt, completion, r.where, allow_unknown_chars,
-                                     add_bos=adds_bos(tok, template, prompt), add_eos=add_eos)
-            if len(toks) - 1 > seq_len:
-                raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
-                                 "raise --seq-len or shorten the example")
-            self.rows.append((toks, n_prompt))
+        self.rows = sft_rows(tok, rows, seq_len, system_prompt, allow_unknown_chars)
         self.n = len(self.rows)
 
     def batch(self, step: int, batch_size: int) -> LMBatch:

@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 
-from nanoseek.data import IGNORE, SFTData, TaskData, TextData, make_data, pad_rows, sft_row
-from nanoseek.datasets import epoch_indices
+from nanoseek.data import IGNORE, SFTData, TaskData, TextData, make_data, pad_rows, sft_rows
+from nanoseek.datasets import Row, epoch_indices
 from nanoseek.tasks import in_eval_split
 from nanoseek.tokenizer import Tokenizer
 
 TOK = Tokenizer.char()
 
 
-def test_sft_row_masks_prompt():
-    toks, n_prompt = sft_row(TOK, "2+3=", "5")
+def test_sft_rows_mask_the_prompt():
+    (toks, n_prompt), longer = sft_rows(TOK, [Row("2+3=", "5"), Row("10+30=", "40")], 16)
     assert toks == [TOK.bos_id, *TOK.encode("2+3="), *TOK.encode("5"), TOK.eos_id] and n_prompt == 5
-    b = pad_rows([(toks, n_prompt), sft_row(TOK, "10+30=", "40")], TOK.pad_id)
+    b = pad_rows([(toks, n_prompt), longer], TOK.pad_id)
     assert b.input_ids.shape == (2, 9)  # the longer row: bos + 6 + 2 + eos = 10 tokens -> 9 inputs
     assert b.targets[0].tolist() == [IGNORE] * 4 + [TOK.encode("5")[0], TOK.eos_id] + [IGNORE] * 3
     assert b.input_ids[0, 6:].tolist() == [TOK.pad_id] * 3

@@ -35,12 +35,12 @@ def test_rows_tokenized_exactly(tmp_path):
 def test_sft_on_sample_output(tmp_path, checkpoint):  # noqa: F811 - the fixture
     data, _ = dataset_file(tmp_path)
     samples = tmp_path / "samples.jsonl"
-    assert main(["sample", "--model", str(checkpoint), "--dataset", str(data), "--num-samples", "2", "--keep", "all",
-                 "--max-new-tokens", "6", "--out", str(samples)]) == 0
+    assert main(["sample", "--model", str(checkpoint), "--dataset", str(data), "--num-generations", "2",
+                 "--keep", "all", "--max-completion-length", "6", "--out", str(samples)]) == 0
     kinds = {type(json.loads(line)["completion"]).__name__ for line in samples.read_text().splitlines()}
     assert kinds == {"str", "list"}  # plain and conversational rows
     run = tmp_path / "run"
-    assert main(["sft", "--init-from", str(checkpoint), "--dataset", str(samples), "--steps", "2", "--batch-size",
+    assert main(["sft", "--model", str(checkpoint), "--dataset", str(samples), "--steps", "2", "--batch-size",
                  "4", "--seq-len", "48", "--out", str(run), "--no-progress"]) == 0
     assert (run / "checkpoints" / "latest").is_file()
 
@@ -58,7 +58,8 @@ def test_eval_dataset_counts_completions_every_reward_verifies(tmp_path, checkpo
     (tmp_path / "level_rewards.py").write_text(LEVEL_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     data, _ = dataset_file(tmp_path)  # six rows, levels 0 1 2 0 1 2, two of them conversational
-    common = ["eval", "--model", str(checkpoint), "--dataset", str(data), "--k", "2", "--max-new-tokens", "16"]
+    common = ["eval", "--model", str(checkpoint), "--dataset", str(data), "--num-generations", "2",
+              "--max-completion-length", "16"]
 
     def accuracy(*fns) -> dict:
         assert main([*common, "--reward-funcs", *fns]) == 0

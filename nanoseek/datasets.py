@@ -19,7 +19,6 @@ the same data.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.chat import check_messages
-from nanoseek.tasks import Example, Task, distinct_examples, examples
+from nanoseek.tasks import Example, Task, distinct_examples, examples, in_eval_split
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
@@ -76,9 +75,9 @@ class PromptDataset:
         return columns_of(rows, self.columns)
 
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
-        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text, like the built-in
-        tasks (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
-        held = [int(hashlib.sha256(_key(r).encode()).hexdigest()[:8], 16) % eval_fraction == 0 for r in self.rows]
+        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
+        (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
+        held = [in_eval_split(_key(r), fraction=eval_fraction) for r in self.rows]
         train = tuple(r for r, h in zip(self.rows, held) if not h)
         evals = tuple(r for r, h in zip(self.rows, held) if h)
         if not train or not evals:

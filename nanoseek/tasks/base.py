@@ -36,9 +36,10 @@ class Task(Protocol):
 EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split
 
 
-def in_eval_split(prompt: str, task: Task | None = None) -> bool:
-    """Whether ``prompt`` is held out: a hash of the prompt, one in ``task.eval_fraction`` (default 10)."""
-    fraction = getattr(task, "eval_fraction", EVAL_FRACTION)
+def in_eval_split(prompt: str, task: Task | None = None, fraction: int | None = None) -> bool:
+    """Whether ``prompt`` is held out: a hash of the prompt, one in ``fraction`` (default ``task.eval_fraction``,
+    else 10)."""
+    fraction = fraction or getattr(task, "eval_fraction", EVAL_FRACTION)
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
 
 

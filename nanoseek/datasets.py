@@ -1,21 +1,25 @@
-"""Prompt datasets for RL, SFT, evaluation and sampling, in TRL's conventions.
+"""Records from files and the hub, and prompt datasets for RL, SFT, evaluation and sampling (TRL's conventions).
 
-A row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a ``completion``
-(the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``, ``tests``, ...),
-which reward functions receive as keyword lists aligned with the completions. A row may instead hold the whole
-conversation in ``messages``: the prompt is everything before the final assistant message, which is the completion.
+``read_file`` is the one record reader: the rows of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, or a
+text file as one ``{"text"}`` record; ``nanoseek.data`` builds token batches from the same records.
 
-Sources: local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, folders of them, or a Hugging Face hub
-dataset name (through ``datasets.load_dataset``). Built-in tasks become datasets with ``task_dataset`` (a fixed
-set of distinct problems) or ``TaskPrompts`` (fresh problems every step, with the same interface).
-Bad rows raise ValueError naming file, row and column. ``PromptDataset.batch(step, n, seed)`` gives a step's rows,
-a pure function of (seed, step), so a resumed run sees the same data.
+A prompt row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a
+``completion`` (the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``,
+``tests``, ...), which reward functions receive as keyword lists aligned with the completions. A row may instead
+hold the whole conversation in ``messages``: the prompt is everything before the final assistant message, which is
+the completion.
+
+Sources: local files, folders of them, or a Hugging Face hub dataset name (through ``datasets.load_dataset``).
+Built-in tasks become datasets with ``task_dataset`` (a fixed set of distinct problems) or ``TaskPrompts`` (fresh
+problems every step, with the same interface). Bad rows raise ValueError naming file, line or row, and column.
+``PromptDataset.batch(step, n, seed)`` gives a step's rows, a pure function of (seed, step), so a resumed run sees
+the same data.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.chat import check_messages
+from nanoseek.tasks import Example, Task, distinct_examples, examples, in_eval_split
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
@@ -62,25 +67,17 @@ class PromptDataset:
         return len(self.rows)
 
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
-        """The n rows of ``step``: the rows in a fresh seeded shuffle every epoch, taken n at a time, so each row is
-        seen once per epoch (as TRL's sampler does); a pure function of (seed, step). ``round_`` > 0 (a
-        dynamic-sampling redraw within a step) walks another seeded order."""
-        N, start = len(self.rows), step * n
-        out: list[Row] = []
-        while len(out) < n:
-            epoch, offset = divmod(start + len(out), N)
-            order = _epoch_order(f"{seed}/{round_}/{epoch}", N)
-            out += [self.rows[i] for i in order[offset : offset + n - len(out)]]
-        return out
+        """The n rows of ``step`` (see ``epoch_indices``); ``round_`` > 0 is a dynamic-sampling redraw."""
+        return [self.rows[i] for i in epoch_indices(len(self.rows), step, n, seed, round_)]
 
     def columns_of(self, rows: list[Row]) -> dict[str, list]:
         """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
         return columns_of(rows, self.columns)
 
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
-        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text, like the built-in
-        tasks (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
-        held = [int(hashlib.sha256(_key(r).encode()).hexdigest()[:8], 16) % eval_fraction == 0 for r in self.rows]
+        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
+        (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
+        held = [in_eval_split(_key(r), fraction=eval_fraction) for r in self.rows]
         train = tuple(r for r, h in zip(self.rows, held) if not h)
         evals = tuple(r for r, h in zip(self.rows, held) if h)
         if not train or not evals:
@@ -96,7 +93,7 @@ class TaskPrompts:
     takes either: a step's rows are ``nanoseek.tasks.examples`` drawn fresh from (seed, step, round), as the GRPO
     trainer draws them, with columns ``answer`` and ``example`` (what the task's own reward reads)."""
 
-    task: Any
+    task: Task
     split: str = "train"
     columns: frozenset[str] = frozenset({"answer", "example"})
 
@@ -105,8 +102,6 @@ class TaskPrompts:
         return f"task {self.task.name}"
 
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
-        from nanoseek.tasks import examples
-
         exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
         return [_task_row(ex, self.task, self.split) for ex in exs]
 
@@ -119,8 +114,19 @@ def columns_of(rows: list[Row], names) -> dict[str, list]:
     return {c: [r.columns.get(c) for r in rows] for c in sorted(names)}
 
 
-def _task_row(ex, task, split: str) -> Row:
+def _task_row(ex: Example, task: Task, split: str) -> Row:
     return Row(ex.prompt, ex.completion, {"answer": ex.answer, "example": ex}, f"task {task.name} {split}")
+
+
+def epoch_indices(n_items: int, step: int, size: int, seed: int = 0, round_: int = 0) -> list[int]:
+    """The ``size`` item indices of ``step``: all ``n_items`` in a fresh seeded shuffle every epoch, taken ``size``
+    at a time, so each item is seen once per epoch (as TRL's sampler does); a pure function of (seed, step).
+    ``round_`` > 0 walks another seeded order."""
+    out: list[int] = []
+    while len(out) < size:
+        epoch, offset = divmod(step * size + len(out), n_items)
+        out += _epoch_order(f"{seed}/{round_}/{epoch}", n_items)[offset : offset + size - len(out)]
+    return out
 
 
 @lru_cache(maxsize=4)
@@ -135,7 +141,63 @@ def _key(row: Row) -> str:
     return row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
 
 
-# ---------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------- reading records
+def read_file(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of one file: the rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``
+    file, or the whole text of any other file as one ``{"text": ...}`` record. ``where`` is ``file:line`` for JSON
+    lines, ``file row N`` for other rows, the path for a text file. A missing, empty, non-UTF-8 or malformed file
+    raises ValueError naming the file (and line) and what to fix."""
+    if not path.is_file():
+        raise ValueError(f"data file {path} not found: pass an existing file")
+    fmt = FORMATS.get(path.suffix, "text")
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
+        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {n}", obj
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                         "file as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"data file {path} is empty: it has no rows or text to read")
+    if fmt == "csv":
+        for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+            yield f"{path} row {n}", obj
+        return
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
+    if fmt == "text":
+        yield str(path), {"text": text}
+    elif path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for n, obj in enumerate(data, start=1):
+            yield f"{path} row {n}", _columns(obj, f"{path} row {n}")
+    else:  # JSON lines (also accepted in .json, as `datasets` does)
+        for n, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
+                                     "one JSON object of columns") from None
+                yield f"{path}:{n}", _columns(obj, f"{path}:{n}")
+
+
+def _columns(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
+    return obj
+
+
 def _split_of(path: Path) -> str:
     """The split a data file's name gives (``train-00000-of-00002.parquet`` -> ``train``), or ""."""
     name = path.stem.lower().replace("-", "_").replace(".", "_").split("_")[0]
@@ -143,11 +205,12 @@ def _split_of(path: Path) -> str:
 
 
 def _data_files(path: Path, split: str) -> list[Path]:
-    """The data files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
+    """The row files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
     ``test-00000-of-00001.parquet``, ...) only those of ``split``."""
     if path.is_file():
         if path.suffix not in FORMATS:
-            raise ValueError(f"{path}: unknown format {path.suffix!r}; use {', '.join(FORMATS)}")
+            raise ValueError(f"{path}: got a text document ({path.suffix or 'no suffix'}); prompt rows come from "
+                             f"{', '.join(FORMATS)} files")
         if split != "train":
             raise ValueError(f"{path}: a single file has no {split!r} split; splits select among a folder's "
                              "split-named files (train.jsonl, test.jsonl) or a hub dataset's splits")
@@ -161,44 +224,6 @@ def _data_files(path: Path, split: str) -> list[Path]:
     if split not in splits:
         raise ValueError(f"{path}: no files of split {split!r}; its files are named for {', '.join(sorted(splits))}")
     return [p for p in files if _split_of(p) == split]
-
-
-def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row dict) for each row of one file; malformed content raises ValueError naming file and line."""
-    fmt = FORMATS[path.suffix]
-    text = path.read_text(encoding="utf-8") if fmt == "json" else ""
-    if fmt == "json" and not text.lstrip().startswith("["):  # JSON lines (also accepted in .json, as datasets does)
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {n}: a {type(obj).__name__}, expected a JSON object of columns")
-            yield f"{path} line {n}", obj
-    elif fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        for n, obj in enumerate(data, start=1):
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} row {n}: a {type(obj).__name__}, expected a JSON object of columns")
-            yield f"{path} row {n}", obj
-    elif fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
-
-        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path} row {n}", obj
-    else:
-        with path.open(newline="", encoding="utf-8") as f:
-            for n, obj in enumerate(csv.DictReader(f), start=1):
-                yield f"{path} row {n}", obj
 
 
 def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -217,19 +242,13 @@ def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
         yield f"{name}[{split}] row {n}", obj
 
 
-def _parse_json_cell(value, where: str, column: str):
-    """CSV cells are strings: a conversational cell is a JSON list of messages."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
+def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
+    if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):  # a conversation in a CSV cell
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             raise ValueError(f"{where} column {column!r}: starts like a JSON list of messages but does not "
                              "parse") from None
-    return value
-
-
-def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
-    value = _parse_json_cell(value, where, column) if csv_cell else value
     if isinstance(value, str):
         if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
             raise ValueError(f"{where} column {column!r}: empty")
@@ -295,7 +314,7 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
     """
     path = Path(source).expanduser()
     if path.exists():
-        rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in _read_file(p))
+        rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in read_file(p))
     elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
         raise ValueError(f"dataset {source}: no such file or folder")
     else:
@@ -313,10 +332,8 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
     return PromptDataset(str(source), tuple(rows), columns)
 
 
-def task_dataset(task, n: int, split: str, seed: int = 0) -> PromptDataset:
+def task_dataset(task: Task, n: int, split: str, seed: int = 0) -> PromptDataset:
     """Up to n distinct examples of a built-in task (``nanoseek.tasks``) as a dataset: prompt, completion (the
     task's reference solution) and columns ``answer`` and ``example`` (what the task's own reward reads)."""
-    from nanoseek.tasks import distinct_examples
-
     rows = tuple(_task_row(ex, task, split) for ex in distinct_examples(task, n, split, seed))
     return PromptDataset(f"{task.name}[{split}]", rows, frozenset({"answer", "example"}))

@@ -125,9 +125,9 @@ def _sample_verified(cfg: R1Config, model_dir: str, path: Path, n_prompts: int, 
     """``nanoseek sample --keep correct`` from ``model_dir`` on distinct training problems into ``path``."""
     from nanoseek.datasets import task_dataset
     from nanoseek.policy import Policy
-    from nanoseek.rewards import get_reward_fn, task_reward
+    from nanoseek.rewards import get_reward_fn
     from nanoseek.sample import sample_dataset, write_rows
-    from nanoseek.tasks import get_task
+    from nanoseek.tasks import get_task, task_reward
     from nanoseek.tokenizer import load_tokenizer
 
     task = get_task(TASK)

@@ -33,7 +33,6 @@ from nanoseek.rewards import (
     compute_rewards,
     get_reward_fn,
     reward_name,
-    task_reward,
     trl_completions,
 )
 
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--temperature must be > 0: sampling K completions greedily would repeat one K times")
     fns = [get_reward_fn(n) for n in args.reward_funcs]
     if args.task is not None:
-        from nanoseek.tasks import get_task
+        from nanoseek.tasks import get_task, task_reward
 
         task = get_task(args.task)
         dataset = task_dataset(task, args.num_prompts or 256, args.task_split, seed=args.seed)

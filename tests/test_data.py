@@ -1,21 +1,22 @@
-"""Data: file readers with errors naming file:line, SFT masking, packing, deterministic per-step batches."""
+"""Token batches: file records with errors naming file:line, SFT masking, packing, deterministic per-step batches."""
 
 import json
 
 import pytest
 import torch
 
-from nanoseek.data import IGNORE, FileData, TaskData, pad_rows, read_records, sft_row
+from nanoseek.data import IGNORE, SFTData, TaskData, TextData, make_data, pad_rows, sft_rows
+from nanoseek.datasets import Row, epoch_indices
 from nanoseek.tasks import in_eval_split
 from nanoseek.tokenizer import Tokenizer
 
 TOK = Tokenizer.char()
 
 
-def test_sft_row_masks_prompt():
-    toks, n_prompt = sft_row(TOK, "2+3=", "5")
+def test_sft_rows_mask_the_prompt():
+    (toks, n_prompt), longer = sft_rows(TOK, [Row("2+3=", "5"), Row("10+30=", "40")], 16)
     assert toks == [TOK.bos_id, *TOK.encode("2+3="), *TOK.encode("5"), TOK.eos_id] and n_prompt == 5
-    b = pad_rows([(toks, n_prompt), sft_row(TOK, "10+30=", "40")], TOK.pad_id)
+    b = pad_rows([(toks, n_prompt), longer], TOK.pad_id)
     assert b.input_ids.shape == (2, 9)  # the longer row: bos + 6 + 2 + eos = 10 tokens -> 9 inputs
     assert b.targets[0].tolist() == [IGNORE] * 4 + [TOK.encode("5")[0], TOK.eos_id] + [IGNORE] * 3
     assert b.input_ids[0, 6:].tolist() == [TOK.pad_id] * 3
@@ -39,40 +40,48 @@ def test_task_batches_are_deterministic_and_train_split_only():
 def test_file_data_epochs_cover_every_chunk(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("abcdefghij" * 10)
-    data = FileData([f], TOK, "pretrain", seq_len=10, seed=0)
+    data = TextData([f], TOK, seq_len=10, seed=0)
     assert data.n == (102 - 1) // 10  # bos + 100 chars + eos
     firsts = [data.batch(step, 2).input_ids[:, 0].tolist() for step in range(data.n // 2)]
-    seen = sorted(data._index(i) for i in range(data.n))
+    seen = sorted(epoch_indices(data.n, 0, data.n, seed=0))  # the chunks of the first epoch
     assert seen == list(range(data.n)) and len(firsts) == data.n // 2
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"{i}*2=", "completion": str(2 * i)}) for i in range(5)) + "\n")
-    sft = FileData([pairs], TOK, "sft", seq_len=16)
+    sft = SFTData([pairs], TOK, seq_len=16)
     b = sft.batch(0, 5)
     assert sorted(TOK.decode(r.tolist()) for r in b.input_ids)[0].startswith("0*2=0")
 
 
 def test_readers_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="missing.txt not found"):
-        read_records([tmp_path / "missing.txt"])
+        TextData([tmp_path / "missing.txt"], TOK, 16)
     with pytest.raises(ValueError, match="no data files"):
-        read_records([])
+        TextData([], TOK, 16)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
-        read_records([bad])
+    bad.write_text('{"prompt": "1=", "completion": "1"}\n\n{"text": oops}\n')
+    for mode in ("pretrain", "sft"):
+        with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+            make_data(mode, TOK, 16, 0, files=[bad])
     bad.write_text('{"text": "ok"}\n{"prompt": "only a prompt"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a \"text\" string.*\['prompt'\]"):
-        read_records([bad])
+        TextData([bad], TOK, 16)
     bad.write_text('{"text": "a document"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: sft needs"):
-        FileData([bad], TOK, "sft", 16)
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no column 'prompt'"):
+        SFTData([bad], TOK, 16)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a document")
+    with pytest.raises(ValueError, match=r"doc.txt: got a text document"):
+        SFTData([doc], TOK, 16)
+    bad.write_bytes(b'{"text": "ok"}\n\xff\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8"):
+        TextData([bad], TOK, 16)
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "x" * 40, "completion": "y"}) + "\n")
     with pytest.raises(ValueError, match=r"long.jsonl:1: example has 42 tokens, more than --seq-len 16"):
-        FileData([long], TOK, "sft", 16)
+        SFTData([long], TOK, 16)
     short = tmp_path / "short.txt"
     short.write_text("abc")
     with pytest.raises(ValueError, match="too few for one sequence"):
-        FileData([short], TOK, "pretrain", 64)
+        TextData([short], TOK, 64)
     with pytest.raises(ValueError, match="raise --seq-len"):
         TaskData("arithmetic", TOK, "sft", 4)

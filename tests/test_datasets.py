@@ -35,7 +35,7 @@ def test_jsonl_json_and_parquet_read_the_same(tmp_path):
         assert [r.answer for r in ds.rows] == ["2", "4", "6"]
         assert ds.columns == {"answer", "level"}
         assert ds.columns_of(list(ds.rows[::-1])) == {"answer": ["6", "4", "2"], "level": [3, 2, 1]}
-        assert ds.rows[1].where == f"{tmp_path / name} {'line' if name == 'd.jsonl' else 'row'} 2"
+        assert ds.rows[1].where == (f"{tmp_path / name}:2" if name == "d.jsonl" else f"{tmp_path / name} row 2")
 
 
 def test_mixed_string_and_conversational_prompts(tmp_path):
@@ -60,7 +60,7 @@ def test_sft_rows_prompt_completion_and_messages(tmp_path):
     assert [r.completion for r in ds.rows] == ["4", [{"role": "assistant", "content": "4"}]] * 1 + \
         [[{"role": "assistant", "content": "4"}]]
     assert ds.rows[2].prompt == CHAT
-    with pytest.raises(ValueError, match=r"sft2.jsonl line 1: no completion"):
+    with pytest.raises(ValueError, match=r"sft2.jsonl:1: no completion"):
         load_prompts(write_jsonl(tmp_path / "sft2.jsonl", [{"messages": CHAT}]), require_completion=True)
 
 
@@ -81,12 +81,12 @@ def test_folder_with_split_files(tmp_path):
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([ROWS[0], {"prompt": None}], r"line 2 column 'prompt': missing value"),
-    ([ROWS[0], {"question": "x"}], r"line 2: no column 'prompt' \(nor 'messages'\); the row has 'question'"),
-    ([{"prompt": [{"role": "user", "content": 3}]}], r"line 1 column 'prompt': message 0 \(user\) needs 'content'"),
-    ([{"prompt": [{"role": "bot", "content": "hi"}]}], r"line 1 column 'prompt': message 0 has role 'bot'"),
-    ([{"prompt": 17}], r"line 1 column 'prompt': a int; give a string or a list"),
-    ([{"prompt": "  "}], r"line 1 column 'prompt': empty"),
+    ([ROWS[0], {"prompt": None}], r":2 column 'prompt': missing value"),
+    ([ROWS[0], {"question": "x"}], r":2: no column 'prompt' \(nor 'messages'\); the row has 'question'"),
+    ([{"prompt": [{"role": "user", "content": 3}]}], r":1 column 'prompt': message 0 \(user\) needs 'content'"),
+    ([{"prompt": [{"role": "bot", "content": "hi"}]}], r":1 column 'prompt': message 0 has role 'bot'"),
+    ([{"prompt": 17}], r":1 column 'prompt': a int; give a string or a list"),
+    ([{"prompt": "  "}], r":1 column 'prompt': empty"),
     ([{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}], r"column 'completion': .*assistant"),
     ([ROWS[0], {"prompt": "x"}], None),  # the answer column is optional unless named
 ])
@@ -94,7 +94,7 @@ def test_bad_rows_name_file_row_and_column(tmp_path, rows, match):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     if match is None:
         assert load_prompts(path).rows[1].answer is None
-        with pytest.raises(ValueError, match=r"bad.jsonl line 2: no answer column 'answer'"):
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: no answer column 'answer'"):
             load_prompts(path, answer_column="answer")
         return
     with pytest.raises(ValueError, match=match) as e:
@@ -104,7 +104,7 @@ def test_bad_rows_name_file_row_and_column(tmp_path, rows, match):
 
 def test_bad_files(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match=r"x.jsonl line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"x.jsonl:2: malformed JSON"):
         load_prompts(tmp_path / "x.jsonl")
     pq.write_table(pa.Table.from_pylist([{"prompt": "a"}, {"prompt": None}]), tmp_path / "y.parquet")
     with pytest.raises(ValueError, match=r"y.parquet row 2 column 'prompt': missing value"):

@@ -8,13 +8,13 @@ from fractions import Fraction
 
 import pytest
 
-from nanoseek.rewards import REWARD_FNS, compute_rewards, get_reward_fn, task_reward
+from nanoseek.rewards import REWARD_FNS, compute_rewards, get_reward_fn
 from nanoseek.rewards.code import code_reward, extract_code
 from nanoseek.rewards.countdown import check_equation, countdown_reward, extract_answer, parse_expression
 from nanoseek.rewards.format import format_reward, lenient_format_reward
 from nanoseek.rewards.math import extract_final_answer, last_boxed, math_reward
 from nanoseek.rewards.sandbox import SandboxUnavailable, require_bwrap
-from nanoseek.tasks import examples, get_task
+from nanoseek.tasks import examples, get_task, task_reward
 
 TRL_KW = dict(completion_ids=[[1, 2]], trainer_state=None)  # extra kwargs TRL passes; must be accepted
 
@@ -414,3 +414,19 @@ def test_gsm8k_format_reward(text, ok):
 ])
 def test_equations_reward(text, ok):
     assert get_reward_fn("equations")(None, [text, [{"role": "assistant", "content": text}]]) == [float(ok)] * 2
+
+
+def test_rewards_import_no_task():
+    """Tasks score with the rewards' verifiers, so the rewards package imports no task (nor dataset) module, not
+    even inside a function: no import cycle between ``nanoseek.rewards`` and ``nanoseek.tasks``."""
+    import ast
+    from pathlib import Path
+
+    import nanoseek.rewards
+
+    for path in Path(nanoseek.rewards.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("nanoseek.tasks", "nanoseek.datasets", "nanoseek.data")), (path, name)

@@ -1,5 +1,5 @@
 """Verifiable reward functions with TRL's signature
-``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, a registry, a task adapter, and
+``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, a registry, and
 ``compute_rewards``, which contains failing or hanging functions; process rewards (per-step,
 ``nanoseek.rewards.process``) and ``compute_process_rewards``, which contains them the same way.
 
@@ -9,7 +9,8 @@ conversational (``trl_completions``), ``completion_ids[i]`` its token ids, and e
 a keyword list aligned with the completions (row i of each column belongs to completion i). None means "no reward
 for this sample"; it counts as 0 in the total and is left out of the function's mean.
 
-``get_reward_fn`` takes a built-in name or an import path; ``check_reward_columns`` refuses, before training, a
+``get_reward_fn`` takes a built-in name or an import path (a built-in task's reward is
+``nanoseek.tasks.task_reward``); ``check_reward_columns`` refuses, before training, a
 reward function that needs a column the dataset lacks.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from nanoseek.rewards.code import code_reward
 from nanoseek.rewards.countdown import countdown_reward
-from nanoseek.rewards.format import completion_text, format_reward, gsm8k_format_reward, lenient_format_reward
+from nanoseek.rewards.format import format_reward, gsm8k_format_reward, lenient_format_reward
 from nanoseek.rewards.math import equations_reward, math_reward
 from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
 from nanoseek.rewards.sandbox import require_bwrap
@@ -136,25 +137,6 @@ def trl_completions(prompts: list, texts: list[str]) -> list:
 
 def reward_name(fn: RewardFn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
-
-
-def task_reward(task) -> RewardFn:
-    """A TRL-style reward scoring each completion with ``task.score(completion, example)``. The dataset column
-    ``example`` holds ``nanoseek.tasks.Example``s; else an ``answer`` column builds them from prompt and answer."""
-    from nanoseek.tasks import Example
-
-    def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
-        if example is None:
-            if answer is None:
-                raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
-            example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
-        if len(example) != len(completions):
-            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
-        return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
-
-    reward.__name__ = f"{task.name}_reward"
-    reward.required_columns = (("example", "answer"),)
-    return reward
 
 
 @dataclass
@@ -285,4 +267,4 @@ def compute_process_rewards(
 
 __all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "check_reward_columns",
            "compute_process_rewards", "compute_rewards", "get_process_reward_fn", "get_reward_fn", "required_columns",
-           "reward_name", "task_reward", "trl_completions"]
+           "reward_name", "trl_completions"]

@@ -23,26 +23,16 @@ def completion_text(completion) -> str:
     raise TypeError(f"completion must be a string or a list of chat messages, got {type(completion).__name__}")
 
 
-def is_strict_format(text: str) -> bool:
-    """Exactly ``<think>…</think><answer>…</answer>`` (no text outside, no nested or repeated tags,
-    non-empty answer)."""
-    m = _STRICT.match(text)
-    return m is not None and m.group(2).strip() != ""
-
-
-def is_lenient_format(text: str) -> bool:
-    """A ``<think>…</think>`` block followed somewhere by a non-empty ``<answer>…</answer>``."""
-    return _LENIENT.search(text) is not None
-
-
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """1.0 for completions in R1's strict template, else 0.0 (TRL signature)."""
-    return [1.0 if is_strict_format(completion_text(c)) else 0.0 for c in completions]
+    """1.0 for completions in R1's strict template, exactly ``<think>…</think><answer>…</answer>`` (no text outside,
+    no nested or repeated tags, a non-empty answer), else 0.0 (TRL signature)."""
+    matches = [_STRICT.match(completion_text(c)) for c in completions]
+    return [1.0 if m is not None and m.group(2).strip() else 0.0 for m in matches]
 
 
 def lenient_format_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 if a think block is followed by a non-empty answer block anywhere in the completion, else 0.0."""
-    return [1.0 if is_lenient_format(completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if _LENIENT.search(completion_text(c)) else 0.0 for c in completions]
 
 
 def gsm8k_format_reward(prompts, completions, **kwargs) -> list[float]:

@@ -52,6 +52,23 @@ class SandboxUnavailable(ValueError):
     """bubblewrap is missing or cannot create namespaces here (a set-up error: the CLI prints it, no traceback)."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Limits of one sandboxed run. ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally
+    fires first; ``disk_mb`` caps the private /tmp; ``max_processes`` bounds threads (new processes are refused
+    outright; for a root caller, whom RLIMIT_NPROC does not bind, the address-space limit bounds threads through
+    their stacks); ``max_output`` truncates stdout and stderr (characters)."""
+
+    timeout_s: float = 5.0
+    cpu_s: int | None = None
+    memory_mb: int = 512
+    file_size_mb: int = 8
+    disk_mb: int = 64
+    max_processes: int = 16
+    max_open_files: int = 64
+    max_output: int = 10_000
+
+
 @dataclass
 class SandboxResult:
     returncode: int | None  # negative: killed by that signal (e.g. -9 after a timeout, -24 SIGXCPU)
@@ -130,8 +147,8 @@ def require_bwrap() -> str:
     if bwrap is None:
         raise SandboxUnavailable(f"the code reward runs model-written programs in bubblewrap, which is not "
                                  f"installed (no `bwrap` on PATH); {INSTALL_HINT}")
-    probe = _run(bwrap, "print('ok')", stdin="", timeout_s=10.0, cpu_s=10, memory_mb=256, file_size_mb=1, disk_mb=1,
-                 max_processes=16, max_open_files=64, max_output=1000)
+    probe = _run(bwrap, "print('ok')", "", Limits(timeout_s=10.0, cpu_s=10, memory_mb=256, file_size_mb=1, disk_mb=1,
+                                                max_output=1000))
     if not probe.passed or probe.stdout != "ok\n":
         raise SandboxUnavailable(f"bubblewrap ({bwrap}) cannot create the code sandbox here: "
                                  f"{probe.stderr.strip() or probe} (it needs bubblewrap >= 0.8 and unprivileged "
@@ -146,48 +163,30 @@ def _read(f, limit: int) -> str:
     return data if len(data) <= limit else data[:limit] + "\n...[truncated]"
 
 
-def run_code(
-    code: str,
-    *,
-    stdin: str = "",
-    timeout_s: float = 5.0,
-    cpu_s: int | None = None,
-    memory_mb: int = 512,
-    file_size_mb: int = 8,
-    disk_mb: int = 64,
-    max_processes: int = 16,
-    max_open_files: int = 64,
-    max_output: int = 10_000,
-) -> SandboxResult:
-    """Run Python ``code`` in the sandbox (see the module docstring) and return its outcome.
-
-    ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally fires first; ``disk_mb`` caps
-    the private /tmp; ``max_processes`` bounds threads (new processes are refused outright; for a root caller,
-    whom RLIMIT_NPROC does not bind, the address-space limit bounds threads through their stacks).
-    """
-    if timeout_s <= 0 or memory_mb <= 0 or file_size_mb <= 0 or disk_mb <= 0:
+def run_code(code: str, *, stdin: str = "", **limits) -> SandboxResult:
+    """Run Python ``code`` in the sandbox (see the module docstring) under ``Limits(**limits)``; its outcome."""
+    lim = Limits(**limits)
+    if lim.timeout_s <= 0 or lim.memory_mb <= 0 or lim.file_size_mb <= 0 or lim.disk_mb <= 0:
         raise ValueError("run_code: timeout_s, memory_mb, file_size_mb and disk_mb must be positive")
-    cpu = cpu_s if cpu_s is not None else int(-(-timeout_s // 1)) + 1
-    return _run(require_bwrap(), code, stdin=stdin, timeout_s=timeout_s, cpu_s=cpu, memory_mb=memory_mb,
-                file_size_mb=file_size_mb, disk_mb=disk_mb, max_processes=max_processes,
-                max_open_files=max_open_files, max_output=max_output)
+    return _run(require_bwrap(), code, stdin, lim)
 
 
-def _run(bwrap: str, code: str, *, stdin: str, timeout_s: float, cpu_s: int, memory_mb: int, file_size_mb: int,
-         disk_mb: int, max_processes: int, max_open_files: int, max_output: int) -> SandboxResult:
+def _run(bwrap: str, code: str, stdin: str, lim: Limits) -> SandboxResult:
     with (tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp,
           tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as seccomp):
         for f, data in ((inp, stdin.encode()), (program, code.encode()), (seccomp, _seccomp_no_new_processes())):
             f.write(data)
             f.seek(0)
-        limits = (cpu_s, memory_mb << 20, file_size_mb << 20, max_processes, max_open_files, program.fileno())
-        argv = [*_bwrap_argv(bwrap, seccomp.fileno(), disk_mb), "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP,
+        cpu_s = lim.cpu_s if lim.cpu_s is not None else int(-(-lim.timeout_s // 1)) + 1
+        limits = (cpu_s, lim.memory_mb << 20, lim.file_size_mb << 20, lim.max_processes, lim.max_open_files,
+                  program.fileno())
+        argv = [*_bwrap_argv(bwrap, seccomp.fileno(), lim.disk_mb), "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP,
                 *map(str, limits)]
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, env={}, cwd="/",
                                 pass_fds=(program.fileno(), seccomp.fileno()))
         try:
-            proc.wait(timeout_s)
+            proc.wait(lim.timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
             proc.kill()  # --die-with-parent and the PID namespace take every sandboxed process with it
@@ -197,4 +196,4 @@ def _run(bwrap: str, code: str, *, stdin: str, timeout_s: float, cpu_s: int, mem
         rc = proc.returncode
         if 128 < rc < 128 + 65:  # bwrap reports a child killed by signal N as exit status 128 + N
             rc = 128 - rc
-        return SandboxResult(rc, timed_out, _read(out, max_output), _read(err, max_output), duration)
+        return SandboxResult(rc, timed_out, _read(out, lim.max_output), _read(err, lim.max_output), duration)

@@ -1,104 +1,24 @@
 """Built-in tasks with verifiable answers: each makes (prompt, reference completion, gold answer) examples
-and scores a completion. Train and held-out splits are disjoint by construction (a hash of the prompt
-decides the split), so evaluation never sees a training prompt.
+and scores a completion (with the verifiers of ``nanoseek.rewards``); ``task_reward`` is that score as a TRL-style
+reward function. Train and held-out splits are disjoint by construction (a hash of the prompt decides the split),
+so evaluation never sees a training prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from nanoseek.tasks.arithmetic import ArithmeticTask
+from nanoseek.tasks.base import Example, Task, distinct_examples, draw, examples, in_eval_split, task_reward
+from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.gsm8k import GSM8KTask
 
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    completion: str  # a correct completion, the SFT target
-    answer: str  # the gold final answer the verifier checks against
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-class Task(Protocol):
-    name: str
-
-    def example(self, rng: random.Random) -> Example:
-        """Draw one example (either split)."""
-        ...
-
-    def score(self, completion: str, example: Example) -> float:
-        """1.0 if the completion's final answer is correct, else 0.0."""
-        ...
-
-
-EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split
-
-
-def in_eval_split(prompt: str, task: Task | None = None) -> bool:
-    """Whether ``prompt`` is held out: a hash of the prompt, one in ``task.eval_fraction`` (default 10)."""
-    fraction = getattr(task, "eval_fraction", EVAL_FRACTION)
-    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
-
-
-def _draws(task: Task, split: str, seed: int) -> Iterator[tuple[Example, bool]]:
-    """Endless draws of (example, whether it belongs to ``split``), deterministic in (task, split, seed)."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    rng = random.Random(f"{task.name}/{split}/{seed}")
-    want_eval = split == "eval"
-    while True:
-        ex = task.example(rng)
-        yield ex, in_eval_split(ex.prompt, task) == want_eval
-
-
-def examples(task: Task, n: int, split: str, seed: int = 0) -> list[Example]:
-    """n examples of ``split`` ("train" or "eval"), deterministic in (task, split, seed); a common problem can
-    come more than once."""
-    out: list[Example] = []
-    for tries, (ex, in_split) in enumerate(_draws(task, split, seed), start=1):
-        if len(out) == n:
-            break
-        if in_split:
-            out.append(ex)
-        if tries > 200 * n + 10_000:
-            raise RuntimeError(f"task {task.name!r} could not produce {n} {split} examples")
-    return out
-
-
-def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
-    """Up to n examples of ``split`` with distinct prompts, in draw order (deterministic in task, split, seed).
-
-    A held-out set drawn with ``examples`` repeats the common problems of a small split (Countdown's held-out
-    split has 316 problems), so its size overstates what it measures. This stops early once ``patience`` draws
-    in a row bring no new prompt: then the result holds (nearly) the whole split, a problem rarer than about
-    one draw in ``patience`` can be missing, and ``len(result)`` is the real count.
-    """
-    seen: dict[str, Example] = {}
-    since_new = 0
-    for ex, in_split in _draws(task, split, seed):
-        if len(seen) == n or since_new == patience:
-            break
-        since_new += 1
-        if in_split and ex.prompt not in seen:
-            seen[ex.prompt] = ex
-            since_new = 0
-    if not seen:
-        raise RuntimeError(f"task {task.name!r} produced no {split} examples in {patience} draws")
-    return list(seen.values())
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "gsm8k": GSM8KTask}
 
 
 def get_task(name: str, **kwargs) -> Task:
-    from nanoseek.tasks.arithmetic import ArithmeticTask
-    from nanoseek.tasks.gsm8k import GSM8KTask
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
 
-    tasks: dict[str, type] = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
-    try:
-        from nanoseek.tasks.countdown import CountdownTask
 
-        tasks["countdown"] = CountdownTask
-    except ImportError:
-        pass
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(tasks))}")
-    return tasks[name](**kwargs)
+__all__ = ["TASKS", "Example", "Task", "distinct_examples", "draw", "examples", "get_task",
+           "in_eval_split", "task_reward"]

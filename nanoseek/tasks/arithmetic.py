@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 
-from nanoseek.tasks import Example
+from nanoseek.tasks.base import Example
 
 
 class ArithmeticTask:

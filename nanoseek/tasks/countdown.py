@@ -13,7 +13,7 @@ import random
 import re
 
 from nanoseek.rewards.countdown import check_equation, parse_expression
-from nanoseek.tasks import Example
+from nanoseek.tasks.base import Example
 
 _PROMPT = re.compile(r"^(\d+(?:,\d+)*):(\d+)=$")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from nanoseek.rewards.math import extract_final_answer
-from nanoseek.tasks import Example
+from nanoseek.tasks.base import Example
 
 NAMES = [("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"), ("Ben", "he"), ("Eva", "she")]
 ITEMS = ["apples", "pens", "cards", "eggs", "books", "shells"]

@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, DatasetData, LMBatch, make_data
+from nanoseek.data import IGNORE, LMBatch, SFTData, make_data
 from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
 from nanoseek.metrics import MetricsLogger
 from nanoseek.model.moe import RouterStats, update_expert_bias
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.dataset:
         if cfg.mode != "sft":
             raise ValueError("--dataset holds SFT rows (prompt + completion or messages); pretrain reads --data")
-        data = DatasetData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
+        data = SFTData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
                            split=cfg.dataset_split, prompt_column=cfg.prompt_column,
                            completion_column=cfg.completion_column, messages_column=cfg.messages_column,
                            system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)

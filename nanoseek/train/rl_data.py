@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nanoseek.chat import ChatTemplate, chat_template, encode_prompt, prompt_text
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
-from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn, task_reward
+from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _load(cfg, source: str, split: str) -> PromptDataset:
 
 def rl_data(cfg, tokenizer) -> RLData:
     """The prompts, held-out prompts and reward functions of an RL config (``nanoseek.train.rl.RLConfig``)."""
-    from nanoseek.tasks import get_task
+    from nanoseek.tasks import get_task, task_reward
 
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]
     held_out = None

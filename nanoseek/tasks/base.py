@@ -1,0 +1,111 @@
+"""Examples of the built-in tasks: ``Example``, the ``Task`` protocol, the held-out split, draws, and a task's
+reward (``task_reward``, the task's score as a TRL-style reward function)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nanoseek.rewards.format import completion_text
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str  # a correct completion, the SFT target
+    answer: str  # the gold final answer the verifier checks against
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task(Protocol):
+    name: str
+
+    def example(self, rng: random.Random) -> Example:
+        """Draw one example (either split)."""
+        ...
+
+    def score(self, completion: str, example: Example) -> float:
+        """1.0 if the completion's final answer is correct, else 0.0."""
+        ...
+
+
+EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split
+
+
+def in_eval_split(prompt: str, task: Task | None = None, fraction: int | None = None) -> bool:
+    """Whether ``prompt`` is held out: a hash of the prompt, one in ``fraction`` (default ``task.eval_fraction``,
+    else 10)."""
+    fraction = fraction or getattr(task, "eval_fraction", EVAL_FRACTION)
+    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
+
+
+def _draws(task: Task, split: str, seed: int | str) -> Iterator[tuple[Example, bool]]:
+    """Endless draws of (example, whether it belongs to ``split``), deterministic in (task, split, seed)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{task.name}/{split}/{seed}")
+    want_eval = split == "eval"
+    while True:
+        ex = task.example(rng)
+        yield ex, in_eval_split(ex.prompt, task) == want_eval
+
+
+def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) -> Iterator[Example]:
+    """Endless examples of ``split`` ("train" or "eval"), deterministic in (task, split, seed); a common problem
+    can come more than once. RuntimeError after ``patience`` draws in a row outside the split."""
+    misses = 0
+    for ex, in_split in _draws(task, split, seed):
+        if in_split:
+            misses = 0
+            yield ex
+        elif (misses := misses + 1) > patience:
+            raise RuntimeError(f"task {task.name!r} produced no {split} example in {patience} draws")
+
+
+def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Example]:
+    """The first n examples of ``draw(task, split, seed)``."""
+    return list(itertools.islice(draw(task, split, seed), n))
+
+
+def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
+    """Up to n examples of ``split`` with distinct prompts, in draw order (deterministic in task, split, seed).
+
+    A held-out set drawn with ``examples`` repeats the common problems of a small split (Countdown's held-out
+    split has 316 problems), so its size overstates what it measures. This stops early once ``patience`` draws
+    in a row bring no new prompt: then the result holds (nearly) the whole split, a problem rarer than about
+    one draw in ``patience`` can be missing, and ``len(result)`` is the real count.
+    """
+    seen: dict[str, Example] = {}
+    since_new = 0
+    for ex, in_split in _draws(task, split, seed):
+        if len(seen) == n or since_new == patience:
+            break
+        since_new += 1
+        if in_split and ex.prompt not in seen:
+            seen[ex.prompt] = ex
+            since_new = 0
+    if not seen:
+        raise RuntimeError(f"task {task.name!r} produced no {split} examples in {patience} draws")
+    return list(seen.values())
+
+
+def task_reward(task: Task) -> Callable[..., list[float]]:
+    """A TRL-style reward scoring each completion with ``task.score(completion, example)``. The dataset column
+    ``example`` holds ``Example``s; else an ``answer`` column builds them from prompt and answer."""
+
+    def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
+        if example is None:
+            if answer is None:
+                raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
+            example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
+        if len(example) != len(completions):
+            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
+        return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
+
+    reward.__name__ = f"{task.name}_reward"
+    reward.required_columns = (("example", "answer"),)
+    return reward

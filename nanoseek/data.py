@@ -210,7 +210,7 @@ class DatasetData(FileData):
                  split: str = "train", prompt_column: str = "prompt", completion_column: str = "completion",
                  messages_column: str = "messages", system_prompt: str | None = None,
                  allow_unknown_chars: bool = False):
-        from nanoseek.chat import adds_bos, chat_template, sft_texts
+        from nanoseek.chat import chat_template, sft_texts
         from nanoseek.datasets import load_prompts
 
         self.tok, self.mode, self.seq_len, self.seed = tok, "sft", seq_len, seed
@@ -224,7 +224,7 @@ class DatasetData(FileData):
         for r in ds.rows:
             prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
             toks, n_prompt = sft_row(tok, prompt, completion, r.where, allow_unknown_chars,
-                                     add_bos=adds_bos(tok, template, prompt), add_eos=add_eos)
+                                     add_bos=tok.adds_bos(prompt), add_eos=add_eos)
             if len(toks) - 1 > seq_len:
                 raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
                                  "raise --seq-len or shorten the example")

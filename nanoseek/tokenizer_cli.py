@@ -4,23 +4,33 @@ Hugging Face ``tokenizers`` on local text, saved as DIR/tokenizer.json (+ tokeni
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from nanoseek import cli_args
+from nanoseek.cli_args import option
 from nanoseek.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    files: list[str] = option(help="plain text files", nargs="+")
+    out: str = option(help="directory for tokenizer.json")
+    vocab_size: int = option(4096, "tokens in the vocabulary (at least 256 bytes + 4 specials)")
+    min_frequency: int = option(2, "fewest occurrences of a pair to merge it", min=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE on local text files")
-    t.add_argument("--files", nargs="+", required=True, help="plain text files")
-    t.add_argument("--vocab-size", type=int, default=4096)
-    t.add_argument("--min-frequency", type=int, default=2)
-    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    cli_args.add_arguments(sub.add_parser("train", help="train a byte-level BPE on local text files"),
+                           TrainTokenizerConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vocab_size < 260:
-        raise ValueError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
-    tok = Tokenizer.train_bpe(args.files, args.vocab_size, args.min_frequency)
-    tok.save(args.out)
-    print(f"{args.out}/tokenizer.json: {tok.vocab_size} tokens")
+    cfg = cli_args.from_args(TrainTokenizerConfig, args)
+    if cfg.vocab_size < 260:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
+    cli_args.check_ranges(cfg)
+    tok = Tokenizer.train_bpe(cfg.files, cfg.vocab_size, cfg.min_frequency)
+    tok.save(cfg.out)
+    print(f"{cfg.out}/tokenizer.json: {tok.vocab_size} tokens")
     return 0

@@ -1,4 +1,4 @@
-"""The engine on its own thread, and the bridge to asyncio: each request's outputs arrive on an ``asyncio.Queue``.
+"""The engine on its own thread, and the bridge to asyncio: requests' outputs arrive on an ``asyncio.Queue``.
 
 The thread steps the engine while there is work and sleeps on an event otherwise; torch releases the GIL inside
 its kernels, so the event loop keeps serving HTTP while a step runs.
@@ -24,8 +24,10 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 @dataclass(frozen=True)
 class Output:
-    """What one engine callback tells a handler: new text, tokens generated so far, and the finish reason."""
+    """What one engine callback tells a handler: which of its requests (``index``), new text, tokens generated so
+    far, and the finish reason."""
 
+    index: int
     text: str
     num_tokens: int
     finish_reason: str | None
@@ -51,12 +53,13 @@ class EngineWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue) -> Request:
-        """Queue a request; its ``Output``s are put on ``queue`` (from the engine thread, thread-safely)."""
+    def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
+        """Queue a request; its ``Output``s, tagged ``index``, are put on ``queue`` (from the engine thread,
+        thread-safely)."""
         loop = asyncio.get_running_loop()
 
         def on_output(request: Request, text: str) -> None:
-            out = Output(text, len(request.output_ids), request.finish_reason)
+            out = Output(index, text, len(request.output_ids), request.finish_reason)
             if request.finished:
                 self._observe(request)
             loop.call_soon_threadsafe(queue.put_nowait, out)

@@ -5,19 +5,25 @@ its special tokens and BOS rule (``tokenizer_config.json``) and its chat templat
 - ``Tokenizer.train_bpe(files, vocab_size)``: a byte-level BPE for real text;
 - ``Tokenizer.load(directory)``: any checkpoint's tokenizer (nanoseek's, DeepSeek's, Llama's, ...).
 
+``nanoseek tokenizer train --files a.txt b.txt --vocab-size N --out DIR`` trains the BPE on local text and saves
+DIR/tokenizer.json (+ tokenizer_config.json).
+
 A saved tokenizer loads with ``transformers.AutoTokenizer.from_pretrained(dir)`` as well, so TRL and transformers
 can use the same files.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek import cli_args
 from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, prompt_text, saved_config, special_tokens
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -165,3 +171,29 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
                          "(max_position_embeddings); shorten it")
     return ids
+
+
+# ---------------------------------------------------------------------- `nanoseek tokenizer`
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    files: list[str] = cli_args.option(help="plain text files", nargs="+")
+    out: str = cli_args.option(help="directory for tokenizer.json")
+    vocab_size: int = cli_args.option(4096, "tokens in the vocabulary (at least 256 bytes + 4 specials)")
+    min_frequency: int = cli_args.option(2, "fewest occurrences of a pair to merge it", min=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cli_args.add_arguments(sub.add_parser("train", help="train a byte-level BPE on local text files"),
+                           TrainTokenizerConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = cli_args.from_args(TrainTokenizerConfig, args)
+    if cfg.vocab_size < 260:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
+    cli_args.check_ranges(cfg)
+    tok = Tokenizer.train_bpe(cfg.files, cfg.vocab_size, cfg.min_frequency)
+    tok.save(cfg.out)
+    print(f"{cfg.out}/tokenizer.json: {tok.vocab_size} tokens")
+    return 0

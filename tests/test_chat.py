@@ -101,6 +101,9 @@ def test_llama_style_template_matches_transformers(tmp_path):
     assert codec.encode_prompt(convo) == ids
     assert codec.encode_prompt("hi") == [1, 5] and codec.stop_ids == (2,)
     assert codec.decode(codec.encode_prompt("hi there")) == hf.decode([1, 5, 6], skip_special_tokens=True)
+    codec.save(tmp_path / "again")  # what a trainer saves beside a checkpoint: transformers reads it back
+    again = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path / "again", local_files_only=True)
+    assert again.apply_chat_template(convo, tokenize=False, add_generation_prompt=True) == ref
     # the same template written into tokenizer_config.json (older transformers) instead of chat_template.jinja
     (directory / "chat_template.jinja").unlink()
     config = json.loads((directory / "tokenizer_config.json").read_text())

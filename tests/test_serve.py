@@ -132,6 +132,7 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {"prompt": [1, 99999]}, 400, "prompt"),
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
     ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("completions", {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ("completions", {"prompt": "hi", "bogus": 1}, 400, "bogus"),

@@ -104,7 +104,7 @@ def test_llama_style_template_matches_transformers(tmp_path):
     codec.save(tmp_path / "again")  # what a trainer saves beside a checkpoint: transformers reads it back
     again = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path / "again", local_files_only=True)
     assert again.apply_chat_template(convo, tokenize=False, add_generation_prompt=True) == ref
-    # the same template written into tokenizer_config.json (older transformers) instead of chat_template.jinja
+    # the same template in tokenizer_config.json (as transformers 4 saves it) instead of chat_template.jinja
     (directory / "chat_template.jinja").unlink()
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA_TEMPLATE}))
@@ -135,7 +135,7 @@ def test_no_template_and_bad_template(tmp_path):
         render_chat(tmp_path, [{"role": "user", "content": "hi"}])
 
 
-def test_old_checkpoint_gets_default_template(tmp_path):
+def test_nanoseek_tokenizer_saved_without_template_gets_the_default(tmp_path):
     Tokenizer.char().save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["chat_template"]

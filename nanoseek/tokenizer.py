@@ -69,8 +69,9 @@ class Tokenizer:
         bos = [self.bos_id] if add_bos and self.bos_id is not None else []
         return bos + ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``, special tokens left out."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def adds_bos(self, text: str) -> bool:
         """Whether a prompt's ids start with BOS: when the tokenizer has one, unless ``text`` already starts with the

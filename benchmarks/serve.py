@@ -99,7 +99,7 @@ def serve_throughput(directory: Path, jobs, threads: int, cache_mb: float, max_b
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
-           "--cache-memory", str(cache_mb), "--max-batch", str(max_batch), "--max-len", str(max_len),
+           "--cache-memory", str(cache_mb), "--max-batch", str(max_batch), "--max-model-len", str(max_len),
            "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

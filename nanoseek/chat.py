@@ -2,11 +2,10 @@
 tokenizer's Jinja ``chat_template``, exactly as ``transformers``' ``apply_chat_template(..., tokenize=False)`` does.
 
 The template comes from the checkpoint directory (``chat_template.jinja``, else ``tokenizer_config.json``'s
-``chat_template``), or from a loaded tokenizer (nanoseek's ``Tokenizer.chat_template``, or a transformers
-tokenizer's). It is rendered in jinja2's immutable sandbox (chat templates are untrusted code) with transformers'
-settings and globals: ``trim_blocks``, ``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``,
-``strftime_now``, ``namespace``, a ``tojson`` that does not escape HTML, and the special tokens (``bos_token``,
-``eos_token``, ...) as variables.
+``chat_template``), as ``nanoseek.tokenizer.Tokenizer`` loads it. It is rendered in jinja2's immutable sandbox
+(chat templates are untrusted code) with transformers' settings and globals: ``trim_blocks``, ``lstrip_blocks``,
+the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now``, ``namespace``, a ``tojson`` that does not
+escape HTML, and the special tokens (``bos_token``, ``eos_token``, ...) as variables.
 
 nanoseek's own tokenizers (char and BPE) carry ``DEFAULT_CHAT_TEMPLATE``, saved in tokenizer_config.json::
 
@@ -123,49 +122,38 @@ def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _from_directory(directory: Path) -> ChatTemplate:
+def saved_config(directory: str | Path) -> tuple[dict, str | None]:
+    """``directory``'s tokenizer_config.json (``{}`` if absent) and its chat template, or None: chat_template.jinja
+    (transformers 5 saves it apart) wins over the config's ``chat_template``; of named templates, ``default``."""
+    directory = Path(directory)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     template = config.get("chat_template")
-    if (directory / "chat_template.jinja").is_file():  # transformers 5 saves it apart; it takes priority
+    if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
-    if isinstance(template, list):  # named templates [{"name", "template"}]: transformers uses "default"
+    if isinstance(template, list):  # [{"name", "template"}]
         template = {t["name"]: t["template"] for t in template}.get("default")
-    if not isinstance(template, str):
-        raise ValueError(f"{directory}: no chat template (neither chat_template.jinja nor a 'chat_template' in "
-                         "tokenizer_config.json); give the prompts as plain strings or add a template")
-    specials = tuple((k, _token_str(config[k])) for k in SPECIAL_TOKEN_NAMES if _token_str(config.get(k)))
-    return ChatTemplate(template, specials)
+    return config, template if isinstance(template, str) else None
+
+
+def special_tokens(config: dict) -> dict[str, str]:
+    """The special tokens a tokenizer config names, ``{"bos_token": "<s>", ...}``."""
+    return {k: _token_str(config[k]) for k in SPECIAL_TOKEN_NAMES if _token_str(config.get(k))}
 
 
 def chat_template(source) -> ChatTemplate:
-    """The chat template of ``source``: a checkpoint/tokenizer directory, nanoseek's ``Tokenizer``, a transformers
-    tokenizer, or an object wrapping one in ``.tok`` (``nanoseek.tokenizer.TransformersTokenizer``)."""
-    if isinstance(source, ChatTemplate):
-        return source
+    """The chat template of ``source``: a checkpoint/tokenizer directory, or a loaded ``nanoseek.tokenizer.Tokenizer``
+    (its ``template``); a ValueError when it has none."""
     if isinstance(source, (str, Path)):
-        return _from_directory(Path(source))
-    from nanoseek.tokenizer import SPECIALS, Tokenizer
-
-    if isinstance(source, Tokenizer):
-        names = ("pad_token", "bos_token", "eos_token", "unk_token")
-        return ChatTemplate(source.chat_template, tuple(zip(names, SPECIALS)))
-    hf = source if hasattr(source, "special_tokens_map") else getattr(source, "tok", None)
-    if hf is None or not hasattr(hf, "special_tokens_map"):
-        raise TypeError(f"no chat template on a {type(source).__name__}: give a directory or a tokenizer")
-    template = hf.chat_template.get("default") if isinstance(hf.chat_template, dict) else hf.chat_template
-    if not isinstance(template, str):
-        raise ValueError(f"{getattr(hf, 'name_or_path', 'the tokenizer')}: no chat template; give the prompts as "
-                         "plain strings or add a template")
-    return ChatTemplate(template, tuple(hf.special_tokens_map.items()))
-
-
-def render_chat(source, messages: list[dict], *, add_generation_prompt: bool = True,
-                system_prompt: str | None = None) -> str:
-    """``messages`` rendered with ``source``'s chat template (see ``chat_template``); equal to transformers'
-    ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``."""
-    return chat_template(source).render(messages, add_generation_prompt=add_generation_prompt,
-                                        system_prompt=system_prompt)
+        config, text = saved_config(source)
+        template = None if text is None else ChatTemplate(text, tuple(special_tokens(config).items()))
+    else:
+        template = source if isinstance(source, ChatTemplate) else source.template
+    if template is None:
+        raise ValueError(f"{source if isinstance(source, (str, Path)) else 'the tokenizer'}: no chat template "
+                         "(neither chat_template.jinja nor a 'chat_template' in tokenizer_config.json); give the "
+                         "prompts as plain strings or add a template")
+    return template
 
 
 def prompt_text(template: ChatTemplate | None, prompt: str | list[dict], system_prompt: str | None = None) -> str:
@@ -178,18 +166,6 @@ def prompt_text(template: ChatTemplate | None, prompt: str | list[dict], system_
         raise ValueError("conversational prompts (or --system-prompt) need a chat template; this tokenizer has none")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return template.render(messages, add_generation_prompt=True, system_prompt=system_prompt)
-
-
-def adds_bos(tokenizer, template: ChatTemplate | None, text: str) -> bool:
-    """Whether a prompt's ids get a BOS: when the tokenizer has one, unless the chat template already wrote the BOS
-    token at the start of ``text`` (Llama's templates do), so BOS is never doubled."""
-    bos = dict(template.special_tokens).get("bos_token") if template is not None else None
-    return getattr(tokenizer, "bos_id", None) is not None and not (bos and text.startswith(bos))
-
-
-def encode_prompt(tokenizer, template: ChatTemplate | None, text: str) -> list[int]:
-    """A prompt's token ids: BOS (see ``adds_bos``) and the text."""
-    return tokenizer.encode(text, add_bos=adds_bos(tokenizer, template, text))
 
 
 def sft_texts(template: ChatTemplate | None, prompt: str | list[dict], completion: str | list[dict],

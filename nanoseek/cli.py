@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("nanoseek.sample", "K completions per prompt, scored; keep the verified ones as an SFT dataset"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server with continuous batching, and a chat page"),
     "eval": ("nanoseek.evaluate", "held-out accuracy of a checkpoint on a built-in task"),
-    "tokenizer": ("nanoseek.tokenizer_cli", "train a byte-level BPE tokenizer on local text"),
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "plot": ("nanoseek.report", "PNG curves from a run directory's metrics.jsonl"),
 }
 

@@ -28,6 +28,7 @@ RENAMED: dict[str, str] = {
     "--checkpoint": "--model",
     "--init-from": "--model",
     "--max-new-tokens": "--max-completion-length",
+    "--max-len": "--max-model-len",
     "--num-samples": "--num-generations",
     "--k": "--num-generations",
     "--ckpt-every": "--save-every",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.chat import adds_bos, chat_template, sft_texts
+from nanoseek.chat import chat_template, sft_texts
 from nanoseek.datasets import Row, TaskPrompts, epoch_indices, load_prompts, read_file
 from nanoseek.tasks import draw, get_task
 from nanoseek.tokenizer import Tokenizer, encode_checked
@@ -55,7 +55,7 @@ def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: s
     out = []
     for r in rows:
         prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
-        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=adds_bos(tok, template, prompt),
+        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=tok.adds_bos(prompt),
                            allow_unknown=allow_unknown_chars)
         toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=add_eos,
                                   allow_unknown=allow_unknown_chars)

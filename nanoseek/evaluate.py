@@ -190,7 +190,6 @@ def run_dataset(args: argparse.Namespace) -> dict:
     """``eval --dataset``: greedy accuracy, pass@k, mean reward and length on a dataset's first ``--n`` prompts,
     through the policy's sampler (``evaluate_prompts``); a completion is correct when every reward function gives
     at least ``--min-reward`` and it ended by itself."""
-    from nanoseek.chat import chat_template, encode_prompt, prompt_text
     from nanoseek.datasets import load_prompts
     from nanoseek.policy import Policy
     from nanoseek.rewards import check_reward_columns, get_reward_fn, reward_name
@@ -206,12 +205,10 @@ def run_dataset(args: argparse.Namespace) -> dict:
     check_reward_columns(fns, ds.columns, f"--dataset {args.dataset}")
     rows = list(ds.rows[: args.n])
     tok = load_tokenizer(args.model)
-    chat = args.system_prompt is not None or any(r.conversational for r in rows)
-    template = chat_template(tok) if chat else None
     policy = Policy.load(args.model, tok.pad_id, tok.eos_id, device=device_of(args.device))
     scorer = Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns)
     result = evaluate_prompts(
-        policy, lambda p: encode_prompt(tok, template, prompt_text(template, p, args.system_prompt)), tok.decode,
+        policy, lambda p: tok.encode_prompt(p, args.system_prompt), tok.decode,
         rows, scorer, [reward_name(f) for f in fns], k=args.k, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, min_reward=args.min_reward)
     return {"dataset": args.dataset, "n": len(rows), "reward_funcs": args.reward_funcs, **result}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.chat import chat_template, encode_prompt, prompt_text
+from nanoseek.chat import chat_template, prompt_text
 from nanoseek.datasets import PromptDataset, Row, load_prompts, task_dataset
 from nanoseek.rewards import (
     RewardFn,
@@ -73,7 +73,7 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
     bar = tqdm(total=len(rows), desc="sample", dynamic_ncols=True, disable=not progress)
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start : start + batch_size]
-        prompt_ids = [encode_prompt(tokenizer, template, texts[i]) for i, _ in chunk]
+        prompt_ids = [tokenizer.encode_prompt(texts[i]) for i, _ in chunk]
         ids = policy.rollout(prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              seed=seed * 1_000_003 + b)
         src: list[Row] = [dataset.rows[i] for i, _ in chunk]

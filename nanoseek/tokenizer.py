@@ -1,51 +1,88 @@
-"""Tokenizers, all Hugging Face ``tokenizers`` models saved as ``tokenizer.json`` next to a checkpoint.
+"""The text codec of the engine, the server and the trainers: a Hugging Face fast tokenizer (``tokenizer.json``),
+its special tokens and BOS rule (``tokenizer_config.json``) and its chat template (``nanoseek.chat``).
 
 - ``Tokenizer.char()``: one token per printable ASCII character, for the built-in tasks (96 + 4 specials);
-- ``Tokenizer.train_bpe(files, vocab_size)``: a byte-level BPE for real text.
+- ``Tokenizer.train_bpe(files, vocab_size)``: a byte-level BPE for real text;
+- ``Tokenizer.load(directory)``: any checkpoint's tokenizer (nanoseek's, DeepSeek's, Llama's, ...).
 
-Either loads with ``transformers.AutoTokenizer.from_pretrained(dir)`` as well (tokenizer_config.json is
-written beside it), so TRL and transformers can use the same files.
+``nanoseek tokenizer train --files a.txt b.txt --vocab-size N --out DIR`` trains the BPE on local text and saves
+DIR/tokenizer.json (+ tokenizer_config.json).
+
+A saved tokenizer loads with ``transformers.AutoTokenizer.from_pretrained(dir)`` as well, so TRL and transformers
+can use the same files.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoseek.chat import DEFAULT_CHAT_TEMPLATE
+from nanoseek import cli_args
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, prompt_text, saved_config, special_tokens
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+NANOSEEK_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
+                   "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
 
 
 class Tokenizer:
-    chat_template: str = DEFAULT_CHAT_TEMPLATE  # Jinja, saved in tokenizer_config.json (see nanoseek.chat)
+    """Text to token ids and back, prompts (plain text or messages) to ids with the chat template and the BOS rule,
+    and the stop ids. ``config`` is tokenizer_config.json's contents (nanoseek's own by default): the special tokens
+    (the ids ``pad_id`` (else EOS), ``bos_id``, ``eos_id``, ``unk_id``; None when absent) and ``add_bos_token``."""
 
-    def __init__(self, tok: HFTokenizer):
-        self.tok = tok
-        missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
+    def __init__(self, tok: HFTokenizer, config: dict | None = None,
+                 chat_template: str | None = DEFAULT_CHAT_TEMPLATE):
+        self.tok, self.chat_template = tok, chat_template
+        self.config = dict(NANOSEEK_CONFIG if config is None else config)
+        self.specials = special_tokens(self.config)
+        missing = [t for t in self.specials.values() if tok.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"tokenizer lacks special token(s) {missing}; nanoseek needs {SPECIALS}")
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (tok.token_to_id(s) for s in SPECIALS)
+            raise ValueError(f"tokenizer.json lacks the special token(s) {missing} that tokenizer_config.json names")
+        pad, bos, eos, unk = (tok.token_to_id(self.specials[k]) if k in self.specials else None
+                              for k in ("pad_token", "bos_token", "eos_token", "unk_token"))
+        self.bos_id = None if self.config.get("add_bos_token") is False else bos
+        self.eos_id, self.unk_id, self.pad_id = eos, unk, pad if pad is not None else eos
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
+    @property
+    def template(self) -> ChatTemplate | None:
+        return None if self.chat_template is None else ChatTemplate(self.chat_template, tuple(self.specials.items()))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Token ids that end a completion: EOS."""
+        return () if self.eos_id is None else (self.eos_id,)
+
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return bos + ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``, special tokens left out."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def adds_bos(self, text: str) -> bool:
+        """Whether a prompt's ids start with BOS: when the tokenizer has one, unless ``text`` already starts with the
+        BOS token (Llama's chat templates write it), so BOS is never doubled."""
+        return self.bos_id is not None and not text.startswith(self.specials["bos_token"])
+
+    def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
+        """A prompt's ids: a string as is, messages rendered with the chat template and the generation prompt
+        (``nanoseek.chat.prompt_text``), then BOS (see ``adds_bos``)."""
+        text = prompt_text(self.template, prompt, system_prompt)
+        return self.encode(text, add_bos=self.adds_bos(text))
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -80,63 +117,24 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(directory / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
-            "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False,
-        }
-        config["chat_template"] = self.chat_template
+        config = {**self.config, "chat_template": self.chat_template} if self.chat_template else self.config
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
+        """``directory``'s tokenizer.json with tokenizer_config.json. A tokenizer with nanoseek's special tokens and
+        no saved config or template gets nanoseek's (``DEFAULT_CHAT_TEMPLATE``)."""
         path = Path(directory) / "tokenizer.json"
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"{path} not found: save one with Tokenizer.save or `nanoseek tokenizer train`")
-        tokenizer = cls(HFTokenizer.from_file(str(path)))
-        tokenizer.chat_template = saved_chat_template(directory)
-        return tokenizer
+        tok = HFTokenizer.from_file(str(path))
+        config, template = saved_config(directory)
+        if all(tok.token_to_id(s) is not None for s in SPECIALS):
+            config, template = config or NANOSEEK_CONFIG, template or DEFAULT_CHAT_TEMPLATE
+        return cls(tok, config, template)
 
 
-def saved_chat_template(directory: str | Path) -> str:
-    """The chat template saved in ``directory``'s tokenizer_config.json; the default for checkpoints saved before
-    nanoseek had templates."""
-    path = Path(directory) / "tokenizer_config.json"
-    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
-    return template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE
-
-
-class TransformersTokenizer:
-    """A transformers tokenizer behind nanoseek's ``Tokenizer`` interface (encode/decode, pad/bos/eos ids, save)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.eos_id = tok.eos_token_id
-        self.bos_id = tok.bos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if self.pad_id is None:
-            raise ValueError("the checkpoint's tokenizer has neither a pad nor an eos token; GRPO needs one")
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False)
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def save(self, directory: str | Path) -> None:
-        self.tok.save_pretrained(directory)
-
-
-def load_tokenizer(directory: str | Path):
-    """The checkpoint's tokenizer: nanoseek's when it has nanoseek's special tokens, else transformers'."""
-    if not (Path(directory) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"--model {directory}: no tokenizer.json next to the checkpoint")
-    try:
-        return Tokenizer.load(directory)
-    except ValueError:  # not nanoseek's special tokens: any Hugging Face tokenizer
-        from transformers import AutoTokenizer
-
-        return TransformersTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+load_tokenizer = Tokenizer.load  # the name the trainers and evaluators use
 
 
 # ---------------------------------------------------------------------- input checks
@@ -174,3 +172,29 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
                          "(max_position_embeddings); shorten it")
     return ids
+
+
+# ---------------------------------------------------------------------- `nanoseek tokenizer`
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    files: list[str] = cli_args.option(help="plain text files", nargs="+")
+    out: str = cli_args.option(help="directory for tokenizer.json")
+    vocab_size: int = cli_args.option(4096, "tokens in the vocabulary (at least 256 bytes + 4 specials)")
+    min_frequency: int = cli_args.option(2, "fewest occurrences of a pair to merge it", min=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cli_args.add_arguments(sub.add_parser("train", help="train a byte-level BPE on local text files"),
+                           TrainTokenizerConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = cli_args.from_args(TrainTokenizerConfig, args)
+    if cfg.vocab_size < 260:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
+    cli_args.check_ranges(cfg)
+    tok = Tokenizer.train_bpe(cfg.files, cfg.vocab_size, cfg.min_frequency)
+    tok.save(cfg.out)
+    print(f"{cfg.out}/tokenizer.json: {tok.vocab_size} tokens")
+    return 0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, chat_template, encode_prompt, prompt_text, render_chat, sft_texts
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, chat_template, prompt_text, sft_texts
 from nanoseek.tokenizer import Tokenizer
 
 CONVERSATION = [
@@ -14,6 +14,10 @@ CONVERSATION = [
     {"role": "assistant", "content": "5"},
     {"role": "user", "content": "And 2+4?"},
 ]
+
+
+def render_chat(source, messages, **kw) -> str:
+    return chat_template(source).render(messages, **kw)
 
 LLAMA_TEMPLATE = (  # Llama-2-chat's template, as shipped in its tokenizer_config.json
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -64,7 +68,7 @@ def test_default_template_matches_transformers(tmp_path, kind):
             ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert render_chat(tmp_path / "tok", messages, add_generation_prompt=gen) == ref
             assert render_chat(loaded, messages, add_generation_prompt=gen) == ref
-            assert render_chat(hf, messages, add_generation_prompt=gen) == ref
+            assert render_chat(hf.name_or_path, messages, add_generation_prompt=gen) == ref
 
 
 def _llama_style_dir(tmp_path):
@@ -90,13 +94,17 @@ def test_llama_style_template_matches_transformers(tmp_path):
     ref = hf.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
     assert ref == "<s>[INST] <<SYS>>\nSys.\n<</SYS>>\n\n Hi [/INST] There. </s><s>[INST] Again? [/INST]"
     assert render_chat(directory, convo) == ref
-    assert render_chat(hf, convo) == ref
-    from nanoseek.tokenizer import TransformersTokenizer
-
-    wrapped = TransformersTokenizer(hf)  # the trainers' wrapper: the template's own <s> is not doubled
-    assert encode_prompt(wrapped, chat_template(wrapped), ref) == hf.encode(ref, add_special_tokens=False)
-    assert encode_prompt(wrapped, None, "hi") == [1, 5]
-    # the same template written into tokenizer_config.json (older transformers) instead of chat_template.jinja
+    codec = Tokenizer.load(directory)  # any tokenizer.json: the template's own <s> is not doubled
+    assert render_chat(codec, convo) == ref
+    assert codec.encode_prompt(ref) == hf.encode(ref, add_special_tokens=False)
+    ids = hf.apply_chat_template(convo, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert codec.encode_prompt(convo) == ids
+    assert codec.encode_prompt("hi") == [1, 5] and codec.stop_ids == (2,)
+    assert codec.decode(codec.encode_prompt("hi there")) == hf.decode([1, 5, 6], skip_special_tokens=True)
+    codec.save(tmp_path / "again")  # what a trainer saves beside a checkpoint: transformers reads it back
+    again = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path / "again", local_files_only=True)
+    assert again.apply_chat_template(convo, tokenize=False, add_generation_prompt=True) == ref
+    # the same template in tokenizer_config.json (as transformers 4 saves it) instead of chat_template.jinja
     (directory / "chat_template.jinja").unlink()
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA_TEMPLATE}))
@@ -127,7 +135,7 @@ def test_no_template_and_bad_template(tmp_path):
         render_chat(tmp_path, [{"role": "user", "content": "hi"}])
 
 
-def test_old_checkpoint_gets_default_template(tmp_path):
+def test_nanoseek_tokenizer_saved_without_template_gets_the_default(tmp_path):
     Tokenizer.char().save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["chat_template"]
@@ -153,4 +161,6 @@ def test_prompt_and_sft_texts():
     with pytest.raises(ValueError, match="need a chat template"):
         prompt_text(None, CONVERSATION)
     tok = Tokenizer.char()
-    assert encode_prompt(tok, t, "User: hi") == tok.encode("User: hi", add_bos=True)
+    assert tok.encode_prompt("User: hi") == tok.encode("User: hi", add_bos=True)
+    assert tok.encode_prompt(CONVERSATION[1:2], "Add.") == tok.encode(prompt_text(t, "What is 2+3?", "Add."), True)
+    assert tok.stop_ids == (tok.eos_id,)

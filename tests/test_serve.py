@@ -12,6 +12,7 @@ import pytest
 from serve_fixture import start_server, stop_server
 
 from nanoseek import generate
+from nanoseek.cli import main
 
 openai = pytest.importorskip("openai")
 
@@ -131,6 +132,7 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {"prompt": [1, 99999]}, 400, "prompt"),
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
     ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("completions", {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ("completions", {"prompt": "hi", "bogus": 1}, 400, "bogus"),
@@ -186,6 +188,8 @@ def test_stream_events_and_metrics(server):
                  "nanoseek_time_to_first_token_seconds_count", "nanoseek_time_per_output_token_seconds_count"):
         assert re.search(rf"^{name} \d", text, re.M), name
     assert metric(server, "nanoseek_time_to_first_token_seconds_count") >= 5
+    gauges = re.findall(r"^# TYPE (\S+) gauge$", text, re.M)
+    assert "nanoseek_cache_slots" in gauges and not [g for g in gauges if g.endswith("_total")]
     assert metric(server, "nanoseek_generation_tokens_total") > 50
 
 
@@ -200,3 +204,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits(server):
     t.join(timeout=30)
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] >= 1
     assert "server stopped" in server.log.read_text()
+
+
+def test_flags_from_the_config_with_defaults_and_the_old_name_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-model-len" in out and "(default: 64)" in out and "(default: 127.0.0.1)" in out
+    assert main(["serve", "--model", "m", "--max-len", "9"]) == 2
+    assert "--max-len is now --max-model-len" in capsys.readouterr().err
+    assert main(["serve", "--model", "m", "--max-batch", "0"]) == 2
+    assert "--max-batch 0: must be >= 1" in capsys.readouterr().err

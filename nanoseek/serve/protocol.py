@@ -43,7 +43,7 @@ class _Common(BaseModel):
     top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM and SGLang accept it too
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Literal[0, 0.0] = 0

@@ -1,4 +1,4 @@
-"""The engine on its own thread, and the bridge to asyncio: each request's outputs arrive on an ``asyncio.Queue``.
+"""The engine on its own thread, and the bridge to asyncio: requests' outputs arrive on an ``asyncio.Queue``.
 
 The thread steps the engine while there is work and sleeps on an event otherwise; torch releases the GIL inside
 its kernels, so the event loop keeps serving HTTP while a step runs.
@@ -9,47 +9,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nanoseek.engine import Engine, Request, SamplingParams
 
 log = logging.getLogger("nanoseek.serve")
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
 @dataclass(frozen=True)
 class Output:
-    """What one engine callback tells a handler: new text, tokens generated so far, and the finish reason."""
+    """What one engine callback tells a handler: which of its requests (``index``), new text, tokens generated so
+    far, and the finish reason."""
 
+    index: int
     text: str
     num_tokens: int
     finish_reason: str | None
-
-
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count) of seconds."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-    def __init__(self):
-        self.counts = [0] * (len(self.BUCKETS) + 1)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-
-    def lines(self, name: str, help_text: str) -> list[str]:
-        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        cumulative = 0
-        for bound, c in zip([*map(str, self.BUCKETS), "+Inf"], self.counts):
-            cumulative += c
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
 
 
 class EngineWorker:
@@ -57,20 +38,28 @@ class EngineWorker:
         self.engine = engine
         self.wake = threading.Event()
         self.stopping = False
-        self.ttft, self.tpot = Histogram(), Histogram()
-        # every key present from the start: /metrics reads it while the engine thread counts (no resizing)
-        self.finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # the engine's state, read at each scrape by ``collect``
+        self.finished = Counter("nanoseek_requests_finished", "requests finished, by finish reason",
+                                ["finish_reason"], registry=self.registry)
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.finished.labels(reason)  # each reported from the start, at 0
+        self.ttft = Histogram("nanoseek_time_to_first_token_seconds", "time from arrival to the first token",
+                              buckets=BUCKETS, registry=self.registry)
+        self.tpot = Histogram("nanoseek_time_per_output_token_seconds", "time per output token after the first",
+                              buckets=BUCKETS, registry=self.registry)
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue) -> Request:
-        """Queue a request; its ``Output``s are put on ``queue`` (from the engine thread, thread-safely)."""
+    def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
+        """Queue a request; its ``Output``s, tagged ``index``, are put on ``queue`` (from the engine thread,
+        thread-safely)."""
         loop = asyncio.get_running_loop()
 
         def on_output(request: Request, text: str) -> None:
-            out = Output(text, len(request.output_ids), request.finish_reason)
+            out = Output(index, text, len(request.output_ids), request.finish_reason)
             if request.finished:
                 self._observe(request)
             loop.call_soon_threadsafe(queue.put_nowait, out)
@@ -80,7 +69,7 @@ class EngineWorker:
         return request
 
     def _observe(self, r: Request) -> None:
-        self.finished[r.finish_reason] += 1
+        self.finished.labels(r.finish_reason).inc()
         if r.first_token_time is not None:
             self.ttft.observe(r.first_token_time - r.arrival)
             if len(r.output_ids) > 1:
@@ -117,25 +106,22 @@ class EngineWorker:
         self.thread.join(timeout=30)
         self._fail_all("cancelled")
 
-    def metrics(self) -> str:
+    def collect(self):
+        """The engine's gauges and totals, read at each scrape: a new engine metric (a family with a label, such as
+        acceptance per MTP depth, ``labels=["depth"]``) is one more family yielded here."""
         e = self.engine
-        lines = []
+        for name, value, help_text in (
+            ("nanoseek_requests_running", len(e.decoding) + len(e.prefilling), "requests prefilling or decoding"),
+            ("nanoseek_requests_waiting", len(e.waiting), "requests waiting for cache space"),
+            ("nanoseek_cache_slots_used", e.slots_used, "cache slots (sequences) in use"),
+            ("nanoseek_cache_slots", e.num_slots, "cache slots (sequences) in the memory budget"),
+            ("nanoseek_cache_tokens_used", e.tokens_cached, "tokens held in the KV cache"),
+            ("nanoseek_cache_bytes", e.cache.nbytes, "bytes of the KV cache"),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield CounterMetricFamily("nanoseek_prompt_tokens", "prompt tokens admitted", value=e.prompt_tokens)
+        yield CounterMetricFamily("nanoseek_generation_tokens", "tokens generated", value=e.generated_tokens)
 
-        def gauge(name, value, help_text, kind="gauge"):
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
-
-        gauge("nanoseek_requests_running", len(e.decoding) + len(e.prefilling), "requests prefilling or decoding")
-        gauge("nanoseek_requests_waiting", len(e.waiting), "requests waiting for cache space")
-        gauge("nanoseek_cache_slots_used", e.slots_used, "cache slots (sequences) in use")
-        gauge("nanoseek_cache_slots_total", e.num_slots, "cache slots (sequences) in the memory budget")
-        gauge("nanoseek_cache_tokens_used", e.tokens_cached, "tokens held in the KV cache")
-        gauge("nanoseek_cache_bytes_total", e.cache.nbytes, "bytes of the KV cache")
-        gauge("nanoseek_prompt_tokens_total", e.prompt_tokens, "prompt tokens admitted", "counter")
-        gauge("nanoseek_generation_tokens_total", e.generated_tokens, "tokens generated", "counter")
-        lines += ["# HELP nanoseek_requests_finished_total requests finished, by finish reason",
-                  "# TYPE nanoseek_requests_finished_total counter"]
-        lines += [f'nanoseek_requests_finished_total{{finish_reason="{k}"}} {v}'
-                  for k, v in self.finished.items()]
-        lines += self.ttft.lines("nanoseek_time_to_first_token_seconds", "time from arrival to the first token")
-        lines += self.tpot.lines("nanoseek_time_per_output_token_seconds", "time per output token after the first")
-        return "\n".join(lines) + "\n"
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

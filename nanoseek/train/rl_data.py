@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoseek.chat import ChatTemplate, chat_template, encode_prompt, prompt_text
+from nanoseek.chat import ChatTemplate, chat_template
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 
@@ -37,7 +37,7 @@ class RLData:
 
     def encode(self, tokenizer, prompt: str | list[dict]) -> list[int]:
         """A prompt's token ids, rendered with the chat template when it is conversational (no doubled BOS)."""
-        return encode_prompt(tokenizer, self.template, prompt_text(self.template, prompt, self.system_prompt))
+        return tokenizer.encode_prompt(prompt, self.system_prompt)
 
 
 def _load(cfg, source: str, split: str) -> PromptDataset:

@@ -56,13 +56,6 @@ class Batch:
                    torch.tensor(prompt_index, dtype=torch.long), _right_pad(completions, pad_id),
                    _right_pad([[1.0] * len(c) for c in completions], 0.0, torch.float32))
 
-    @classmethod
-    def from_rows(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
-        """One row per (prompt, completion) pair; identical prompts become one group."""
-        index: dict[tuple[int, ...], int] = {}
-        prompt_index = [index.setdefault(tuple(p), len(index)) for p in prompts]
-        return cls.build([list(p) for p in index], prompt_index, completions, pad_id)
-
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 

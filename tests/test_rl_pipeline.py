@@ -11,6 +11,7 @@ from test_grpo import reference_logprobs, tiny_llama, tiny_nanoseek
 from nanoseek.policy import Batch, Policy, SamplingParams
 from nanoseek.tasks import Example
 from nanoseek.train.grpo import GRPO, GRPOConfig
+from nanoseek.train.loop import narrow
 from nanoseek.train.losses import grpo_loss
 from nanoseek.train.optimize import (
     PAD_TOLERANCE,
@@ -94,7 +95,7 @@ def test_optimize_gradient_equals_full_batch_reference(variant):
     cfg = GRPOConfig(model="unused", num_generations=3, max_completion_length=8, epsilon=0.2, **variant)
     mask = rollout.batch.completion_mask
     policy = Policy(model, pad_id=0, eos_id=2)
-    algo = GRPO(cfg, policy, world=1)
+    algo = GRPO(narrow(GRPO.Params, cfg), narrow(OptimizeConfig, cfg), policy)
     loss, _ = grpo_loss(reference_logprobs(model, rollout.batch), rollout.old_logp, rollout.advantages, mask,
                         ref_logp=rollout.ref_logp, beta=cfg.beta, epsilon_high=cfg.epsilon_high,
                         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,

@@ -75,7 +75,7 @@ def test_a_model_it_did_not_write_is_refused(tmp_path, capsys):
 
 def test_overwrite_clears_the_old_run(tmp_path):
     out = tmp_path / "run"
-    assert pretrain(out, "--steps", "4", "--ckpt-every", "1") == 0
+    assert pretrain(out, "--steps", "4", "--save-every", "1") == 0
     (out / "completions.jsonl").write_text('{"step": 4}\n')
     assert pretrain(out, "--steps", "2", "--overwrite") == 0
     assert steps(out) == [1, 2] and not (out / "completions.jsonl").exists()
@@ -184,7 +184,7 @@ def test_resume_after_a_torn_metrics_line_logs_each_step_once(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- SIGKILL at several points, then --resume
-KILL_ARGS = [*TRAIN, "--steps", "8", "--ckpt-every", "1", "--keep", "2"]
+KILL_ARGS = [*TRAIN, "--steps", "8", "--save-every", "1", "--keep", "2"]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as the in-process runs

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from nanoseek.distributed import global_std
-from nanoseek.policy import Policy
 from nanoseek import cli_args
 from nanoseek.cli_args import option
+from nanoseek.distributed import global_std
+from nanoseek.policy import Policy
 from nanoseek.train.losses import (
     ALIASES,
     LOSS_TYPES,
@@ -35,14 +35,15 @@ from nanoseek.train.losses import (
     process_advantages,
     soft_overlong_penalty,
 )
-from nanoseek.train.optimize import MicroBatch, OptimizeStats, TokenCounter, Trainable, rollout_logprobs
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, Trainable, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
 from nanoseek.train.rollout import Rollout
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class GRPOConfig(RLConfig):
-    out: str = option("runs/grpo", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
+    """``nanoseek grpo``: the shared RL flags and GRPO's own."""
+
     num_generations: int = option(8, "G completions per prompt (a group)", min=2)
     # process supervision: a built-in process reward's name (nanoseek.rewards.process) or, in Python, a callable
     # fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]; None: outcome supervision
@@ -87,25 +88,36 @@ class GRPOConfig(RLConfig):
         pr = self.process_reward
         return get_process_reward_fn(pr) if isinstance(pr, str) else pr
 
-    def resampling(self) -> tuple[bool, int]:
-        return self.dynamic_sampling, self.max_resample_rounds
 
-    def to_dict(self) -> dict:
-        """``asdict`` with a callable ``process_reward`` recorded by its name (JSON- and checkpoint-safe)."""
-        from nanoseek.rewards import reward_name
 
-        pr = self.process_reward
-        return {**asdict(replace(self, process_reward=None)),
-                "process_reward": pr if pr is None or isinstance(pr, str) else reward_name(pr)}
+@dataclass(frozen=True)
+class GRPOParams:
+    """Every setting that changes GRPO's advantages and loss."""
+
+    num_generations: int
+    max_completion_length: int
+    beta: float
+    epsilon: float
+    epsilon_high: float | None
+    loss_type: str
+    importance_sampling_level: str
+    scale_rewards: str
+    rloo: bool
+    advantage_eps: float
+    ref_reset_every: int
+    mask_truncated_completions: bool
+    overlong_buffer: int
+    overlong_penalty: float
 
 
 class GRPO:
     """Group-relative advantages and the clipped surrogate; the reference model when β > 0."""
 
     kind = "grpo"
+    Params = GRPOParams
 
-    def __init__(self, cfg: GRPOConfig, policy: Policy, world: int):
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, cfg: GRPOParams, optim: OptimizeConfig, policy: Policy):
+        self.cfg, self.optim, self.policy = cfg, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
 
@@ -133,8 +145,8 @@ class GRPO:
         mask = rollout.batch.completion_mask
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated)[:, None]
-        opt = cfg.optimize_config()
-        old = None if cfg.num_iterations == 1 and cfg.num_minibatches == 1 else \
+        opt = self.optim
+        old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
             rollout_logprobs(self.policy, rollout.batch, opt, counter)  # else π_old = π: ratio 1, no pass
         ref = rollout_logprobs(self.ref, rollout.batch, opt, counter) if self.ref is not None else None
         return rollout.attach(rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)

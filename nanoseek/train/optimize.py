@@ -10,12 +10,14 @@ over ranks, clipped and stepped for every ``Trainable`` (the policy; PPO adds it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.train.rollout import Rollout
@@ -23,13 +25,15 @@ from nanoseek.train.rollout import Rollout
 PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizeConfig:
-    num_iterations: int = 1  # μ
-    num_minibatches: int = 1
-    micro_batch_size: int = 0  # most rows per forward (0: no limit beyond the padding rule)
-    temperature: float = 1.0
-    chunk_tokens: int = 1024  # completion tokens per head matmul
+    """The passes over a rollout and how its forwards are cut (flags of every RL command)."""
+
+    num_iterations: int = option(1, "μ passes over each rollout", min=1)
+    num_minibatches: int = option(1, "optimizer steps per pass", min=1)
+    micro_batch_size: int = option(0, "most rows per forward/backward (0: only the padding rule splits)", min=0)
+    temperature: float = option(1.0, "sampling temperature (the log-probs are taken at it too)", gt=0)
+    logp_chunk_tokens: int = option(1024, "completion tokens per vocabulary-head matmul", min=1)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter:
     for mb in plan_micro_batches(batch, rows, cfg.micro_batch_size, policy.shares(batch)):
         sub = batch.select(mb).to(policy.device)
         counter.add(sub, policy.shares(sub))
-        lp, _ = policy.completion_logprobs(sub, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        lp, _ = policy.completion_logprobs(sub, temperature=cfg.temperature, chunk_tokens=cfg.logp_chunk_tokens)
         out[mb, : lp.shape[1]] = lp.cpu()
     return out
 
@@ -152,7 +156,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                 counter.add(sub, policy.shares(sub))
                 mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
                 logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
-                                                       chunk_tokens=cfg.chunk_tokens, entropy=True)
+                                                       chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
                 width = logp.shape[1]
@@ -164,7 +168,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                     stats.first_pass_logp[rows, :width] = logp.detach().cpu()
             for i, t in enumerate(trainables):
                 average_gradients(t.module)
-                norm = float(nn.utils.clip_grad_norm_(t.module.parameters(), t.max_grad_norm))
+                norm = float(nn.utils.clip_grad_norm_(t.module.parameters(), t.max_grad_norm or math.inf))
                 if i == 0:
                     stats.grad_norms.append(norm)
                 t.optimizer.step()

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanoseek.policy import Batch, Policy
 from nanoseek import cli_args
 from nanoseek.cli_args import option
+from nanoseek.distributed import reduce_floats, world_size
+from nanoseek.policy import Batch, Policy
 from nanoseek.train.losses import gae, grpo_loss, value_loss, whiten
 from nanoseek.train.optimize import (
     MicroBatch,
+    OptimizeConfig,
     OptimizeStats,
     TokenCounter,
     Trainable,
@@ -31,9 +33,10 @@ from nanoseek.train.rl import RLConfig, train_rl
 from nanoseek.train.rollout import Rollout
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PPOConfig(RLConfig):
-    out: str = option("runs/ppo", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
+    """``nanoseek ppo``: the shared RL flags and PPO's own."""
+
     num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
     beta: float = option(0.04, "KL coefficient β of the per-token KL penalty in the reward", min=0)
     gamma: float = option(1.0, "GAE discount γ", gt=0, max=1)
@@ -41,6 +44,21 @@ class PPOConfig(RLConfig):
     critic_lr: float = option(1e-5, "critic learning rate", gt=0)
     cliprange_value: float = option(0.2, "clip range of the value loss", gt=0)
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    """Every setting that changes PPO's advantages, losses and critic."""
+
+    beta: float
+    gamma: float
+    lam: float
+    critic_lr: float
+    cliprange_value: float
+    whiten_advantages: bool
+    epsilon: float
+    epsilon_high: float | None
+    max_grad_norm: float
 
 
 class Critic(nn.Module):
@@ -62,9 +80,10 @@ class Critic(nn.Module):
 
 class PPO:
     kind = "ppo"
+    Params = PPOParams
 
-    def __init__(self, cfg: PPOConfig, policy: Policy, world: int):
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, cfg: PPOParams, optim: OptimizeConfig, policy: Policy):
+        self.cfg, self.optim, self.policy = cfg, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
@@ -75,7 +94,7 @@ class PPO:
     def values(self, batch: Batch, counter: TokenCounter) -> torch.Tensor:
         out = torch.zeros(batch.completion_ids.shape)
         shared = self.critic.states.shares(batch)
-        for rows in plan_micro_batches(batch, torch.arange(len(batch)), self.cfg.micro_batch_size, shared):
+        for rows in plan_micro_batches(batch, torch.arange(len(batch)), self.optim.micro_batch_size, shared):
             sub = batch.select(rows).to(self.policy.device)
             counter.add(sub, shared)
             v = self.critic(sub).cpu()
@@ -85,9 +104,8 @@ class PPO:
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         cfg, batch = self.cfg, rollout.batch
         n, mask = len(rollout), batch.completion_mask
-        opt = cfg.optimize_config()
-        old = rollout_logprobs(self.policy, batch, opt, counter)
-        ref = rollout_logprobs(self.ref, batch, opt, counter) if self.ref is not None else old
+        old = rollout_logprobs(self.policy, batch, self.optim, counter)
+        ref = rollout_logprobs(self.ref, batch, self.optim, counter) if self.ref is not None else old
         old_values = self.values(batch, counter)
         kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
         token_rewards = -cfg.beta * kl
@@ -119,16 +137,14 @@ class PPO:
 
     def load_state_dict(self, state: dict) -> None:
         if "critic" not in state:
-            raise ValueError("this checkpoint has no critic: it was not written by PPO (or by an older nanoseek); "
-                             "start the PPO run again without --resume")
+            raise ValueError("this checkpoint has no critic: it was not written by PPO; start the PPO run again "
+                             "without --resume")
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
-        from nanoseek.distributed import reduce_floats, world_size
-
         value, kl = reduce_floats([self.value_loss_sum, self.kl])
-        return {"value_loss": value / world_size() / self.cfg.num_iterations, "kl": kl / world_size()}
+        return {"value_loss": value / world_size() / self.optim.num_iterations, "kl": kl / world_size()}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

@@ -40,7 +40,7 @@ def test_sft_on_sample_output(tmp_path, checkpoint):  # noqa: F811 - the fixture
     kinds = {type(json.loads(line)["completion"]).__name__ for line in samples.read_text().splitlines()}
     assert kinds == {"str", "list"}  # plain and conversational rows
     run = tmp_path / "run"
-    assert main(["sft", "--init-from", str(checkpoint), "--dataset", str(samples), "--steps", "2", "--batch-size",
+    assert main(["sft", "--model", str(checkpoint), "--dataset", str(samples), "--steps", "2", "--batch-size",
                  "4", "--seq-len", "48", "--out", str(run), "--no-progress"]) == 0
     assert (run / "checkpoints" / "latest").is_file()
 

@@ -10,8 +10,6 @@ import pytest
 import torch
 from builders import DUMP_COLLECTIVES, FLIGHT_RECORDER_ENV, same_collectives
 
-from nanoseek.distributed import shard_range
-
 SCRIPT = DUMP_COLLECTIVES + """
 import os, sys, torch
 from nanoseek.train import pretrain
@@ -96,16 +94,6 @@ def test_same_collectives_finds_a_rank_dependent_collective(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with pytest.raises(AssertionError, match=r"differ at collective #\(1, .*'Float'.*'Int'"):
         same_collectives(f"{calls}_rank0.json", f"{calls}_rank1.json")
-
-
-def test_shard_range_covers_everything_once():
-    for n in (0, 1, 7, 8):
-        for world in (1, 2, 3):
-            parts = [list(shard_range(n, r, world)) for r in range(world)]
-            assert sum(parts, []) == list(range(n))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ValueError, match="rank"):
-        shard_range(4, 2, 2)
 
 
 RESUME_SCRIPT = DUMP_COLLECTIVES + """

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from nanoseek.checkpoint import latest_checkpoint
+import torch
+
+from nanoseek.checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from nanoseek.cli_args import option
-from nanoseek.distributed import is_main
+from nanoseek.distributed import barrier, is_main
 from nanoseek.metrics import MetricsLogger
 from nanoseek.rundir import check_run_dir
 
@@ -115,6 +117,26 @@ def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, b
     return {"steps": done, "wall_time_s": time.perf_counter() - t0, "interrupted": interrupted,
             "run_dir": str(run.dir), "checkpoint": str(saved) if saved else None,
             "resumed_from": str(run.resume_from) if run.resume_from else None}
+
+
+def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bool = False) -> Path | None:
+    """Rank 0 writes checkpoint ``step`` with the RNG state and ``state`` (under FSDP every rank first helps gather
+    the full model and optimizer state); every rank waits for it."""
+    state, path = {"rng": rng_state(), **state}, None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        if is_main():
+            full = type(model)(model.config)
+            full.load_state_dict(model_sd)
+            path = save_checkpoint(run.dir, step, full, None, state, keep=run.config.keep, tokenizer=tokenizer)
+            torch.save(optim_sd, path / "optimizer.pt")
+    elif is_main():
+        path = save_checkpoint(run.dir, step, model, optimizer, state, keep=run.config.keep, tokenizer=tokenizer)
+    barrier()
+    return path
 
 
 def config_dict(cfg: object) -> dict:

@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek import cli_args
-from nanoseek.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanoseek.checkpoint import load_checkpoint, set_rng_state
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.config import ModelConfig
 from nanoseek.data import IGNORE, DatasetData, LMBatch, make_data
-from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
+from nanoseek.distributed import all_reduce_, init_distributed, wrap_model
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, start_run
+from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
 
 
@@ -265,23 +265,20 @@ def train(cfg: TrainConfig) -> dict:
         record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
         return record, sums[-1].item() > 0
 
-    def save(n: int) -> Path | None:
-        return _save(run.dir, n, model, optimizer, tok, cfg, fsdp)
-
-    summary = run_loop(run, start, step, save, config_dict(cfg))
+    config = config_dict(cfg)
+    summary = run_loop(run, start, step, lambda n: save(run, n, model, optimizer, tok, {"config": config}, fsdp),
+                       config)
     return {**summary, "final_loss": last_loss}
 
 
+@contextlib.contextmanager
 def _no_sync(net: nn.Module, fsdp: bool):
     """Skip the gradient all-reduce on all but the last micro-batch."""
-    if fsdp:
-        net.set_requires_gradient_sync(False)
-        return _restore_sync(net)
-    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _restore_sync(net: nn.Module):
+    if not fsdp:
+        with net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext():
+            yield
+        return
+    net.set_requires_gradient_sync(False)
     try:
         yield
     finally:
@@ -294,27 +291,6 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     return norm.item()
-
-
-def _save(run_dir: Path, step: int, model: Transformer, optimizer, tok: Tokenizer, cfg: TrainConfig,
-          fsdp: bool) -> Path | None:
-    """Rank 0 writes the checkpoint (under FSDP every rank first helps gather the full state)."""
-    state = {"rng": rng_state(), "data_position": step * cfg.batch_size, "config": config_dict(cfg)}
-    path = None
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        if is_main():
-            full = Transformer(model.config)
-            full.load_state_dict(model_sd)
-            path = save_checkpoint(run_dir, step, full, None, state, keep=cfg.keep, tokenizer=tok)
-            torch.save(optim_sd, path / "optimizer.pt")
-    elif is_main():
-        path = save_checkpoint(run_dir, step, model, optimizer, state, keep=cfg.keep, tokenizer=tok)
-    barrier()
-    return path
 
 
 def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:

@@ -28,7 +28,7 @@ from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, is_main, reduce_floats
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, start_run
+from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
 from nanoseek.train.rollout import CollectStats, Rollout, Scorer, collect
@@ -266,13 +266,9 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
             _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
         return m, reduce_floats([float(stop.requested)], "max")[0] > 0
 
-    def save(n: int) -> Path | None:
-        if not is_main():
-            return None
-        state = {"step": n, "config": config_dict(cfg), **trainer.algorithm.state_dict()}
-        return save_checkpoint(run.dir, n, model, trainer.optimizer, state, keep=cfg.keep, tokenizer=trainer.tokenizer)
-
-    summary = run_loop(run, start, step, save, config_dict(cfg))
+    config = config_dict(cfg)
+    summary = run_loop(run, start, step, lambda n: save(run, n, model, trainer.optimizer, trainer.tokenizer,
+                                                        {"config": config, **trainer.algorithm.state_dict()}), config)
     return {**summary, "first_reward": rewards[0] if rewards else None,
             "final_reward": rewards[-1] if rewards else None, **({"best": best.record} if best is not None else {})}
 

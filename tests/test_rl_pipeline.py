@@ -22,6 +22,7 @@ from nanoseek.train.optimize import (
     plan_micro_batches,
     rollout_logprobs,
 )
+from nanoseek.train.rl import Sampling
 from nanoseek.train.rollout import Rollout
 
 
@@ -95,7 +96,7 @@ def test_optimize_gradient_equals_full_batch_reference(variant):
     cfg = GRPOConfig(model="unused", num_generations=3, max_completion_length=8, epsilon=0.2, **variant)
     mask = rollout.batch.completion_mask
     policy = Policy(model, pad_id=0, eos_id=2)
-    algo = GRPO(narrow(GRPO.Params, cfg), narrow(OptimizeConfig, cfg), policy)
+    algo = GRPO(narrow(GRPO.Params, cfg), narrow(Sampling, cfg), narrow(OptimizeConfig, cfg), policy)
     loss, _ = grpo_loss(reference_logprobs(model, rollout.batch), rollout.old_logp, rollout.advantages, mask,
                         ref_logp=rollout.ref_logp, beta=cfg.beta, epsilon_high=cfg.epsilon_high,
                         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,

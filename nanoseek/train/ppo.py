@@ -19,25 +19,23 @@ from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
-from nanoseek.train.losses import gae, grpo_loss, value_loss, whiten
+from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
 from nanoseek.train.optimize import (
     MicroBatch,
     OptimizeConfig,
     OptimizeStats,
     TokenCounter,
-    Trainable,
     plan_micro_batches,
     rollout_logprobs,
 )
-from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.rl import RLConfig, Sampling, train_rl
 from nanoseek.train.rollout import Rollout
 
 
 @dataclass(frozen=True, kw_only=True)
-class PPOConfig(RLConfig):
-    """``nanoseek ppo``: the shared RL flags and PPO's own."""
+class PPOParams(Clip):
+    """Every setting that changes PPO's advantages, losses and critic."""
 
-    num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
     beta: float = option(0.04, "KL coefficient β of the per-token KL penalty in the reward", min=0)
     gamma: float = option(1.0, "GAE discount γ", gt=0, max=1)
     lam: float = option(0.95, "GAE λ", min=0, max=1)
@@ -46,19 +44,11 @@ class PPOConfig(RLConfig):
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
 
 
-@dataclass(frozen=True)
-class PPOParams:
-    """Every setting that changes PPO's advantages, losses and critic."""
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig(RLConfig, PPOParams):
+    """``nanoseek ppo``: the shared RL flags and PPO's own."""
 
-    beta: float
-    gamma: float
-    lam: float
-    critic_lr: float
-    cliprange_value: float
-    whiten_advantages: bool
-    epsilon: float
-    epsilon_high: float | None
-    max_grad_norm: float
+    num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
 
 
 class Critic(nn.Module):
@@ -82,7 +72,7 @@ class PPO:
     kind = "ppo"
     Params = PPOParams
 
-    def __init__(self, cfg: PPOParams, optim: OptimizeConfig, policy: Policy):
+    def __init__(self, cfg: PPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
         self.cfg, self.optim, self.policy = cfg, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
@@ -129,8 +119,8 @@ class PPO:
         self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
         return loss + v_loss, {k: float(v) for k, v in st.items()}
 
-    def trainables(self) -> list[Trainable]:
-        return [Trainable(self.critic, self.critic_optimizer, self.cfg.max_grad_norm)]
+    def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+        return [(self.critic, self.critic_optimizer)]
 
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}

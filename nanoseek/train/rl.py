@@ -47,11 +47,8 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
     num_generations: int = option(8, "G completions per prompt", min=1)
     prompts_per_step: int = option(8, "P prompts per step (global: split over ranks)", min=1)
     max_completion_length: int = option(16, "most tokens per completion", min=1)
-    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
     top_p: float = option(1.0, "nucleus sampling mass", gt=0, max=1)
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
-    epsilon: float = option(0.2, "clip range ε (ε_low)", gt=0)
-    epsilon_high: float | None = option(None, "clip-higher ε_high (default ε)", gt=0)
     share_prompts: bool = option(True, "run a group's shared prompt once in the log-prob passes (exact)")
     log_completions_every: int = option(10, "write samples to completions.jsonl every N steps (0: never)", min=0)
 
@@ -94,10 +91,11 @@ class Sampling:
 
 class Algorithm(Protocol):
     """What GRPO and PPO each add to the shared step; built from its ``Params`` (a frozen dataclass whose fields
-    are flags of the command), the optimisation settings and the policy."""
+    are flags of the command), the sampling, the optimisation settings and the policy."""
 
     kind: str
     Params: type
+    cfg: object  # its Params (β included)
 
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         """Attach advantages (and old / reference log-probs, values...) to a collected rollout."""
@@ -105,8 +103,8 @@ class Algorithm(Protocol):
     def loss(self, rollout: Rollout, mb, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch (normalised by its mini-batch) and its statistics (sums)."""
 
-    def trainables(self) -> list[Trainable]:
-        """Modules trained besides the policy (PPO's critic)."""
+    def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """Modules trained besides the policy, with their optimizers (PPO's critic)."""
 
     def state_dict(self) -> dict: ...
 
@@ -129,7 +127,7 @@ class RLTrainer:
         self.opt = narrow(OptimConfig, cfg)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.algorithm: Algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.optim, policy)
+        self.algorithm: Algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
 
     # -------------------------------------------------------------- data
     def prompts(self, step: int, round_: int = 0) -> list[Row]:
@@ -173,7 +171,8 @@ class RLTrainer:
         t_gen = time.perf_counter() - t0
         counter = TokenCounter()
         rollout = self.algorithm.prepare(rollout, step, counter)
-        trainables = [Trainable(self.policy.model, self.optimizer, cfg.max_grad_norm)] + self.algorithm.trainables()
+        trainables = [Trainable(m, o, cfg.max_grad_norm)
+                      for m, o in [(self.policy.model, self.optimizer), *self.algorithm.trainables()]]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
         stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter)
         m = self.metrics(step, rollout, seen, stats, counter, time.perf_counter() - t0, t_gen)
@@ -182,7 +181,7 @@ class RLTrainer:
     def metrics(self, step: int, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, counter: TokenCounter,
                 dt: float, t_gen: float) -> dict:
         """TRL's metric names where TRL has the quantity; sums gathered over ranks."""
-        cfg, passes = self.cfg, self.cfg.num_iterations
+        passes = self.cfg.num_iterations
         r = torch.tensor(seen.seen_rewards, dtype=torch.float64)
         lengths = rollout.batch.completion_lens.double()
         tok = stats.sums.get("tokens", 0.0)
@@ -207,7 +206,7 @@ class RLTrainer:
             "step_time": dt, "generation_time": t_gen, "tokens_per_s": ln / dt,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        if cfg.beta > 0:
+        if self.algorithm.cfg.beta > 0:
             m["kl"] = kl / max(tok, 1)
         for name, vals in seen.seen_per_fn.items():
             v = torch.tensor(vals, dtype=torch.float64)

@@ -317,12 +317,6 @@ class Policy:
         truncated = [not (eos is not None and eos in t[:n]) and len(t) >= n for t in tokens]
         return Samples([t[:e] for t, e in zip(tokens, ends)], [lp[:e] for lp, e in zip(logps, ends)], truncated)
 
-    def rollout(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
-        """Completions only (see ``sample``)."""
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        return self.sample(prompts, params, seed).completions
-
     # ------------------------------------------------------------------ log-probs
     def completion_states(self, batch: Batch) -> torch.Tensor:
         """The final hidden state that predicts each completion token: (N, L, D); row i, column t predicts o_t."""

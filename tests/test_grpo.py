@@ -9,7 +9,7 @@ import torch
 from builders import batch_from_rows
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.policy import Batch, Policy
+from nanoseek.policy import Batch, Policy, SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -72,11 +72,12 @@ def test_completion_logprobs_match_full_logits(kind):
 
 def test_hf_rollout_ends_at_eos_or_length():
     policy = Policy(tiny_llama(), pad_id=0, eos_id=2)
-    outs = policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=1.0)
+    outs = policy.sample([[1, 5], [1, 6, 7, 8]] * 4, params, seed=3).completions
     assert len(outs) == 8
     for o in outs:
         assert 1 <= len(o) <= 6 and (2 not in o[:-1]) and (len(o) == 6 or o[-1] == 2)
-    assert outs == policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+    assert outs == policy.sample([[1, 5], [1, 6, 7, 8]] * 4, params, seed=3).completions
 
 
 # ---------------------------------------------------------------------- the trainer

@@ -200,3 +200,19 @@ def test_help_shows_every_field_with_its_default(capsys):
         want = "G completions per prompt (a group) (default: 8)" if command == "grpo" else \
             "completions per prompt (PPO needs no group) (default: 1)"
         assert want in out
+
+
+def test_rl_summary_schema_and_stop_at(tmp_path):
+    """GRPO runs in the same loop as pretraining: the same summary keys, --stop-at, then --resume to the end."""
+    from test_grpo import TASK, sft_checkpoint
+
+    from nanoseek.train.grpo import train_grpo
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=2)
+    kw = dict(model=str(model_dir), out=str(tmp_path / "run"), task_kwargs=TASK, num_generations=2,
+              prompts_per_step=2, max_completion_length=3, steps=3, progress=False)
+    first = train_grpo(GRPOConfig(stop_at=2, **kw))
+    assert {"steps", "wall_time_s", "interrupted", "run_dir", "checkpoint", "resumed_from"} <= set(first)
+    assert first["steps"] == 2 and not first["interrupted"] and first["checkpoint"].endswith("step_00000002")
+    rest = train_grpo(GRPOConfig(resume=True, **kw))
+    assert rest["steps"] == 3 and rest["resumed_from"].endswith("step_00000002")

@@ -257,3 +257,26 @@ def test_sft_and_bpe_text_from_the_cli(tmp_path):
     assert len(recs) == 2 and all(r["loss"] == r["loss"] for r in recs)  # finite
 
 
+
+
+def test_pretrain_help_lists_no_sft_flags(capsys):
+    """`pretrain --help` has no dataset columns or system prompt; `sft --help` has them; both use the shared names."""
+    helps = {}
+    for command in ("pretrain", "sft"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    sft_only = ("--dataset", "--prompt-column", "--completion-column", "--messages-column", "--system-prompt")
+    assert not any(flag in helps["pretrain"] for flag in sft_only)
+    assert all(flag in helps["sft"] for flag in sft_only)
+    for text in helps.values():
+        for flag in ("--model", "--save-every", "--warmup-steps", "--lr-schedule", "--max-grad-norm", "--keep"):
+            assert flag in text, flag
+
+
+def test_summary_schema_and_stop_at(tmp_path):
+    """Pretraining's summary has the keys every trainer returns; --stop-at saves and stops like a preemption."""
+    summary = train(TrainConfig(steps=4, stop_at=2, out=str(tmp_path / "run"), **FAST))
+    assert {"steps", "wall_time_s", "interrupted", "run_dir", "checkpoint", "resumed_from"} <= set(summary)
+    assert summary["steps"] == 2 and not summary["interrupted"] and summary["checkpoint"].endswith("step_00000002")
+    assert (tmp_path / "run" / "pretrain_config.json").is_file()

@@ -137,8 +137,8 @@ def test_micro_loss_matches_hand_computation(mode):
 
 
 def test_balance_alpha_defaults_to_the_model_configs_aux_loss_alpha():
-    """Without --balance-alpha the sequence-wise balance loss weight is ModelConfig.aux_loss_alpha; presets keep
-    the V3 value 1e-4 that was the flag's default."""
+    """Without --balance-alpha the sequence-wise balance loss weight is ModelConfig.aux_loss_alpha; presets carry
+    the V3 value 1e-4."""
     assert TrainConfig().balance_alpha is None
     assert all(ModelConfig.preset(name).aux_loss_alpha == 1e-4 for name in ("tiny", "small", "deepseek-v3"))
     tok = Tokenizer.char()

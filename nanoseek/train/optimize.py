@@ -10,7 +10,6 @@ over ranks, clipped and stepped for every ``Trainable`` (the policy; PPO adds it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.train.rollout import Rollout
+from nanoseek.train.schedule import clip_grad_norm
 
 PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches
 
@@ -168,7 +168,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                     stats.first_pass_logp[rows, :width] = logp.detach().cpu()
             for i, t in enumerate(trainables):
                 average_gradients(t.module)
-                norm = float(nn.utils.clip_grad_norm_(t.module.parameters(), t.max_grad_norm or math.inf))
+                norm = clip_grad_norm(t.module, t.max_grad_norm)
                 if i == 0:
                     stats.grad_norms.append(norm)
                 t.optimizer.step()

@@ -34,7 +34,7 @@ from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
-from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
+from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,7 +247,7 @@ def train(cfg: TrainConfig) -> dict:
             for load, m in zip(loads, moes):
                 if m.layer_idx in stats.load:
                     load += stats.load[m.layer_idx]
-        grad_norm = _clip(model, opt.max_grad_norm)
+        grad_norm = clip_grad_norm(model, opt.max_grad_norm)
         optimizer.step()
         sums[-1] = float(stop.requested)
         all_reduce_(sums)  # the step's loss sums and whether any rank was asked to stop: one collective
@@ -283,14 +283,6 @@ def _no_sync(net: nn.Module, fsdp: bool):
         yield
     finally:
         net.set_requires_gradient_sync(True)
-
-
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return norm.item()
 
 
 def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:

@@ -1,6 +1,6 @@
-"""The optimizer of every trainer (pretrain, SFT, GRPO, PPO): AdamW and its learning-rate schedule, linear warm-up,
-then constant, or a linear / cosine decay to ``min_lr_ratio`` × lr at the last step, or WSD (warmup-stable-decay:
-constant, then a linear decay over the last ``decay_frac`` of the steps)."""
+"""The optimizer of every trainer (pretrain, SFT, GRPO, PPO): AdamW, gradient clipping and the learning-rate
+schedule: linear warm-up, then constant, or a linear / cosine decay to ``min_lr_ratio`` × lr at the last step, or
+WSD (warmup-stable-decay: constant, then a linear decay over the last ``decay_frac`` of the steps)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.lr_schedule == "linear":
         return lo + (lr - lo) * (1 - progress)
     return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
+    """Clip the gradients of ``module`` to total norm ``max_norm`` (0: no clipping); returns the norm before."""
+    norm = nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm or math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

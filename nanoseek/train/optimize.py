@@ -118,16 +118,24 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
 
 
 @torch.no_grad()
-def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
-    """log π(o_t | ·) of every completion token of ``batch`` (N, L), in length-planned micro-batches, on the CPU."""
+def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch, max_rows: int,
+              counter: TokenCounter) -> torch.Tensor:
+    """``fn`` (a (n, L) value per completion token) over ``batch`` in length-planned micro-batches on ``policy``'s
+    device: (N, L) on the CPU."""
     out = torch.zeros(batch.completion_ids.shape)
-    rows = torch.arange(len(batch))
-    for mb in plan_micro_batches(batch, rows, cfg.micro_batch_size, policy.shares(batch)):
-        sub = batch.select(mb).to(policy.device)
+    for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
+        sub = batch.select(rows).to(policy.device)
         counter.add(sub, policy.shares(sub))
-        lp, _ = policy.completion_logprobs(sub, temperature=cfg.temperature, chunk_tokens=cfg.logp_chunk_tokens)
-        out[mb, : lp.shape[1]] = lp.cpu()
+        v = fn(sub).cpu()
+        out[rows, : v.shape[1]] = v
     return out
+
+
+def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
+    """log π(o_t | ·) of every completion token of ``batch`` (N, L), on the CPU."""
+    return per_token(lambda sub: policy.completion_logprobs(sub, temperature=cfg.temperature,
+                                                            chunk_tokens=cfg.logp_chunk_tokens)[0],
+                     policy, batch, cfg.micro_batch_size, counter)
 
 
 def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[Trainable],

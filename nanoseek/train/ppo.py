@@ -25,7 +25,7 @@ from nanoseek.train.optimize import (
     OptimizeConfig,
     OptimizeStats,
     TokenCounter,
-    plan_micro_batches,
+    per_token,
     rollout_logprobs,
 )
 from nanoseek.train.rl import RLConfig, Sampling, train_rl
@@ -80,23 +80,12 @@ class PPO:
         self.value_loss_sum = 0.0
         self.kl = 0.0
 
-    @torch.no_grad()
-    def values(self, batch: Batch, counter: TokenCounter) -> torch.Tensor:
-        out = torch.zeros(batch.completion_ids.shape)
-        shared = self.critic.states.shares(batch)
-        for rows in plan_micro_batches(batch, torch.arange(len(batch)), self.optim.micro_batch_size, shared):
-            sub = batch.select(rows).to(self.policy.device)
-            counter.add(sub, shared)
-            v = self.critic(sub).cpu()
-            out[rows, : v.shape[1]] = v
-        return out
-
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         cfg, batch = self.cfg, rollout.batch
         n, mask = len(rollout), batch.completion_mask
         old = rollout_logprobs(self.policy, batch, self.optim, counter)
         ref = rollout_logprobs(self.ref, batch, self.optim, counter) if self.ref is not None else old
-        old_values = self.values(batch, counter)
+        old_values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, counter)
         kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
         token_rewards = -cfg.beta * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)

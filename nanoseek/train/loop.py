@@ -141,6 +141,4 @@ def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bo
 
 def config_dict(cfg: object) -> dict:
     """A command config as JSON-safe data (a callable field recorded by its name)."""
-    from nanoseek.rewards import reward_name
-
-    return {k: reward_name(v) if callable(v) else v for k, v in asdict(cfg).items()}
+    return {k: getattr(v, "__name__", type(v).__name__) if callable(v) else v for k, v in asdict(cfg).items()}

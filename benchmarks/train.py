@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.train.pretrain import param_groups
+from nanoseek.train.schedule import param_groups
 
 
 def cpu_name() -> str:

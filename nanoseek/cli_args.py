@@ -79,17 +79,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of ``cls`` (``--field-name``), typed from the annotation, help and default from the
-    field; ``defaults`` overrides a field's default for this command."""
+    field (a subclass redeclares a field to give its command another default)."""
     hints = typing.get_type_hints(cls)
-    defaults = defaults or {}
     for f in fields(cls):
         m = f.metadata
         if m and not m.get("cli", True):
             continue
-        default = defaults.get(f.name, f.default if f.default is not MISSING else
-                               (f.default_factory() if f.default_factory is not MISSING else None))
+        default = f.default if f.default is not MISSING else \
+            f.default_factory() if f.default_factory is not MISSING else None
         kw: dict[str, Any] = {"default": default, "dest": f.name}
         help_text = m.get("help", "") if m else ""
         kind = hints[f.name]
@@ -111,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict | N
             kw["type"] = str
         if m and m.get("choices") is not None:
             kw["choices"] = m["choices"]
-        if f.default is MISSING and f.default_factory is MISSING and f.name not in defaults:
+        if f.default is MISSING and f.default_factory is MISSING:
             kw.update(required=True, default=None)
         else:
             help_text += " (default: %(default)s)"

@@ -162,11 +162,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_task(model_dir: Path) -> str | None:
     """The built-in task the run that wrote ``model_dir`` trained on, from the config file of its run directory
-    (``train_config.json``, ``grpo_config.json`` or ``ppo_config.json``, beside ``checkpoints/``); None when the
+    (``<kind>_config.json`` beside ``checkpoints/``); None when the
     run trained on data files or nothing was recorded."""
     run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
     for run_dir in run_dirs:
-        for name in ("train_config.json", "grpo_config.json", "ppo_config.json"):
+        for name in ("pretrain_config.json", "sft_config.json", "grpo_config.json", "ppo_config.json"):
             path = run_dir / name
             if path.is_file():
                 try:

@@ -56,13 +56,6 @@ class Batch:
                    torch.tensor(prompt_index, dtype=torch.long), _right_pad(completions, pad_id),
                    _right_pad([[1.0] * len(c) for c in completions], 0.0, torch.float32))
 
-    @classmethod
-    def from_rows(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
-        """One row per (prompt, completion) pair; identical prompts become one group."""
-        index: dict[tuple[int, ...], int] = {}
-        prompt_index = [index.setdefault(tuple(p), len(index)) for p in prompts]
-        return cls.build([list(p) for p in index], prompt_index, completions, pad_id)
-
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
@@ -323,12 +316,6 @@ class Policy:
         ends = [t.index(eos) + 1 if eos is not None and eos in t[:n] else min(len(t), n) for t in tokens]
         truncated = [not (eos is not None and eos in t[:n]) and len(t) >= n for t in tokens]
         return Samples([t[:e] for t, e in zip(tokens, ends)], [lp[:e] for lp, e in zip(logps, ends)], truncated)
-
-    def rollout(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
-        """Completions only (see ``sample``)."""
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        return self.sample(prompts, params, seed).completions
 
     # ------------------------------------------------------------------ log-probs
     def completion_states(self, batch: Batch) -> torch.Tensor:

@@ -10,9 +10,9 @@ a model, a checkpoint, other files) unless
 - ``--overwrite``: what is there is deleted first (never the working directory, one of its parents, the home
   directory or a git checkout).
 
-Directories written before the marker existed are recognised by their config files (``train_config.json``,
-``grpo_config.json``, ``ppo_config.json``, ``stages.json``). ``create()`` also proves the directory writable at
-start, so an unwritable ``--out`` fails before training, not after it.
+Without the marker, a directory's ``<kind>_config.json`` (every trainer writes one; ``stages.json``: a demo) says its
+kind. ``create()`` also proves the directory writable at start, so an unwritable ``--out`` fails before training,
+not after it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MARKER = "nanoseek_run.json"
-# config files of run directories written before the marker: file -> the run kind (None: read "mode" from it)
-LEGACY_CONFIGS = {"train_config.json": None, "grpo_config.json": "grpo", "ppo_config.json": "ppo",
-                  "stages.json": "demo", "demo_config.json": "demo"}
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -36,7 +33,7 @@ class RunDirError(ValueError):
 
 
 def recorded_kind(path: str | Path) -> str | None:
-    """The kind of run a directory holds: its marker, else a legacy config file, else None."""
+    """The kind of run a directory holds: its marker, else its config file, else None."""
     path = Path(path)
     marker = path / MARKER
     if marker.is_file():
@@ -45,15 +42,10 @@ def recorded_kind(path: str | Path) -> str | None:
         except (ValueError, KeyError, TypeError):
             raise RunDirError(f"{marker} is not a nanoseek run marker (expected {{\"kind\": ...}}); delete it or "
                               "pass --overwrite") from None
-    for name, kind in LEGACY_CONFIGS.items():
-        if (path / name).is_file():
-            if kind is not None:
-                return kind
-            try:
-                return str(json.loads((path / name).read_text())["mode"])
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
+    if (path / "stages.json").is_file():
+        return "demo"
+    configs = sorted(p.name for p in path.glob("*_config.json"))
+    return configs[0].removesuffix("_config.json") if configs else None
 
 
 def describe(path: Path) -> str:

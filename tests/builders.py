@@ -4,6 +4,8 @@ import inspect
 
 import torch
 
+from nanoseek.policy import Batch
+
 
 def randomize_(module: torch.nn.Module, seed: int = 1, scale: float = 0.15, biases: bool = True) -> None:
     """Random weights everywhere, norms and (with ``biases``) MoE correction biases included, so outputs differ
@@ -22,6 +24,13 @@ def randomize_(module: torch.nn.Module, seed: int = 1, scale: float = 0.15, bias
                 t.copy_(1 + 0.3 * noise)
             else:
                 t.copy_(scale * noise)
+
+
+def batch_from_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """One row per (prompt, completion) pair; identical prompts become one group."""
+    index: dict[tuple[int, ...], int] = {}
+    prompt_index = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return Batch.build([list(p) for p in index], prompt_index, completions, pad_id)
 
 
 # Every collective a torchrun worker issues (its own, DDP's and FSDP's), from torch's flight recorder: run the worker

@@ -170,10 +170,10 @@ def test_ctrl_c_saves_then_exits_130(monkeypatch, tmp_path, capsys):
 
     lr_at = pretrain.lr_at
 
-    def ctrl_c_in_step_2(step, cfg):
+    def ctrl_c_in_step_2(step, *args):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return lr_at(step, cfg)
+        return lr_at(step, *args)
 
     monkeypatch.setattr(pretrain, "lr_at", ctrl_c_in_step_2)
     run = tmp_path / "run"

@@ -15,7 +15,7 @@ import os, sys, torch
 from nanoseek.train import pretrain
 from nanoseek.cli_args import run_command
 out, mode = sys.argv[1], sys.argv[2]
-cfg = pretrain.TrainConfig(steps=5, batch_size=8, grad_accum=2, seq_len=24, lr=3e-3, warmup=2, bias_gamma=0.01,
+cfg = pretrain.TrainConfig(steps=5, batch_size=8, grad_accum=2, seq_len=24, lr=3e-3, warmup_steps=2, bias_gamma=0.01,
                            out=out, progress=False, dist_mode=mode)
 model_holder = {}
 orig = pretrain.wrap_model
@@ -101,8 +101,8 @@ import os, sys
 from nanoseek.distributed import cleanup
 from nanoseek.train.pretrain import TrainConfig, train
 out, steps, resume, calls = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-train(TrainConfig(steps=steps, batch_size=8, seq_len=24, lr=3e-3, warmup=2, schedule="constant", bias_gamma=0.01,
-                  out=out, progress=False, dist_mode="fsdp", resume=resume, keep=1))
+train(TrainConfig(steps=steps, batch_size=8, seq_len=24, lr=3e-3, warmup_steps=2, lr_schedule="constant",
+                  bias_gamma=0.01, out=out, progress=False, dist_mode="fsdp", resume=resume, keep=1))
 cleanup()
 dump_collectives(f"{calls}_rank{os.environ['RANK']}.json")
 """

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from builders import batch_from_rows
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.policy import Batch, Policy
+from nanoseek.policy import Batch, Policy, SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def test_completion_logprobs_match_full_logits(kind):
     policy = Policy(model, pad_id=0, eos_id=2)
     prompts = [[1, 5, 6, 7], [1, 9], [1, 10, 11]]
     completions = [[20, 21, 2], [30, 31, 32, 33, 34], [40]]
-    batch = Batch.from_rows(prompts, completions, pad_id=0)
+    batch = batch_from_rows(prompts, completions, pad_id=0)
     assert batch.completion_ids.shape == (3, 5) and batch.completion_mask.sum(1).tolist() == [3, 5, 1]
     want, want_ent = reference_logprobs(model, batch, temperature=0.7, with_entropy=True)
     got, ent = policy.completion_logprobs(batch, temperature=0.7, chunk_tokens=2, entropy=True)
@@ -71,11 +72,12 @@ def test_completion_logprobs_match_full_logits(kind):
 
 def test_hf_rollout_ends_at_eos_or_length():
     policy = Policy(tiny_llama(), pad_id=0, eos_id=2)
-    outs = policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=1.0)
+    outs = policy.sample([[1, 5], [1, 6, 7, 8]] * 4, params, seed=3).completions
     assert len(outs) == 8
     for o in outs:
         assert 1 <= len(o) <= 6 and (2 not in o[:-1]) and (len(o) == 6 or o[-1] == 2)
-    assert outs == policy.rollout([[1, 5], [1, 6, 7, 8]] * 4, max_new_tokens=6, temperature=1.0, seed=3)
+    assert outs == policy.sample([[1, 5], [1, 6, 7, 8]] * 4, params, seed=3).completions
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -98,7 +100,7 @@ def sft_checkpoint(directory, steps: int = 30, seed: int = 0):
     for step in range(steps):
         rows = random.Random(step).sample(exs, 32)
         prompts = [tok.encode(e.prompt, add_bos=True) for e in rows]
-        batch = Batch.from_rows(prompts, [tok.encode(e.completion, add_eos=True) for e in rows], tok.pad_id)
+        batch = batch_from_rows(prompts, [tok.encode(e.completion, add_eos=True) for e in rows], tok.pad_id)
         logp, _ = Policy(model, tok.pad_id, tok.eos_id).completion_logprobs(batch)
         loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
         opt.zero_grad()
@@ -290,10 +292,11 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
 def test_lr_schedules_hand_values():
 
     from nanoseek.train.grpo import GRPOConfig
-    from nanoseek.train.schedule import lr_at
+    from nanoseek.train.schedule import OptimConfig, lr_at
 
     def lrs(schedule: str) -> list[float]:  # what the RL trainer sets at 1-based step s: lr_at(s - 1, ...)
-        return [lr_at(s, 1.0, 10, warmup=2, schedule=schedule) for s in (0, 1, 2, 6, 9)]
+        cfg = OptimConfig(lr=1.0, warmup_steps=2, lr_schedule=schedule)
+        return [lr_at(s, cfg, 10) for s in (0, 1, 2, 6, 9)]
 
     assert lrs("constant") == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
     assert lrs("linear") == pytest.approx([0.5, 1.0, 1.0, 0.5, 1 / 8])  # decay over the 8 steps after warm-up

@@ -16,6 +16,7 @@ from nanoseek.rewards import StepRewards, compute_process_rewards
 from nanoseek.rewards.process import arithmetic_process_reward, check_steps
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig
+from nanoseek.train.loop import config_dict
 from nanoseek.train.losses import grpo_loss
 from nanoseek.train.rl import RLTrainer, _log_completions
 
@@ -252,7 +253,7 @@ def test_raising_process_reward_is_contained(tmp_path, caplog):
     assert (rollout.advantages == 0).all()  # zero per-token advantage everywhere: the policy does not move
     for k, v in trainer.policy.model.state_dict().items():
         assert torch.equal(before[k], v), k
-    assert trainer.cfg.to_dict()["process_reward"] == "boom"
+    assert config_dict(trainer.cfg)["process_reward"] == "boom"
 
 
 def test_bad_values_and_hangs_are_contained(caplog):

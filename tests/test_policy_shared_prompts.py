@@ -3,6 +3,7 @@ cache or a Hugging Face model's own cache, copied per row); log-probs and gradie
 
 import pytest
 import torch
+from builders import batch_from_rows
 from test_grpo import reference_logprobs, tiny_llama, tiny_nanoseek
 
 from nanoseek.policy import Batch, Policy
@@ -17,16 +18,16 @@ def grouped_batch(G: int = 3, width: int = 6) -> Batch:
     return Batch.build(PROMPTS, [p for p in range(len(PROMPTS)) for _ in range(G)], completions, pad_id=0)
 
 
-def test_from_rows_groups_identical_prompts():
+def test_batch_from_rows_groups_identical_prompts():
     batch = grouped_batch()
     completions = [c[:n] for c, n in zip(batch.completion_ids.tolist(), batch.completion_lens.tolist())]
-    rows = Batch.from_rows([p for p in PROMPTS for _ in range(3)], completions, pad_id=0)
+    rows = batch_from_rows([p for p in PROMPTS for _ in range(3)], completions, pad_id=0)
     assert rows.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert rows.prompt_lens.tolist() == [5, 2, 3] and torch.equal(rows.prompt_ids, batch.prompt_ids)
     assert torch.equal(rows.sequences(0), batch.sequences(0))
     assert rows.sequences(0)[3].tolist() == [1, 9] + completions[3] + [0] * (11 - 2 - len(completions[3]))
     # same tokens but a different length is a different prompt (also when the extra token is the pad id)
-    b = Batch.from_rows([[1, 5], [1, 5, 6], [1, 5], [1, 5, 0]], [[7], [8], [9], [10]], pad_id=0)
+    b = batch_from_rows([[1, 5], [1, 5, 6], [1, 5], [1, 5, 0]], [[7], [8], [9], [10]], pad_id=0)
     assert b.prompt_index.tolist() == [0, 1, 0, 2] and b.prompt_lens.tolist() == [2, 3, 3]
     with pytest.raises(ValueError, match="3 completions but 2 prompt indices"):
         Batch.build([[1]], [0, 0], [[2], [3], [4]], pad_id=0)

@@ -11,6 +11,7 @@ from test_grpo import reference_logprobs, tiny_llama, tiny_nanoseek
 from nanoseek.policy import Batch, Policy, SamplingParams
 from nanoseek.tasks import Example
 from nanoseek.train.grpo import GRPO, GRPOConfig
+from nanoseek.train.loop import narrow
 from nanoseek.train.losses import grpo_loss
 from nanoseek.train.optimize import (
     PAD_TOLERANCE,
@@ -21,6 +22,7 @@ from nanoseek.train.optimize import (
     plan_micro_batches,
     rollout_logprobs,
 )
+from nanoseek.train.rl import Sampling
 from nanoseek.train.rollout import Rollout
 
 
@@ -94,7 +96,7 @@ def test_optimize_gradient_equals_full_batch_reference(variant):
     cfg = GRPOConfig(model="unused", num_generations=3, max_completion_length=8, epsilon=0.2, **variant)
     mask = rollout.batch.completion_mask
     policy = Policy(model, pad_id=0, eos_id=2)
-    algo = GRPO(cfg, policy, world=1)
+    algo = GRPO(narrow(GRPO.Params, cfg), narrow(Sampling, cfg), narrow(OptimizeConfig, cfg), policy)
     loss, _ = grpo_loss(reference_logprobs(model, rollout.batch), rollout.old_logp, rollout.advantages, mask,
                         ref_logp=rollout.ref_logp, beta=cfg.beta, epsilon_high=cfg.epsilon_high,
                         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
@@ -198,3 +200,19 @@ def test_help_shows_every_field_with_its_default(capsys):
         want = "G completions per prompt (a group) (default: 8)" if command == "grpo" else \
             "completions per prompt (PPO needs no group) (default: 1)"
         assert want in out
+
+
+def test_rl_summary_schema_and_stop_at(tmp_path):
+    """GRPO runs in the same loop as pretraining: the same summary keys, --stop-at, then --resume to the end."""
+    from test_grpo import TASK, sft_checkpoint
+
+    from nanoseek.train.grpo import train_grpo
+
+    model_dir = sft_checkpoint(tmp_path / "sft", steps=2)
+    kw = dict(model=str(model_dir), out=str(tmp_path / "run"), task_kwargs=TASK, num_generations=2,
+              prompts_per_step=2, max_completion_length=3, steps=3, progress=False)
+    first = train_grpo(GRPOConfig(stop_at=2, **kw))
+    assert {"steps", "wall_time_s", "interrupted", "run_dir", "checkpoint", "resumed_from"} <= set(first)
+    assert first["steps"] == 2 and not first["interrupted"] and first["checkpoint"].endswith("step_00000002")
+    rest = train_grpo(GRPOConfig(resume=True, **kw))
+    assert rest["steps"] == 3 and rest["resumed_from"].endswith("step_00000002")

@@ -75,7 +75,7 @@ def test_a_model_it_did_not_write_is_refused(tmp_path, capsys):
 
 def test_overwrite_clears_the_old_run(tmp_path):
     out = tmp_path / "run"
-    assert pretrain(out, "--steps", "4", "--ckpt-every", "1") == 0
+    assert pretrain(out, "--steps", "4", "--save-every", "1") == 0
     (out / "completions.jsonl").write_text('{"step": 4}\n')
     assert pretrain(out, "--steps", "2", "--overwrite") == 0
     assert steps(out) == [1, 2] and not (out / "completions.jsonl").exists()
@@ -104,10 +104,10 @@ def test_resume_on_an_empty_directory_starts_a_new_run_with_a_note(tmp_path, cap
     assert steps(out) == [1, 2]
 
 
-def test_a_legacy_run_directory_is_recognised_and_resumed(tmp_path):
+def test_a_run_directory_without_its_marker_is_recognised_and_resumed(tmp_path):
     out = tmp_path / "run"
     assert pretrain(out, "--steps", "2") == 0
-    (out / MARKER).unlink()  # as written before the marker existed: train_config.json says the kind
+    (out / MARKER).unlink()  # pretrain_config.json says the kind
     assert recorded_kind(out) == "pretrain"
     assert pretrain(out, "--steps", "3", "--resume") == 0
     assert steps(out) == [1, 2, 3] and recorded_kind(out) == "pretrain"
@@ -128,7 +128,7 @@ def test_an_unwritable_out_fails_at_start(tmp_path, capsys, monkeypatch):
 def test_demo_refuses_an_earlier_run_unless_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "stages.json").write_text("{}")  # an earlier demo (written before the marker existed)
+    (out / "stages.json").write_text("{}")  # a demo's stages file, no marker
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "a run of `nanoseek demo`" in err and "--resume" in err and "--overwrite" in err
@@ -184,7 +184,7 @@ def test_resume_after_a_torn_metrics_line_logs_each_step_once(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- SIGKILL at several points, then --resume
-KILL_ARGS = [*TRAIN, "--steps", "8", "--ckpt-every", "1", "--keep", "2"]
+KILL_ARGS = [*TRAIN, "--steps", "8", "--save-every", "1", "--keep", "2"]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as the in-process runs

@@ -17,9 +17,10 @@ from nanoseek.metrics import MetricsLogger, read_metrics
 from nanoseek.model.moe import RouterStats
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.pretrain import TrainConfig, build_model_config, lr_at, micro_loss, param_groups, train
+from nanoseek.train.pretrain import TrainConfig, build_model_config, micro_loss, train
+from nanoseek.train.schedule import lr_at, param_groups
 
-FAST = dict(batch_size=8, seq_len=24, warmup=2, lr=3e-3, progress=False)
+FAST = dict(batch_size=8, seq_len=24, warmup_steps=2, lr=3e-3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,8 @@ def test_micro_loss_matches_hand_computation(mode):
 
 
 def test_balance_alpha_defaults_to_the_model_configs_aux_loss_alpha():
-    """Without --balance-alpha the sequence-wise balance loss weight is ModelConfig.aux_loss_alpha; presets keep
-    the V3 value 1e-4 that was the flag's default."""
+    """Without --balance-alpha the sequence-wise balance loss weight is ModelConfig.aux_loss_alpha; presets carry
+    the V3 value 1e-4."""
     assert TrainConfig().balance_alpha is None
     assert all(ModelConfig.preset(name).aux_loss_alpha == 1e-4 for name in ("tiny", "small", "deepseek-v3"))
     tok = Tokenizer.char()
@@ -185,12 +186,12 @@ def test_param_groups_and_schedules():
     assert all(id(p) in ids for name, p in model.named_parameters() if "norm" in name)
     assert all(p.ndim >= 2 for p in decay["params"]) and id(model.lm_head.weight) not in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    cos = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
-    assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
-    assert lr_at(60, cos) == pytest.approx(0.55) and lr_at(110, cos) == pytest.approx(0.1)
-    wsd = TrainConfig(lr=1.0, warmup=10, steps=110, schedule="wsd", decay_frac=0.1, min_lr_ratio=0.0)
-    assert lr_at(50, wsd) == 1.0 and lr_at(98, wsd) == 1.0  # decay: the last 11 steps
-    assert lr_at(104, wsd) == pytest.approx(5 / 11) and lr_at(109, wsd) == pytest.approx(0.0)
+    cos = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cos, 110) == pytest.approx(0.1) and lr_at(9, cos, 110) == pytest.approx(1.0)
+    assert lr_at(60, cos, 110) == pytest.approx(0.55) and lr_at(110, cos, 110) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="wsd", decay_frac=0.1, min_lr_ratio=0.0)
+    assert lr_at(50, wsd, 110) == 1.0 and lr_at(98, wsd, 110) == 1.0  # decay: the last 11 steps
+    assert lr_at(104, wsd, 110) == pytest.approx(5 / 11) and lr_at(109, wsd, 110) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -242,7 +243,7 @@ def test_sft_and_bpe_text_from_the_cli(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     tok_dir = str(tmp_path / "tok")
     assert cli.main(["tokenizer", "train", "--files", str(text), "--vocab-size", "300", "--out", tok_dir]) == 0
-    base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--warmup", "1"]
+    base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--warmup-steps", "1"]
     assert cli.main(["pretrain", "--data", str(text), "--tokenizer", tok_dir, "--out",
                      str(tmp_path / "pt"), *base]) == 0
     ckpt = latest_checkpoint(tmp_path / "pt")
@@ -250,9 +251,32 @@ def test_sft_and_bpe_text_from_the_cli(tmp_path):
     assert Tokenizer.load(ckpt).vocab_size == Tokenizer.load(tok_dir).vocab_size
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    assert cli.main(["sft", "--data", str(pairs), "--init-from", str(ckpt), "--out", str(tmp_path / "sft"), "--bf16",
+    assert cli.main(["sft", "--data", str(pairs), "--model", str(ckpt), "--out", str(tmp_path / "sft"), "--bf16",
                      *base]) == 0
     recs = read_metrics(tmp_path / "sft")
     assert len(recs) == 2 and all(r["loss"] == r["loss"] for r in recs)  # finite
 
 
+
+
+def test_pretrain_help_lists_no_sft_flags(capsys):
+    """`pretrain --help` has no dataset columns or system prompt; `sft --help` has them; both use the shared names."""
+    helps = {}
+    for command in ("pretrain", "sft"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    sft_only = ("--dataset", "--prompt-column", "--completion-column", "--messages-column", "--system-prompt")
+    assert not any(flag in helps["pretrain"] for flag in sft_only)
+    assert all(flag in helps["sft"] for flag in sft_only)
+    for text in helps.values():
+        for flag in ("--model", "--save-every", "--warmup-steps", "--lr-schedule", "--max-grad-norm", "--keep"):
+            assert flag in text, flag
+
+
+def test_summary_schema_and_stop_at(tmp_path):
+    """Pretraining's summary has the keys every trainer returns; --stop-at saves and stops like a preemption."""
+    summary = train(TrainConfig(steps=4, stop_at=2, out=str(tmp_path / "run"), **FAST))
+    assert {"steps", "wall_time_s", "interrupted", "run_dir", "checkpoint", "resumed_from"} <= set(summary)
+    assert summary["steps"] == 2 and not summary["interrupted"] and summary["checkpoint"].endswith("step_00000002")
+    assert (tmp_path / "run" / "pretrain_config.json").is_file()

@@ -19,35 +19,33 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from nanoseek.distributed import global_std
-from nanoseek.policy import Policy
 from nanoseek import cli_args
 from nanoseek.cli_args import option
+from nanoseek.distributed import global_std
+from nanoseek.policy import Policy
 from nanoseek.train.losses import (
     ALIASES,
     LOSS_TYPES,
+    Clip,
     group_advantages,
     grpo_loss,
     process_advantages,
     soft_overlong_penalty,
 )
-from nanoseek.train.optimize import MicroBatch, OptimizeStats, TokenCounter, Trainable, rollout_logprobs
-from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
+from nanoseek.train.rl import RLConfig, Sampling, train_rl
 from nanoseek.train.rollout import Rollout
 
 
-@dataclass
-class GRPOConfig(RLConfig):
-    out: str = option("runs/grpo", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
-    num_generations: int = option(8, "G completions per prompt (a group)", min=2)
-    # process supervision: a built-in process reward's name (nanoseek.rewards.process) or, in Python, a callable
-    # fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]; None: outcome supervision
-    process_reward: str | Callable | None = option(None, "process supervision: per-step rewards give per-token "
-                                                   "advantages (built-in: arithmetic)")
+@dataclass(frozen=True, kw_only=True)
+class GRPOParams(Clip):
+    """Every setting that changes GRPO's advantages and loss (with the sampling's G and length cap)."""
+
+    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
     ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
     loss_type: str = option("grpo", "loss aggregation", choices=tuple(LOSS_TYPES) + tuple(ALIASES))
     scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
@@ -56,11 +54,22 @@ class GRPOConfig(RLConfig):
     advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
     importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
                                             choices=("token", "sequence"))
-    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and resample")
-    max_resample_rounds: int = option(3, "dynamic sampling: most extra sampling rounds per step", min=0)
     mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
     overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
     overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRPOConfig(RLConfig, GRPOParams):
+    """``nanoseek grpo``: the shared RL flags and GRPO's own."""
+
+    num_generations: int = option(8, "G completions per prompt (a group)", min=2)
+    # process supervision: a built-in process reward's name (nanoseek.rewards.process) or, in Python, a callable
+    # fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]; None: outcome supervision
+    process_reward: str | Callable | None = option(None, "process supervision: per-step rewards give per-token "
+                                                   "advantages (built-in: arithmetic)")
+    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and resample")
+    max_resample_rounds: int = option(3, "dynamic sampling: most extra sampling rounds per step", min=0)
 
     def validate(self) -> None:
         super().validate()
@@ -87,35 +96,26 @@ class GRPOConfig(RLConfig):
         pr = self.process_reward
         return get_process_reward_fn(pr) if isinstance(pr, str) else pr
 
-    def resampling(self) -> tuple[bool, int]:
-        return self.dynamic_sampling, self.max_resample_rounds
-
-    def to_dict(self) -> dict:
-        """``asdict`` with a callable ``process_reward`` recorded by its name (JSON- and checkpoint-safe)."""
-        from nanoseek.rewards import reward_name
-
-        pr = self.process_reward
-        return {**asdict(replace(self, process_reward=None)),
-                "process_reward": pr if pr is None or isinstance(pr, str) else reward_name(pr)}
 
 
 class GRPO:
     """Group-relative advantages and the clipped surrogate; the reference model when β > 0."""
 
     kind = "grpo"
+    Params = GRPOParams
 
-    def __init__(self, cfg: GRPOConfig, policy: Policy, world: int):
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, cfg: GRPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
+        self.cfg, self.sampling, self.optim, self.policy = cfg, sampling, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
 
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
-        cfg, G = self.cfg, self.cfg.num_generations
+        cfg, G, max_len = self.cfg, self.sampling.num_generations, self.sampling.max_completion_length
         if self.ref is not None and cfg.ref_reset_every and step > 1 and (step - 1) % cfg.ref_reset_every == 0:
             self.ref.model.load_state_dict(self.policy.model.state_dict())
         rewards = rollout.rewards
         if cfg.overlong_buffer and len(rollout):
-            rewards = rewards + soft_overlong_penalty(rollout.batch.completion_lens, cfg.max_completion_length,
+            rewards = rewards + soft_overlong_penalty(rollout.batch.completion_lens, max_len,
                                                       cfg.overlong_buffer, cfg.overlong_penalty)
         batch_std = None
         if rollout.steps is not None:
@@ -133,8 +133,8 @@ class GRPO:
         mask = rollout.batch.completion_mask
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated)[:, None]
-        opt = cfg.optimize_config()
-        old = None if cfg.num_iterations == 1 and cfg.num_minibatches == 1 else \
+        opt = self.optim
+        old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
             rollout_logprobs(self.policy, rollout.batch, opt, counter)  # else π_old = π: ratio 1, no pass
         ref = rollout_logprobs(self.ref, rollout.batch, opt, counter) if self.ref is not None else None
         return rollout.attach(rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)
@@ -148,12 +148,13 @@ class GRPO:
         loss, st = grpo_loss(
             logp, old, adv, rollout.mask[rows, :width].to(dev), ref_logp=ref, beta=cfg.beta,
             epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=self.loss_type,
-            importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
+            importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=self.sampling.max_completion_length,
             num_rows=mb.num_rows, num_items=mb.global_tokens if self.loss_type == "dapo" else mb.num_tokens,
         )
         return loss, {k: float(v) for k, v in st.items()}
 
-    def trainables(self) -> list[Trainable]:
+    def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
         return []
 
     def state_dict(self) -> dict:

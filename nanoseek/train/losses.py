@@ -6,15 +6,27 @@
   sequence-level ratio (arXiv:2507.18071); DAPO's soft overlong penalty (arXiv:2503.14476 eq. 13).
 - PPO (eq. 1–2): GAE(γ, λ), whitening, the clipped value loss.
 
-Nothing here touches a model, an optimizer or a process group.
+Nothing here touches a model, an optimizer or a process group; ``Clip`` is the flags of the clip range.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from nanoseek.cli_args import option
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 ALIASES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Clip:
+    """The clipped surrogate's range (DeepSeekMath eq. 3; DAPO's clip-higher)."""
+
+    epsilon: float = option(0.2, "clip range ε (ε_low)", gt=0)
+    epsilon_high: float | None = option(None, "clip-higher ε_high (default ε)", gt=0)
 
 
 # ---------------------------------------------------------------------- advantages

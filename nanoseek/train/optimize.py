@@ -16,20 +16,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.train.rollout import Rollout
+from nanoseek.train.schedule import clip_grad_norm
 
 PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizeConfig:
-    num_iterations: int = 1  # μ
-    num_minibatches: int = 1
-    micro_batch_size: int = 0  # most rows per forward (0: no limit beyond the padding rule)
-    temperature: float = 1.0
-    chunk_tokens: int = 1024  # completion tokens per head matmul
+    """The passes over a rollout and how its forwards are cut (flags of every RL command)."""
+
+    num_iterations: int = option(1, "μ passes over each rollout", min=1)
+    num_minibatches: int = option(1, "optimizer steps per pass", min=1)
+    micro_batch_size: int = option(0, "most rows per forward/backward (0: only the padding rule splits)", min=0)
+    temperature: float = option(1.0, "sampling temperature (the log-probs are taken at it too)", gt=0)
+    logp_chunk_tokens: int = option(1024, "completion tokens per vocabulary-head matmul", min=1)
 
 
 @dataclass(frozen=True)
@@ -114,16 +118,24 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
 
 
 @torch.no_grad()
-def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
-    """log π(o_t | ·) of every completion token of ``batch`` (N, L), in length-planned micro-batches, on the CPU."""
+def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch, max_rows: int,
+              counter: TokenCounter) -> torch.Tensor:
+    """``fn`` (a (n, L) value per completion token) over ``batch`` in length-planned micro-batches on ``policy``'s
+    device: (N, L) on the CPU."""
     out = torch.zeros(batch.completion_ids.shape)
-    rows = torch.arange(len(batch))
-    for mb in plan_micro_batches(batch, rows, cfg.micro_batch_size, policy.shares(batch)):
-        sub = batch.select(mb).to(policy.device)
+    for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
+        sub = batch.select(rows).to(policy.device)
         counter.add(sub, policy.shares(sub))
-        lp, _ = policy.completion_logprobs(sub, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
-        out[mb, : lp.shape[1]] = lp.cpu()
+        v = fn(sub).cpu()
+        out[rows, : v.shape[1]] = v
     return out
+
+
+def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
+    """log π(o_t | ·) of every completion token of ``batch`` (N, L), on the CPU."""
+    return per_token(lambda sub: policy.completion_logprobs(sub, temperature=cfg.temperature,
+                                                            chunk_tokens=cfg.logp_chunk_tokens)[0],
+                     policy, batch, cfg.micro_batch_size, counter)
 
 
 def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[Trainable],
@@ -152,7 +164,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                 counter.add(sub, policy.shares(sub))
                 mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
                 logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
-                                                       chunk_tokens=cfg.chunk_tokens, entropy=True)
+                                                       chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
                 width = logp.shape[1]
@@ -164,7 +176,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                     stats.first_pass_logp[rows, :width] = logp.detach().cpu()
             for i, t in enumerate(trainables):
                 average_gradients(t.module)
-                norm = float(nn.utils.clip_grad_norm_(t.module.parameters(), t.max_grad_norm))
+                norm = clip_grad_norm(t.module, t.max_grad_norm)
                 if i == 0:
                     stats.grad_norms.append(norm)
                 t.optimizer.step()

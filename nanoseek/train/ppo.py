@@ -15,32 +15,40 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanoseek.policy import Batch, Policy
 from nanoseek import cli_args
 from nanoseek.cli_args import option
-from nanoseek.train.losses import gae, grpo_loss, value_loss, whiten
+from nanoseek.distributed import reduce_floats, world_size
+from nanoseek.policy import Batch, Policy
+from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
 from nanoseek.train.optimize import (
     MicroBatch,
+    OptimizeConfig,
     OptimizeStats,
     TokenCounter,
-    Trainable,
-    plan_micro_batches,
+    per_token,
     rollout_logprobs,
 )
-from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.rl import RLConfig, Sampling, train_rl
 from nanoseek.train.rollout import Rollout
 
 
-@dataclass
-class PPOConfig(RLConfig):
-    out: str = option("runs/ppo", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
-    num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
+@dataclass(frozen=True, kw_only=True)
+class PPOParams(Clip):
+    """Every setting that changes PPO's advantages, losses and critic."""
+
     beta: float = option(0.04, "KL coefficient β of the per-token KL penalty in the reward", min=0)
     gamma: float = option(1.0, "GAE discount γ", gt=0, max=1)
     lam: float = option(0.95, "GAE λ", min=0, max=1)
     critic_lr: float = option(1e-5, "critic learning rate", gt=0)
     cliprange_value: float = option(0.2, "clip range of the value loss", gt=0)
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig(RLConfig, PPOParams):
+    """``nanoseek ppo``: the shared RL flags and PPO's own."""
+
+    num_generations: int = option(1, "completions per prompt (PPO needs no group)", min=1)
 
 
 class Critic(nn.Module):
@@ -62,33 +70,22 @@ class Critic(nn.Module):
 
 class PPO:
     kind = "ppo"
+    Params = PPOParams
 
-    def __init__(self, cfg: PPOConfig, policy: Policy, world: int):
-        self.cfg, self.policy = cfg, policy
+    def __init__(self, cfg: PPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
+        self.cfg, self.optim, self.policy = cfg, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
         self.value_loss_sum = 0.0
         self.kl = 0.0
 
-    @torch.no_grad()
-    def values(self, batch: Batch, counter: TokenCounter) -> torch.Tensor:
-        out = torch.zeros(batch.completion_ids.shape)
-        shared = self.critic.states.shares(batch)
-        for rows in plan_micro_batches(batch, torch.arange(len(batch)), self.cfg.micro_batch_size, shared):
-            sub = batch.select(rows).to(self.policy.device)
-            counter.add(sub, shared)
-            v = self.critic(sub).cpu()
-            out[rows, : v.shape[1]] = v
-        return out
-
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         cfg, batch = self.cfg, rollout.batch
         n, mask = len(rollout), batch.completion_mask
-        opt = cfg.optimize_config()
-        old = rollout_logprobs(self.policy, batch, opt, counter)
-        ref = rollout_logprobs(self.ref, batch, opt, counter) if self.ref is not None else old
-        old_values = self.values(batch, counter)
+        old = rollout_logprobs(self.policy, batch, self.optim, counter)
+        ref = rollout_logprobs(self.ref, batch, self.optim, counter) if self.ref is not None else old
+        old_values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, counter)
         kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
         token_rewards = -cfg.beta * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)
@@ -111,24 +108,22 @@ class PPO:
         self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
         return loss + v_loss, {k: float(v) for k, v in st.items()}
 
-    def trainables(self) -> list[Trainable]:
-        return [Trainable(self.critic, self.critic_optimizer, self.cfg.max_grad_norm)]
+    def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+        return [(self.critic, self.critic_optimizer)]
 
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "critic" not in state:
-            raise ValueError("this checkpoint has no critic: it was not written by PPO (or by an older nanoseek); "
-                             "start the PPO run again without --resume")
+            raise ValueError("this checkpoint has no critic: it was not written by PPO; start the PPO run again "
+                             "without --resume")
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
-        from nanoseek.distributed import reduce_floats, world_size
-
         value, kl = reduce_floats([self.value_loss_sum, self.kl])
-        return {"value_loss": value / world_size() / self.cfg.num_iterations, "kl": kl / world_size()}
+        return {"value_loss": value / world_size() / self.optim.num_iterations, "kl": kl / world_size()}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

@@ -16,34 +16,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanoseek import cli_args
+from nanoseek.checkpoint import load_checkpoint, set_rng_state
+from nanoseek.cli_args import check_ranges, option
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, LMBatch, SFTData, make_data
-from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
-from nanoseek.metrics import MetricsLogger
+from nanoseek.data import IGNORE, SFTData, LMBatch, make_data
+from nanoseek.distributed import all_reduce_, init_distributed, wrap_model
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.transformer import Transformer
-from nanoseek.rundir import check_run_dir
 from nanoseek.tokenizer import Tokenizer
-from nanoseek import cli_args
-from nanoseek.cli_args import check_ranges, option
-from nanoseek.train.interrupt import StopFlag
-from nanoseek.train.schedule import SCHEDULES
-from nanoseek.train.schedule import lr_at as schedule_lr
+from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
+from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
 
 
-@dataclass
-class TrainConfig:
-    """Everything ``nanoseek pretrain`` / ``nanoseek sft`` accept (the CLI flags are generated from the fields)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig, OptimConfig):
+    """``nanoseek pretrain`` (the CLI flags are generated from the fields); ``mode="sft"`` trains on completions."""
 
     mode: str = option("pretrain", "pretrain (loss on all tokens) or sft (loss on completion + eos)",
                        choices=("pretrain", "sft"), cli=False)
@@ -51,11 +47,43 @@ class TrainConfig:
     preset: str = option("tiny", "model preset (tiny | small | deepseek-v2-lite | deepseek-v2 | deepseek-v3)")
     model_config: str | None = option(None, "JSON file of ModelConfig fields (unknown keys are an error)")
     overrides: dict = option(default_factory=dict, help="model config fields to override", cli=False)  # --set
-    init_from: str | None = option(None, "checkpoint directory to start from (fine-tuning)")
+    model: str | None = option(None, "checkpoint directory to start from (fine-tuning)")
     # data
     task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
     data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
-    dataset: str | None = option(None, "sft: a dataset of prompt + completion or messages rows (local "
+    tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
+    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
+                                       "listing them)")
+    seq_len: int = option(64, "tokens per row", min=1)
+    # batch and loss
+    batch_size: int = option(32, "global batch: sequences per optimizer step, split over ranks, then over "
+                             "--grad-accum micro-batches", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    mtp_lambda: float = option(0.3, "λ of the MTP loss (V3: 0.3, later 0.1)", min=0)
+    bias_gamma: float = option(1e-3, "γ of the aux-loss-free bias update (V3: 0.001; 0 turns it off)", min=0)
+    balance_alpha: float | None = option(None, "α of the sequence-wise balance loss (V3: 0.0001; default: the "
+                                          "model config's aux_loss_alpha)", min=0)
+    bf16: bool = option(False, "bf16 autocast on the training device (fp32 master weights)")
+    dist_mode: str = option("ddp", "under torchrun", choices=("ddp", "fsdp"))
+    # this command's defaults of the shared run and optimizer flags
+    steps: int = option(200, "optimizer steps", min=1)
+    lr: float = option(3e-3, "peak learning rate", min=0)
+    warmup_steps: int = option(10, "linear warm-up steps", min=0)
+    lr_schedule: str = option("cosine", "after warm-up", choices=("constant", "linear", "cosine", "wsd"))
+    min_lr_ratio: float = option(0.1, "the decay ends at this fraction of --lr", min=0, max=1)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+
+    def validate(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(TrainConfig):
+    """``nanoseek sft``: the pretrain flags, loss on completion + eos, and rows from a dataset."""
+
+    mode: str = option("sft", "pretrain or sft", choices=("pretrain", "sft"), cli=False)
+    dataset: str | None = option(None, "a dataset of prompt + completion or messages rows (local "
                                  ".jsonl/.json/.parquet/.csv file or folder, or a hub dataset; `nanoseek sample` "
                                  "output works); conversations use the tokenizer's chat template")
     dataset_config: str | None = option(None, "the hub dataset's configuration")
@@ -65,69 +93,14 @@ class TrainConfig:
     messages_column: str = option("messages", "--dataset: the column with whole conversations")
     system_prompt: str | None = option(None, "--dataset: system message for every row (rendered with the chat "
                                        "template)")
-    tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
-    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
-                                       "listing them)")
-    seq_len: int = option(64, "tokens per row", min=1)
-    # optimisation
-    steps: int = option(200, "optimizer steps", min=1)
-    batch_size: int = option(32, "global batch: sequences per optimizer step, split over ranks, then over "
-                             "--grad-accum micro-batches", min=1)
-    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(3e-3, "peak learning rate", min=0)
-    min_lr_ratio: float = option(0.1, "the decay ends at this fraction of --lr", min=0, max=1)
-    warmup: int = option(10, "linear warm-up steps", min=0)
-    schedule: str = option("cosine", "after warm-up", choices=SCHEDULES)
-    decay_frac: float = option(0.2, "WSD: the last fraction of steps decays linearly to the minimum", gt=0, max=1)
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0)
-    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
-    grad_clip: float = option(1.0, "gradient clipping norm (0 disables)", min=0)
-    mtp_lambda: float = option(0.3, "λ of the MTP loss (V3: 0.3, later 0.1)", min=0)
-    bias_gamma: float = option(1e-3, "γ of the aux-loss-free bias update (V3: 0.001; 0 turns it off)", min=0)
-    balance_alpha: float | None = option(None, "α of the sequence-wise balance loss (V3: 0.0001; default: the "
-                                          "model config's aux_loss_alpha)", min=0)
-    bf16: bool = option(False, "bf16 autocast on the training device (fp32 master weights)")
-    seed: int = option(0, "seed of the model init and the data order")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
-    # run directory and checkpoints
-    out: str | None = option(None, "run directory (default runs/<command>)")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint (a new run if --out is "
-                          "empty)")
-    overwrite: bool = option(False, "delete what --out holds and start over")
-    ckpt_every: int = option(0, "save every N steps (0: only at the end and on Ctrl-C)", min=0)
-    keep: int = option(3, "checkpoints kept", min=1)
-    stop_at: int | None = option(None, "stop and save after this step, as a preemption would (then --resume)",
-                                 min=1)
-    dist_mode: str = option("ddp", "under torchrun", choices=("ddp", "fsdp"))
-    progress: bool = option(True, "show a progress bar")
-
-    def validate(self) -> None:
-        check_ranges(self)
-
-
-# ---------------------------------------------------------------------- optimiser and schedule
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (linear weights, experts, gate); none on norms, biases, embeddings."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    return schedule_lr(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
 
 
 # ---------------------------------------------------------------------- building
 def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").exists():
-        return Tokenizer.load(cfg.init_from)
+    if cfg.model and (Path(cfg.model) / "tokenizer.json").exists():
+        return Tokenizer.load(cfg.model)
     return Tokenizer.char()
 
 
@@ -137,10 +110,10 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     unknown = sorted(set(cfg.overrides) - known)
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown} in --set; valid keys: {', '.join(sorted(known))}")
-    if cfg.init_from:
+    if cfg.model:
         if cfg.overrides or cfg.model_config:
-            raise ValueError("--init-from takes the model config from the checkpoint; drop --set / --model-config")
-        config = ModelConfig.load(Path(cfg.init_from) / "config.json")
+            raise ValueError("--model takes the model config from the checkpoint; drop --set / --model-config")
+        config = ModelConfig.load(Path(cfg.model) / "config.json")
     elif cfg.model_config:
         path = Path(cfg.model_config)
         if not path.is_file():
@@ -158,7 +131,7 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     if cfg.overrides:
         config = config.replace(**cfg.overrides)
     if tok.vocab_size > config.vocab_size:
-        if "vocab_size" in cfg.overrides or cfg.model_config or cfg.init_from:
+        if "vocab_size" in cfg.overrides or cfg.model_config or cfg.model:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                              f"{config.vocab_size}; set vocab_size >= {tok.vocab_size}")
         config = config.replace(vocab_size=tok.vocab_size)
@@ -207,160 +180,109 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-# ---------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------- the run
+def build_data(cfg: TrainConfig, tok: Tokenizer):
+    if isinstance(cfg, SFTConfig) and cfg.dataset:
+        return DatasetData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
+                           split=cfg.dataset_split, prompt_column=cfg.prompt_column,
+                           completion_column=cfg.completion_column, messages_column=cfg.messages_column,
+                           system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
+    return make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
+                     allow_unknown_chars=cfg.allow_unknown_chars)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns {"final_loss", "steps", "wall_time_s", "run_dir", "checkpoint", "resumed_from",
-    "interrupted" (Ctrl-C stopped it)}."""
+    """Train; returns the run's summary (``nanoseek.train.loop.run_loop``) and "final_loss"."""
     cfg.validate()
+    opt = narrow(OptimConfig, cfg)
     rank, world, device = init_distributed(cfg.device)
-    run_plan = check_run_dir(cfg.out or f"runs/{cfg.mode}", cfg.mode, resume=cfg.resume, overwrite=cfg.overwrite)
     per_rank, rem = divmod(cfg.batch_size, world)
     if rem or per_rank % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} rank(s) x --grad-accum "
                          f"{cfg.grad_accum} equal micro-batches")
     micro = per_rank // cfg.grad_accum
-    tok = build_tokenizer(cfg)
-    config = build_model_config(cfg, tok)
-    if cfg.dataset:
-        if cfg.mode != "sft":
-            raise ValueError("--dataset holds SFT rows (prompt + completion or messages); pretrain reads --data")
-        data = SFTData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
-                           split=cfg.dataset_split, prompt_column=cfg.prompt_column,
-                           completion_column=cfg.completion_column, messages_column=cfg.messages_column,
-                           system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
-    else:
-        data = make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
-                         allow_unknown_chars=cfg.allow_unknown_chars)
-    run_dir = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
 
+    def inputs() -> tuple[Tokenizer, ModelConfig, object]:
+        tok = build_tokenizer(cfg)
+        config = build_model_config(cfg, tok)
+        return tok, config, build_data(cfg, tok)
+
+    run, (tok, config, data) = start_run(narrow(RunConfig, cfg), cfg.mode, inputs)
     torch.manual_seed(cfg.seed)
-    model = Transformer.from_pretrained(cfg.init_from) if cfg.init_from else Transformer(config)
+    model = Transformer.from_pretrained(cfg.model) if cfg.model else Transformer(config)
     model.to(device).train()
     use_mtp = len(model.mtp) > 0 and cfg.mtp_lambda > 0
-    start, resumed_from = 0, None
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:  # weights before wrapping/sharding; optimizer state after
-        state = load_checkpoint(ckpt, model)
-        start, resumed_from = state["step"], str(ckpt)
+    start = 0
+    if run.resume_from is not None:  # weights before wrapping/sharding; optimizer state after
+        state = load_checkpoint(run.resume_from, model)
+        start = state["step"]
     fsdp = cfg.dist_mode == "fsdp" and world > 1
     net = wrap_model(model, cfg.dist_mode, find_unused_parameters=len(model.mtp) > 0 and not use_mtp)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    if ckpt is not None:
-        _load_optimizer(ckpt / "optimizer.pt", model, optimizer, fsdp)
+    optimizer = adamw(model, opt)
+    if run.resume_from is not None:
+        _load_optimizer(run.resume_from / "optimizer.pt", model, optimizer, fsdp)
         set_rng_state(state["rng"])
-    if is_main():
-        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    logger = MetricsLogger(run_dir, cfg.steps, desc=cfg.mode, enabled=is_main(), start_step=start,
-                           progress=cfg.progress)
     moes = model.moe_layers()
-    last_loss, step, t_start = float("nan"), start, time.perf_counter()
     depths = len(model.mtp) if use_mtp else 0
+    last_loss = float("nan")
 
-    def save(at: int) -> Path | None:
-        return _save(run_dir, at, model, optimizer, tok, cfg, fsdp)
+    def step(n: int, stop: StopFlag) -> tuple[dict, bool]:
+        nonlocal last_loss
+        t0 = time.perf_counter()
+        lr = set_lr(optimizer, lr_at(n - 1, opt, cfg.steps))
+        batch = data.batch(n - 1, cfg.batch_size)  # the global batch; this rank takes its rows
+        n_tokens = [int((batch.targets[:, k:] != IGNORE).sum()) for k in range(depths + 1)]
+        loads = [torch.zeros(m.gate.n_experts, device=device) for m in moes]
+        sums = torch.zeros(depths + 3, dtype=torch.float64, device=device)  # ce, ce_1..D, balance, stop
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(cfg.grad_accum):
+            lo = rank * per_rank + i * micro
+            mb = batch.rows(slice(lo, lo + micro)).to(device)
+            last = i == cfg.grad_accum - 1
+            stats = RouterStats(balance=True)
+            with _no_sync(net, fsdp) if not last else contextlib.nullcontext():
+                loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp, stats)
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
+            sums[:-1] += parts
+            for load, m in zip(loads, moes):
+                if m.layer_idx in stats.load:
+                    load += stats.load[m.layer_idx]
+        grad_norm = clip_grad_norm(model, opt.max_grad_norm)
+        optimizer.step()
+        sums[-1] = float(stop.requested)
+        all_reduce_(sums)  # the step's loss sums and whether any rank was asked to stop: one collective
+        with torch.no_grad():
+            for load, m in zip(loads, moes):
+                all_reduce_(load)  # the global batch's expert load, identical on every rank
+                update_expert_bias(m.gate, load, cfg.bias_gamma)
+        dt = time.perf_counter() - t0
+        last_loss = sums[0].item() / max(n_tokens[0], 1)
+        record = dict(loss=last_loss, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=cfg.batch_size * batch.input_ids.shape[1] / dt,
+                      balance_loss=sums[depths + 1].item())
+        if depths:
+            record["mtp_loss"] = sum(sums[k].item() / max(n_tokens[k], 1) for k in range(1, depths + 1)) / depths
+        record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
+        return record, sums[-1].item() > 0
 
-    saved, interrupted = None, False
-    with StopFlag() as stop:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = data.batch(step, cfg.batch_size)  # the global batch; this rank takes its rows
-            n_tokens = [int((batch.targets[:, k:] != IGNORE).sum()) for k in range(depths + 1)]
-            loads = [torch.zeros(m.gate.n_experts, device=device) for m in moes]
-            sums = torch.zeros(depths + 3, dtype=torch.float64, device=device)  # ce, ce_1..D, balance, stop
-            optimizer.zero_grad(set_to_none=True)
-            for i in range(cfg.grad_accum):
-                lo = rank * per_rank + i * micro
-                mb = batch.rows(slice(lo, lo + micro)).to(device)
-                last = i == cfg.grad_accum - 1
-                stats = RouterStats(balance=True)
-                with _no_sync(net, fsdp) if not last else contextlib.nullcontext():
-                    loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp, stats)
-                    (loss * world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
-                sums[:-1] += parts
-                for load, m in zip(loads, moes):
-                    if m.layer_idx in stats.load:
-                        load += stats.load[m.layer_idx]
-            grad_norm = _clip(model, cfg.grad_clip)
-            optimizer.step()
-            sums[-1] = float(stop.requested)
-            all_reduce_(sums)
-            with torch.no_grad():
-                for load, m in zip(loads, moes):
-                    all_reduce_(load)  # the global batch's expert load, identical on every rank
-                    update_expert_bias(m.gate, load, cfg.bias_gamma)
-            dt = time.perf_counter() - t0
-            last_loss = sums[0].item() / max(n_tokens[0], 1)
-            record = dict(loss=last_loss, lr=lr, grad_norm=grad_norm,
-                          tokens_per_s=cfg.batch_size * batch.input_ids.shape[1] / dt,
-                          balance_loss=sums[depths + 1].item())
-            if depths:
-                record["mtp_loss"] = sum(sums[k].item() / max(n_tokens[k], 1) for k in range(1, depths + 1)) / depths
-            record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
-            logger.log(step + 1, **record)
-            done = step + 1
-            interrupted = sums[-1].item() > 0
-            stopping = interrupted or done == cfg.stop_at
-            if done == cfg.steps or stopping or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
-                saved = save(done)
-            if stopping:
-                if is_main():
-                    print(f"stopped after step {done}; checkpoint {saved}; continue with --resume", file=sys.stderr)
-                break
-    logger.close()
-    if start >= cfg.steps and ckpt is not None:
-        saved = ckpt
-    return {"final_loss": last_loss, "steps": step + 1 if cfg.steps > start else start,
-            "wall_time_s": time.perf_counter() - t_start, "run_dir": str(run_dir),
-            "checkpoint": str(saved) if saved else None, "resumed_from": resumed_from,
-            "interrupted": interrupted}
-
-
-def _no_sync(net: nn.Module, fsdp: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch."""
-    if fsdp:
-        net.set_requires_gradient_sync(False)
-        return _restore_sync(net)
-    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+    config = config_dict(cfg)
+    summary = run_loop(run, start, step, lambda n: save(run, n, model, optimizer, tok, {"config": config}, fsdp),
+                       config)
+    return {**summary, "final_loss": last_loss}
 
 
 @contextlib.contextmanager
-def _restore_sync(net: nn.Module):
+def _no_sync(net: nn.Module, fsdp: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch."""
+    if not fsdp:
+        with net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext():
+            yield
+        return
+    net.set_requires_gradient_sync(False)
     try:
         yield
     finally:
         net.set_requires_gradient_sync(True)
-
-
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return norm.item()
-
-
-def _save(run_dir: Path, step: int, model: Transformer, optimizer, tok: Tokenizer, cfg: TrainConfig,
-          fsdp: bool) -> Path | None:
-    """Rank 0 writes the checkpoint (under FSDP every rank first helps gather the full state)."""
-    state = {"rng": rng_state(), "data_position": step * cfg.batch_size, "train_config": asdict(cfg)}
-    path = None
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        if is_main():
-            full = Transformer(model.config)
-            full.load_state_dict(model_sd)
-            path = save_checkpoint(run_dir, step, full, None, state, keep=cfg.keep, tokenizer=tok)
-            torch.save(optim_sd, path / "optimizer.pt")
-    elif is_main():
-        path = save_checkpoint(run_dir, step, model, optimizer, state, keep=cfg.keep, tokenizer=tok)
-    barrier()
-    return path
 
 
 def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:
@@ -377,7 +299,7 @@ def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> No
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli_args.add_arguments(parser, TrainConfig)
+    cli_args.add_arguments(parser, SFTConfig if parser.prog.split()[-1] == "sft" else TrainConfig)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable)")
 
@@ -396,7 +318,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return cli_args.from_args(TrainConfig, args, mode="sft" if args.command == "sft" else "pretrain",
+    return cli_args.from_args(SFTConfig if args.command == "sft" else TrainConfig, args,
                               overrides=parse_overrides(args.set))
 
 

@@ -1,9 +1,12 @@
-"""The RL run shared by GRPO and PPO: one step is ``collect -> algorithm.prepare -> optimize``, and ``train_rl``
-wraps steps in a run (checkpoints, exact resume, metrics, Ctrl-C).
+"""The RL run shared by GRPO and PPO: one step is ``collect -> algorithm.prepare -> optimize``; ``train_rl`` runs
+steps in the shared run loop (``nanoseek.train.loop``: checkpoints, exact resume, metrics, Ctrl-C).
 
 An algorithm (``Algorithm``: GRPO in grpo.py, PPO in ppo.py) supplies only what differs: how a rollout gets its
 advantages and old / reference log-probs (``prepare``), the loss of one micro-batch (``loss``), any extra trainable
-module (PPO's critic) and its checkpoint state. Steps count from 1 everywhere (metrics, checkpoints, the bar).
+module (PPO's critic) and its checkpoint state. Each stage gets the small frozen config it reads, cut once from the
+command's flags (``nanoseek.train.loop.narrow``): the data (``RLDataConfig``), the sampling (``Sampling``), the
+algorithm (its ``Params``), the optimisation loop (``OptimizeConfig``), the optimizer (``OptimConfig``) and the run
+(``RunConfig``). Steps count from 1 everywhere (metrics, checkpoints, the bar).
 """
 
 from __future__ import annotations
@@ -11,53 +14,32 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from nanoseek.datasets import Row
-from nanoseek.distributed import init_distributed, reduce_floats
-from nanoseek.policy import Policy, SamplingParams
+from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, save_checkpoint
 from nanoseek.cli_args import check_ranges, option
+from nanoseek.datasets import Row
+from nanoseek.distributed import init_distributed, is_main, reduce_floats
+from nanoseek.policy import Policy, SamplingParams
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
-from nanoseek.train.rl_data import rl_data
+from nanoseek.train.rl_data import RLDataConfig, rl_data
 from nanoseek.train.rollout import CollectStats, Rollout, Scorer, collect
-from nanoseek.train.schedule import lr_at
+from nanoseek.train.schedule import OptimConfig, lr_at, set_lr
 
 
-@dataclass
-class RLConfig:
-    """What every RL algorithm shares: model, data, sampling, optimisation, run directory."""
+@dataclass(frozen=True, kw_only=True)
+class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
+    """The flags every RL algorithm shares: model, data and rewards, sampling, optimisation, evaluation, run."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory with tokenizer.json, or a run directory")
-    out: str = option("runs/rl", "run directory: metrics.jsonl, completions.jsonl, checkpoints/")
-    task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
-    task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
-    dataset: str | None = option(None, "prompts from a local .jsonl/.json/.parquet/.csv file or folder, or a hub "
-                                 "dataset, instead of --task (rewards: --reward-funcs only)")
-    dataset_config: str | None = option(None, "the hub dataset's configuration")
-    dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
-    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
-    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
-    completion_column: str = option("completion", "the column with reference completions (SFT-style rows)")
-    messages_column: str = option("messages", "the column with whole conversations (prompt = all but the reply)")
-    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
-    reward_funcs: list[str] = option(default_factory=list,
-                                     help="reward functions: built-in names (math, format, format_gsm8k, equations, "
-                                     "countdown, code) or import paths (package.module:function)")
-    reward_weights: list[float] = option(default_factory=list,
-                                         help="weights: the task reward first (without --dataset), then each of "
-                                         "--reward-funcs (default all 1)")
-    eval_every: int = option(0, "evaluate on held-out prompts every N steps and at the end (0: never)", min=0)
-    eval_dataset: str | None = option(None, "held-out prompts for --eval-every (default: the task's held-out "
-                                      "split, or one in 10 of --dataset's prompts, held out of training)")
-    eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
-    eval_n: int = option(200, "most held-out prompts evaluated", min=1)
     eval_k: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
     save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best (accuracy, "
                                    "pass@k, sample_accuracy, reward)",
@@ -65,51 +47,18 @@ class RLConfig:
     num_generations: int = option(8, "G completions per prompt", min=1)
     prompts_per_step: int = option(8, "P prompts per step (global: split over ranks)", min=1)
     max_completion_length: int = option(16, "most tokens per completion", min=1)
-    steps: int = option(100, "RL steps (one rollout each)", min=1)
-    lr: float = option(1e-5, "policy learning rate", gt=0)
-    warmup_steps: int = option(0, "linear warm-up steps", min=0)
-    lr_schedule: str = option("constant", "after warm-up: constant, or a linear / cosine decay to 0 at the last step",
-                              choices=("constant", "linear", "cosine"))
-    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
-    max_grad_norm: float = option(1.0, "gradient clipping norm", gt=0)
-    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
-    num_iterations: int = option(1, "μ passes over each rollout", min=1)
-    num_minibatches: int = option(1, "optimizer steps per pass", min=1)
-    micro_batch_size: int = option(0, "most rows per forward/backward (0: only the padding rule splits)", min=0)
-    temperature: float = option(1.0, "sampling temperature", gt=0)
     top_p: float = option(1.0, "nucleus sampling mass", gt=0, max=1)
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
-    epsilon: float = option(0.2, "clip range ε (ε_low)", gt=0)
-    epsilon_high: float | None = option(None, "clip-higher ε_high (default ε)", gt=0)
     share_prompts: bool = option(True, "run a group's shared prompt once in the log-prob passes (exact)")
-    reward_timeout_s: float | None = option(None, "run non-built-in reward functions in a killable worker", gt=0)
-    logp_chunk_tokens: int = option(1024, "completion tokens per vocabulary-head matmul", min=1)
     log_completions_every: int = option(10, "write samples to completions.jsonl every N steps (0: never)", min=0)
-    save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", min=0)
-    keep: int = option(2, "checkpoints kept", min=1)
-    seed: int = option(0, "seed of prompts, sampling and shuffling")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
-    resume: bool = option(False, "continue exactly from OUT's latest checkpoint (a new run if --out is empty)")
-    overwrite: bool = option(False, "delete what --out holds and start over")
-    progress: bool = option(True, "show a progress bar")
 
     def process_reward_fn(self) -> Callable | None:
         """Per-step rewards for process supervision (GRPO's ``--process-reward``); None: outcome rewards only."""
         return None
 
-    def resampling(self) -> tuple[bool, int]:
-        """(keep only groups whose rewards differ, most extra sampling rounds): DAPO's dynamic sampling (GRPO's)."""
-        return False, 0
-
     def validate(self) -> None:
         check_ranges(self)
-        n_fns = (0 if self.dataset else 1) + len(self.reward_funcs)
-        if self.dataset and not self.reward_funcs:
-            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
-                             "package.module:function); a dataset has no task reward")
-        if self.reward_weights and len(self.reward_weights) != n_fns:
-            raise ValueError(f"--reward-weights: {len(self.reward_weights)} given, need {n_fns} ("
-                             f"{'' if self.dataset else 'the task reward, then '}each of --reward-funcs)")
+        RLDataConfig.validate(self)
         if self.save_best and not self.eval_every:
             raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_k:
@@ -120,18 +69,33 @@ class RLConfig:
         """The metrics.jsonl key ``--save-best`` compares (``eval/pass@4`` for pass@k with --eval-k 4)."""
         return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_k}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    def optimize_config(self) -> OptimizeConfig:
-        return OptimizeConfig(self.num_iterations, self.num_minibatches, self.micro_batch_size, self.temperature,
-                              self.logp_chunk_tokens)
+@dataclass(frozen=True)
+class Sampling:
+    """What ``collect`` draws each step: P prompts × G completions, and DAPO's dynamic sampling (GRPO's)."""
+
+    num_generations: int
+    prompts_per_step: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    seed: int
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 0
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_completion_length, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
 
 
 class Algorithm(Protocol):
-    """What GRPO and PPO each add to the shared step."""
+    """What GRPO and PPO each add to the shared step; built from its ``Params`` (a frozen dataclass whose fields
+    are flags of the command), the sampling, the optimisation settings and the policy."""
 
     kind: str
+    Params: type
+    cfg: object  # its Params (β included)
 
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         """Attach advantages (and old / reference log-probs, values...) to a collected rollout."""
@@ -139,8 +103,8 @@ class Algorithm(Protocol):
     def loss(self, rollout: Rollout, mb, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch (normalised by its mini-batch) and its statistics (sums)."""
 
-    def trainables(self) -> list[Trainable]:
-        """Modules trained besides the policy (PPO's critic)."""
+    def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """Modules trained besides the policy, with their optimizers (PPO's critic)."""
 
     def state_dict(self) -> dict: ...
 
@@ -155,13 +119,15 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, algorithm_cls, rank: int = 0, world: int = 1):
         cfg.validate()
         self.cfg, self.policy, self.tokenizer, self.rank, self.world = cfg, policy, tokenizer, rank, world
-        self.data = rl_data(cfg, tokenizer)
+        self.data = rl_data(narrow(RLDataConfig, cfg), tokenizer)
         fns = self.data.reward_fns
         self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, cfg.process_reward_fn(),
                              cfg.reward_timeout_s, self.data.columns)
+        self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
+        self.opt = narrow(OptimConfig, cfg)
         params = [p for p in policy.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-        self.algorithm: Algorithm = algorithm_cls(cfg, policy, world)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.algorithm: Algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
 
     # -------------------------------------------------------------- data
     def prompts(self, step: int, round_: int = 0) -> list[Row]:
@@ -187,16 +153,12 @@ class RLTrainer:
         return {f"eval/{k}": v for k, v in m.items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
-        cfg = self.cfg
-        base = (cfg.seed * 1_000_003 + step - 1) * 101
-        informative_only, max_rounds = cfg.resampling()
+        s = self.sampling
+        base = (s.seed * 1_000_003 + step - 1) * 101
         return collect(
             self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
-            num_generations=cfg.num_generations,
-            params=SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p),
-            seed=lambda r: (base + r) * 64 + self.rank, informative_only=informative_only,
-            max_resample_rounds=max_rounds,
+            num_generations=s.num_generations, params=s.params(), seed=lambda r: (base + r) * 64 + self.rank,
+            informative_only=s.dynamic_sampling, max_resample_rounds=s.max_resample_rounds,
         )
 
     # -------------------------------------------------------------- one step
@@ -204,22 +166,22 @@ class RLTrainer:
         """RL step ``step`` (1-based): sample and score, prepare, optimize. Returns (metrics, the rollout)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step - 1, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
+        set_lr(self.optimizer, lr_at(step - 1, self.opt, cfg.steps))
         rollout, seen = self.collect(step)
         t_gen = time.perf_counter() - t0
         counter = TokenCounter()
         rollout = self.algorithm.prepare(rollout, step, counter)
-        trainables = [Trainable(self.policy.model, self.optimizer, cfg.max_grad_norm)] + self.algorithm.trainables()
+        trainables = [Trainable(m, o, cfg.max_grad_norm)
+                      for m, o in [(self.policy.model, self.optimizer), *self.algorithm.trainables()]]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
-        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, cfg.optimize_config(), gen, counter)
+        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter)
         m = self.metrics(step, rollout, seen, stats, counter, time.perf_counter() - t0, t_gen)
         return {**m, **self.algorithm.metrics(rollout, stats)}, rollout
 
     def metrics(self, step: int, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, counter: TokenCounter,
                 dt: float, t_gen: float) -> dict:
         """TRL's metric names where TRL has the quantity; sums gathered over ranks."""
-        cfg, passes = self.cfg, self.cfg.num_iterations
+        passes = self.cfg.num_iterations
         r = torch.tensor(seen.seen_rewards, dtype=torch.float64)
         lengths = rollout.batch.completion_lens.double()
         tok = stats.sums.get("tokens", 0.0)
@@ -244,7 +206,7 @@ class RLTrainer:
             "step_time": dt, "generation_time": t_gen, "tokens_per_s": ln / dt,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        if cfg.beta > 0:
+        if self.algorithm.cfg.beta > 0:
             m["kl"] = kl / max(tok, 1)
         for name, vals in seen.seen_per_fn.items():
             v = torch.tensor(vals, dtype=torch.float64)
@@ -264,82 +226,50 @@ class RLTrainer:
             m["sampling/logprob_diff/max"] = reduce_floats([float(gap.max()) if gap.numel() else 0.0], "max")[0]
         return m
 
-    # -------------------------------------------------------------- checkpoints
-    def checkpoint_state(self) -> dict:
-        return self.algorithm.state_dict()
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.algorithm.load_state_dict(state)
 
 
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
-    """Run an RL algorithm as configured; returns a summary (steps, first/final reward, wall time, run dir,
-    whether Ctrl-C stopped it). Checkpoints every ``save_every`` steps, on Ctrl-C and at the end; ``resume``
-    continues exactly from the latest."""
-    from nanoseek.checkpoint import latest_checkpoint, load_checkpoint, resolve_model_dir, save_checkpoint
-    from nanoseek.metrics import MetricsLogger
-    from nanoseek.rundir import check_run_dir
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.interrupt import StopFlag
-
+    """Run an RL algorithm as configured; returns the run's summary (``nanoseek.train.loop.run_loop``) with the
+    first and final reward (and the best checkpoint's record with ``save_best``)."""
     cfg.validate()
     kind = algorithm_cls.kind
-    run_plan = check_run_dir(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite)
-    cfg = replace(cfg, model=str(resolve_model_dir(cfg.model)))
     rank, world, device = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    tokenizer = load_tokenizer(cfg.model)
-    policy = Policy.load(cfg.model, tokenizer.pad_id, tokenizer.eos_id, device=device)
-    policy.share_prompts = cfg.share_prompts
-    trainer = RLTrainer(cfg, policy, tokenizer, algorithm_cls, rank, world)
-    out = run_plan.create()  # inputs are checked: now claim (or clear) the run directory
+
+    def inputs() -> RLTrainer:
+        model = str(resolve_model_dir(cfg.model))
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+        tokenizer = load_tokenizer(model)
+        policy = Policy.load(model, tokenizer.pad_id, tokenizer.eos_id, device=device)
+        policy.share_prompts = cfg.share_prompts
+        return RLTrainer(replace(cfg, model=model), policy, tokenizer, algorithm_cls, rank, world)
+
+    run, trainer = start_run(narrow(RunConfig, cfg), kind, inputs)
+    cfg, model = trainer.cfg, trainer.policy.model
     start = 0
-    if run_plan.resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = load_checkpoint(ckpt, policy.model, trainer.optimizer)
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, model, trainer.optimizer)
         start = int(state["step"])
-        trainer.load_checkpoint_state(state)
-    main = rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{kind}_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    logger = MetricsLogger(out, cfg.steps, kind, enabled=main, start_step=start, progress=cfg.progress)
-    first = last = None
-    best = BestCheckpoint(out, cfg.best_metric, run_plan.resume) if cfg.save_best else None
-    t0 = time.perf_counter()
+        trainer.algorithm.load_state_dict(state)
+    best = BestCheckpoint(run.dir, cfg.best_metric, run.resume_from is not None) if cfg.save_best else None
+    rewards: list[float] = []
 
-    def save(step: int) -> None:
-        if main:
-            state = {"step": step, "config": cfg.to_dict(), **trainer.checkpoint_state()}
-            save_checkpoint(out, step, policy.model, trainer.optimizer, state, keep=cfg.keep, tokenizer=tokenizer)
+    def step(n: int, stop: StopFlag) -> tuple[dict, bool]:
+        m, rollout = trainer.step(n)
+        rewards.append(m["reward"])
+        if is_main() and cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.steps):
+            m.update(trainer.evaluate(n))
+            if best is not None:
+                best.update(n, m[cfg.best_metric], model, trainer.tokenizer)
+        if is_main() and cfg.log_completions_every and (n - 1) % cfg.log_completions_every == 0:
+            _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
+        return m, reduce_floats([float(stop.requested)], "max")[0] > 0
 
-    done, stopped = start, False
-    with StopFlag() as stop:
-        for step in range(start + 1, cfg.steps + 1):
-            m, rollout = trainer.step(step)
-            done = step
-            first = m["reward"] if first is None else first
-            last = m["reward"]
-            if main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                m.update(trainer.evaluate(step))
-                if best is not None:
-                    best.update(step, m[cfg.best_metric], policy.model, tokenizer)
-            if main:
-                logger.log(step, **m)
-                if cfg.log_completions_every and (step - 1) % cfg.log_completions_every == 0:
-                    _log_completions(out / "completions.jsonl", step, rollout, 4 * cfg.num_generations)
-            stopped = reduce_floats([float(stop.requested)], "max")[0] > 0
-            if stopped:
-                if main:
-                    print(f"interrupted: saving step {done}; continue with --resume", file=sys.stderr)
-                break
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save(done)
-    if done > start:
-        save(done)
-    logger.close()
-    return {"steps": done, "first_reward": first, "final_reward": last, "wall_time": time.perf_counter() - t0,
-            "run_dir": str(out), "interrupted": stopped, **({"best": best.record} if best is not None else {})}
+    config = config_dict(cfg)
+    summary = run_loop(run, start, step, lambda n: save(run, n, model, trainer.optimizer, trainer.tokenizer,
+                                                        {"config": config, **trainer.algorithm.state_dict()}), config)
+    return {**summary, "first_reward": rewards[0] if rewards else None,
+            "final_reward": rewards[-1] if rewards else None, **({"best": best.record} if best is not None else {})}
 
 
 class BestCheckpoint:
@@ -354,8 +284,6 @@ class BestCheckpoint:
 
     def update(self, step: int, value: float, model, tokenizer) -> bool:
         """Save the model if ``value`` beats the best so far; returns whether it did."""
-        from nanoseek.checkpoint import save_checkpoint
-
         if self.record is not None and value <= self.record["value"]:
             return False
         self.record = {"metric": self.metric, "value": value, "step": step}

@@ -13,8 +13,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.chat import ChatTemplate, chat_template
+from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLDataConfig:
+    """Where the prompts, rewards and held-out prompts come from."""
+
+    task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
+    task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
+    dataset: str | None = option(None, "prompts from a local .jsonl/.json/.parquet/.csv file or folder, or a hub "
+                                 "dataset, instead of --task (rewards: --reward-funcs only)")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
+    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
+    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    completion_column: str = option("completion", "the column with reference completions (SFT-style rows)")
+    messages_column: str = option("messages", "the column with whole conversations (prompt = all but the reply)")
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
+    reward_funcs: list[str] = option(default_factory=list,
+                                     help="reward functions: built-in names (math, format, format_gsm8k, equations, "
+                                     "countdown, code) or import paths (package.module:function)")
+    reward_weights: list[float] = option(default_factory=list,
+                                         help="weights: the task reward first (without --dataset), then each of "
+                                         "--reward-funcs (default all 1)")
+    reward_timeout_s: float | None = option(None, "run non-built-in reward functions in a killable worker", gt=0)
+    eval_every: int = option(0, "evaluate on held-out prompts every N steps and at the end (0: never)", min=0)
+    eval_dataset: str | None = option(None, "held-out prompts for --eval-every (default: the task's held-out "
+                                      "split, or one in 10 of --dataset's prompts, held out of training)")
+    eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
+    eval_n: int = option(200, "most held-out prompts evaluated", min=1)
+
+    def validate(self) -> None:
+        n_fns = (0 if self.dataset else 1) + len(self.reward_funcs)
+        if self.dataset and not self.reward_funcs:
+            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
+                             "package.module:function); a dataset has no task reward")
+        if self.reward_weights and len(self.reward_weights) != n_fns:
+            raise ValueError(f"--reward-weights: {len(self.reward_weights)} given, need {n_fns} ("
+                             f"{'' if self.dataset else 'the task reward, then '}each of --reward-funcs)")
 
 
 @dataclass(frozen=True)
@@ -40,14 +79,14 @@ class RLData:
         return tokenizer.encode_prompt(prompt, self.system_prompt)
 
 
-def _load(cfg, source: str, split: str) -> PromptDataset:
+def _load(cfg: RLDataConfig, source: str, split: str) -> PromptDataset:
     return load_prompts(source, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
                         answer_column=cfg.answer_column, completion_column=cfg.completion_column,
                         messages_column=cfg.messages_column)
 
 
-def rl_data(cfg, tokenizer) -> RLData:
-    """The prompts, held-out prompts and reward functions of an RL config (``nanoseek.train.rl.RLConfig``)."""
+def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
+    """The prompts, held-out prompts and reward functions a run's data flags describe."""
     from nanoseek.tasks import get_task, task_reward
 
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]

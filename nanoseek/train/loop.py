@@ -1,0 +1,144 @@
+"""The run loop of every trainer (pretrain, SFT, GRPO, PPO): exact resume, Ctrl-C, metrics, save cadence,
+checkpoint keeping and the summary.
+
+A trainer hands ``run_loop`` its step (``step(n, stop) -> (metrics, stop)``, n counted from 1) and its save
+(``save(n) -> checkpoint``); the loop logs each step to ``metrics.jsonl``, saves every ``save_every`` steps, at the
+end, at ``stop_at`` and after a Ctrl-C, and returns one summary schema for every command. The first SIGINT asks the
+loop to stop after the current step (the step itself agrees on it across ranks, inside its own collectives, so
+every rank stops after the same step); a second one interrupts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from nanoseek.cli_args import option
+from nanoseek.distributed import barrier, is_main
+from nanoseek.metrics import MetricsLogger
+from nanoseek.rundir import check_run_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The run: its directory, length, checkpoints, seed and device (the same flags for every trainer)."""
+
+    out: str | None = option(None, "run directory: metrics.jsonl, checkpoints/ (None: runs/<command>)")
+    steps: int = option(100, "optimizer steps", min=1)
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", min=0)
+    keep: int = option(2, "checkpoints kept", min=1)
+    stop_at: int | None = option(None, "stop and save after this step, as a preemption would (then --resume)",
+                                 min=1)
+    resume: bool = option(False, "continue exactly from --out's latest checkpoint (a new run if --out is empty)")
+    overwrite: bool = option(False, "delete what --out holds and start over")
+    seed: int = option(0, "seed of the model init, the data order and sampling")
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+    progress: bool = option(True, "show a progress bar")
+
+
+def narrow(cls: type, cfg: object):
+    """The ``cls`` part of a command's config (the fields ``cls`` declares that ``cfg`` has), as a frozen ``cls``."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+
+class StopFlag:
+    """``with StopFlag() as stop: ... if stop.requested: save and leave``."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A claimed run directory and the checkpoint to resume from (None: a new run)."""
+
+    kind: str
+    config: RunConfig
+    dir: Path
+    resume_from: Path | None
+
+
+def start_run(cfg: RunConfig, kind: str, check_inputs: Callable[[], object]) -> tuple[Run, object]:
+    """Check the run directory, then ``check_inputs()`` (everything that can fail on bad input), then claim the
+    directory; returns the run and what ``check_inputs`` built."""
+    plan = check_run_dir(cfg.out or f"runs/{kind}", kind, resume=cfg.resume, overwrite=cfg.overwrite)
+    built = check_inputs()
+    run_dir = plan.create()
+    return Run(kind, cfg, run_dir, latest_checkpoint(run_dir) if plan.resume else None), built
+
+
+def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, bool]],
+             save: Callable[[int], Path | None], config: dict) -> dict:
+    """Steps ``start + 1 .. steps`` (see the module docstring). Returns {"steps", "wall_time_s", "interrupted",
+    "run_dir", "checkpoint", "resumed_from"}."""
+    cfg, t0 = run.config, time.perf_counter()
+    if is_main():
+        (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start,
+                           progress=cfg.progress)
+    done, interrupted, saved = start, False, run.resume_from
+    with StopFlag() as stop:
+        for n in range(start + 1, cfg.steps + 1):
+            metrics, interrupted = step(n, stop)
+            logger.log(n, **metrics)
+            done = n
+            stopping = interrupted or n == cfg.stop_at
+            if n == cfg.steps or stopping or (cfg.save_every and n % cfg.save_every == 0):
+                saved = save(n)
+            if stopping:
+                if is_main():
+                    print(f"stopped after step {n}; checkpoint {saved}; continue with --resume", file=sys.stderr)
+                break
+    logger.close()
+    return {"steps": done, "wall_time_s": time.perf_counter() - t0, "interrupted": interrupted,
+            "run_dir": str(run.dir), "checkpoint": str(saved) if saved else None,
+            "resumed_from": str(run.resume_from) if run.resume_from else None}
+
+
+def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bool = False) -> Path | None:
+    """Rank 0 writes checkpoint ``step`` with the RNG state and ``state`` (under FSDP every rank first helps gather
+    the full model and optimizer state); every rank waits for it."""
+    state, path = {"rng": rng_state(), **state}, None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        if is_main():
+            full = type(model)(model.config)
+            full.load_state_dict(model_sd)
+            path = save_checkpoint(run.dir, step, full, None, state, keep=run.config.keep, tokenizer=tokenizer)
+            torch.save(optim_sd, path / "optimizer.pt")
+    elif is_main():
+        path = save_checkpoint(run.dir, step, model, optimizer, state, keep=run.config.keep, tokenizer=tokenizer)
+    barrier()
+    return path
+
+
+def config_dict(cfg: object) -> dict:
+    """A command config as JSON-safe data (a callable field recorded by its name)."""
+    return {k: getattr(v, "__name__", type(v).__name__) if callable(v) else v for k, v in asdict(cfg).items()}

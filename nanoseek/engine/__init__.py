@@ -1,5 +1,6 @@
 """nanoseek's one sampler: continuous batching over the latent KV cache (used by ``generate()``, RL rollouts and
-``nanoseek serve``). See ``engine.py`` for the step, ``request.py`` for a request's life, ``sampling.py``."""
+``nanoseek serve``), with MTP speculative decoding. See ``engine.py`` for the step, ``request.py`` for a request's
+life, ``sampling.py``."""
 
 from nanoseek.engine.detokenize import Detokenizer
 from nanoseek.engine.engine import Engine, bytes_per_token, slots_for_budget

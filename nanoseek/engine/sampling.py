@@ -43,6 +43,27 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
 
 
+def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+              top_p: float = 1.0) -> torch.Tensor:
+    """logits: (..., V) -> log-probs (..., V) of the distribution ``sample`` draws from: the logits divided by
+    ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches ``top_p``
+    (nucleus; the most likely token always stays), renormalized. Temperature 0: the plain softmax (greedy takes
+    its argmax)."""
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.log_softmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.log_softmax(-1)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -50,28 +71,26 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from.
-
-    temperature 0 is greedy (argmax; its log-prob is under the plain softmax). Otherwise the logits are divided
-    by ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches
-    ``top_p`` (nucleus; the most likely token always stays), renormalized, and sampled.
-    """
-    logits = logits.float()
+    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from
+    (``log_probs``); temperature 0 is greedy (argmax)."""
+    logp = log_probs(logits, temperature, top_k, top_p)
     if temperature == 0.0:
-        tokens = logits.argmax(-1)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    logp = logits.log_softmax(-1)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        tokens = logits.float().argmax(-1)
+    else:
+        tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _groups(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
+            ) -> list[list[int]]:
+    """Row indices with equal (temperature, top_k, top_p) (and, given ``generators``, the same generator object);
+    greedy rows form one group and ignore their generator."""
+    groups: dict[tuple, list[int]] = {}
+    for b, p in enumerate(params):
+        g = None if generators is None else id(generators[b])
+        key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, g)
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
 
 
 def sample_rows(
@@ -81,14 +100,42 @@ def sample_rows(
 
     Rows with equal (temperature, top_k, top_p) and the same generator object are sampled in one ``sample`` call,
     in row order; greedy rows ignore their generator."""
-    groups: dict[tuple, list[int]] = {}
-    for b, (p, g) in enumerate(zip(params, generators)):
-        key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(g))
-        groups.setdefault(key, []).append(b)
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     logps = torch.empty(len(params), dtype=torch.float32, device=logits.device)
-    for rows in groups.values():
+    for rows in _groups(params, generators):
         p = params[rows[0]]
         idx = torch.tensor(rows, device=logits.device) if len(rows) < len(params) else slice(None)
         tokens[idx], logps[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, generators[rows[0]])
     return tokens.tolist(), logps.tolist()
+
+
+def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits: (B, ..., V) -> ``log_probs`` of row b under ``params[b]``."""
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for rows in _groups(params):
+        p = params[rows[0]]
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = log_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+    return out
+
+
+def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+              ) -> torch.Tensor:
+    """probs: (B, V) -> one token per row: the argmax for greedy rows, else drawn with the row's generator."""
+    out = probs.argmax(-1)
+    for rows in _groups(params, generators):
+        if params[rows[0]].temperature > 0:
+            idx = torch.tensor(rows, device=probs.device)
+            out[idx] = torch.multinomial(probs[idx], 1, generator=generators[rows[0]])[:, 0]
+    return out
+
+
+def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], n: int,
+                 device: torch.device) -> torch.Tensor:
+    """(B, n) uniform draws in [0, 1), each sampled row's from its generator; zeros for greedy rows."""
+    out = torch.zeros(len(params), n, device=device)
+    for rows in _groups(params, generators):
+        if params[rows[0]].temperature > 0:
+            out[torch.tensor(rows, device=device)] = torch.rand(len(rows), n, generator=generators[rows[0]],
+                                                                device=device)
+    return out

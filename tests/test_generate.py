@@ -9,7 +9,7 @@ from builders import randomize_
 from test_parity_hf import make_config
 
 from nanoseek import ModelConfig, Transformer, generate
-from nanoseek.generate import generate_speculative, sample
+from nanoseek.generate import run_engine, sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,22 +134,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
-        generate_speculative(model, [[1]], 3)
-
-
-@pytest.mark.parametrize("case", ["v3-qlora-groups-yarn", "v2-lite-greedy"])
-def test_speculative_greedy_equals_plain_greedy(case):
-    model = random_model(case, num_nextn_predict_layers=1, vocab_size=9)  # small vocab: drafts often right
-    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 0, 3]]
-    plain = generate(model, prompts, 14)
-    spec, rate = generate_speculative(model, prompts, 14)
-    assert spec == plain
-    assert 0 < rate < 1  # both the accept and the reject branch ran
-    stop = plain[1][5]
-    assert generate_speculative(model, prompts, 14, stop_token_ids=[stop])[0] == generate(
-        model, prompts, 14, stop_token_ids=[stop])
-    for n in (1, 2, 5):
-        assert generate_speculative(model, prompts, n)[0] == generate(model, prompts, n)
+        generate(model, [[1]], 3, speculative=True)
 
 
 def test_speculative_accepts_every_draft_when_it_is_right():
@@ -161,8 +146,8 @@ def test_speculative_accepts_every_draft_when_it_is_right():
         model.mtp[0].norm.weight.zero_()
     steps = []
     model.layers[0].register_forward_hook(lambda m, a, o: steps.append(1))
-    out, rate = generate_speculative(model, [[3, 4], [5]], 9)
-    assert out == [[0] * 9, [0] * 9] and rate == 1.0
+    requests, engine = run_engine(model, [[3, 4], [5]], 9, speculative=True)
+    assert [r.output_ids for r in requests] == [[0] * 9, [0] * 9] and engine.spec_accepted == engine.spec_proposed
     assert len(steps) == 1 + 4  # prefill, then 4 verify steps of 2 tokens
 
 
@@ -173,12 +158,12 @@ def test_cli_generate(tmp_path, capsys):
     tok = Tokenizer.char()
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, initializer_range=0.3)).eval()
     model.save_pretrained(tmp_path)
-    assert main(["generate", "--checkpoint", str(tmp_path), "--ids", "--prompt", "5 6 7", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--ids", "--prompt", "5 6 7", "--max-completion-length", "4"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in generate(model, [[5, 6, 7]], 4)[0]]
-    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "12+3="]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "12+3="]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
     tok.save(tmp_path)
-    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "12+3=", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "12+3=", "--max-completion-length", "6"]) == 0
     ids = tok.encode("12+3=", add_bos=True)
     assert capsys.readouterr().out == tok.decode(generate(model, [ids], 6, stop_token_ids=[tok.eos_id])[0]) + "\n"
 

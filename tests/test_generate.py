@@ -158,7 +158,8 @@ def test_cli_generate(tmp_path, capsys):
     tok = Tokenizer.char()
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, initializer_range=0.3)).eval()
     model.save_pretrained(tmp_path)
-    assert main(["generate", "--model", str(tmp_path), "--ids", "--prompt", "5 6 7", "--max-completion-length", "4"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--ids", "--prompt", "5 6 7",
+                 "--max-completion-length", "4"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in generate(model, [[5, 6, 7]], 4)[0]]
     assert main(["generate", "--model", str(tmp_path), "--prompt", "12+3="]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err

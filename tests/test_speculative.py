@@ -10,7 +10,7 @@ from builders import randomize_
 from test_parity_hf import make_config
 
 from nanoseek import Transformer
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine, SamplingParams, slots_for_budget
 from nanoseek.engine import engine as engine_module
 from nanoseek.engine.sampling import log_probs
 from nanoseek.generate import generate, run_engine
@@ -70,18 +70,25 @@ def test_continuous_batching_chunked_prefill_and_cache_bounds():
     assert int(engine.caches[1].lengths.max()) <= 15 + 2
 
 
-def test_agreeing_heads_accept_every_draft():
-    for depth in (1, 2):
-        model = agreeing_model(depth)
-        steps = []
-        model.layers[0].register_forward_hook(lambda m, a, o: steps.append(1))
-        requests, engine = run_engine(model, [[3, 4], [5]], 10, speculative=True)
-        steps_spec, steps[:] = len(steps), []
-        assert [r.output_ids for r in requests] == generate(model, [[3, 4], [5]], 10)
-        assert engine.spec_accepted == engine.spec_proposed
-        assert steps_spec == 1 + -(-9 // (depth + 1))  # prefill, then D + 1 tokens per verify
-        _, sampled = run_engine(model, [[3, 4]] * 8, 10, temperature=1.0, seed=0, speculative=True)
-        assert sampled.spec_accepted[-1] > 0.9 * sampled.spec_proposed[-1]  # p = q: (almost) always accepted
+def test_budget_counts_the_mtp_cache_and_drafts():
+    model = random_model(2)
+    engine = Engine(model, 3, 40, speculative=True)
+    used = sum(c.nbytes for c in engine.caches) + engine.draft_probs.nbytes
+    assert slots_for_budget(model, used, 40, speculative=True) == 3
+    assert slots_for_budget(model, used - 1, 40, speculative=True) == 2
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_agreeing_heads_accept_every_draft(depth):
+    model = agreeing_model(depth)
+    steps = []
+    model.layers[0].register_forward_hook(lambda m, a, o: steps.append(1))
+    requests, engine = run_engine(model, [[3, 4], [5]], 10, speculative=True)
+    assert len(steps) == 1 + -(-9 // (depth + 1))  # prefill, then D + 1 tokens per verify
+    assert [r.output_ids for r in requests] == generate(model, [[3, 4], [5]], 10)
+    assert engine.spec_accepted == engine.spec_proposed
+    _, sampled = run_engine(model, [[3, 4]] * 8, 10, temperature=1.0, seed=0, speculative=True)
+    assert sampled.spec_accepted[-1] > 0.9 * sampled.spec_proposed[-1]  # p = q: (almost) always accepted
 
 
 def test_speculative_needs_mtp():

@@ -45,9 +45,12 @@ def bytes_per_token(model: Transformer, dtype: torch.dtype | None = None) -> int
     return elements_per_token(model.config) * (dtype or model.embed_tokens.weight.dtype).itemsize
 
 
-def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int) -> int:
-    """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes``."""
-    return cache_bytes // (bytes_per_token(model) * max_len)
+def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, speculative: bool = False) -> int:
+    """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes`` (``speculative``: with the D draft
+    positions, the D MTP blocks' cache and the drafts' distributions, fp32 over the vocabulary)."""
+    D, L = (len(model.mtp) if speculative else 0), model.config.num_hidden_layers
+    per_slot = bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4
+    return cache_bytes // per_slot
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor

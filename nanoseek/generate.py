@@ -25,17 +25,6 @@ from nanoseek.engine.sampling import sample  # noqa: F401  (re-exported: ``from 
 from nanoseek.model.transformer import Transformer
 
 
-def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. a BOS token)")
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
-
-
 @contextmanager
 def _eval_mode(model: torch.nn.Module):
     """Put the model in eval mode for a call and restore the previous mode after it."""
@@ -78,18 +67,20 @@ def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tok
                top_k: int | None = None, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
                seed: int | None = None, speculative: bool = False) -> tuple[list[Request], Engine | None]:
     """``generate``'s run: one engine for the batch -> (the finished requests, the engine; None for no work)."""
-    _check(prompts, max_new_tokens, model.config.vocab_size)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=tuple(stop_token_ids))
-    if speculative and not len(model.mtp):
-        raise ValueError("speculative decoding needs MTP modules: config.num_nextn_predict_layers >= 1")
-    if max_new_tokens == 0 or not prompts:
-        return [Request(list(p), params) for p in prompts], None
+    if not prompts:
+        return [], None
     device = model.embed_tokens.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     engine = Engine(model, num_slots=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens,
                     speculative=speculative)
-    requests = [engine.add(p, params, generator=generator) for p in prompts]
+    requests = []
+    for i, p in enumerate(prompts):
+        try:
+            requests.append(engine.add(p, params, generator=generator))
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
     with _eval_mode(model):
         engine.run()
     return requests, engine

@@ -127,9 +127,9 @@ def test_mode_restored_and_inference_mode():
 
 def test_bad_input_is_named():
     model = random_model()
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
         generate(model, [[1], []], 3)
-    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 97\)"):
+    with pytest.raises(ValueError, match=r"prompt 0: the prompt has token ids outside \[0, 97\)"):
         generate(model, [[1, 97]], 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, temperature=1.0, top_p=0.0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +20,7 @@ import torch
 from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.engine import Engine, Request, SamplingParams
-from nanoseek.engine.sampling import sample  # noqa: F401  (re-exported: ``from nanoseek.generate import sample``)
 from nanoseek.model.transformer import Transformer
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Put the model in eval mode for a call and restore the previous mode after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -81,8 +68,12 @@ def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tok
             requests.append(engine.add(p, params, generator=generator))
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-    with _eval_mode(model):
+    was_training = model.training
+    try:
+        model.eval()
         engine.run()
+    finally:
+        model.train(was_training)
     return requests, engine
 
 
@@ -131,11 +122,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             prompts = [[int(t) for t in p.split()] for p in cfg.prompt]
         except ValueError as e:
-            print(f"--prompt with --ids takes space-separated integers: {e}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--prompt with --ids takes space-separated integers: {e}") from None
     elif tokenizer is None:
-        print(f"--model {directory} has no tokenizer.json: pass token ids with --ids", file=sys.stderr)
-        return 2
+        raise ValueError(f"--model {directory} has no tokenizer.json: pass token ids with --ids")
     else:
         from nanoseek.tokenizer import encode_checked
 
@@ -148,12 +137,8 @@ def run(args: argparse.Namespace) -> int:
                              f"context of {context} (max_position_embeddings); shorten the prompt or lower "
                              "--max-completion-length")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    try:
-        requests, engine = run_engine(model, prompts, n, cfg.temperature, cfg.top_k, cfg.top_p,
-                                      () if eos is None else (eos,), cfg.seed, cfg.speculative)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    requests, engine = run_engine(model, prompts, n, cfg.temperature, cfg.top_k, cfg.top_p,
+                                  () if eos is None else (eos,), cfg.seed, cfg.speculative)
     for i, r in enumerate(requests):
         if len(requests) > 1:
             print(f"--- {i + 1}")

@@ -9,7 +9,8 @@ from builders import randomize_
 from test_parity_hf import make_config
 
 from nanoseek import ModelConfig, Transformer, generate
-from nanoseek.generate import run_engine, sample
+from nanoseek.engine import sample
+from nanoseek.generate import run_engine
 
 transformers = pytest.importorskip("transformers")
 

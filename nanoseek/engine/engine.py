@@ -60,8 +60,8 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
     p: (B, D+1, V) target distributions at the verified positions; q: (B, D, V) the distributions the ``drafts``
     (B, D) were drawn from; u: (B, D) uniform draws in [0, 1). Draft j is accepted with probability
     min(1, p_j(x) / q_j(x)), up to the first rejection -> (accepted drafts per row (B,), the next token's
-    distribution (B, V): norm(max(0, p_j - q_j)) at the rejected position, p_D after D acceptances). One-hot p and
-    q (greedy) accept exactly while the draft is the target's argmax, and the next token is that argmax.
+    distribution (B, V): norm(max(0, p_j - q_j)) at the rejected position, p_D after D acceptances). A one-hot p
+    (greedy) accepts exactly while the draft is its argmax, and the next token is that argmax.
     """
     px = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
     qx = q.gather(-1, drafts[..., None])[..., 0]
@@ -270,7 +270,7 @@ class Engine:
             ids[:, 1] = torch.tensor(tokens)
             view = self.caches[1].view(rows[0].row, rows[-1].row + 1)
             view.lengths -= 1
-            self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view)
+            self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view, torch.ones_like(ids[:, 0]))
         self._record(rows, [[t] for t in tokens], [[lp] for lp in logps])
 
     def _decode(self) -> int:
@@ -296,12 +296,11 @@ class Engine:
         h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
         logits = self.model.lm_head(h)
         logp = log_probs_rows(logits, params)  # (B, D+1, V)
-        p, q = logp.exp(), self.draft_probs[:B].clone()
+        p = logp.exp()
         greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)
-        if greedy.any():  # greedy rows: one-hot at the argmax, and at the draft
+        if greedy.any():  # greedy rows: p one-hot at the argmax (their draft is q's argmax)
             p[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(-1), p.shape[-1]).float()
-            q[greedy] = torch.nn.functional.one_hot(drafts[greedy], p.shape[-1]).float()
-        n, nxt = verify(p, q, drafts, uniform_rows(params, generators, D, self.device))
+        n, nxt = verify(p, self.draft_probs[:B], drafts, uniform_rows(params, generators, D, self.device))
         last = draw_rows(nxt, params, generators)
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
         rows_t = torch.arange(B, device=self.device)
@@ -316,11 +315,10 @@ class Engine:
         return self._record(rows, [t[:c] for t, c in zip(new.tolist(), counts)],
                             [lp[:c] for lp, c in zip(lps.tolist(), counts)])
 
-    def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view, counts=None) -> None:
+    def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view, counts: torch.Tensor) -> None:
         """MTP drafts for ``rows`` (contiguous decoding rows), sampled as each row samples: ``mtp.draft`` over
         ``h`` and ``ids``, the drafts and their distributions kept at the rows for the next verify."""
         params, generators = [r.params for r in rows], [r.generator for r in rows]
-        counts = torch.ones(len(rows), dtype=torch.long, device=self.device) if counts is None else counts
         start, probs = rows[0].row, []
 
         def pick(k: int, logits: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
     qx = q.gather(-1, drafts[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
-    residual = (p[rows, n] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[rows, n]).clamp(min=0)
+    residual = (p[rows, n] - torch.cat((q, q.new_zeros(len(q), 1, q.shape[-1])), 1)[rows, n]).clamp(min=0)
     return n, residual / residual.sum(-1, keepdim=True)
 
 
@@ -107,8 +107,8 @@ class Engine:
         self.caches = [self.cache]
         if self.depth:
             self.caches.append(model.new_cache(num_slots, max_len + self.depth, mtp=True))
-            self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
-            self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
+        self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
+        self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
         self.spec_proposed = [0] * self.depth
         self.spec_accepted = [0] * self.depth
         self.waiting: deque[Request] = deque()
@@ -179,7 +179,7 @@ class Engine:
             self.prefill_seconds += time.perf_counter() - t
         if self.decoding:
             t = time.perf_counter()
-            self.decode_tokens += self._speculate() if self.depth else self._decode()
+            self.decode_tokens += self._decode()
             self.decode_seconds += time.perf_counter() - t
 
     def _emit(self, request: Request, text: str) -> None:
@@ -274,21 +274,13 @@ class Engine:
         self._record(rows, [[t] for t in tokens], [[lp] for lp in logps])
 
     def _decode(self) -> int:
-        """One token for every decoding row, in one batched forward (absorbed MLA reads the latent once)."""
-        tokens = torch.tensor([r.output_ids[-1] for r in self.decoding], device=self.device)
-        view = self.cache.view(0, len(self.decoding))
-        logits = self.model(tokens[:, None], view)[:, -1]  # (B, V)
-        rows = list(self.decoding)
-        new, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
-        return self._record(rows, [[t] for t in new], [[lp] for lp in logps])
-
-    def _speculate(self) -> int:
-        """Verify every decoding row's D drafts in one forward of D + 1 tokens, keep the accepted ones and the next
-        token, set both caches back over the rejected positions, and draft again."""
+        """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
+        latent once): keep the accepted drafts and the next token, set both caches back over the rejected
+        positions, and draft again. Without drafts (D = 0) ``verify`` samples the next token from p."""
         rows, D = list(self.decoding), self.depth
         B, params = len(rows), [r.params for r in rows]
         generators = [r.generator for r in rows]
-        drafts = self.drafts[:B].clone()
+        drafts = self.drafts[:B]
         ids = torch.zeros(B, 2 * D + 2, dtype=torch.long, device=self.device)
         ids[:, 0] = torch.tensor([r.output_ids[-1] for r in rows])
         ids[:, 1 : D + 1] = drafts
@@ -303,9 +295,9 @@ class Engine:
         n, nxt = verify(p, self.draft_probs[:B], drafts, uniform_rows(params, generators, D, self.device))
         last = draw_rows(nxt, params, generators)
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
-        rows_t = torch.arange(B, device=self.device)
-        ids[rows_t, n + 1] = last
-        self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
+        ids[torch.arange(B, device=self.device), n + 1] = last
+        if D:
+            self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
         for d in range(D):
             self.spec_proposed[d] += B
             self.spec_accepted[d] += int((n > d).sum())
@@ -387,5 +379,4 @@ class Engine:
     def _copy_row(self, src: int, dst: int) -> None:
         for cache in self.caches:
             cache.copy_row(src, dst)
-        if self.depth:
-            self.drafts[dst], self.draft_probs[dst] = self.drafts[src], self.draft_probs[src]
+        self.drafts[dst], self.draft_probs[dst] = self.drafts[src], self.draft_probs[src]

@@ -67,7 +67,7 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
     qx = q.gather(-1, drafts[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
-    residual = (p[rows, n] - torch.cat((q, q.new_zeros(len(q), 1, q.shape[-1])), 1)[rows, n]).clamp(min=0)
+    residual = (p[rows, n] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[rows, n]).clamp(min=0)
     return n, residual / residual.sum(-1, keepdim=True)
 
 
@@ -276,7 +276,7 @@ class Engine:
     def _decode(self) -> int:
         """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
         latent once): keep the accepted drafts and the next token, set both caches back over the rejected
-        positions, and draft again. Without drafts (D = 0) ``verify`` samples the next token from p."""
+        positions, and draft again. Without drafts (D = 0), sample the next token."""
         rows, D = list(self.decoding), self.depth
         B, params = len(rows), [r.params for r in rows]
         generators = [r.generator for r in rows]
@@ -287,6 +287,9 @@ class Engine:
         view = self.cache.view(0, B)
         h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
         logits = self.model.lm_head(h)
+        if not D:  # plain decoding: sample the next token
+            new, logps = sample_rows(logits[:, 0], params, generators)
+            return self._record(rows, [[t] for t in new], [[lp] for lp in logps])
         logp = log_probs_rows(logits, params)  # (B, D+1, V)
         p = logp.exp()
         greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)
@@ -296,8 +299,7 @@ class Engine:
         last = draw_rows(nxt, params, generators)
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
         ids[torch.arange(B, device=self.device), n + 1] = last
-        if D:
-            self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
+        self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
         for d in range(D):
             self.spec_proposed[d] += B
             self.spec_accepted[d] += int((n > d).sum())

@@ -41,7 +41,7 @@ def generate(
     Returns the new tokens per prompt; a row ends early right after the first token in ``stop_token_ids``
     (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG untouched);
     greedy (temperature 0) is deterministic. With ``return_logprobs`` also returns each new token's log-prob
-    under the distribution it was sampled from (see ``sample``). ``speculative`` drafts with the MTP modules
+    under the distribution it was sampled from (see ``sample_rows``). ``speculative`` drafts with the MTP modules
     (same greedy output, same sampling distribution).
     """
     requests, _ = run_engine(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed,

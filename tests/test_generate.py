@@ -9,7 +9,7 @@ from builders import randomize_
 from test_parity_hf import make_config
 
 from nanoseek import ModelConfig, Transformer, generate
-from nanoseek.engine import sample
+from nanoseek.engine import SamplingParams, sample_rows
 from nanoseek.generate import run_engine
 
 transformers = pytest.importorskip("transformers")
@@ -88,11 +88,13 @@ def test_sample_filters_and_logprobs_against_hand_computed_distribution():
     want[nucleus] = p[nucleus] / p[nucleus].sum()
     assert 1 < len(nucleus) < 4  # both filters bite
     g = torch.Generator().manual_seed(0)
-    tokens, logps = sample(logits.expand(40000, 6), T, top_k, top_p, g)
+    tokens, logps = map(torch.tensor, sample_rows(logits.expand(40000, 6),
+                                                  [SamplingParams(temperature=T, top_k=top_k, top_p=top_p)] * 40000,
+                                                  [g] * 40000))
     freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
     torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
     torch.testing.assert_close(logps, want[tokens].log(), atol=1e-5, rtol=0)
-    greedy, lp = sample(logits)
+    greedy, lp = map(torch.tensor, sample_rows(logits, [SamplingParams()], [None]))
     assert greedy.item() == 5 and math.isclose(lp.item(), logits[0].log_softmax(-1)[5].item(), rel_tol=1e-6)
 
 

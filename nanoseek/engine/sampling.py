@@ -1,11 +1,11 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
 
-``sample`` draws one token per row from temperature-scaled logits cut to top-k and then to the top-p nucleus, and
-returns each token's log-prob under the distribution it was drawn from (what a policy-gradient ratio needs).
-``sample_rows`` samples a batch whose rows carry different parameters and generators: rows that share both are
-drawn in one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own
-generator (its text does not depend on what else is in the batch).
-"""
+``log_probs`` is the distribution a row samples from: temperature-scaled logits cut to top-k and then to the top-p
+nucleus. ``sample_rows`` samples a batch whose rows carry different parameters and generators, and returns each
+token's log-prob under that distribution (what a policy-gradient ratio needs): rows that share both are drawn in
+one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own generator
+(its text does not depend on what else is in the batch). Speculative decoding draws with ``draw_rows`` and
+``uniform_rows``, from the same generators."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class SamplingParams:
 
 def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
               top_p: float = 1.0) -> torch.Tensor:
-    """logits: (..., V) -> log-probs (..., V) of the distribution ``sample`` draws from: the logits divided by
+    """logits: (..., V) -> log-probs (..., V) of the distribution a row samples from: the logits divided by
     ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches ``top_p``
     (nucleus; the most likely token always stays), renormalized. Temperature 0: the plain softmax (greedy takes
     its argmax)."""
@@ -64,49 +64,16 @@ def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None 
     return logits.log_softmax(-1)
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from
-    (``log_probs``); temperature 0 is greedy (argmax)."""
-    logp = log_probs(logits, temperature, top_k, top_p)
-    if temperature == 0.0:
-        tokens = logits.float().argmax(-1)
-    else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
-
-
 def _groups(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
             ) -> list[list[int]]:
-    """Row indices with equal (temperature, top_k, top_p) (and, given ``generators``, the same generator object);
-    greedy rows form one group and ignore their generator."""
+    """Row indices with equal (temperature, top_k, top_p) (and, given ``generators``, the same generator object),
+    in row order; greedy rows form one group and ignore their generator."""
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(params):
         g = None if generators is None else id(generators[b])
         key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, g)
         groups.setdefault(key, []).append(b)
     return list(groups.values())
-
-
-def sample_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> tuple[list[int], list[float]]:
-    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs) as lists.
-
-    Rows with equal (temperature, top_k, top_p) and the same generator object are sampled in one ``sample`` call,
-    in row order; greedy rows ignore their generator."""
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    logps = torch.empty(len(params), dtype=torch.float32, device=logits.device)
-    for rows in _groups(params, generators):
-        p = params[rows[0]]
-        idx = torch.tensor(rows, device=logits.device) if len(rows) < len(params) else slice(None)
-        tokens[idx], logps[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, generators[rows[0]])
-    return tokens.tolist(), logps.tolist()
 
 
 def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -119,15 +86,27 @@ def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     return out
 
 
-def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-              ) -> torch.Tensor:
-    """probs: (B, V) -> one token per row: the argmax for greedy rows, else drawn with the row's generator."""
-    out = probs.argmax(-1)
+def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+              greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """probs: (B, V) -> one token per row, drawn with the row's generator (rows sharing parameters and generator
+    in one call); greedy rows take ``greedy`` (default: the argmax of ``probs``)."""
+    out = probs.argmax(-1) if greedy is None else greedy
     for rows in _groups(params, generators):
         if params[rows[0]].temperature > 0:
             idx = torch.tensor(rows, device=probs.device)
             out[idx] = torch.multinomial(probs[idx], 1, generator=generators[rows[0]])[:, 0]
     return out
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> tuple[list[int], list[float]]:
+    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs of those tokens
+    under the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain
+    softmax; a seeded request draws only from its own generator."""
+    logp = log_probs_rows(logits, params)
+    tokens = draw_rows(logp.exp(), params, generators, greedy=logits.float().argmax(-1))
+    return tokens.tolist(), logp.gather(-1, tokens[:, None])[:, 0].tolist()
 
 
 def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], n: int,

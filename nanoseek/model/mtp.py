@@ -14,7 +14,6 @@ from the (k-1)-th one's hidden state, for the engine's speculative decoding (V3 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,6 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.attention import AttentionContext, RMSNorm
 from nanoseek.model.block import Block
 from nanoseek.model.moe import RouterStats
-
-if TYPE_CHECKING:
-    from nanoseek.model.transformer import Transformer
 
 
 class MTPModule(nn.Module):
@@ -47,10 +43,11 @@ class MTPModule(nn.Module):
         return self.block(x, ctx, router_stats)
 
 
-def mtp_logits(model: Transformer, h: torch.Tensor, input_ids: torch.Tensor,
+def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
                router_stats: RouterStats | None = None) -> list[torch.Tensor]:
     """The training chain (eq. 21-23): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T}) -> (B, T-k, vocab) logits,
-    row i predicting t_{i+k+1}. h: (B, T, D) the main model's final normed states."""
+    row i predicting t_{i+k+1}. model: the Transformer (shared embedding and head, ``model.mtp``); h: (B, T, D)
+    its final normed states."""
     T = input_ids.shape[1]
     out = []
     for k, module in enumerate(model.mtp, start=1):
@@ -76,7 +73,7 @@ def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[i
     return loss, sums
 
 
-def draft(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache, counts: torch.Tensor,
+def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache, counts: torch.Tensor,
           pick: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run the chain incrementally over the new positions of each sequence, with the MTP blocks' own ``cache``.
 

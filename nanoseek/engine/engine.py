@@ -3,8 +3,8 @@
 Memory: one preallocated ``KVCache`` of ``num_slots`` rows x ``max_len`` tokens; a slot holds one sequence (MLA:
 c_KV and k_R per token and layer; MHA: K and V), so a cache budget in bytes fixes how many sequences run at once
 (``slots_for_budget``). Rows are kept compact so every forward runs on a contiguous view of the cache, never a
-gathered copy: decoding sequences occupy rows ``[0, D)``, prefilling ones the last rows ``[S - P, S)``; a
-sequence that leaves a region is replaced by that region's edge row (one row copy).
+gathered copy: decoding sequences occupy the first rows, prefilling ones the last rows; a sequence that leaves a
+region is replaced by that region's edge row (one row copy).
 
 Each ``step()``:
 1. retire cancelled requests (their rows are free at once);
@@ -16,11 +16,12 @@ Each ``step()``:
 4. decode: one batched forward of one token for every decoding row (absorbed MLA: the latent is read once for
    all heads), sample per request, and retire finished sequences at once.
 
-Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (module
-k from module k-1's hidden state, ``mtp.draft``); the decode forward verifies [last token, drafts] (D + 1 tokens),
-keeps the accepted drafts plus one token from the verifying logits (``verify``: greedy rows accept while the draft
-is the argmax, sampled rows by the speculative-sampling rule, so outputs keep the target distribution), sets the
-cache lengths back over the rejected positions in the main and the MTP caches, and drafts again from the new states.
+Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the model's D MTP modules draft D tokens per row
+(module k from module k-1's hidden state, ``mtp.draft``, with its own cache); the decode forward verifies
+[last token, drafts] (D + 1 tokens), keeps the accepted drafts plus one token from the verifying logits
+(``verify``: greedy rows accept while the draft is the argmax, sampled rows by the speculative-sampling rule, so
+outputs keep the target distribution), sets the lengths of both caches back over the rejected positions, and
+drafts again from the new states.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from nanoseek.cache import elements_per_token
+from nanoseek.cache import KVCache, elements_per_token
 from nanoseek.engine.detokenize import Detokenizer
 from nanoseek.engine.request import Request
 from nanoseek.engine.sampling import SamplingParams, draw_rows, log_probs_rows, sample_rows, uniform_rows
@@ -309,7 +310,8 @@ class Engine:
         return self._record(rows, [t[:c] for t, c in zip(new.tolist(), counts)],
                             [lp[:c] for lp, c in zip(lps.tolist(), counts)])
 
-    def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view, counts: torch.Tensor) -> None:
+    def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view: KVCache, counts: torch.Tensor
+               ) -> None:
         """MTP drafts for ``rows`` (contiguous decoding rows), sampled as each row samples: ``mtp.draft`` over
         ``h`` and ``ids``, the drafts and their distributions kept at the rows for the next verify."""
         params, generators = [r.params for r in rows], [r.generator for r in rows]

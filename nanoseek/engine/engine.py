@@ -317,14 +317,13 @@ class Engine:
         params, generators = [r.params for r in rows], [r.generator for r in rows]
         start, probs = rows[0].row, []
 
-        def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+        def pick(logits: torch.Tensor) -> torch.Tensor:
             probs.append(log_probs_rows(logits, params).exp())
             return draw_rows(probs[-1], params, generators)
 
         draft(self.model, h, ids, view, counts, pick)
-        rows_t = torch.arange(len(rows), device=self.device)
         offsets = torch.arange(1, self.depth + 1, device=self.device)
-        self.drafts[start : start + len(rows)] = ids[rows_t[:, None], counts[:, None] + offsets]
+        self.drafts[start : start + len(rows)] = ids.gather(1, counts[:, None] + offsets)  # ids[b, counts[b] + k]
         self.draft_probs[start : start + len(rows)] = torch.stack(probs, 1)
 
     def _record(self, rows: list[Request], tokens: list[list[int]], logps: list[list[float]]) -> int:

@@ -74,13 +74,13 @@ def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[i
 
 
 def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache, counts: torch.Tensor,
-          pick: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+          pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run the chain incrementally over the new positions of each sequence, with the MTP blocks' own ``cache``.
 
     h: (B, T, D) main states of positions ``cache.lengths + j`` (``counts`` (B,) of them real, the rest padding);
     tokens: (B, T + depth + 1) with tokens[:, j] the token at position ``cache.lengths + j``, known up to index
     ``counts``. Module k reads h^{k-1} and tokens[:, j + k]. With ``pick``, each module's logits at the last real
-    position (predicting the token ``k`` after the last known one) give ``pick(k, logits) -> (B,)`` drafts, written
+    position (predicting the token ``k`` after the last known one) give ``pick(logits) -> (B,)`` drafts, written
     to tokens[:, counts + k] for the next module. A position whose token was itself a draft keeps that cache entry;
     drafts only decide what is verified, never what is output.
     """
@@ -90,5 +90,5 @@ def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCach
     for k, module in enumerate(model.mtp, start=1):
         h = module(h, model.embed_tokens(tokens[:, k : k + T]), ctx)
         if pick is not None:
-            tokens[rows, counts + k] = pick(k, model.lm_head(module.norm(h[rows, counts - 1])))
+            tokens[rows, counts + k] = pick(model.lm_head(module.norm(h[rows, counts - 1])))
     cache.lengths += counts

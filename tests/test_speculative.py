@@ -70,6 +70,19 @@ def test_continuous_batching_chunked_prefill_and_cache_bounds():
     assert int(engine.caches[1].lengths.max()) <= 15 + 2
 
 
+def test_mixed_batch_greedy_rows_unchanged_and_seeded_rows_independent_of_the_batch():
+    model = random_model(2)
+    sampled = SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, seed=7)
+    engine = Engine(model, 4, 20, speculative=True)
+    requests = [engine.add(p, SamplingParams(max_tokens=9) if i % 2 else sampled) for i, p in enumerate(PROMPTS[:4])]
+    engine.run()
+    alone = Engine(model, 1, 20, speculative=True)
+    seeded = alone.add(PROMPTS[0], sampled)
+    alone.run()
+    assert requests[0].output_ids == seeded.output_ids
+    assert [requests[1].output_ids, requests[3].output_ids] == generate(model, [PROMPTS[1], PROMPTS[3]], 9)
+
+
 def test_budget_counts_the_mtp_cache_and_drafts():
     model = random_model(2)
     engine = Engine(model, 3, 40, speculative=True)

@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.cache import KVCache, cache_widths
+from nanoseek.cache import KVCache, elements_per_token
 
 # A small DeepSeek-V3-shaped model (dense FFN so every step reads all weights): V2's head layout scaled down.
 BENCH = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=1024, intermediate_size=2816,
@@ -117,7 +117,7 @@ def time_hf(hf, cache: KVCache, ids: torch.Tensor, first: torch.Tensor, steps: i
 def speculative(steps: int = 200, new_tokens: int = 192) -> dict:
     """MTP self-speculation on a small model trained briefly (next-token + depth-1 MTP loss) to continue a fixed
     random 61-token cycle: a best case where the draft is learnable. Checks output == plain greedy."""
-    from nanoseek.generate import generate, generate_speculative
+    from nanoseek.generate import generate, run_engine
 
     cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=128, intermediate_size=256,
                       num_hidden_layers=4, first_k_dense_replace=4, num_attention_heads=4, q_lora_rank=64,
@@ -144,8 +144,9 @@ def speculative(steps: int = 200, new_tokens: int = 192) -> dict:
         plain = generate(model, prompts, new_tokens)
         t_plain = time.perf_counter() - t
         t = time.perf_counter()
-        spec, rate = generate_speculative(model, prompts, new_tokens)
+        requests, engine = run_engine(model, prompts, new_tokens, speculative=True)
         t_spec = time.perf_counter() - t
+        spec, rate = [r.output_ids for r in requests], engine.spec_accepted[0] / engine.spec_proposed[0]
         assert spec == plain, "speculative greedy differs from plain greedy"
         out[f"batch{B}"] = dict(acceptance=rate, plain_tokens_per_s=B * new_tokens / t_plain,
                                 speculative_tokens_per_s=B * new_tokens / t_spec, speedup=t_plain / t_spec)
@@ -228,10 +229,9 @@ def main() -> None:
                 line += f", absorbed/transformers {a / t:.2f}x"
             print(line)
     v2 = ModelConfig.preset("deepseek-v2")
-    mla_v2 = KVCache(cache_widths(v2), v2.num_hidden_layers, 1, 1).bytes_per_token()
-    mha_cfg = v2.replace(attention_type="mha", head_dim=v2.v_head_dim)
-    mha_v2 = KVCache(cache_widths(mha_cfg), v2.num_hidden_layers, 1, 1).bytes_per_token()
-    print(f"\nV2 dims (60 layers, 128 heads x 128, d_c 512, d_R 64), fp32 cache bytes/token from allocated tensors: "
+    mla_v2 = elements_per_token(v2) * 4
+    mha_v2 = elements_per_token(v2.replace(attention_type="mha", head_dim=v2.v_head_dim)) * 4
+    print(f"\nV2 dims (60 layers, 128 heads x 128, d_c 512, d_R 64), fp32 cache bytes/token: "
           f"MLA {mla_v2:,} vs MHA {mha_v2:,} = {100 * mla_v2 / mha_v2:.2f}%")
     spec = speculative()
     print(f"\nMTP self-speculative greedy decoding (small 4-layer model, {spec['train_steps']} training steps on a "

@@ -93,9 +93,6 @@ class KVCache:
                 b[rows, :n] = b[swapped, :n]  # the right side is gathered into a copy first
         self.lengths[rows] = self.lengths[swapped]
 
-    def reset(self) -> None:
-        self.lengths.zero_()
-
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the sequences ``rows: (B',)`` (batch indices), e.g. to drop finished ones during decoding."""
         self.buffers = {name: [b[rows] for b in layers] for name, layers in self.buffers.items()}
@@ -108,3 +105,9 @@ def cache_widths(config) -> dict[str, int]:
         return {"latent": config.kv_lora_rank + config.qk_rope_head_dim}
     kv = config.num_key_value_heads * config.head_dim
     return {"k": kv, "v": kv}
+
+
+def elements_per_token(config) -> int:
+    """Cache elements one token takes over all layers: MLA (d_c + d_R)·L, MHA/GQA 2·n_kv·d_h·L (bytes: times the
+    dtype's size)."""
+    return sum(cache_widths(config).values()) * config.num_hidden_layers

@@ -6,6 +6,7 @@ import torch
 from builders import randomize_
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.cache import elements_per_token
 
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=32, beta_slow=1,
             mscale=1.0, mscale_all_dim=0.8)
@@ -101,6 +102,8 @@ def test_bytes_per_token_formulas(dtype):
     assert cache.bytes_per_token() == 2 * 4 * 12 * 3 * size
     assert cache.nbytes == sum(t.untyped_storage().nbytes() for layers in cache.buffers.values() for t in layers)
     assert gqa.new_cache(2, 5, dtype=dtype).bytes_per_token() == 2 * 2 * 12 * 3 * size
+    assert cache.bytes_per_token() == elements_per_token(mha.config) * size  # the formula == the allocation
+    assert mla.new_cache(1, 1, dtype=dtype).bytes_per_token() == elements_per_token(c) * size
     mtp = Transformer(c.replace(num_nextn_predict_layers=1)).new_cache(2, 5, mtp=True, dtype=dtype)
     assert mtp.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 1 * size
 
@@ -111,7 +114,8 @@ def test_v2_dims_cache_fraction():
     mla = v2.kv_lora_rank + v2.qk_rope_head_dim
     mha = 2 * v2.num_attention_heads * v2.v_head_dim
     assert (mla, mha) == (576, 32768)
-    assert v2.kv_cache_elements_per_token() / v2.replace(attention_type="mha").kv_cache_elements_per_token() < 0.018
+    assert elements_per_token(v2) == 576 * 60
+    assert elements_per_token(v2) / elements_per_token(v2.replace(attention_type="mha")) < 0.018
 
 
 def test_select_rows_and_overflow():

@@ -100,15 +100,15 @@ def test_unknown_characters_and_overlong_prompts_in_eval_and_prompts(tmp_path, c
 
 def test_generate_refuses_unknown_characters_and_prompts_over_the_context(tmp_path, capsys):
     no_zero = _model_dir(tmp_path / "no_zero", _char_tokenizer_without("0"))
-    assert cli.main(["generate", "--checkpoint", str(no_zero), "--prompt", "10+2=", "--max-new-tokens", "2"]) == 2
+    assert cli.main(["generate", "--model", str(no_zero), "--prompt", "10+2=", "--max-completion-length", "2"]) == 2
     assert "--prompt 1: 1 character(s) outside the tokenizer's vocabulary" in capsys.readouterr().err
-    assert cli.main(["generate", "--checkpoint", str(no_zero), "--prompt", "10+2=", "--max-new-tokens", "2",
+    assert cli.main(["generate", "--model", str(no_zero), "--prompt", "10+2=", "--max-completion-length", "2",
                      "--allow-unknown-chars"]) == 0
     short = _model_dir(tmp_path / "short", Tokenizer.char(), max_position_embeddings=8)
-    assert cli.main(["generate", "--checkpoint", str(short), "--prompt", "1+2=", "--max-new-tokens", "3"]) == 0
+    assert cli.main(["generate", "--model", str(short), "--prompt", "1+2=", "--max-completion-length", "3"]) == 0
     capsys.readouterr()
-    assert cli.main(["generate", "--checkpoint", str(short), "--prompt", "1+2=", "--max-new-tokens", "4"]) == 2
-    assert "5 tokens + --max-new-tokens 4 exceed the model's context of 8" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(short), "--prompt", "1+2=", "--max-completion-length", "4"]) == 2
+    assert "5 tokens + --max-completion-length 4 exceed the model's context of 8" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- numeric flags
@@ -119,7 +119,7 @@ def test_generate_refuses_unknown_characters_and_prompts_over_the_context(tmp_pa
     (["pretrain", "--lr", "-1"], "--lr"),
     (["eval", "--model", "m", "--k", "-1"], "--k"),
     (["eval", "--model", "m", "--n", "0"], "--n"),
-    (["eval", "--model", "m", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "--model", "m", "--max-completion-length", "0"], "--max-new-tokens"),
     (["eval", "--model", "m", "--batch-size", "0"], "--batch-size"),
     (["eval", "--model", "m", "--temperature", "0"], "--temperature"),
     (["demo", "--threads", "0"], "--threads"),

@@ -9,7 +9,8 @@ from builders import randomize_
 from test_parity_hf import make_config
 
 from nanoseek import ModelConfig, Transformer, generate
-from nanoseek.generate import generate_speculative, sample
+from nanoseek.engine import SamplingParams, sample_rows
+from nanoseek.generate import run_engine
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,11 +88,13 @@ def test_sample_filters_and_logprobs_against_hand_computed_distribution():
     want[nucleus] = p[nucleus] / p[nucleus].sum()
     assert 1 < len(nucleus) < 4  # both filters bite
     g = torch.Generator().manual_seed(0)
-    tokens, logps = sample(logits.expand(40000, 6), T, top_k, top_p, g)
+    tokens, logps = map(torch.tensor, sample_rows(logits.expand(40000, 6),
+                                                  [SamplingParams(temperature=T, top_k=top_k, top_p=top_p)] * 40000,
+                                                  [g] * 40000))
     freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
     torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
     torch.testing.assert_close(logps, want[tokens].log(), atol=1e-5, rtol=0)
-    greedy, lp = sample(logits)
+    greedy, lp = map(torch.tensor, sample_rows(logits, [SamplingParams()], [None]))
     assert greedy.item() == 5 and math.isclose(lp.item(), logits[0].log_softmax(-1)[5].item(), rel_tol=1e-6)
 
 
@@ -127,29 +130,14 @@ def test_mode_restored_and_inference_mode():
 
 def test_bad_input_is_named():
     model = random_model()
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
         generate(model, [[1], []], 3)
-    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 97\)"):
+    with pytest.raises(ValueError, match=r"prompt 0: the prompt has token ids outside \[0, 97\)"):
         generate(model, [[1, 97]], 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
-        generate_speculative(model, [[1]], 3)
-
-
-@pytest.mark.parametrize("case", ["v3-qlora-groups-yarn", "v2-lite-greedy"])
-def test_speculative_greedy_equals_plain_greedy(case):
-    model = random_model(case, num_nextn_predict_layers=1, vocab_size=9)  # small vocab: drafts often right
-    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 0, 3]]
-    plain = generate(model, prompts, 14)
-    spec, rate = generate_speculative(model, prompts, 14)
-    assert spec == plain
-    assert 0 < rate < 1  # both the accept and the reject branch ran
-    stop = plain[1][5]
-    assert generate_speculative(model, prompts, 14, stop_token_ids=[stop])[0] == generate(
-        model, prompts, 14, stop_token_ids=[stop])
-    for n in (1, 2, 5):
-        assert generate_speculative(model, prompts, n)[0] == generate(model, prompts, n)
+        generate(model, [[1]], 3, speculative=True)
 
 
 def test_speculative_accepts_every_draft_when_it_is_right():
@@ -161,8 +149,8 @@ def test_speculative_accepts_every_draft_when_it_is_right():
         model.mtp[0].norm.weight.zero_()
     steps = []
     model.layers[0].register_forward_hook(lambda m, a, o: steps.append(1))
-    out, rate = generate_speculative(model, [[3, 4], [5]], 9)
-    assert out == [[0] * 9, [0] * 9] and rate == 1.0
+    requests, engine = run_engine(model, [[3, 4], [5]], 9, speculative=True)
+    assert [r.output_ids for r in requests] == [[0] * 9, [0] * 9] and engine.spec_accepted == engine.spec_proposed
     assert len(steps) == 1 + 4  # prefill, then 4 verify steps of 2 tokens
 
 
@@ -173,12 +161,13 @@ def test_cli_generate(tmp_path, capsys):
     tok = Tokenizer.char()
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, initializer_range=0.3)).eval()
     model.save_pretrained(tmp_path)
-    assert main(["generate", "--checkpoint", str(tmp_path), "--ids", "--prompt", "5 6 7", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--ids", "--prompt", "5 6 7",
+                 "--max-completion-length", "4"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in generate(model, [[5, 6, 7]], 4)[0]]
-    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "12+3="]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "12+3="]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
     tok.save(tmp_path)
-    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "12+3=", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "12+3=", "--max-completion-length", "6"]) == 0
     ids = tok.encode("12+3=", add_bos=True)
     assert capsys.readouterr().out == tok.decode(generate(model, [ids], 6, stop_token_ids=[tok.eos_id])[0]) + "\n"
 

@@ -3,8 +3,8 @@
 Memory: one preallocated ``KVCache`` of ``num_slots`` rows x ``max_len`` tokens; a slot holds one sequence (MLA:
 c_KV and k_R per token and layer; MHA: K and V), so a cache budget in bytes fixes how many sequences run at once
 (``slots_for_budget``). Rows are kept compact so every forward runs on a contiguous view of the cache, never a
-gathered copy: decoding sequences occupy rows ``[0, D)``, prefilling ones the last rows ``[S - P, S)``; a
-sequence that leaves a region is replaced by that region's edge row (one row copy).
+gathered copy: decoding sequences occupy the first rows, prefilling ones the last rows; a sequence that leaves a
+region is replaced by that region's edge row (one row copy).
 
 Each ``step()``:
 1. retire cancelled requests (their rows are free at once);
@@ -15,6 +15,13 @@ Each ``step()``:
    prompt is complete sample their first token and join the decoding rows;
 4. decode: one batched forward of one token for every decoding row (absorbed MLA: the latent is read once for
    all heads), sample per request, and retire finished sequences at once.
+
+Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the model's D MTP modules draft D tokens per row
+(module k from module k-1's hidden state, ``mtp.draft``, with its own cache); the decode forward verifies
+[last token, drafts] (D + 1 tokens), keeps the accepted drafts plus one token from the verifying logits
+(``verify``: greedy rows accept while the draft is the argmax, sampled rows by the speculative-sampling rule, so
+outputs keep the target distribution), sets the lengths of both caches back over the rejected positions, and
+drafts again from the new states.
 """
 
 from __future__ import annotations
@@ -26,22 +33,43 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from nanoseek.cache import cache_widths
+from nanoseek.cache import KVCache, elements_per_token
 from nanoseek.engine.detokenize import Detokenizer
 from nanoseek.engine.request import Request
-from nanoseek.engine.sampling import SamplingParams, sample_rows
+from nanoseek.engine.sampling import SamplingParams, draw_rows, log_probs_rows, sample_rows, uniform_rows
+from nanoseek.model.mtp import draft
 from nanoseek.model.transformer import Transformer
 
 
 def bytes_per_token(model: Transformer, dtype: torch.dtype | None = None) -> int:
-    """Cache bytes one token takes over all layers: MLA (d_c + d_R)·L, MHA 2·n_kv·d_h·L elements."""
-    dtype = dtype or model.embed_tokens.weight.dtype
-    return sum(cache_widths(model.config).values()) * model.config.num_hidden_layers * dtype.itemsize
+    """Cache bytes one token takes over all layers (``cache.elements_per_token`` in the model's dtype)."""
+    return elements_per_token(model.config) * (dtype or model.embed_tokens.weight.dtype).itemsize
 
 
-def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int) -> int:
-    """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes``."""
-    return cache_bytes // (bytes_per_token(model) * max_len)
+def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, speculative: bool = False) -> int:
+    """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes`` (``speculative``: with the D draft
+    positions, the D MTP blocks' cache and the drafts' distributions, fp32 over the vocabulary)."""
+    D, L = (len(model.mtp) if speculative else 0), model.config.num_hidden_layers
+    per_slot = bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4
+    return cache_bytes // per_slot
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023).
+
+    p: (B, D+1, V) target distributions at the verified positions; q: (B, D, V) the distributions the ``drafts``
+    (B, D) were drawn from; u: (B, D) uniform draws in [0, 1). Draft j is accepted with probability
+    min(1, p_j(x) / q_j(x)), up to the first rejection -> (accepted drafts per row (B,), the next token's
+    distribution (B, V): norm(max(0, p_j - q_j)) at the rejected position, p_D after D acceptances). A one-hot p
+    (greedy) accepts exactly while the draft is its argmax, and the next token is that argmax.
+    """
+    px = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+    qx = q.gather(-1, drafts[..., None])[..., 0]
+    n = (u * qx < px).long().cumprod(1).sum(1)
+    rows = torch.arange(len(n), device=n.device)
+    residual = (p[rows, n] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[rows, n]).clamp(min=0)
+    return n, residual / residual.sum(-1, keepdim=True)
 
 
 class Engine:
@@ -52,6 +80,8 @@ class Engine:
         max_len: tokens per sequence, prompt + output.
         prefill_tokens: prompt tokens prefilled per step (None: every admitted prompt in one forward).
         decode: token ids -> text, for requests that want text (streaming, stop strings).
+        speculative: draft with the model's MTP modules and verify in the next forward (see the module docstring);
+            ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted.
     """
 
     def __init__(
@@ -61,6 +91,7 @@ class Engine:
         max_len: int,
         prefill_tokens: int | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
+        speculative: bool = False,
     ):
         if num_slots < 1:
             raise ValueError(f"the cache holds no sequence: need num_slots >= 1, got {num_slots} "
@@ -69,8 +100,18 @@ class Engine:
         self.num_slots, self.max_len = num_slots, max_len
         self.prefill_tokens = prefill_tokens
         self.decode = decode
-        self.cache = model.new_cache(num_slots, max_len)
+        self.depth = len(model.mtp) if speculative else 0
+        if speculative and not self.depth:
+            raise ValueError("speculative decoding needs MTP modules: config.num_nextn_predict_layers >= 1")
         self.device = model.embed_tokens.weight.device
+        self.cache = model.new_cache(num_slots, max_len + self.depth)  # + room for the drafts being verified
+        self.caches = [self.cache]
+        if self.depth:
+            self.caches.append(model.new_cache(num_slots, max_len + self.depth, mtp=True))
+        self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
+        self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
+        self.spec_proposed = [0] * self.depth
+        self.spec_accepted = [0] * self.depth
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # prefilling[i] sits at row num_slots - len(prefilling) + i
         self.decoding: list[Request] = []  # decoding[i] sits at row i
@@ -139,8 +180,7 @@ class Engine:
             self.prefill_seconds += time.perf_counter() - t
         if self.decoding:
             t = time.perf_counter()
-            self.decode_tokens += len(self.decoding)
-            self._decode()
+            self.decode_tokens += self._decode()
             self.decode_seconds += time.perf_counter() - t
 
     def _emit(self, request: Request, text: str) -> None:
@@ -196,12 +236,16 @@ class Engine:
             budget -= n
         group = self.prefilling[len(self.prefilling) - len(chunks) :]
         chunks.reverse()
-        ids = torch.zeros(len(group), max(chunks), dtype=torch.long)
-        for j, (r, n) in enumerate(zip(group, chunks)):
-            ids[j, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
-        n_t = torch.tensor(chunks, device=self.device)
-        view = self.cache.view(group[0].row, group[-1].row + 1)
-        h = self.model(ids.to(self.device), view, input_lengths=n_t, return_hidden=True)  # (k, T, D)
+        T = max(chunks)
+        ids = torch.zeros(len(group), T + self.depth + 1, dtype=torch.long)  # the MTP chain reads D + 1 further
+        for j, r in enumerate(group):
+            seg = r.prompt[r.prefilled : r.prefilled + ids.shape[1]]
+            ids[j, : len(seg)] = torch.tensor(seg)
+        ids, n_t = ids.to(self.device), torch.tensor(chunks, device=self.device)
+        h = self.model(ids[:, :T], self.cache.view(group[0].row, group[-1].row + 1), input_lengths=n_t,
+                       return_hidden=True)  # (k, T, D)
+        if self.depth:  # the MTP cache follows the prompt; a token not known yet reads as 0 until redrafted below
+            draft(self.model, h, ids, self.caches[1].view(group[0].row, group[-1].row + 1), n_t)
         done = []
         for j, (r, n) in enumerate(zip(group, chunks)):
             r.prefilled += n
@@ -212,40 +256,99 @@ class Engine:
         last = h[[j for j, _ in done], [chunks[j] - 1 for j, _ in done]]  # (d, D)
         logits = self.model.lm_head(last)
         rows = [r for _, r in done for r in [r, *r.followers]]
-        logits = logits.repeat_interleave(torch.tensor([1 + len(r.followers) for _, r in done],
-                                                       device=self.device), dim=0)
-        tokens, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
+        repeats = torch.tensor([1 + len(r.followers) for _, r in done], device=self.device)
+        tokens, logps = sample_rows(logits.repeat_interleave(repeats, dim=0), [r.params for r in rows],
+                                    [r.generator for r in rows])
         for _, leader in done:
             self._leave_prefilling(leader)
             self._enter_decoding(leader, leader.row)
             for f in leader.followers:
                 self._enter_decoding(f, leader.row)
             leader.followers = []
-        self._record(rows, tokens, logps)
+        if self.depth:  # redraft the last prompt position with the sampled token, per row
+            ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
+            ids[:, 0] = torch.tensor([r.prompt[-1] for r in rows])
+            ids[:, 1] = torch.tensor(tokens)
+            view = self.caches[1].view(rows[0].row, rows[-1].row + 1)
+            view.lengths -= 1
+            self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view, torch.ones_like(ids[:, 0]))
+        self._record(rows, [[t] for t in tokens], [[lp] for lp in logps])
 
-    def _decode(self) -> None:
-        """One token for every decoding row, in one batched forward (absorbed MLA reads the latent once)."""
-        tokens = torch.tensor([r.output_ids[-1] for r in self.decoding], device=self.device)
-        view = self.cache.view(0, len(self.decoding))
-        logits = self.model(tokens[:, None], view)[:, -1]  # (D, V)
-        rows = list(self.decoding)
-        new, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
-        self._record(rows, new, logps)
+    def _decode(self) -> int:
+        """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
+        latent once): keep the accepted drafts and the next token, set both caches back over the rejected
+        positions, and draft again. Without drafts (D = 0), sample the next token."""
+        rows, D = list(self.decoding), self.depth
+        B, params = len(rows), [r.params for r in rows]
+        generators = [r.generator for r in rows]
+        drafts = self.drafts[:B]
+        ids = torch.zeros(B, 2 * D + 2, dtype=torch.long, device=self.device)
+        ids[:, 0] = torch.tensor([r.output_ids[-1] for r in rows])
+        ids[:, 1 : D + 1] = drafts
+        view = self.cache.view(0, B)
+        h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
+        logits = self.model.lm_head(h)
+        if not D:  # plain decoding: sample the next token
+            new, logps = sample_rows(logits[:, 0], params, generators)
+            return self._record(rows, [[t] for t in new], [[lp] for lp in logps])
+        logp = log_probs_rows(logits, params)  # (B, D+1, V)
+        p = logp.exp()
+        greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)
+        if greedy.any():  # greedy rows: p one-hot at the argmax (their draft is q's argmax)
+            p[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(-1), p.shape[-1]).float()
+        n, nxt = verify(p, self.draft_probs[:B], drafts, uniform_rows(params, generators, D, self.device))
+        last = draw_rows(nxt, params, generators)
+        view.lengths -= D - n  # the rejected positions are overwritten by the next forward
+        ids[torch.arange(B, device=self.device), n + 1] = last
+        self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
+        for d in range(D):
+            self.spec_proposed[d] += B
+            self.spec_accepted[d] += int((n > d).sum())
+        new = ids[:, 1 : D + 2]
+        lps = logp.gather(-1, new[..., None])[..., 0]  # log p of each kept token: its distribution (see verify)
+        counts = (n + 1).tolist()
+        return self._record(rows, [t[:c] for t, c in zip(new.tolist(), counts)],
+                            [lp[:c] for lp, c in zip(lps.tolist(), counts)])
 
-    def _record(self, rows: list[Request], tokens: list[int], logps: list[float]) -> None:
-        """Append each row's new token, tell its listener, and retire the rows that finished."""
-        self.generated_tokens += len(rows)
-        for r, t, lp in zip(rows, tokens, logps):
-            text = r.append(t, lp)
+    def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view: KVCache, counts: torch.Tensor
+               ) -> None:
+        """MTP drafts for ``rows`` (contiguous decoding rows), sampled as each row samples: ``mtp.draft`` over
+        ``h`` and ``ids``, the drafts and their distributions kept at the rows for the next verify."""
+        params, generators = [r.params for r in rows], [r.generator for r in rows]
+        start, probs = rows[0].row, []
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            probs.append(log_probs_rows(logits, params).exp())
+            return draw_rows(probs[-1], params, generators)
+
+        draft(self.model, h, ids, view, counts, pick)
+        offsets = torch.arange(1, self.depth + 1, device=self.device)
+        self.drafts[start : start + len(rows)] = ids.gather(1, counts[:, None] + offsets)  # ids[b, counts[b] + k]
+        self.draft_probs[start : start + len(rows)] = torch.stack(probs, 1)
+
+    def _record(self, rows: list[Request], tokens: list[list[int]], logps: list[list[float]]) -> int:
+        """Append each row's new tokens up to its end, tell its listener, and retire the rows that finished.
+        -> the number of tokens appended."""
+        appended = 0
+        for r, ts, lps in zip(rows, tokens, logps):
+            text = ""
+            for t, lp in zip(ts, lps):
+                if r.finished:
+                    break
+                text += r.append(t, lp)
+                appended += 1
             if r.finished:
                 self._leave_decoding(r)
             self._emit(r, text)
+        self.generated_tokens += appended
+        return appended
 
     # ------------------------------------------------------------------ rows
     def _enter_prefilling(self, request: Request) -> None:
         request.row = self.num_slots - len(self.prefilling) - 1
         request.prefilled = 0
-        self.cache.lengths[request.row] = 0
+        for cache in self.caches:
+            cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)
 
     def _leave_prefilling(self, request: Request) -> None:
@@ -253,7 +356,8 @@ class Engine:
         the region (``request``'s cache is still there, for ``_enter_decoding`` to copy)."""
         edge = self.prefilling[0]
         if edge is not request:
-            self.cache.swap_rows(edge.row, request.row)
+            for cache in self.caches:
+                cache.swap_rows(edge.row, request.row)
             self.prefilling[self.prefilling.index(request)] = edge
             edge.row, request.row = request.row, edge.row
         self.prefilling.pop(0)
@@ -262,7 +366,7 @@ class Engine:
         """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
         row = len(self.decoding)
         if src_row != row:
-            self.cache.copy_row(src_row, row)
+            self._copy_row(src_row, row)
         request.row = row
         self.decoding.append(request)
 
@@ -270,7 +374,12 @@ class Engine:
         """Free ``request``'s row: the last decoding row moves into it."""
         edge = self.decoding[-1]
         if edge is not request:
-            self.cache.copy_row(edge.row, request.row)
+            self._copy_row(edge.row, request.row)
             self.decoding[request.row] = edge
             edge.row = request.row
         self.decoding.pop()
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        for cache in self.caches:
+            cache.copy_row(src, dst)
+        self.drafts[dst], self.draft_probs[dst] = self.drafts[src], self.draft_probs[src]

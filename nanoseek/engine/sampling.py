@@ -1,11 +1,11 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
 
-``sample`` draws one token per row from temperature-scaled logits cut to top-k and then to the top-p nucleus, and
-returns each token's log-prob under the distribution it was drawn from (what a policy-gradient ratio needs).
-``sample_rows`` samples a batch whose rows carry different parameters and generators: rows that share both are
-drawn in one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own
-generator (its text does not depend on what else is in the batch).
-"""
+``log_probs`` is the distribution a row samples from: temperature-scaled logits cut to top-k and then to the top-p
+nucleus. ``sample_rows`` samples a batch whose rows carry different parameters and generators, and returns each
+token's log-prob under that distribution (what a policy-gradient ratio needs): rows that share both are drawn in
+one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own generator
+(its text does not depend on what else is in the batch). Speculative decoding draws with ``draw_rows`` and
+``uniform_rows``, from the same generators."""
 
 from __future__ import annotations
 
@@ -43,52 +43,78 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (B, V) -> tokens (B,), log-probs (B,) of those tokens under the distribution sampled from.
-
-    temperature 0 is greedy (argmax; its log-prob is under the plain softmax). Otherwise the logits are divided
-    by ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches
-    ``top_p`` (nucleus; the most likely token always stays), renormalized, and sampled.
-    """
+def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+              top_p: float = 1.0) -> torch.Tensor:
+    """logits: (..., V) -> log-probs (..., V) of the distribution a row samples from: the logits divided by
+    ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches ``top_p``
+    (nucleus; the most likely token always stays), renormalized. Temperature 0: the plain softmax (greedy takes
+    its argmax)."""
     logits = logits.float()
     if temperature == 0.0:
-        tokens = logits.argmax(-1)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        return logits.log_softmax(-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    logp = logits.log_softmax(-1)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    return logits.log_softmax(-1)
+
+
+def _groups(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
+            ) -> list[list[int]]:
+    """Row indices with equal (temperature, top_k, top_p) (and, given ``generators``, the same generator object),
+    in row order; greedy rows form one group and ignore their generator."""
+    groups: dict[tuple, list[int]] = {}
+    for b, p in enumerate(params):
+        g = None if generators is None else id(generators[b])
+        key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, g)
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
+
+
+def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits: (B, ..., V) -> ``log_probs`` of row b under ``params[b]``."""
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for rows in _groups(params):
+        p = params[rows[0]]
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = log_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+    return out
+
+
+def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+              greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """probs: (B, V) -> one token per row, drawn with the row's generator (rows sharing parameters and generator
+    in one call); greedy rows take ``greedy`` (default: the argmax of ``probs``)."""
+    out = probs.argmax(-1) if greedy is None else greedy
+    for rows in _groups(params, generators):
+        if params[rows[0]].temperature > 0:
+            idx = torch.tensor(rows, device=probs.device)
+            out[idx] = torch.multinomial(probs[idx], 1, generator=generators[rows[0]])[:, 0]
+    return out
 
 
 def sample_rows(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> tuple[list[int], list[float]]:
-    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs) as lists.
+    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs of those tokens
+    under the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain
+    softmax; a seeded request draws only from its own generator."""
+    logp = log_probs_rows(logits, params)
+    tokens = draw_rows(logp.exp(), params, generators, greedy=logits.float().argmax(-1))
+    return tokens.tolist(), logp.gather(-1, tokens[:, None])[:, 0].tolist()
 
-    Rows with equal (temperature, top_k, top_p) and the same generator object are sampled in one ``sample`` call,
-    in row order; greedy rows ignore their generator."""
-    groups: dict[tuple, list[int]] = {}
-    for b, (p, g) in enumerate(zip(params, generators)):
-        key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(g))
-        groups.setdefault(key, []).append(b)
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    logps = torch.empty(len(params), dtype=torch.float32, device=logits.device)
-    for rows in groups.values():
-        p = params[rows[0]]
-        idx = torch.tensor(rows, device=logits.device) if len(rows) < len(params) else slice(None)
-        tokens[idx], logps[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, generators[rows[0]])
-    return tokens.tolist(), logps.tolist()
+
+def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], n: int,
+                 device: torch.device) -> torch.Tensor:
+    """(B, n) uniform draws in [0, 1), each sampled row's from its generator; zeros for greedy rows."""
+    out = torch.zeros(len(params), n, device=device)
+    for rows in _groups(params, generators):
+        if params[rows[0]].temperature > 0:
+            out[torch.tensor(rows, device=device)] = torch.rand(len(rows), n, generator=generators[rows[0]],
+                                                                device=device)
+    return out

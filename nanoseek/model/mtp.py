@@ -1,17 +1,25 @@
-"""Multi-Token Prediction (DeepSeek-V3 §2.2, eq. 21-23).
+"""Multi-Token Prediction (DeepSeek-V3 §2.2, eq. 21-25): the modules, their chain, their loss, and their drafts.
 
 Module k combines the previous depth's representation of token i with the embedding of token i+k:
-h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], runs one transformer block, and predicts t_{i+k+1}
-through the shared output head. Embedding and head are the main model's (shared), so only the norms, the
-projection M_k (`eh_proj`) and the block are new. Names follow the released V3 weights (enorm, hnorm,
-eh_proj, shared_head.norm); the concatenation order is theirs too (embedding first).
+h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and
+predicts t_{i+k+1} through the shared output head (eq. 23). Embedding and head are the main model's (shared), so
+only the norms, the projection M_k (`eh_proj`) and the block are new. Names follow the released V3 weights (enorm,
+hnorm, eh_proj, shared_head.norm); the concatenation order is theirs too (embedding first).
+
+Training runs the chain over the whole sequence (``mtp_logits``) and adds L_MTP = λ/D Σ_k L^k (``mtp_loss``,
+eq. 24-25). Inference runs it incrementally with its own KV cache (``draft``): the k-th module drafts one more token
+from the (k-1)-th one's hidden state, for the engine's speculative decoding (V3 §5.4.3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.cache import KVCache
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import AttentionContext, RMSNorm
 from nanoseek.model.block import Block
@@ -33,3 +41,54 @@ class MTPModule(nn.Module):
         """h_prev: (B, T, D) depth k-1 states of tokens i; next_emb: (B, T, D) Emb(t_{i+k}) -> h^k: (B, T, D)."""
         x = self.eh_proj(torch.cat((self.enorm(next_emb), self.hnorm(h_prev)), dim=-1))
         return self.block(x, ctx, router_stats)
+
+
+def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
+               router_stats: RouterStats | None = None) -> list[torch.Tensor]:
+    """The training chain (eq. 21-23): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T}) -> (B, T-k, vocab) logits,
+    row i predicting t_{i+k+1}. model: the Transformer (shared embedding and head, ``model.mtp``); h: (B, T, D)
+    its final normed states."""
+    T = input_ids.shape[1]
+    out = []
+    for k, module in enumerate(model.mtp, start=1):
+        if T - k <= 0:
+            break
+        ctx = model.context(h.shape[0], T - k, None, h.dtype)
+        h = module(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), ctx, router_stats)
+        out.append(model.lm_head(module.norm(h)))
+    return out
+
+
+def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[int], lam: float, depth: int,
+             ignore_index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L_MTP = λ/D Σ_k L^k (eq. 24-25), each L^k a mean over its ``n_tokens[k]`` loss tokens of the global batch.
+    targets: (B, T) next-token targets (depth k, row i predicts t_{i+k+1} = targets[:, i+k]).
+    -> (the loss, each depth's summed cross-entropy for logging)."""
+    loss, sums = torch.zeros((), device=targets.device), []
+    for k, lk in enumerate(logits, start=1):
+        lk = lk.to(torch.promote_types(lk.dtype, torch.float32)).flatten(0, 1)  # bf16 autocast: the loss in fp32
+        ce_k = F.cross_entropy(lk, targets[:, k:].reshape(-1), ignore_index=ignore_index, reduction="sum")
+        loss = loss + lam / depth * ce_k / max(n_tokens[k], 1)
+        sums.append(ce_k.detach())
+    return loss, sums
+
+
+def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache, counts: torch.Tensor,
+          pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Run the chain incrementally over the new positions of each sequence, with the MTP blocks' own ``cache``.
+
+    h: (B, T, D) main states of positions ``cache.lengths + j`` (``counts`` (B,) of them real, the rest padding);
+    tokens: (B, T + depth + 1) with tokens[:, j] the token at position ``cache.lengths + j``, known up to index
+    ``counts``. Module k reads h^{k-1} and tokens[:, j + k]. With ``pick``, each module's logits at the last real
+    position (predicting the token ``k`` after the last known one) give ``pick(logits) -> (B,)`` drafts, written
+    to tokens[:, counts + k] for the next module. A position whose token was itself a draft keeps that cache entry;
+    drafts only decide what is verified, never what is output.
+    """
+    B, T = h.shape[:2]
+    rows = torch.arange(B, device=h.device)
+    ctx = model.context(B, T, cache, h.dtype)
+    for k, module in enumerate(model.mtp, start=1):
+        h = module(h, model.embed_tokens(tokens[:, k : k + T]), ctx)
+        if pick is not None:
+            tokens[rows, counts + k] = pick(model.lm_head(module.norm(h[rows, counts - 1])))
+    cache.lengths += counts

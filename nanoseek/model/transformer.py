@@ -15,7 +15,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, AttentionContext, RMSNorm
 from nanoseek.model.block import Block
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
-from nanoseek.model.mtp import MTPModule
+from nanoseek.model.mtp import MTPModule, mtp_logits
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -92,42 +92,15 @@ class Transformer(nn.Module):
             cache.lengths += T if input_lengths is None else input_lengths
         out = h if return_hidden else self.lm_head(h)
         if return_mtp:
-            return out, self.mtp_logits(h, input_ids, router_stats)
-        return out
-
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor,
-                   router_stats: RouterStats | None = None) -> list[torch.Tensor]:
-        """Training-time MTP chain (V3 eq. 21-22): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T})."""
-        T = input_ids.shape[1]
-        out = []
-        for k, module in enumerate(self.mtp, start=1):
-            if T - k <= 0:
-                break
-            ctx = self.context(h.shape[0], T - k, None, h.dtype)
-            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), ctx, router_stats)
-            out.append(self.lm_head(module.norm(h)))
+            return out, mtp_logits(self, h, input_ids, router_stats)
         return out
 
     # ------------------------------------------------------------------ inference helpers
-    def mtp_draft(
-        self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, *, input_lengths: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The first MTP module, run incrementally with its own cache (``new_cache(..., mtp=True)``).
-
-        h: (B, T, D) the main model's final normed states of tokens i (continuing at ``cache.lengths``),
-        next_ids: (B, T) tokens t_{i+1} -> logits (B, T, vocab) predicting t_{i+2} (V3 eq. 21-22, depth 1).
-        """
-        B, T = next_ids.shape
-        module = self.mtp[0]
-        ctx = self.context(B, T, cache, h.dtype)
-        x = module(h, self.embed_tokens(next_ids), ctx)
-        cache.lengths += T if input_lengths is None else input_lengths
-        return self.lm_head(module.norm(x))
-
     def new_cache(
         self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """A preallocated cache for ``batch_size`` sequences of up to ``max_len`` tokens (or one for the MTP blocks)."""
+        """A preallocated cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks',
+        for ``mtp.draft``)."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return KVCache(
             cache_widths(self.config), n_layers, batch_size, max_len,

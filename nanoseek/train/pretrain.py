@@ -31,6 +31,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.data import IGNORE, SFTData, LMBatch, make_data
 from nanoseek.distributed import all_reduce_, init_distributed, wrap_model
 from nanoseek.model.moe import RouterStats, update_expert_bias
+from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
@@ -161,12 +162,9 @@ def micro_loss(model: nn.Module, base: Transformer, batch: LMBatch, cfg: TrainCo
     ce = F.cross_entropy(_fp32(logits).view(-1, V), batch.targets.view(-1), ignore_index=IGNORE, reduction="sum")
     loss = ce / max(n_tokens[0], 1)
     parts = [ce.detach()]
-    D = len(base.mtp)
-    for k, lk in enumerate(mtp_logits, start=1):  # depth k, row i predicts token i+k+1 = targets[:, i+k]
-        ce_k = F.cross_entropy(_fp32(lk).reshape(-1, V), batch.targets[:, k:].reshape(-1), ignore_index=IGNORE,
-                               reduction="sum")
-        loss = loss + cfg.mtp_lambda / D * ce_k / max(n_tokens[k], 1)
-        parts.append(ce_k.detach())
+    mtp, mtp_parts = mtp_loss(mtp_logits, batch.targets, n_tokens, cfg.mtp_lambda, len(base.mtp), IGNORE)
+    loss = loss + mtp
+    parts += mtp_parts
     balance = sum(stats.balance_loss.values(), torch.zeros((), device=logits.device))
     alpha = base.config.aux_loss_alpha if cfg.balance_alpha is None else cfg.balance_alpha
     if alpha > 0:

@@ -113,7 +113,7 @@ class EvalConfig:
 
     model: str = option(help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json), or a "
                         "run directory (its latest checkpoint)")
-    task: str | None = option(None, "built-in task (default: the task the checkpoint's run trained on)")
+    task: str | None = option(None, "built-in task (None: the task the checkpoint's run trained on)")
     n: int = option(1000, "distinct held-out problems (fewer when the held-out split is smaller)", min=1)
     num_generations: int = option(8, "samples per problem for pass@k and maj@k (0: greedy only)", min=0)
     temperature: float = option(1.0, "sampling temperature of the samples")
@@ -124,14 +124,14 @@ class EvalConfig:
     dataset: str | None = option(None, "evaluate on a dataset's prompts instead of a task (local file or folder, "
                                  "or a hub dataset): correct = every --reward-funcs function verifies the completion")
     dataset_config: str | None = option(None, "the hub dataset's configuration")
-    dataset_split: str | None = option(None, "the split (default: train for a single file, else test)")
+    dataset_split: str | None = option(None, "the split (None: train for a single file, else test)")
     prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
     answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
     reward_funcs: list[str] = option(help="--dataset: built-in names or import paths (package.module:function)",
                                      default_factory=list)
     min_reward: float = option(1.0, "the value each reward function must reach to verify")
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

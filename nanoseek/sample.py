@@ -123,7 +123,7 @@ class SampleConfig:
     batch_size: int = option(64, "sequences per sampler call", min=1)
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     reward_timeout: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -63,7 +63,7 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
 
 
 def test_paired_difference_hand_computed():
-    from nanoseek.demo import paired_difference
+    from nanoseek.recipes.runner import paired_difference
 
     d = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1: mean 1/2, sample sd sqrt(1/3)
     assert d["mean"] == 0.5 and d["n"] == 4
@@ -73,7 +73,7 @@ def test_paired_difference_hand_computed():
 
 
 def test_seeds_summary_hand_computed():
-    from nanoseek.demo import seeds_summary, seeds_table
+    from nanoseek.recipes.demo import seeds_summary, seeds_table
 
     def report(seed, a_sft, a_grpo):
         row = {"accuracy": a_sft, "sample_accuracy": 0.5, "maj@4": 0.5, "pass@4": 0.9}

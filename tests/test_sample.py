@@ -126,8 +126,8 @@ def test_keep_correct_with_math_and_format_on_gsm8k():
               texts[2]: c.completion.rsplit("####", 1)[0] + f"#### {int(c.answer) + 1}"}  # wrong answer
     policy = ScriptedPolicy(tok, script)
     fns = [get_reward_fn("math"), get_reward_fn("format_gsm8k")]
-    rows, summary = sample_dataset(policy, tok, ds, fns, num_generations=2, max_completion_length=200, system_prompt=system,
-                                   keep="correct")
+    rows, summary = sample_dataset(policy, tok, ds, fns, num_generations=2, max_completion_length=200,
+                                   system_prompt=system, keep="correct")
     assert policy.seen == [tok.encode(t, add_bos=True) for t in texts for _ in range(2)]
     assert [r["completion"][0]["content"] for r in rows] == [a.completion] * 2
     assert rows[0]["prompt"] == [{"role": "system", "content": system}, {"role": "user", "content": a.prompt}]

@@ -49,6 +49,12 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
     assert f"nanoseek serve --model {out / 'grpo'}" in done.stdout  # how to serve what it trained
+    # the baseline is named by its steps; both stages' steps and measured wall times are reported
+    assert (f"continued SFT's {report['continued_sft_steps']} steps taking {report['sft_continued_time_s']:.0f} s "
+            f"vs GRPO's {report['grpo_steps']} steps {report['grpo_time_s']:.0f} s") in done.stdout
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(stage["wall_time_s"] > 0 for stage in stages.values())
+    assert report["sft_continued_time_s"] == stages["sft_continued"]["wall_time_s"]
     # GRPO validated every 20 steps on training-split problems disjoint from the held-out ones; the table says which
     # checkpoint its GRPO row is
     validated = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]

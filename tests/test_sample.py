@@ -147,7 +147,7 @@ def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
     rows = read(out)
     assert len(rows) == 6 and all(set(r["rewards"]) == {"arithmetic_reward"} for r in rows)
     assert all(r["answer"] == str(eval(r["prompt"][:-1])) for r in rows)  # noqa: S307 - "37+48=" from the task
-    from nanoseek.data import read_records  # what `nanoseek sft --data FILE.jsonl` reads today
+    from nanoseek.data import read_records  # what `nanoseek sft --data FILE.jsonl` reads
 
     assert [(r.prompt, r.completion) for r in read_records([out])] == [(r["prompt"], r["completion"]) for r in rows]
 
@@ -161,6 +161,11 @@ def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
     assert main(["sample", "--model", str(checkpoint), "--dataset", str(data), "--reward-funcs", "nope.mod:f",
                  "--out", str(out)]) == 2
     assert "no module 'nope.mod'" in capsys.readouterr().err
+    assert main(["sample", "--model", str(checkpoint), "--out", str(out)]) == 2  # neither --dataset nor --task
+    assert "give one of --dataset or --task" in capsys.readouterr().err
+    assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--num-generations", "0",
+                 "--out", str(out)]) == 2
+    assert "--num-generations 0: must be >= 1" in capsys.readouterr().err
 
 
 def test_hf_llama_with_chat_template(tmp_path, monkeypatch):

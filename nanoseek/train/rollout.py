@@ -60,26 +60,21 @@ class Scorer:
         return steps
 
 
-def verified(values: list[float | None], truncated: bool, min_reward: float = 1.0) -> bool:
-    """A verified completion: every named reward function gave at least ``min_reward`` (None, "no verdict", never
-    passes) and it ended by itself (one cut off at the length cap is not an answer)."""
-    return not truncated and all(v is not None and v >= min_reward for v in values)
-
-
 @dataclass(frozen=True)
 class Scored:
     """One completion per row: the prompt ids, what was sampled, the decoded texts and their rewards."""
 
-    rows: list[Row]
     prompt_ids: list[list[int]]
     samples: Samples
     texts: list[str]
     result: RewardResult
 
     def verified(self, names: Sequence[str], min_reward: float = 1.0) -> list[bool]:
-        """Per completion: ``verified`` by the reward functions ``names``."""
-        return [verified([self.result.per_fn[n][j] for n in names], trunc, min_reward)
-                for j, trunc in enumerate(self.samples.truncated)]
+        """Per completion: every reward function in ``names`` gave at least ``min_reward`` (None, "no verdict",
+        never passes) and it ended by itself (one cut off at the length cap is not an answer)."""
+        values = [self.result.per_fn[n] for n in names]
+        return [not cut and all(v[j] is not None and v[j] >= min_reward for v in values)
+                for j, cut in enumerate(self.samples.truncated)]
 
 
 @torch.no_grad()
@@ -87,19 +82,15 @@ def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[i
                      decode: Callable[[list[int]], str], rows: list[Row], scorer: Scorer, params: SamplingParams,
                      seed: int, *, batch_size: int | None = None, desc: str | None = None) -> Scored:
     """Sample one completion per row (repeat a row for several), in batches of ``batch_size`` (batch b seeded
-    with ``seed + b``), then score them all with ``scorer.outcome``; ``desc`` shows a progress bar."""
+    with ``seed + b``), then score them all with ``scorer.outcome``; ``desc`` shows a progress bar (batches)."""
     prompt_ids = [encode(r.prompt) for r in rows]
     size = batch_size or max(len(rows), 1)
-    parts: list[Samples] = []
-    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
-    for b, start in enumerate(range(0, len(rows), size)):
-        parts.append(policy.sample(prompt_ids[start : start + size], params, seed + b))
-        bar.update(len(parts[-1].completions))
-    bar.close()
+    starts = tqdm(range(0, len(rows), size), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
+    parts = [policy.sample(prompt_ids[start : start + size], params, seed + b) for b, start in enumerate(starts)]
     samples = Samples([c for p in parts for c in p.completions], [lp for p in parts for lp in p.logprobs],
                       [t for p in parts for t in p.truncated])
     texts = [decode(c) for c in samples.completions]
-    return Scored(rows, prompt_ids, samples, texts, scorer.outcome(rows, texts, samples.completions))
+    return Scored(prompt_ids, samples, texts, scorer.outcome(rows, texts, samples.completions))
 
 
 @dataclass(frozen=True)

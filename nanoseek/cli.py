@@ -21,8 +21,8 @@ from nanoseek.model.transformer import Transformer
 
 # subcommand -> (module, one-line help). Listed only when the module exists.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("nanoseek.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
-    "r1": ("nanoseek.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
+    "demo": ("nanoseek.recipes.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
+    "r1": ("nanoseek.recipes.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
     "info": ("nanoseek.cli", "build a preset model; print parameters, active parameters and KV-cache sizes"),
     "pretrain": ("nanoseek.train.pretrain", "next-token (+MTP) pretraining on a built-in task or local text"),
     "sft": ("nanoseek.train.pretrain", "supervised fine-tuning on (prompt, completion) pairs"),
@@ -31,7 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.generate", "sample from a checkpoint with the latent KV cache"),
     "sample": ("nanoseek.sample", "K completions per prompt, scored; keep the verified ones as an SFT dataset"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server with continuous batching, and a chat page"),
-    "eval": ("nanoseek.evaluate", "held-out accuracy of a checkpoint on a built-in task"),
+    "eval": ("nanoseek.evaluate", "held-out accuracy, maj@k and pass@k of a checkpoint on a built-in task or dataset"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "plot": ("nanoseek.report", "PNG curves from a run directory's metrics.jsonl"),
 }

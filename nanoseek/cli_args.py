@@ -35,6 +35,7 @@ RENAMED: dict[str, str] = {
     "--warmup": "--warmup-steps",
     "--schedule": "--lr-schedule",
     "--grad-clip": "--max-grad-norm",
+    "--eval-k": "--eval-num-generations",
 }
 
 

@@ -1,7 +1,9 @@
-"""Held-out evaluation of a checkpoint on a built-in task: greedy accuracy, maj@k and pass@k.
+"""Held-out evaluation: greedy accuracy, maj@k and pass@k of a policy on dataset prompts.
 
-All completions go through ``nanoseek.generate.generate`` (latent KV cache) in batches. With k samples per
-problem at temperature τ:
+One evaluator for every caller (``nanoseek eval``, the recipes, GRPO/PPO's ``--eval-every``): each prompt is
+completed greedily once and sampled k times at temperature τ through ``nanoseek.train.rollout.sample_and_score``;
+a completion is correct when every function named in ``correct`` gives at least ``min_reward`` and it ended by
+itself. A built-in task is a dataset too (``nanoseek.datasets.task_dataset``), verified by the task's reward.
 - ``accuracy``: the greedy completion is correct;
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
 - ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
@@ -17,17 +19,21 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from nanoseek.distributed import device_of
+from nanoseek.cli_args import add_arguments as add_flags
+from nanoseek.cli_args import check_ranges, from_args, option
+from nanoseek.datasets import Row
+from nanoseek.policy import SamplingParams
 from nanoseek.rewards.math import extract_final_answer
-from nanoseek.tasks import Example, Task
+from nanoseek.train.rollout import Scorer, sample_and_score
+
+SCALARS = ("accuracy", "reward", "mean_length", "sample_accuracy")
 
 
-def _answer_key(text: str) -> str:
+def vote_key(text: str) -> str:
     """The answer a sample votes for in maj@k: its extracted final answer (``#### 42``, ``\\boxed{42}``,
     ``<answer>42</answer>``: ``nanoseek.rewards.math.extract_final_answer``), else its first line, without
     surrounding spaces; so two worked solutions that reach the same number vote together."""
@@ -35,129 +41,101 @@ def _answer_key(text: str) -> str:
     return final.strip() if final is not None else text.strip().split("\n", 1)[0].strip()
 
 
-@torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 0.0,
-             batch_size: int = 512, seed: int = 0, desc: str | None = None) -> list[str]:
-    """One completion per prompt (greedy when temperature is 0), decoded up to the first eos; ``generate``
-    runs the model in eval mode."""
-    from nanoseek.generate import generate
-
-    ids = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in prompts]
-    texts: list[str] = []
-    bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
-    for b, start in enumerate(range(0, len(ids), batch_size)):
-        chunk = ids[start : start + batch_size]
-        outs = generate(model, chunk, max_new_tokens, temperature=temperature, stop_token_ids=(tokenizer.eos_id,),
-                        seed=seed * 100_003 + b)
-        for out in outs:
-            out = list(out)
-            texts.append(tokenizer.decode(out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out))
-        bar.update(len(chunk))
-    bar.close()
-    return texts
-
-
-def evaluate(model, tokenizer, examples: list[Example], task: Task, *, k: int = 8, temperature: float = 1.0,
-             max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0, progress: bool = True) -> dict:
-    """Greedy accuracy, and with k > 0 pass@k, maj@k and sample accuracy, over ``examples`` (fractions 0–1)."""
-    if not examples:
+def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Callable[[list[int]], str],
+             rows: list[Row], scorer: Scorer, correct: list[str], *, k: int = 8, temperature: float = 1.0,
+             max_completion_length: int = 16, batch_size: int = 512, seed: int = 0, min_reward: float = 1.0,
+             progress: bool = False) -> dict:
+    """Greedy ``accuracy``, ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy
+    completion tokens) and, with k > 0, ``pass@k``, ``maj@k`` and ``sample_accuracy`` over ``rows`` (fractions
+    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` and the first 20 greedy completions."""
+    if not rows:
         raise ValueError("evaluate: no examples given")
-    if k < 0 or temperature <= 0:
+    if k < 0 or (k and temperature <= 0):
         raise ValueError(f"evaluate: need k >= 0 and temperature > 0 for the k samples (got k={k}, "
                          f"temperature={temperature})")
-    prompts = [ex.prompt for ex in examples]
-    greedy = complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=seed,
-                      desc="eval greedy" if progress else None)
-    correct = [task.score(t, ex) for t, ex in zip(greedy, examples)]
-    n = len(examples)
-    result = {"n": n, "accuracy": sum(correct) / n, "greedy_correct": correct}
-    if k:
-        samples = complete(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens,
-                           temperature=temperature, batch_size=batch_size, seed=seed + 1,
-                           desc=f"eval {k} samples" if progress else None)
-        passed = majority = 0.0
-        per_problem = []
-        for i, ex in enumerate(examples):
-            texts = samples[i * k : (i + 1) * k]
-            scores = [task.score(t, ex) for t in texts]
-            per_problem.append(sum(scores) / k)
-            passed += max(scores)
-            votes = Counter(_answer_key(t) for t in texts)
-            top = max(votes.values())
-            winner = next(j for j, t in enumerate(texts) if votes[_answer_key(t)] == top)
-            majority += scores[winner]
-        result.update({f"pass@{k}": passed / n, f"maj@{k}": majority / n, "sample_accuracy": sum(per_problem) / n,
-                       "sample_correct": per_problem, "k": k, "temperature": temperature})
-    result["greedy_completions"] = [{"prompt": ex.prompt, "completion": t, "correct": c}
-                                    for ex, t, c in list(zip(examples, greedy, correct))[:20]]
-    return result
-
-
-@torch.no_grad()
-def evaluate_prompts(policy, encode, decode, rows: list, scorer, correct: list[str], *, k: int = 4,
-                     temperature: float = 1.0, max_new_tokens: int = 16, batch_size: int = 256, seed: int = 0,
-                     min_reward: float = 1.0) -> dict[str, float]:
-    """Held-out metrics of a policy on dataset rows through its sampler (``Policy.sample``), scored by ``scorer``
-    (``nanoseek.train.rollout.Scorer``). A completion is correct when every function named in ``correct`` gives
-    at least ``min_reward`` and it ended by itself (``nanoseek.sample.verified``). Returns ``accuracy`` (greedy),
-    ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy completion tokens) and,
-    with k > 0, ``pass@k`` (any of k samples at ``temperature`` correct) and ``sample_accuracy`` (their mean)."""
-    from nanoseek.policy import SamplingParams
-    from nanoseek.sample import verified
-
-    if not rows:
-        raise ValueError("evaluate_prompts: no held-out rows")
     was_training = policy.model.training
     policy.model.eval()
 
-    def run(rows_rep: list, temp: float, seed_: int) -> tuple[list[bool], list[float], list[int]]:
-        ok, total, lengths = [], [], []
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temp)
-        for b, start in enumerate(range(0, len(rows_rep), batch_size)):
-            chunk = rows_rep[start : start + batch_size]
-            samples = policy.sample([encode(r.prompt) for r in chunk], params, seed_ * 100_003 + b)
-            texts = [decode(c) for c in samples.completions]
-            result = scorer.outcome(chunk, texts, samples.completions)
-            for j, trunc in enumerate(samples.truncated):
-                ok.append(verified([result.per_fn[n][j] for n in correct], trunc, min_reward))
-            total += result.total
-            lengths += [len(c) for c in samples.completions]
-        return ok, total, lengths
+    def run(rows_: list[Row], temp: float, seed_: int, desc: str):
+        scored = sample_and_score(policy, encode, decode, rows_, scorer,
+                                  SamplingParams(max_tokens=max_completion_length, temperature=temp),
+                                  seed_ * 100_003, batch_size=batch_size, desc=desc if progress else None)
+        return scored, [float(ok) for ok in scored.verified(correct, min_reward)]
 
-    ok, total, lengths = run(list(rows), 0.0, seed)
+    greedy, ok = run(list(rows), 0.0, seed, "eval greedy")
     n = len(rows)
-    out = {"accuracy": sum(ok) / n, "reward": sum(total) / n, "mean_length": sum(lengths) / n}
+    out = {"n": n, "accuracy": sum(ok) / n, "reward": sum(greedy.result.total) / n,
+           "mean_length": sum(map(len, greedy.samples.completions)) / n, "greedy_correct": ok}
     if k:
-        ok_k, _, _ = run([r for r in rows for _ in range(k)], temperature, seed + 1)
-        out[f"pass@{k}"] = sum(any(ok_k[i * k : (i + 1) * k]) for i in range(n)) / n
-        out["sample_accuracy"] = sum(ok_k) / (n * k)
+        sampled, ok_k = run([r for r in rows for _ in range(k)], temperature, seed + 1, f"eval {k} samples")
+        per_problem, majority = [], 0.0
+        for i in range(n):
+            scores, texts = ok_k[i * k : (i + 1) * k], sampled.texts[i * k : (i + 1) * k]
+            per_problem.append(sum(scores) / k)
+            votes = Counter(map(vote_key, texts))
+            top = max(votes.values())
+            majority += scores[next(j for j, t in enumerate(texts) if votes[vote_key(t)] == top)]
+        out.update({f"pass@{k}": sum(p > 0 for p in per_problem) / n, f"maj@{k}": majority / n,
+                    "sample_accuracy": sum(per_problem) / n, "sample_correct": per_problem, "k": k,
+                    "temperature": temperature})
+    out["greedy_completions"] = [{"prompt": r.prompt, "completion": t, "correct": c}
+                                 for r, t, c in list(zip(rows, greedy.texts, ok))[:20]]
     policy.model.train(was_training)
     return out
 
 
+def evaluate_prompts(policy, encode, decode, rows: list[Row], scorer: Scorer, correct: list[str], *, k: int = 4,
+                     temperature: float = 1.0, max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0,
+                     min_reward: float = 1.0) -> dict[str, float]:
+    """The scalar metrics of ``evaluate`` (what ``--eval-every`` logs): accuracy, reward, mean_length and, with
+    k > 0, pass@k, maj@k and sample_accuracy."""
+    r = evaluate(policy, encode, decode, rows, scorer, correct, k=k, temperature=temperature,
+                 max_completion_length=max_new_tokens, batch_size=batch_size, seed=seed, min_reward=min_reward)
+    return {key: r[key] for key in (*SCALARS, f"pass@{k}", f"maj@{k}") if key in r}
+
+
+def evaluate_task(policy, tokenizer, task, rows: list[Row], **kwargs) -> dict:
+    """``evaluate`` on rows of a built-in task (``nanoseek.datasets.task_dataset``), verified by the task's
+    reward (``task.score``); prompts are encoded as the trainers encode them."""
+    from nanoseek.rewards import reward_name
+    from nanoseek.tasks import task_reward
+
+    fn = task_reward(task)
+    return evaluate(policy, tokenizer.encode_prompt, tokenizer.decode, rows,
+                    Scorer([fn], [1.0], tokenizer), [reward_name(fn)], **kwargs)
+
+
 # ---------------------------------------------------------------------- CLI
+@dataclass
+class EvalConfig:
+    """``nanoseek eval``: the checkpoint, the held-out prompts (a built-in task, or a dataset with the reward
+    functions that verify a completion) and the sampling of the k samples."""
+
+    model: str = option(help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json), or a "
+                        "run directory (its latest checkpoint)")
+    task: str | None = option(None, "built-in task (None: the task the checkpoint's run trained on)")
+    n: int = option(1000, "distinct held-out problems (fewer when the held-out split is smaller)", min=1)
+    num_generations: int = option(8, "samples per problem for pass@k and maj@k (0: greedy only)", min=0)
+    temperature: float = option(1.0, "sampling temperature of the samples")
+    max_completion_length: int = option(16, "tokens generated per completion, at most", min=1)
+    batch_size: int = option(512, "sequences per sampler call", min=1)
+    seed: int = option(0, "held-out set and sampling seed")
+    json: str | None = option(None, "also write the result (with per-problem results) to this file")
+    dataset: str | None = option(None, "evaluate on a dataset's prompts instead of a task (local file or folder, "
+                                 "or a hub dataset): correct = every --reward-funcs function verifies the completion")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str | None = option(None, "the split (None: train for a single file, else test)")
+    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
+    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    reward_funcs: list[str] = option(help="--dataset: built-in names or import paths (package.module:function)",
+                                     default_factory=list)
+    min_reward: float = option(1.0, "the value each reward function must reach to verify")
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--model", required=True, help="nanoseek checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-    a("--task", default=None, help="built-in task (default: the task the checkpoint's run trained on)")
-    a("--n", type=int, default=1000, help="distinct held-out problems (fewer when the held-out split is smaller)")
-    a("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples")
-    a("--max-new-tokens", type=int, default=16)
-    a("--batch-size", type=int, default=512)
-    a("--seed", type=int, default=0, help="held-out set and sampling seed")
-    a("--json", default=None, help="also write the result to this file")
-    a("--dataset", default=None, help="evaluate on a dataset's prompts instead of a task (local file or folder, or a "
-      "hub dataset): correct = every --reward-funcs function verifies the completion")
-    a("--dataset-config", default=None, help="the hub dataset's configuration")
-    a("--dataset-split", default=None, help="the split (default: train for a single file, else test)")
-    a("--prompt-column", default="prompt", help="the column with the prompts (strings or chat messages)")
-    a("--answer-column", default=None, help="the column with the gold answers, given to rewards as `answer`")
-    a("--reward-funcs", nargs="*", default=[], help="--dataset: built-in names or import paths "
-      "(package.module:function)")
-    a("--min-reward", type=float, default=1.0, help="--dataset: the value each function must reach to verify")
-    a("--system-prompt", default=None, help="--dataset: system message for every prompt (chat template)")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_flags(parser, EvalConfig)
 
 
 def recorded_task(model_dir: Path) -> str | None:
@@ -177,85 +155,72 @@ def recorded_task(model_dir: Path) -> str | None:
     return None
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Range checks of ``nanoseek eval``'s numeric flags, before anything is loaded."""
-    for name, low in (("n", 1), ("k", 0), ("max_new_tokens", 1), ("batch_size", 1)):
-        if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.k and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for the --k {args.k} samples, got {args.temperature}")
-
-
-def run_dataset(args: argparse.Namespace) -> dict:
-    """``eval --dataset``: greedy accuracy, pass@k, mean reward and length on a dataset's first ``--n`` prompts,
-    through the policy's sampler (``evaluate_prompts``); a completion is correct when every reward function gives
-    at least ``--min-reward`` and it ended by itself."""
-    from nanoseek.datasets import load_prompts
-    from nanoseek.policy import Policy
-    from nanoseek.rewards import check_reward_columns, get_reward_fn, reward_name
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.rollout import Scorer
-
-    if not args.reward_funcs:
-        raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
-    fns = [get_reward_fn(n) for n in args.reward_funcs]
-    split = args.dataset_split or ("train" if Path(args.dataset).expanduser().is_file() else "test")
-    ds = load_prompts(args.dataset, config=args.dataset_config, split=split, prompt_column=args.prompt_column,
-                      answer_column=args.answer_column)
-    check_reward_columns(fns, ds.columns, f"--dataset {args.dataset}")
-    rows = list(ds.rows[: args.n])
-    tok = load_tokenizer(args.model)
-    policy = Policy.load(args.model, tok.pad_id, tok.eos_id, device=device_of(args.device))
-    scorer = Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns)
-    result = evaluate_prompts(
-        policy, lambda p: tok.encode_prompt(p, args.system_prompt), tok.decode,
-        rows, scorer, [reward_name(f) for f in fns], k=args.k, temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, min_reward=args.min_reward)
-    return {"dataset": args.dataset, "n": len(rows), "reward_funcs": args.reward_funcs, **result}
-
-
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.distributed import device_of
+    from nanoseek.policy import Policy
+    from nanoseek.rewards import reward_name
+    from nanoseek.tokenizer import encode_checked, load_tokenizer
 
-    if args.dataset:
-        check_flags(args)
-        args.model = str(resolve_model_dir(args.model))
-        result = run_dataset(args)
-        print(json.dumps(result, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return 0
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tasks import distinct_examples, get_task
-    from nanoseek.tokenizer import Tokenizer, encode_checked
+    cfg = from_args(EvalConfig, args)
+    check_ranges(cfg)
+    if cfg.num_generations and not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for the --num-generations {cfg.num_generations} samples, "
+                         f"got {cfg.temperature}")
+    directory = resolve_model_dir(cfg.model)
+    head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
+    rows = list(ds.rows[: cfg.n])
+    tok = load_tokenizer(directory)
+    policy = Policy.load(directory, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
+    if not cfg.dataset:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
+        for r in rows:
+            encode_checked(tok, r.prompt, f"task {head['task']!r} prompt {r.prompt!r}",
+                           max_tokens=policy.model.config.max_position_embeddings)
+    result = evaluate(policy, lambda p: tok.encode_prompt(p, cfg.system_prompt),
+                      tok.decode, rows, Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns),
+                      [reward_name(f) for f in fns], k=cfg.num_generations, temperature=cfg.temperature,
+                      max_completion_length=cfg.max_completion_length, batch_size=cfg.batch_size, seed=cfg.seed,
+                      min_reward=cfg.min_reward, progress=True)
+    summary = {k: v for k, v in result.items() if not isinstance(v, list)}
+    print(json.dumps({**head, **summary}, indent=2))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({**head, **result}, indent=2))
+    return 0
 
-    check_flags(args)
-    directory = resolve_model_dir(args.model)
+
+def _dataset(cfg: EvalConfig):
+    """``eval --dataset``: its prompts, verified by every ``--reward-funcs`` function."""
+    from nanoseek.datasets import load_prompts
+    from nanoseek.rewards import check_reward_columns, get_reward_fn
+
+    if not cfg.reward_funcs:
+        raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
+    fns = [get_reward_fn(n) for n in cfg.reward_funcs]
+    split = cfg.dataset_split or ("train" if Path(cfg.dataset).expanduser().is_file() else "test")
+    ds = load_prompts(cfg.dataset, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
+                      answer_column=cfg.answer_column)
+    check_reward_columns(fns, ds.columns, f"--dataset {cfg.dataset}")
+    return {"dataset": cfg.dataset, "reward_funcs": cfg.reward_funcs}, ds, fns
+
+
+def _task(cfg: EvalConfig, directory: Path):
+    """``eval --task``: up to ``--n`` distinct problems of the task's held-out split, verified by its reward."""
+    from nanoseek.datasets import task_dataset
+    from nanoseek.tasks import get_task, task_reward
+
     if not (directory / "tokenizer.json").is_file():
         raise ValueError(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
                          "tokenizer")
     trained_on = recorded_task(directory)
-    name = args.task or trained_on
+    name = cfg.task or trained_on
     if name is None:
         raise ValueError(f"--model {directory} does not record a built-in task it trained on; pass --task NAME "
                          "(a built-in task such as arithmetic or countdown)")
-    if trained_on and args.task and args.task != trained_on:
-        print(f"note: evaluating on --task {args.task}; the model was trained on {trained_on}", file=sys.stderr)
+    if trained_on and cfg.task and cfg.task != trained_on:
+        print(f"note: evaluating on --task {cfg.task}; the model was trained on {trained_on}", file=sys.stderr)
     task = get_task(name)
-    tokenizer = Tokenizer.load(directory)
-    model = Transformer.from_pretrained(directory).to(device_of(args.device))
-    held_out = distinct_examples(task, args.n, "eval", seed=args.seed)
-    for ex in held_out:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
-        encode_checked(tokenizer, ex.prompt, f"task {name!r} prompt {ex.prompt!r}",
-                       max_tokens=model.config.max_position_embeddings)
-    if len(held_out) < args.n:
-        print(f"the held-out split of {name!r} has {len(held_out)} distinct problems; evaluating all of them",
+    ds = task_dataset(task, cfg.n, "eval", seed=cfg.seed)
+    if len(ds.rows) < cfg.n:
+        print(f"the held-out split of {name!r} has {len(ds.rows)} distinct problems; evaluating all of them",
               file=sys.stderr)
-    result = evaluate(model, tokenizer, held_out, task, k=args.k,
-                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, seed=args.seed)
-    summary = {k: v for k, v in result.items() if k not in ("greedy_completions", "greedy_correct", "sample_correct")}
-    print(json.dumps({"task": name, **summary}, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"task": name, **result}, indent=2))
-    return 0
+    return {"task": name}, ds, [task_reward(task)]

@@ -2,17 +2,17 @@
 DeepSeek-R1's rejection sampling (arXiv 2501.12948 §2.3.3) and the teacher half of distillation (§2.4).
 
 Every prompt of ``--dataset`` (or ``--num-prompts`` distinct problems of a built-in ``--task``) is sampled
-``--num-samples`` times, in batches through the policy's sampler (``Policy.rollout``, the latent KV cache for
-nanoseek models). Conversational prompts (and ``--system-prompt``) are rendered with the checkpoint's chat
-template. Each output line holds ``prompt``, ``completion``, ``reward`` (the sum over functions), ``rewards``
-(each function's value), ``truncated`` and the dataset's other columns, so the file is at once an SFT dataset
-(``prompt`` + ``completion``: a string, or ``[{"role": "assistant", ...}]`` for a conversational prompt) and an
-RL dataset.
+``--num-generations`` times, in batches through the policy's sampler (``nanoseek.train.rollout.sample_and_score``;
+the latent KV cache for nanoseek models). Conversational prompts (and ``--system-prompt``) are rendered with the
+checkpoint's chat template. Each output line holds ``prompt``, ``completion``, ``reward`` (the sum over functions),
+``rewards`` (each function's value), ``truncated`` and the dataset's other columns, so the file is at once an SFT
+dataset (``prompt`` + ``completion``: a string, or ``[{"role": "assistant", ...}]`` for a conversational prompt) and
+an RL dataset.
 
-``--keep correct`` keeps only verified completions: every reward function gave a value of at least
-``--min-reward`` (default 1.0, the full score of the built-ins: right answer, right format, all tests pass; None,
-"no verdict", never passes), and the completion ended by itself (one cut off at ``--max-new-tokens`` would teach
-the student not to stop). ``--keep all`` keeps everything.
+``--keep correct`` keeps only verified completions: every reward function gave a value of at least ``--min-reward``
+(default 1.0, the full score of the built-ins: right answer, right format, all tests pass; None, "no verdict", never
+passes), and the completion ended by itself (one cut off at ``--max-completion-length`` would teach the student not
+to stop). ``--keep all`` keeps everything.
 """
 
 from __future__ import annotations
@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from nanoseek.chat import chat_template, prompt_text
-from nanoseek.datasets import PromptDataset, Row, load_prompts, task_dataset
-from nanoseek.rewards import (
-    RewardFn,
-    check_reward_columns,
-    compute_rewards,
-    get_reward_fn,
-    reward_name,
-    trl_completions,
-)
-
-
-def verified(values: list[float | None], truncated: bool, min_reward: float) -> bool:
-    """``--keep correct``: every reward function's value is at least ``min_reward`` and the completion ended."""
-    return not truncated and all(v is not None and v >= min_reward for v in values)
+from nanoseek.cli_args import add_arguments as add_flags
+from nanoseek.cli_args import check_ranges, from_args, option
+from nanoseek.datasets import PromptDataset, load_prompts, task_dataset
+from nanoseek.policy import SamplingParams
+from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+from nanoseek.train.rollout import Scorer, sample_and_score
 
 
 def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
@@ -51,58 +40,40 @@ def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | 
     return messages if messages[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *messages]
 
 
-@torch.no_grad()
-def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[RewardFn], *, num_samples: int,
-                   max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
-                   seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
+def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[RewardFn], *, num_generations: int,
+                   max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
+                   top_k: int | None = None, seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
                    keep: str = "correct", min_reward: float = 1.0, reward_timeout_s: float | None = 60.0,
                    progress: bool = False) -> tuple[list[dict], dict]:
-    """-> (output rows, summary). Rows of each prompt's ``num_samples`` completions, in dataset order, filtered
+    """-> (output rows, summary). Rows of each prompt's ``num_generations`` completions, in dataset order, filtered
     by ``keep`` ("correct" | "all"); see the module docstring."""
     if keep not in ("correct", "all"):
         raise ValueError(f"--keep must be 'correct' or 'all', got {keep!r}")
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")
-    needs_template = system_prompt is not None or any(r.conversational for r in dataset.rows)
-    template = chat_template(tokenizer) if needs_template else None
-    texts = [prompt_text(template, r.prompt, system_prompt) for r in dataset.rows]
-    rows = [(i, k) for i in range(len(dataset.rows)) for k in range(num_samples)]  # (row index, sample index)
+    scorer = Scorer(reward_fns, [1.0] * len(reward_fns), tokenizer, timeout_s=reward_timeout_s,
+                    columns=dataset.columns)
+    rows = [r for r in dataset.rows for _ in range(num_generations)]
+    scored = sample_and_score(
+        policy, lambda p: tokenizer.encode_prompt(p, system_prompt),
+        tokenizer.decode, rows, scorer, SamplingParams(max_tokens=max_completion_length, temperature=temperature,
+                                                       top_k=top_k, top_p=top_p),
+        seed * 1_000_003, batch_size=batch_size, desc="sample" if progress else None)
+    result, truncated = scored.result, scored.samples.truncated
+    ok = scored.verified(scorer.names, min_reward)
     out: list[dict] = []
-    n_kept, totals, per_fn = 0, [], {reward_name(f): [] for f in reward_fns}
-    bar = tqdm(total=len(rows), desc="sample", dynamic_ncols=True, disable=not progress)
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        chunk = rows[start : start + batch_size]
-        prompt_ids = [tokenizer.encode_prompt(texts[i]) for i, _ in chunk]
-        ids = policy.rollout(prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             seed=seed * 1_000_003 + b)
-        src: list[Row] = [dataset.rows[i] for i, _ in chunk]
-        prompts = [r.prompt for r in src]
-        completions = [tokenizer.decode(c) for c in ids]
-        truncated = [not (policy.eos_id is not None and c and c[-1] == policy.eos_id) for c in ids]
-        result = compute_rewards(reward_fns, None, prompts, trl_completions(prompts, completions),
-                                 dataset.columns_of(src), timeout_s=reward_timeout_s, completion_ids=ids)
-        for j, ((_, k), row) in enumerate(zip(chunk, src)):
-            values = {name: result.per_fn[name][j] for name in result.per_fn}
-            totals.append(result.total[j])
-            for name, v in values.items():
-                per_fn[name].append(v)
-            if keep == "correct" and not verified(list(values.values()), truncated[j], min_reward):
-                continue
-            n_kept += 1
-            prompt = output_prompt(row.prompt, system_prompt)
-            completion = completions[j] if isinstance(prompt, str) else \
-                [{"role": "assistant", "content": completions[j]}]
-            extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
-            out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],
-                        "rewards": values, "truncated": truncated[j], "sample": k})
-        bar.update(len(chunk))
-    bar.close()
-    summary = {"prompts": len(dataset.rows), "samples": len(rows), "kept": n_kept,
-               "prompts_kept": len({json.dumps(r["prompt"], sort_keys=True) for r in out}),
-               "reward_mean": sum(totals) / max(len(totals), 1),
-               **{f"rewards/{n}/mean": sum(v for v in vs if v is not None) / max(sum(v is not None for v in vs), 1)
-                  for n, vs in per_fn.items()}}
+    for j, row in enumerate(rows):
+        if keep == "correct" and not ok[j]:
+            continue
+        prompt = output_prompt(row.prompt, system_prompt)
+        completion = scored.texts[j] if isinstance(prompt, str) else [{"role": "assistant", "content": scored.texts[j]}]
+        extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
+        out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],
+                    "rewards": {name: values[j] for name, values in result.per_fn.items()},
+                    "truncated": truncated[j], "sample": j % num_generations})
+    summary = {"prompts": len(dataset.rows), "samples": len(rows), "kept": len(out),
+               "prompts_kept": len({json.dumps(r["prompt"], sort_keys=True) for r in out}), **result.metrics()}
     return out, summary
 
 
@@ -117,73 +88,76 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
 
 
 # ---------------------------------------------------------------------- CLI
+@dataclass
+class SampleConfig:
+    """``nanoseek sample``: what to sample from, how, and which completions to keep."""
+
+    model: str = option(help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json), or a run "
+                        "directory (its latest checkpoint)")
+    out: str = option(help="output .jsonl file")
+    dataset: str | None = option(None, "local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset name "
+                                 "(give --dataset or --task)")
+    task: str | None = option(None, "a built-in task (arithmetic, countdown, gsm8k)")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str = option("train", "the split to read (hub datasets; folders with split-named files)")
+    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
+    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    task_split: str = option("train", "which split of --task to sample", choices=("train", "eval"))
+    num_prompts: int | None = option(None, "sample the first N prompts of --dataset (default all), or N distinct "
+                                     "problems of --task (default 256)", min=1)
+    num_generations: int = option(4, "completions per prompt (K)", min=1)
+    reward_funcs: list[str] = option(help="built-in names (math, format, format_gsm8k, code, ...) or import paths "
+                                     "(package.module:function); with --task the task's own reward comes first",
+                                     default_factory=list)
+    keep: str = option("correct", "correct: only completions every reward function scores >= --min-reward that "
+                       "ended by themselves", choices=("correct", "all"))
+    min_reward: float = option(1.0, "the value each reward function must reach for --keep correct")
+    max_completion_length: int = option(64, "tokens generated per completion, at most", min=1)
+    temperature: float = option(1.0, "sampling temperature (K greedy samples would repeat one K times)", gt=0)
+    top_p: float = option(1.0, "nucleus sampling", gt=0, max=1)
+    top_k: int | None = option(None, "sample among the k most likely tokens", min=1)
+    seed: int = option(0, "sampling seed (and --task's problems)")
+    batch_size: int = option(64, "sequences per sampler call", min=1)
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
+    reward_timeout: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--model", required=True, help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset name")
-    src.add_argument("--task", help="a built-in task (arithmetic, countdown, gsm8k)")
-    a("--dataset-config", default=None, help="the hub dataset's configuration")
-    a("--dataset-split", default="train", help="the split to read (hub datasets; folders with split-named files)")
-    a("--prompt-column", default="prompt", help="the column with the prompts (strings or chat messages)")
-    a("--answer-column", default=None, help="the column with the gold answers, given to rewards as `answer`")
-    a("--task-split", default="train", choices=["train", "eval"], help="which split of --task to sample")
-    a("--num-prompts", type=int, default=None,
-      help="sample the first N prompts of --dataset (default all), or N distinct problems of --task (default 256)")
-    a("--num-samples", type=int, default=4, help="completions per prompt (K)")
-    a("--reward-funcs", nargs="*", default=[],
-      help="built-in names (math, format, format_gsm8k, code, ...) or import paths (package.module:function); "
-           "with --task the task's own reward comes first")
-    a("--keep", choices=["correct", "all"], default="correct",
-      help="correct: only completions every reward function scores >= --min-reward that ended by themselves")
-    a("--min-reward", type=float, default=1.0, help="the value each reward function must reach for --keep correct")
-    a("--out", required=True, help="output .jsonl file")
-    a("--max-new-tokens", type=int, default=64)
-    a("--temperature", type=float, default=1.0)
-    a("--top-p", type=float, default=1.0)
-    a("--top-k", type=int, default=None)
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, default=64, help="sequences per sampler call")
-    a("--system-prompt", default=None, help="system message for every prompt (rendered with the chat template)")
-    a("--reward-timeout", type=float, default=60.0, help="seconds before a non-built-in reward function is stopped")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_flags(parser, SampleConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
     from nanoseek.tokenizer import load_tokenizer  # nanoseek's or transformers' tokenizer, as the trainers load it
 
-    for flag in ("num_samples", "max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise ValueError("--num-prompts must be at least 1")
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: sampling K completions greedily would repeat one K times")
-    fns = [get_reward_fn(n) for n in args.reward_funcs]
-    if args.task is not None:
+    cfg = from_args(SampleConfig, args)
+    check_ranges(cfg)
+    if (cfg.dataset is None) == (cfg.task is None):
+        raise ValueError("give one of --dataset or --task")
+    fns = [get_reward_fn(n) for n in cfg.reward_funcs]
+    if cfg.task is not None:
         from nanoseek.tasks import get_task, task_reward
 
-        task = get_task(args.task)
-        dataset = task_dataset(task, args.num_prompts or 256, args.task_split, seed=args.seed)
+        task = get_task(cfg.task)
+        dataset = task_dataset(task, cfg.num_prompts or 256, cfg.task_split, seed=cfg.seed)
         fns = [task_reward(task), *fns]
     else:
-        dataset = load_prompts(args.dataset, config=args.dataset_config, split=args.dataset_split,
-                               prompt_column=args.prompt_column, answer_column=args.answer_column)
-        if args.num_prompts is not None:
-            dataset = PromptDataset(dataset.name, dataset.rows[: args.num_prompts], dataset.columns)
-    from nanoseek.checkpoint import resolve_model_dir
-    from nanoseek.distributed import device_of
-
-    model_dir = resolve_model_dir(args.model)  # a model directory, or a run directory's latest checkpoint
+        dataset = load_prompts(cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split,
+                               prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
+        if cfg.num_prompts is not None:
+            dataset = PromptDataset(dataset.name, dataset.rows[: cfg.num_prompts], dataset.columns)
+    model_dir = resolve_model_dir(cfg.model)  # a model directory, or a run directory's latest checkpoint
     tokenizer = load_tokenizer(model_dir)
-    policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(args.device))
+    policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(
-        policy, tokenizer, dataset, fns, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        batch_size=args.batch_size, system_prompt=args.system_prompt, keep=args.keep, min_reward=args.min_reward,
-        reward_timeout_s=args.reward_timeout, progress=sys.stderr.isatty())
-    out = write_rows(args.out, rows)
+        policy, tokenizer, dataset, fns, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, keep=cfg.keep,
+        min_reward=cfg.min_reward, reward_timeout_s=cfg.reward_timeout, progress=sys.stderr.isatty())
+    out = write_rows(cfg.out, rows)
     print(f"sampled {summary['samples']} completions of {summary['prompts']} prompts; kept {summary['kept']} "
           f"({summary['prompts_kept']} prompts) -> {out}")
     print("  " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if "reward" in k))

@@ -49,6 +49,12 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
     assert f"nanoseek serve --model {out / 'grpo'}" in done.stdout  # how to serve what it trained
+    # the baseline is named by its steps; both stages' steps and measured wall times are reported
+    assert (f"continued SFT's {report['continued_sft_steps']} steps taking {report['sft_continued_time_s']:.0f} s "
+            f"vs GRPO's {report['grpo_steps']} steps {report['grpo_time_s']:.0f} s") in done.stdout
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(stage["wall_time_s"] > 0 for stage in stages.values())
+    assert report["sft_continued_time_s"] == stages["sft_continued"]["wall_time_s"]
     # GRPO validated every 20 steps on training-split problems disjoint from the held-out ones; the table says which
     # checkpoint its GRPO row is
     validated = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +69,7 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
 
 
 def test_paired_difference_hand_computed():
-    from nanoseek.demo import paired_difference
+    from nanoseek.recipes.runner import paired_difference
 
     d = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1: mean 1/2, sample sd sqrt(1/3)
     assert d["mean"] == 0.5 and d["n"] == 4
@@ -73,11 +79,11 @@ def test_paired_difference_hand_computed():
 
 
 def test_seeds_summary_hand_computed():
-    from nanoseek.demo import seeds_summary, seeds_table
+    from nanoseek.recipes.demo import seeds_summary, seeds_table
 
     def report(seed, a_sft, a_grpo):
         row = {"accuracy": a_sft, "sample_accuracy": 0.5, "maj@4": 0.5, "pass@4": 0.9}
-        return {"seed": seed, "config": {"eval_k": 4}, "sft": row, "grpo": {**row, "accuracy": a_grpo},
+        return {"seed": seed, "config": {"eval_num_generations": 4}, "sft": row, "grpo": {**row, "accuracy": a_grpo},
                 "sft_continued": row, "sft_time_s": 10.0, "grpo_time_s": 20.0 + seed, "sft_continued_time_s": 20.0,
                 "gain": {"mean": a_grpo - a_sft}, "grpo_vs_continued_sft": {"mean": a_grpo - a_sft}}
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nanoseek.r1 import ROWS, R1Config, build_report, summary_table
+from nanoseek.recipes.r1 import ROWS, R1Config, build_report, summary_table
 
 
 @pytest.mark.slow
@@ -34,13 +34,13 @@ def test_quick_pipeline_reports_every_stage(tmp_path):
 
 
 def test_table_shows_skipped_stages_and_times():
-    cfg = R1Config(eval_k=2)
+    cfg = R1Config(eval_num_generations=2)
     ev = {"n": 10, "accuracy": 0.1, "sample_accuracy": 0.05, "pass@2": 0.2, "maj@2": 0.1, "params": 2000,
           "active_params": 1000, "attention": "mla", "moe": True}
-    done = {"cold_sft": {"time_s": 12.0}, "eval_cold_sft": ev, "grpo": {"time_s": 5.0}, "eval_grpo": ev,
-            "rejection_sampling": {"time_s": 3.0, "kept": 0, "samples": 64},
-            "rft": {"skipped": "rejection sampling kept no sample", "time_s": 0.0},
-            "distill_sampling": {"time_s": 2.0, "kept": 5, "samples": 64}, "student": {"time_s": 7.0},
+    done = {"cold_sft": {"wall_time_s": 12.0}, "eval_cold_sft": ev, "grpo": {"wall_time_s": 5.0}, "eval_grpo": ev,
+            "rejection_sampling": {"wall_time_s": 3.0, "kept": 0, "samples": 64},
+            "rft": {"skipped": "rejection sampling kept no sample", "wall_time_s": 0.0},
+            "distill_sampling": {"wall_time_s": 2.0, "kept": 5, "samples": 64}, "student": {"wall_time_s": 7.0},
             "eval_student": {**ev, "attention": "mha", "moe": False, "params": 1500, "active_params": 1500}}
     table = summary_table(build_report(cfg, done, 40.0))
     lines = table.splitlines()

@@ -140,7 +140,7 @@ def test_evaluate_prompts_by_hand():
     policy = ScriptedPolicy(tok, [greedy, samples], 2)
     m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right"], k=2, max_new_tokens=4)
     assert m == {"accuracy": 2 / 3, "reward": (1.5 + 0.5 + 1.0) / 3, "mean_length": 2.0, "pass@2": 2 / 3,
-                 "sample_accuracy": 3 / 6}
+                 "sample_accuracy": 3 / 6, "maj@2": 1 / 3}  # majority: a ties "0"/"1" -> "0" wrong, b wrong, c right
     policy = ScriptedPolicy(tok, [greedy], 2)  # both functions must verify: row c fails "other"
     m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right", "other"], k=0)
     assert m["accuracy"] == 1 / 3 and "pass@0" not in m
@@ -149,7 +149,7 @@ def test_evaluate_prompts_by_hand():
 def test_eval_every_logs_metrics(tmp_path):
     cfg = GRPOConfig(model=str(random_checkpoint(tmp_path / "m")), out=str(tmp_path / "run"), task_kwargs=TASK,
                      num_generations=2, prompts_per_step=2, max_completion_length=3, steps=3, eval_every=2,
-                     eval_n=4, eval_k=2, progress=False)
+                     eval_n=4, eval_num_generations=2, progress=False)
     train_grpo(cfg)
     rows = read_metrics(tmp_path / "run")
     evaluated = [r["step"] for r in rows if "eval/accuracy" in r]
@@ -164,7 +164,7 @@ def test_eval_dataset_on_a_task_scores_with_its_answer_column(tmp_path):
     """A task run validated on a JSONL of prompt + answer rows: the task's reward reads the answer column."""
     rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(1, 5)]
     data = write_jsonl(tmp_path / "val.jsonl", rows)
-    trainer = make_trainer(random_checkpoint(tmp_path / "m"), eval_every=1, eval_dataset=str(data), eval_k=0,
+    trainer = make_trainer(random_checkpoint(tmp_path / "m"), eval_every=1, eval_dataset=str(data), eval_num_generations=0,
                            max_completion_length=3)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_id
     answers = iter([["2", "4", "9", "8"]])  # the third is wrong
@@ -205,7 +205,7 @@ def test_ppo_on_a_dataset_with_held_out_split(tmp_path, reward_module):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = PPOConfig(model=str(random_checkpoint(tmp_path / "m")), out=str(tmp_path / "run"), dataset=str(data),
                     reward_funcs=["my_rewards:length_reward"], num_generations=2, prompts_per_step=2,
-                    max_completion_length=3, steps=1, eval_every=1, eval_k=0, progress=False)
+                    max_completion_length=3, steps=1, eval_every=1, eval_num_generations=0, progress=False)
     train_ppo(cfg)
     (row,) = read_metrics(tmp_path / "run")
     assert {"eval/accuracy", "eval/reward", "eval/mean_length"} <= set(row) and "eval/pass@0" not in row

@@ -11,6 +11,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.chat import chat_template, sft_texts
 from nanoseek.cli import main
 from nanoseek.datasets import load_prompts, task_dataset
+from nanoseek.policy import Samples
 from nanoseek.rewards import get_reward_fn
 from nanoseek.sample import sample_dataset
 from nanoseek.tasks import get_task
@@ -63,8 +64,8 @@ def test_sample_cli_keep_all_and_correct(tmp_path, checkpoint, monkeypatch):
     (tmp_path / "rw_sample.py").write_text(REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     data, rows = dataset_file(tmp_path)
-    common = ["sample", "--model", str(checkpoint), "--dataset", str(data), "--num-samples", "4", "--reward-funcs",
-              "rw_sample:even", "rw_sample.aligned", "--max-new-tokens", "6", "--seed", "3"]
+    common = ["sample", "--model", str(checkpoint), "--dataset", str(data), "--num-generations", "4", "--reward-funcs",
+              "rw_sample:even", "rw_sample.aligned", "--max-completion-length", "6", "--seed", "3"]
     assert main([*common, "--keep", "all", "--out", str(tmp_path / "all.jsonl")]) == 0
     everything = read(tmp_path / "all.jsonl")
     assert len(everything) == 24
@@ -104,11 +105,12 @@ class ScriptedPolicy:
     def __init__(self, tok, script):
         self.tok, self.script, self.seen = tok, script, []
 
-    def rollout(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=None, seed=None):
+    def sample(self, prompt_ids, params, seed=None):
         self.seen += prompt_ids
         texts = [self.script[self.tok.decode(p)] for p in prompt_ids]
-        return [self.tok.encode(t)[:max_new_tokens] + ([self.eos_id] if len(t) < max_new_tokens else [])
-                for t in texts]
+        n = params.max_tokens
+        ids = [self.tok.encode(t)[:n] + ([self.eos_id] if len(t) < n else []) for t in texts]
+        return Samples(ids, [[0.0] * len(c) for c in ids], [len(t) >= n for t in texts])
 
 
 def test_keep_correct_with_math_and_format_on_gsm8k():
@@ -124,8 +126,8 @@ def test_keep_correct_with_math_and_format_on_gsm8k():
               texts[2]: c.completion.rsplit("####", 1)[0] + f"#### {int(c.answer) + 1}"}  # wrong answer
     policy = ScriptedPolicy(tok, script)
     fns = [get_reward_fn("math"), get_reward_fn("format_gsm8k")]
-    rows, summary = sample_dataset(policy, tok, ds, fns, num_samples=2, max_new_tokens=200, system_prompt=system,
-                                   keep="correct")
+    rows, summary = sample_dataset(policy, tok, ds, fns, num_generations=2, max_completion_length=200,
+                                   system_prompt=system, keep="correct")
     assert policy.seen == [tok.encode(t, add_bos=True) for t in texts for _ in range(2)]
     assert [r["completion"][0]["content"] for r in rows] == [a.completion] * 2
     assert rows[0]["prompt"] == [{"role": "system", "content": system}, {"role": "user", "content": a.prompt}]
@@ -133,7 +135,7 @@ def test_keep_correct_with_math_and_format_on_gsm8k():
     assert (summary["samples"], summary["kept"], summary["prompts_kept"]) == (6, 2, 1)
     assert summary["rewards/math_reward/mean"] == pytest.approx(2 / 3)
     # a completion cut off at max_new_tokens is never kept, even with full rewards
-    rows, _ = sample_dataset(policy, tok, ds, fns, num_samples=1, max_new_tokens=len(a.completion),
+    rows, _ = sample_dataset(policy, tok, ds, fns, num_generations=1, max_completion_length=len(a.completion),
                              system_prompt=system)
     assert rows == []
 
@@ -141,12 +143,13 @@ def test_keep_correct_with_math_and_format_on_gsm8k():
 def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
     out = tmp_path / "task.jsonl"
     assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--num-prompts", "3",
-                 "--num-samples", "2", "--keep", "all", "--max-new-tokens", "4", "--out", str(out)]) == 0
+                 "--num-generations", "2", "--keep", "all", "--max-completion-length", "4", "--out", str(out)]) == 0
     rows = read(out)
     assert len(rows) == 6 and all(set(r["rewards"]) == {"arithmetic_reward"} for r in rows)
     assert all(r["answer"] == str(eval(r["prompt"][:-1])) for r in rows)  # noqa: S307 - "37+48=" from the task
-    # what `nanoseek sft --data FILE.jsonl` reads
-    assert [(r.prompt, r.completion) for r in load_prompts(out).rows] == [(r["prompt"], r["completion"]) for r in rows]
+    from nanoseek.data import read_records  # what `nanoseek sft --data FILE.jsonl` reads
+
+    assert [(r.prompt, r.completion) for r in read_records([out])] == [(r["prompt"], r["completion"]) for r in rows]
 
     assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--reward-funcs", "countdown",
                  "--out", str(out)]) == 2
@@ -158,6 +161,11 @@ def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
     assert main(["sample", "--model", str(checkpoint), "--dataset", str(data), "--reward-funcs", "nope.mod:f",
                  "--out", str(out)]) == 2
     assert "no module 'nope.mod'" in capsys.readouterr().err
+    assert main(["sample", "--model", str(checkpoint), "--out", str(out)]) == 2  # neither --dataset nor --task
+    assert "give one of --dataset or --task" in capsys.readouterr().err
+    assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--num-generations", "0",
+                 "--out", str(out)]) == 2
+    assert "--num-generations 0: must be >= 1" in capsys.readouterr().err
 
 
 def test_hf_llama_with_chat_template(tmp_path, monkeypatch):
@@ -184,11 +192,11 @@ def test_hf_llama_with_chat_template(tmp_path, monkeypatch):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi there"}]}) + "\n")
     seen = []
-    rollout = Policy.rollout
-    monkeypatch.setattr(Policy, "rollout", lambda self, ids, *a, **k: seen.extend(ids) or rollout(self, ids, *a, **k))
+    sample = Policy.sample
+    monkeypatch.setattr(Policy, "sample", lambda self, ids, *a, **k: seen.extend(ids) or sample(self, ids, *a, **k))
     out = tmp_path / "out.jsonl"
-    assert main(["sample", "--model", str(tmp_path / "llama"), "--dataset", str(data), "--num-samples", "3",
-                 "--keep", "all", "--max-new-tokens", "5", "--system-prompt", "you", "--out", str(out)]) == 0
+    assert main(["sample", "--model", str(tmp_path / "llama"), "--dataset", str(data), "--num-generations", "3",
+                 "--keep", "all", "--max-completion-length", "5", "--system-prompt", "you", "--out", str(out)]) == 0
     expected = tok.apply_chat_template([{"role": "system", "content": "you"}, {"role": "user", "content": "hi there"}],
                                        tokenize=False, add_generation_prompt=True)
     assert expected == "<s>[INST] <<SYS>>\nyou\n<</SYS>>\n\nhi there [/INST]"

@@ -28,7 +28,7 @@ from nanoseek import cli_args
 from nanoseek.checkpoint import load_checkpoint, set_rng_state
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, SFTData, LMBatch, make_data
+from nanoseek.data import IGNORE, LMBatch, SFTData, make_data
 from nanoseek.distributed import all_reduce_, init_distributed, wrap_model
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.mtp import mtp_loss
@@ -181,10 +181,10 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- the run
 def build_data(cfg: TrainConfig, tok: Tokenizer):
     if isinstance(cfg, SFTConfig) and cfg.dataset:
-        return DatasetData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
-                           split=cfg.dataset_split, prompt_column=cfg.prompt_column,
-                           completion_column=cfg.completion_column, messages_column=cfg.messages_column,
-                           system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
+        return SFTData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
+                       split=cfg.dataset_split, prompt_column=cfg.prompt_column,
+                       completion_column=cfg.completion_column, messages_column=cfg.messages_column,
+                       system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
     return make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
                      allow_unknown_chars=cfg.allow_unknown_chars)
 

@@ -40,7 +40,7 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
     """The flags every RL algorithm shares: model, data and rewards, sampling, optimisation, evaluation, run."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory with tokenizer.json, or a run directory")
-    eval_k: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
+    eval_num_generations: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
     save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best (accuracy, "
                                    "pass@k, sample_accuracy, reward)",
                                    choices=("accuracy", "pass@k", "sample_accuracy", "reward"))
@@ -61,13 +61,13 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
         RLDataConfig.validate(self)
         if self.save_best and not self.eval_every:
             raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
-        if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_k:
-            raise ValueError(f"--save-best {self.save_best} needs --eval-k > 0 (samples per held-out prompt)")
+        if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
+            raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per held-out prompt)")
 
     @property
     def best_metric(self) -> str:
-        """The metrics.jsonl key ``--save-best`` compares (``eval/pass@4`` for pass@k with --eval-k 4)."""
-        return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_k}")
+        """The metrics.jsonl key ``--save-best`` compares (``eval/pass@4`` for pass@k with --eval-num-generations 4)."""
+        return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_num_generations}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class RLTrainer:
         held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
         m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
                              replace(self.scorer, columns=held_out.columns),
-                             [reward_name(f) for f in self.data.correct], k=cfg.eval_k,
+                             [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
                              temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
         return {f"eval/{k}": v for k, v in m.items()}
 

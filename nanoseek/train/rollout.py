@@ -1,9 +1,10 @@
 """Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``.
 
-``collect`` samples every group of one step, scores it (outcome rewards and, optionally, process rewards), and
-with ``informative_only`` (DAPO's dynamic sampling) keeps only groups whose rewards differ, resampling up to a cap.
-Later stages never mutate a ``Rollout``: they attach what they compute (advantages, π_old and π_ref log-probs)
-with ``Rollout.attach``, which returns a new one.
+``sample_and_score`` is the one sample -> score -> verify step, shared by ``collect``, ``nanoseek sample`` and
+``nanoseek.evaluate``. ``collect`` samples every group of one step, scores it (outcome rewards and, optionally,
+process rewards), and with ``informative_only`` (DAPO's dynamic sampling) keeps only groups whose rewards differ,
+resampling up to a cap. Later stages never mutate a ``Rollout``: they attach what they compute (advantages, π_old
+and π_ref log-probs) with ``Rollout.attach``, which returns a new one.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from tqdm import tqdm
 
 from nanoseek.datasets import Row, columns_of
-from nanoseek.policy import Batch, Policy, SamplingParams
-from nanoseek.rewards import StepRewards, compute_process_rewards, compute_rewards, reward_name, trl_completions
+from nanoseek.policy import Batch, Policy, Samples, SamplingParams
+from nanoseek.rewards import (
+    RewardResult,
+    StepRewards,
+    compute_process_rewards,
+    compute_rewards,
+    reward_name,
+    trl_completions,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,39 @@ class Scorer:
         steps, _ = compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
                                            columns, timeout_s=self.timeout_s)
         return steps
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One completion per row: the prompt ids, what was sampled, the decoded texts and their rewards."""
+
+    prompt_ids: list[list[int]]
+    samples: Samples
+    texts: list[str]
+    result: RewardResult
+
+    def verified(self, names: Sequence[str], min_reward: float = 1.0) -> list[bool]:
+        """Per completion: every reward function in ``names`` gave at least ``min_reward`` (None, "no verdict",
+        never passes) and it ended by itself (one cut off at the length cap is not an answer)."""
+        values = [self.result.per_fn[n] for n in names]
+        return [not cut and all(v[j] is not None and v[j] >= min_reward for v in values)
+                for j, cut in enumerate(self.samples.truncated)]
+
+
+@torch.no_grad()
+def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[int]],
+                     decode: Callable[[list[int]], str], rows: list[Row], scorer: Scorer, params: SamplingParams,
+                     seed: int, *, batch_size: int | None = None, desc: str | None = None) -> Scored:
+    """Sample one completion per row (repeat a row for several), in batches of ``batch_size`` (batch b seeded
+    with ``seed + b``), then score them all with ``scorer.outcome``; ``desc`` shows a progress bar (batches)."""
+    prompt_ids = [encode(r.prompt) for r in rows]
+    size = batch_size or max(len(rows), 1)
+    starts = tqdm(range(0, len(rows), size), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
+    parts = [policy.sample(prompt_ids[start : start + size], params, seed + b) for b, start in enumerate(starts)]
+    samples = Samples([c for p in parts for c in p.completions], [lp for p in parts for lp in p.logprobs],
+                      [t for p in parts for t in p.truncated])
+    texts = [decode(c) for c in samples.completions]
+    return Scored(prompt_ids, samples, texts, scorer.outcome(rows, texts, samples.completions))
 
 
 @dataclass(frozen=True)
@@ -120,11 +162,9 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
     for round_ in range(1 + (max_resample_rounds if informative_only else 0)):
         exs = prompts(round_)
         want = len(exs) if want is None else want
-        prompt_ids = [encode(ex.prompt) for ex in exs]
-        samples = policy.sample([p for p in prompt_ids for _ in range(G)], params, seed(round_))
         rows = [ex for ex in exs for _ in range(G)]
-        texts = [decode(c) for c in samples.completions]
-        result = scorer.outcome(rows, texts, samples.completions)
+        scored = sample_and_score(policy, encode, decode, rows, scorer, params, seed(round_))
+        samples, texts, result = scored.samples, scored.texts, scored.result
         steps = scorer.steps(rows, texts, samples.completions) if process else [None] * len(rows)
         seen += result.total
         for name, values in result.per_fn.items():
@@ -140,7 +180,7 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
                 flat = len({r for s in steps[sl] if s is not None for r in s.rewards}) <= 1
             if informative_only and flat:
                 continue
-            kept.append({"example": ex, "prompt": prompt_ids[g], "completions": samples.completions[sl],
+            kept.append({"example": ex, "prompt": scored.prompt_ids[g * G], "completions": samples.completions[sl],
                          "logprobs": samples.logprobs[sl], "truncated": samples.truncated[sl], "texts": texts[sl],
                          "total": result.total[sl], "steps": steps[sl],
                          "per_fn": {name: values[sl] for name, values in result.per_fn.items()}})

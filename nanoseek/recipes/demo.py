@@ -5,9 +5,11 @@
    more SFT gains little (``--quick``: a short one);
 3. held-out evaluation: greedy accuracy, maj@k, pass@k on a fixed set of distinct held-out problems;
 4. GRPO from the SFT checkpoint;
-5. evaluation again, and the fair baseline: SFT continued from the same checkpoint for the same extra
-   wall time as GRPO (a calibrated number of steps; both stage times are reported); every difference is
-   reported with a paired 95% confidence interval over the held-out problems;
+5. evaluation again, and the baseline: SFT continued from the same checkpoint for a fixed number of steps
+   (``continued_sft_steps``), both stages' steps and measured wall times in the table. Steps, not a wall-time
+   budget, fix its length so that the same seed on the same CPU gives the same numbers (a time budget would move
+   with the machine's load). Every difference is reported with a paired 95% confidence interval over the
+   held-out problems;
 6. OUT/: checkpoints, metrics.jsonl per stage, PNG plots, report.md and report.json, and a summary table.
 
 Each finished stage is recorded in OUT/stages.json, so ``--resume`` skips finished stages and continues an
@@ -17,16 +19,15 @@ interrupted SFT or GRPO stage from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
-from nanoseek.distributed import device_of
+from nanoseek.cli_args import add_arguments as add_flags
+from nanoseek.cli_args import option
+from nanoseek.recipes import runner
+from nanoseek.recipes.runner import RecipeArgs, Stages, paired_difference, pct
 
 TASK = "countdown"
 VALIDATION_SEED = 1_000  # GRPO's validation problems (training split) are drawn with this seed
@@ -45,10 +46,10 @@ class DemoConfig:
     num_generations: int = 8
     grpo_lr: float = 3e-4
     beta: float = 0.01
-    continued_sft_steps: int = 220  # GRPO's wall time: a GRPO step costs ~2.2 SFT steps (measured)
+    continued_sft_steps: int = 220  # the baseline's length in steps; the table shows its wall time beside GRPO's
     max_completion_length: int = 10
     eval_n: int = 1000  # distinct held-out problems, at most (Countdown's held-out split has 316; 315 are drawn)
-    eval_k: int = 8
+    eval_num_generations: int = 8
     curve_points: int = 4  # GRPO checkpoints on the held-out accuracy curve
     validation_n: int = 200  # GRPO's validation problems: distinct training-split problems, disjoint from held-out
     validate_every: int = 10  # GRPO evaluates greedy validation accuracy every N steps, keeping the best checkpoint
@@ -59,154 +60,92 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
-        return cls(sft_steps=300, grpo_steps=80, prompts_per_step=16, continued_sft_steps=175, eval_n=200, eval_k=4,
+        return cls(sft_steps=300, grpo_steps=80, prompts_per_step=16, continued_sft_steps=175, eval_n=200, eval_num_generations=4,
                    curve_points=2, validation_n=100, validate_every=20, seed=seed)
 
 
 # ---------------------------------------------------------------------- stages
-class Stages:
-    """OUT/stages.json: the result of every finished stage (what ``--resume`` skips)."""
-
-    def __init__(self, out: Path, resume: bool, tag: str = "demo"):
-        self.path, self.tag = out / "stages.json", tag
-        self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
-
-    def run(self, name: str, fn):
-        if name in self.done:
-            print(f"[{self.tag}] {name}: done earlier, reusing its result")
-            return self.done[name]
-        t0 = time.perf_counter()
-        result = fn()
-        result["time_s"] = time.perf_counter() - t0
-        self.done[name] = result
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
-        tmp.replace(self.path)
-        return result
-
-
-@functools.cache
-def held_out_set(eval_n: int) -> tuple:
-    """The fixed held-out set: up to ``eval_n`` distinct problems of the task's held-out split."""
-    from nanoseek.tasks import distinct_examples, get_task
-
-    return tuple(distinct_examples(get_task(TASK), eval_n, "eval", seed=0))
-
-
-def _eval(checkpoint: str, cfg: DemoConfig, k: int, desc: str) -> dict:
-    from nanoseek.evaluate import evaluate
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
-
-    held_out = list(held_out_set(cfg.eval_n))
-    print(f"[demo] evaluating {desc} on {len(held_out)} held-out problems")
-    model = Transformer.from_pretrained(checkpoint).to(device_of(cfg.device))
-    result = evaluate(model, Tokenizer.load(checkpoint), held_out, get_task(TASK), k=k,
-                      max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
-    return {**result, "checkpoint": checkpoint}
+def _eval(checkpoint: str, cfg: DemoConfig, desc: str) -> dict:
+    print(f"[demo] evaluating {desc} on {len(runner.held_out(TASK, cfg.eval_n))} held-out problems")
+    return runner.evaluate_checkpoint(checkpoint, TASK, cfg.eval_n, k=cfg.eval_num_generations,
+                                      max_completion_length=cfg.max_completion_length, seed=cfg.seed,
+                                      device=cfg.device)
 
 
 def _sft(cfg: DemoConfig, out: Path, steps: int, init_from: str | None, resume: bool) -> dict:
-    from nanoseek.train.pretrain import TrainConfig, train
-
-    tc = TrainConfig(mode="sft", preset=cfg.preset, overrides={} if init_from else dict(cfg.overrides),
-                     init_from=init_from, task=TASK, seq_len=32, steps=steps, batch_size=cfg.sft_batch,
-                     lr=cfg.sft_lr, warmup=20, schedule="constant", weight_decay=0.0, seed=cfg.seed, out=str(out),
-                     resume=resume, keep=1, device=cfg.device)
-    summary = train(tc)
-    if summary["steps"] < steps:  # Ctrl-C: train saved a checkpoint and returned early; do not mark the stage done
-        raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
-    return summary
+    return runner.sft(out, steps, resume, preset=cfg.preset, overrides={} if init_from else dict(cfg.overrides),
+                      model=init_from, task=TASK, seq_len=32, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
+                      warmup_steps=20, lr_schedule="constant", weight_decay=0.0, seed=cfg.seed, device=cfg.device)
 
 
 def _grpo(cfg: DemoConfig, out: Path, model_dir: str, resume: bool) -> dict:
-    from nanoseek.train.grpo import GRPOConfig, train_grpo
-
-    gc = GRPOConfig(model=model_dir, out=str(out), task=TASK, num_generations=cfg.num_generations,
-                    prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
-                    steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed, resume=resume,
-                    save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1,
-                    eval_every=cfg.validate_every, eval_dataset=str(out.parent / "validation.jsonl"),
-                    eval_n=cfg.validation_n, eval_k=0, save_best="accuracy", device=cfg.device)
-    summary = train_grpo(gc)
-    if summary["steps"] < cfg.grpo_steps:  # Ctrl-C: GRPO saved and returned early; do not mark the stage done
-        raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
-    return summary
+    return runner.grpo(out, resume, model=model_dir, task=TASK, num_generations=cfg.num_generations,
+                       prompts_per_step=cfg.prompts_per_step, max_completion_length=cfg.max_completion_length,
+                       steps=cfg.grpo_steps, lr=cfg.grpo_lr, beta=cfg.beta, seed=cfg.seed,
+                       save_every=max(1, cfg.grpo_steps // cfg.curve_points), keep=cfg.curve_points + 1,
+                       eval_every=cfg.validate_every, eval_dataset=str(out.parent / "validation.jsonl"),
+                       eval_n=cfg.validation_n, eval_num_generations=0, save_best="accuracy", device=cfg.device)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
     """Run every stage into ``out``; returns the report dict (also written to out/report.json)."""
     from nanoseek.checkpoint import resolve_model_dir
-    from nanoseek.tasks import distinct_examples, examples, get_task
+    from nanoseek.datasets import task_dataset
+    from nanoseek.tasks import examples, get_task
 
-    t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    stages = Stages(out, resume)
+    stages = Stages(out, resume, tag="demo")
     task = get_task(TASK)
 
     def data() -> dict:  # 1. the task and the fixed held-out set, for the record
-        held_out = held_out_set(cfg.eval_n)
-        with open(out / "heldout.jsonl", "w") as f:
-            for ex in held_out:
-                f.write(json.dumps({"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}) + "\n")
-        validation = distinct_examples(task, cfg.validation_n, "train", seed=VALIDATION_SEED)
-        with open(out / "validation.jsonl", "w") as f:  # training-split problems: disjoint from the held-out set
-            for ex in validation:
-                f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n")
+        held_out = runner.held_out(TASK, cfg.eval_n)
+        _write_jsonl(out / "heldout.jsonl", [{"prompt": r.prompt, "completion": r.completion, "answer": r.answer}
+                                             for r in held_out])
+        validation = task_dataset(task, cfg.validation_n, "train", seed=VALIDATION_SEED).rows
+        _write_jsonl(out / "validation.jsonl",  # training-split problems: disjoint from the held-out set
+                     [{"prompt": r.prompt, "answer": r.answer} for r in validation])
         return {"task": TASK, "train_example": asdict(examples(task, 1, "train", seed=cfg.seed)[0]),
                 "heldout": len(held_out), "validation": len(validation)}
 
     stages.run("data", data)
     sft = stages.run("sft", lambda: _sft(cfg, out / "sft", cfg.sft_steps, None, resume))  # 2.
-    stages.run("eval_sft", lambda: _eval(sft["checkpoint"], cfg, cfg.eval_k, "SFT"))  # 3.
+    stages.run("eval_sft", lambda: _eval(sft["checkpoint"], cfg, "SFT"))  # 3.
     stages.run("grpo", lambda: _grpo(cfg, out / "grpo", sft["checkpoint"], resume))  # 4.
     final = str(_checkpoints(out / "grpo")[-1])
     best = json.loads((out / "grpo" / "best" / "best.json").read_text())  # by validation accuracy
-    stages.run("eval_grpo_final", lambda: _eval(final, cfg, cfg.eval_k, "SFT + GRPO (final)"))  # 5.
-    stages.run("eval_grpo_best", lambda: {**_eval(str(resolve_model_dir(out / "grpo" / "best")), cfg, cfg.eval_k,
+    stages.run("eval_grpo_final", lambda: _eval(final, cfg, "SFT + GRPO (final)"))  # 5.
+    stages.run("eval_grpo_best", lambda: {**_eval(str(resolve_model_dir(out / "grpo" / "best")), cfg,
                                                   f"SFT + GRPO (best by validation: step {best['step']})"),
                                           "step": best["step"], "validation_accuracy": best["value"]})
     points = [(0, sft["checkpoint"])] + [(int(p.name.split("_")[1]), str(p)) for p in _checkpoints(out / "grpo")]
 
     def curve() -> dict:  # held-out greedy and sampled accuracy at each saved GRPO step
-        evals = [_eval(c, cfg, cfg.eval_k, f"GRPO step {s}") for s, c in points]
+        evals = [_eval(c, cfg, f"GRPO step {s}") for s, c in points]
         return {"steps": [s for s, _ in points], "accuracy": [e["accuracy"] for e in evals],
                 "sample_accuracy": [e["sample_accuracy"] for e in evals]}
 
     stages.run("grpo_curve", curve)
     cont = stages.run("sft_continued", lambda: _sft(cfg, out / "sft_continued", cfg.continued_sft_steps,
                                                     sft["checkpoint"], resume))
-    stages.run("eval_sft_continued", lambda: _eval(cont["checkpoint"], cfg, cfg.eval_k, "SFT continued"))
-    report = build_report(cfg, stages.done, time.perf_counter() - t_start, resume)
+    stages.run("eval_sft_continued", lambda: _eval(cont["checkpoint"], cfg, "SFT continued"))
+    report = build_report(cfg, stages.done, stages.wall_time_s())
     write_outputs(out, report, stages.done)  # 6.
     return report
 
 
-def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of a_i − b_i over the same problems and its 95% confidence half-width (normal approximation,
-    1.96·s/√n with s the sample standard deviation of the per-problem differences)."""
-    n = len(a)
-    if n != len(b) or n == 0:
-        raise ValueError(f"paired_difference: need two equal, non-empty lists, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-    return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n": n}
-
-
-def build_report(cfg: DemoConfig, done: dict, wall_time_s: float, resumed: bool) -> dict:
-    k = cfg.eval_k
+def build_report(cfg: DemoConfig, done: dict, wall_time_s: float) -> dict:
+    k = cfg.eval_num_generations
     before, after, base = done["eval_sft"], done[f"eval_grpo_{cfg.grpo_checkpoint}"], done["eval_sft_continued"]
     final, best = done["eval_grpo_final"], done["eval_grpo_best"]
-    if any("greedy_correct" not in r or "sample_correct" not in r for r in (before, after, base)):
-        raise ValueError("this run directory was evaluated by an older nanoseek (no per-problem results); run the "
-                         "demo again without --resume")
 
     def row(r: dict) -> dict:
         return {"accuracy": r["accuracy"], f"maj@{k}": r.get(f"maj@{k}"), f"pass@{k}": r.get(f"pass@{k}"),
@@ -221,15 +160,14 @@ def build_report(cfg: DemoConfig, done: dict, wall_time_s: float, resumed: bool)
         "sft": row(before), "grpo": row(after), "sft_continued": row(base),
         "grpo_checkpoint": cfg.grpo_checkpoint, "grpo_final": row(final),
         "grpo_best": {**row(best), "step": best["step"], "validation_accuracy": best["validation_accuracy"]},
-        "sft_time_s": done["sft"]["time_s"], "grpo_time_s": done["grpo"]["time_s"],
-        "sft_continued_time_s": done["sft_continued"]["time_s"],
+        "sft_time_s": done["sft"]["wall_time_s"], "grpo_time_s": done["grpo"]["wall_time_s"],
+        "sft_continued_time_s": done["sft_continued"]["wall_time_s"],
         "sft_steps": cfg.sft_steps, "grpo_steps": cfg.grpo_steps, "continued_sft_steps": cfg.continued_sft_steps,
         "gain": paired_difference(after["greedy_correct"], before["greedy_correct"]),
         "sample_gain": paired_difference(after["sample_correct"], before["sample_correct"]),
         "grpo_vs_continued_sft": paired_difference(after["greedy_correct"], base["greedy_correct"]),
         "grpo_vs_continued_sft_sampled": paired_difference(after["sample_correct"], base["sample_correct"]),
-        "wall_time_s": wall_time_s if not resumed else sum(v.get("time_s", 0.0) for v in done.values()),
-        "config": asdict(cfg),
+        "wall_time_s": wall_time_s, "config": asdict(cfg),
     }
 
 
@@ -238,35 +176,17 @@ PLOTS = ("sft_loss.png", "grpo_reward_accuracy.png", "grpo_kl.png", "grpo_comple
          "expert_load.png", "kv_cache_mla_vs_mha.png")
 
 
-def _read(path: Path) -> list[dict]:
-    from nanoseek.metrics import read_metrics
-
-    return read_metrics(path) if path.exists() else []
-
-
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def kv_cache_bytes(config, lengths: list[int]) -> tuple[list[int], list[int]]:
-    """Bytes of the KV cache of one sequence at each length: MLA (c_KV + k_R) vs an MHA of the same shape."""
-    from nanoseek.model.transformer import Transformer
-
-    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
-    per_token = [Transformer(c).new_cache(1, 1).bytes_per_token() for c in (config, mha)]
-    return [per_token[0] * n for n in lengths], [per_token[1] * n for n in lengths]
-
-
 def write_plots(out: Path, done: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nanoseek.metrics import read_metrics
     from nanoseek.model.transformer import Transformer
+    from nanoseek.report import series
 
-    sft, grpo = _read(out / "sft" / "metrics.jsonl"), _read(out / "grpo" / "metrics.jsonl")
+    sft, grpo = (series(read_metrics(out / d)) if (out / d / "metrics.jsonl").exists() else {} for d in ("sft", "grpo"))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
 
@@ -277,13 +197,13 @@ def write_plots(out: Path, done: dict) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("loss", "next-token CE"), ("mtp_loss", "MTP CE (depth 1)")):
-        ax.plot(*_series(sft, key), label=label)
+        ax.plot(*sft.get(key, ([], [])), label=label)
     ax.set(xlabel="SFT step", ylabel="loss (nats/token)", yscale="log", title="SFT warm-start")
     ax.legend()
     save(fig, "sft_loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*_series(grpo, "reward"), label="train reward (sampled, T=1)", alpha=0.7)
+    ax.plot(*grpo.get("reward", ([], [])), label="train reward (sampled, T=1)", alpha=0.7)
     curve = done["grpo_curve"]
     ax.plot(curve["steps"], curve["accuracy"], "o-", label="held-out greedy accuracy")
     ax.plot(curve["steps"], curve["sample_accuracy"], "s-", label="held-out sampled accuracy (T=1)")
@@ -292,21 +212,20 @@ def write_plots(out: Path, done: dict) -> list[str]:
     save(fig, "grpo_reward_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*_series(grpo, "kl"))
+    ax.plot(*grpo.get("kl", ([], [])))
     ax.set(xlabel="GRPO step", ylabel="KL(π || π_ref) (k3, per token)", title="KL to the SFT reference")
     save(fig, "grpo_kl.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("completions/mean_length", "completions/min_length", "completions/max_length"):
-        ax.plot(*_series(grpo, key), label=key.split("/")[1])
+        ax.plot(*grpo.get(key, ([], [])), label=key.split("/")[1])
     ax.set(xlabel="GRPO step", ylabel="completion tokens (with eos)", title="Completion length")
     ax.legend()
     save(fig, "grpo_completion_length.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    loads = [(r["step"], r["expert_load_max_mean"]) for r in sft if r.get("expert_load_max_mean")]
-    for layer in range(len(loads[0][1]) if loads else 0):
-        ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer + 1}")
+    for name in (n for n in sft if n.startswith("expert_load_max_mean[")):
+        ax.plot(*sft[name], label=f"MoE layer {int(name.split('[')[1][:-1]) + 1}")
     ax.axhline(1.0, color="gray", ls=":", label="perfect balance")
     ax.set(xlabel="SFT step", ylabel="max / mean expert load",
            title="Expert load, aux-loss-free balancing (bias update)")
@@ -314,11 +233,12 @@ def write_plots(out: Path, done: dict) -> list[str]:
     save(fig, "expert_load.png")
 
     config = Transformer.from_pretrained(done["sft"]["checkpoint"]).config
+    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)  # an MHA of the same shape
     lengths = [2**i for i in range(4, 14)]
-    mla, mha = kv_cache_bytes(config, lengths)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lengths, [b / 2**20 for b in mla], "o-", label=f"MLA (c_KV + k_R): {mla[0] // lengths[0]} B/token")
-    ax.plot(lengths, [b / 2**20 for b in mha], "s-", label=f"MHA, same heads: {mha[0] // lengths[0]} B/token")
+    for c, style, label in ((config, "o-", "MLA (c_KV + k_R)"), (mha, "s-", "MHA, same heads")):
+        per_token = Transformer(c).new_cache(1, 1).bytes_per_token()
+        ax.plot(lengths, [per_token * n / 2**20 for n in lengths], style, label=f"{label}: {per_token} B/token")
     ax.set(xlabel="context length (tokens)", ylabel="KV cache (MiB, one sequence, fp32)", xscale="log",
            yscale="log", title="KV cache of the demo model: MLA vs MHA")
     ax.legend()
@@ -326,22 +246,15 @@ def write_plots(out: Path, done: dict) -> list[str]:
     return [f"plots/{name}" for name in PLOTS]
 
 
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
 def summary_table(report: dict) -> str:
-    k = report["config"]["eval_k"]
+    k = report["config"]["eval_num_generations"]
     rows = [("SFT warm-start", report["sft"], report["sft_time_s"], report["sft_steps"]),
             ("SFT + GRPO", report["grpo"], report["grpo_time_s"], report["grpo_steps"]),
             ("SFT + continued SFT", report["sft_continued"], report["sft_continued_time_s"],
              report["continued_sft_steps"])]
-    lines = [f"| model | greedy | sampled (T=1) | maj@{k} | pass@{k} | stage steps | stage time |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r, t, steps in rows:
-        lines.append(f"| {name} | {_pct(r['accuracy'])} | {_pct(r['sample_accuracy'])} | {_pct(r[f'maj@{k}'])} "
-                     f"| {_pct(r[f'pass@{k}'])} | {steps} | {t:.0f} s |")
-    return "\n".join(lines)
+    return runner.table(["model", "greedy", "sampled (T=1)", f"maj@{k}", f"pass@{k}", "stage steps", "stage time"],
+                        [[name, *(pct(r[c]) for c in ("accuracy", "sample_accuracy", f"maj@{k}", f"pass@{k}")),
+                          str(steps), f"{t:.0f} s"] for name, r, t, steps in rows])
 
 
 def checkpoint_note(report: dict) -> str:
@@ -349,17 +262,17 @@ def checkpoint_note(report: dict) -> str:
     best, final = report["grpo_best"], report["grpo_final"]
     which = "the final checkpoint" if report["grpo_checkpoint"] == "final" else \
         f"the best checkpoint by validation accuracy (step {best['step']})"
-    return (f"The GRPO row is {which}. Held-out greedy / sampled: final {_pct(final['accuracy'])} / "
-            f"{_pct(final['sample_accuracy'])}; best by validation (step {best['step']}, validation greedy "
-            f"{_pct(best['validation_accuracy'])} on {report['config']['validation_n']} training-split problems) "
-            f"{_pct(best['accuracy'])} / {_pct(best['sample_accuracy'])}.")
+    return (f"The GRPO row is {which}. Held-out greedy / sampled: final {pct(final['accuracy'])} / "
+            f"{pct(final['sample_accuracy'])}; best by validation (step {best['step']}, validation greedy "
+            f"{pct(best['validation_accuracy'])} on {report['config']['validation_n']} training-split problems) "
+            f"{pct(best['accuracy'])} / {pct(best['sample_accuracy'])}.")
 
 
 def write_outputs(out: Path, report: dict, done: dict) -> None:
     """Plots, report.json, report.md, and the summary printed to stdout."""
     report["plots"] = write_plots(out, done)
     gain, vs = report["gain"], report["grpo_vs_continued_sft"]
-    k = report["config"]["eval_k"]
+    k = report["config"]["eval_num_generations"]
 
     def points(d: dict, sign: str = "+") -> str:
         return f"{100 * d['mean']:{sign}.1f} points (95% CI ±{100 * d['ci95']:.1f})"
@@ -370,34 +283,26 @@ def write_outputs(out: Path, report: dict, done: dict) -> None:
         verdict = f"GRPO beats continued SFT by {points(vs, '')}"
     else:
         verdict = f"GRPO LOSES to continued SFT by {points({**vs, 'mean': -vs['mean']}, '')}"
-    table = summary_table(report)
-    lines = [
+    text = "\n\n".join([
         f"nanoseek demo — task {report['task']}, {report['heldout_problems']} distinct held-out problems, "
         f"seed {report['seed']}",
-        "",
-        table,
-        "",
-        f"GRPO: held-out greedy accuracy {_pct(report['accuracy_before'])} -> {_pct(report['accuracy_after'])}, "
-        f"{points(gain)}; sampled (T=1, {k} per problem) {_pct(report['sft']['sample_accuracy'])} -> "
-        f"{_pct(report['grpo']['sample_accuracy'])}, {points(report['sample_gain'])}.",
-        f"{verdict}, given {report['sft_continued_time_s']:.0f} s vs GRPO's {report['grpo_time_s']:.0f} s; "
-        f"sampled: GRPO − continued SFT {points(report['grpo_vs_continued_sft_sampled'])}.",
+        summary_table(report),
+        f"GRPO: held-out greedy accuracy {pct(report['accuracy_before'])} -> {pct(report['accuracy_after'])}, "
+        f"{points(gain)}; sampled (T=1, {k} per problem) {pct(report['sft']['sample_accuracy'])} -> "
+        f"{pct(report['grpo']['sample_accuracy'])}, {points(report['sample_gain'])}.",
+        f"{verdict}, with continued SFT's {report['continued_sft_steps']} steps taking "
+        f"{report['sft_continued_time_s']:.0f} s vs GRPO's {report['grpo_steps']} steps "
+        f"{report['grpo_time_s']:.0f} s; sampled: GRPO − continued SFT "
+        f"{points(report['grpo_vs_continued_sft_sampled'])}.",
         f"(CIs: paired over the {gain['n']} problems, normal approximation.) wall time {report['wall_time_s']:.0f} s",
         checkpoint_note(report),
-    ]
-    text = "\n".join(lines)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    ])
     example = done["data"]["train_example"]
-    md = [
-        "# nanoseek demo report", "", "```", text, "```", "",
+    runner.write_report(out, "demo", report, text, [
         f"Task: Countdown — reach the target with every given number once and + - * (e.g. prompt "
         f"`{example['prompt']}`, SFT target `{example['completion']}`; any valid equation is accepted).",
         "Model: preset `small` (MLA + DeepSeekMoE with aux-loss-free balancing + 1 MTP module), character "
-        "tokenizer.", "",
-        "## Plots", "", *[f"![{p}]({p})" for p in report["plots"]], "",
-    ]
-    (out / "report.md").write_text("\n".join(md))
-    print("\n" + text)
+        "tokenizer.", "", "## Plots", "", *[f"![{p}]({p})" for p in report["plots"]]])
 
 
 # ---------------------------------------------------------------------- several seeds
@@ -414,7 +319,7 @@ def spread(values: list[float]) -> dict:
 
 def seeds_summary(reports: list[dict]) -> dict:
     """Every figure of the demo table over several seeds' reports: row -> column -> spread."""
-    k = reports[0]["config"]["eval_k"]
+    k = reports[0]["config"]["eval_num_generations"]
     cols = ("accuracy", "sample_accuracy", f"maj@{k}", f"pass@{k}")
     out = {name: {c: spread([r[name][c] for r in reports]) for c in cols} for name, _, _ in TABLE_ROWS}
     for name, _, time_key in TABLE_ROWS:
@@ -462,39 +367,26 @@ def run_seeds(make_cfg, seeds: list[int], out: Path, resume: bool = False) -> di
 
 
 # ---------------------------------------------------------------------- CLI
+@dataclass
+class DemoArgs(RecipeArgs):
+    seeds: int = option(1, "run the demo for N seeds (--seed, --seed + 1, ...) and report the mean and spread of "
+                        "every figure (OUT/seeds.md)", min=1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the shortened CI run (about 3 minutes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="run the demo for N seeds (--seed, --seed + 1, ...) and report the mean and spread of "
-                             "every figure (OUT/seeds.md)")
-    parser.add_argument("--out", default="runs/demo", help="run directory (checkpoints, metrics, plots, report)")
-    parser.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
-    parser.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out and start over")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the demo's small matrices gain little from more, and one "
-                             "thread per process cannot oversubscribe a shared CPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_flags(parser, DemoArgs, defaults={"out": "runs/demo"})
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.rundir import prepare_run_dir
-
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    out = prepare_run_dir(args.out, "demo", resume=args.resume, overwrite=args.overwrite)
-    torch.set_num_threads(args.threads)
-    device_of(args.device)  # an unusable --device fails here, before any stage
-    base = DemoConfig.quick if args.quick else DemoConfig
+    flags, out = runner.start(DemoArgs, args, "demo")
+    base = DemoConfig.quick if flags.quick else DemoConfig
 
     def make_cfg(seed: int) -> DemoConfig:
-        return replace(base(seed=seed), device=args.device)
+        return replace(base(seed=seed), device=flags.device)
 
-    if args.seeds > 1:
-        run_seeds(make_cfg, list(range(args.seed, args.seed + args.seeds)), out, resume=args.resume)
+    if flags.seeds > 1:
+        run_seeds(make_cfg, list(range(flags.seed, flags.seed + flags.seeds)), out, resume=flags.resume)
     else:
-        run_demo(make_cfg(args.seed), out, resume=args.resume)
+        run_demo(make_cfg(flags.seed), out, resume=flags.resume)
         print(f"\nserve the trained model: nanoseek serve --model {out / 'grpo'}   then open http://127.0.0.1:8000/")
     return 0

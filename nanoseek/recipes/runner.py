@@ -1,0 +1,151 @@
+"""What every recipe shares: stages recorded in OUT/stages.json (what ``--resume`` skips), the fixed held-out
+set of a built-in task, evaluation of a checkpoint on it, SFT and GRPO stages, paired differences with their
+confidence intervals, percent cells, markdown tables and the report files."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseek.cli_args import check_ranges, from_args, option
+
+
+@dataclass
+class RecipeArgs:
+    """The flags of a recipe command."""
+
+    quick: bool = option(False, "the shortened run (the tests')")
+    seed: int = option(0, "seed of the model, the data order and the sampling")
+    out: str = option("runs/recipe", "run directory (stages, checkpoints, metrics, report.md)")
+    resume: bool = option(False, "skip finished stages, continue the interrupted one")
+    overwrite: bool = option(False, "delete the earlier run in --out and start over")
+    threads: int = option(1, "torch CPU threads (1: the recipes' small matrices gain little from more, and one "
+                          "thread per process cannot oversubscribe a shared CPU)", min=1)
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+
+
+def start(cls: type, args: argparse.Namespace, kind: str):
+    """The recipe's flags (checked), its run directory, and torch set up: -> (flags, OUT)."""
+    import torch
+
+    from nanoseek.distributed import device_of
+    from nanoseek.rundir import prepare_run_dir
+
+    flags = from_args(cls, args)
+    check_ranges(flags)
+    out = prepare_run_dir(flags.out, kind, resume=flags.resume, overwrite=flags.overwrite)
+    torch.set_num_threads(flags.threads)
+    device_of(flags.device)  # an unusable --device fails here, before any stage
+    return flags, out
+
+
+class Stages:
+    """OUT/stages.json: the result of every finished stage, with its ``wall_time_s`` (what ``--resume`` skips)."""
+
+    def __init__(self, out: Path, resume: bool, tag: str):
+        self.path, self.tag, self.resumed, self.t0 = out / "stages.json", tag, resume, time.perf_counter()
+        self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+
+    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+        if name in self.done:
+            print(f"[{self.tag}] {name}: done earlier, reusing its result")
+            return self.done[name]
+        t0 = time.perf_counter()
+        result = fn()
+        result["wall_time_s"] = time.perf_counter() - t0
+        self.done[name] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        tmp.replace(self.path)
+        return result
+
+    def wall_time_s(self) -> float:
+        """The run's wall time: since start, or after ``--resume`` the sum over the recorded stages."""
+        if self.resumed:
+            return sum(v.get("wall_time_s", 0.0) for v in self.done.values())
+        return time.perf_counter() - self.t0
+
+
+@functools.cache
+def held_out(task: str, n: int) -> tuple:
+    """The fixed held-out set: up to ``n`` distinct problems of the task's held-out split, as dataset rows."""
+    from nanoseek.datasets import task_dataset
+    from nanoseek.tasks import get_task
+
+    return task_dataset(get_task(task), n, "eval", seed=0).rows
+
+
+def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_completion_length: int, seed: int,
+                        device: str | None) -> dict:
+    """Held-out greedy / sampled accuracy, pass@k and maj@k of a checkpoint (``nanoseek.evaluate``), with the
+    per-problem results and the model's parameter counts."""
+    from nanoseek.distributed import device_of
+    from nanoseek.evaluate import evaluate_task
+    from nanoseek.policy import Policy
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
+    r = evaluate_task(policy, tok, get_task(task), list(held_out(task, n)), k=k,
+                      max_completion_length=max_completion_length, seed=seed)
+    model = policy.model
+    return {**{key: v for key, v in r.items() if key != "greedy_completions"}, "checkpoint": checkpoint,
+            "params": model.num_parameters(), "active_params": model.num_active_parameters(),
+            "attention": model.config.attention_type, "moe": model.config.n_routed_experts > 0}
+
+
+def sft(out: Path, steps: int, resume: bool, **fields) -> dict:
+    """An SFT stage (``nanoseek.train.pretrain``, mode sft) of ``steps`` steps into ``out``; ``fields`` are the
+    rest of its ``TrainConfig``. A Ctrl-C leaves the stage unfinished (``--resume`` continues it)."""
+    from nanoseek.train.pretrain import SFTConfig, train
+
+    summary = train(SFTConfig(out=str(out), steps=steps, resume=resume, keep=1, **fields))
+    if summary["interrupted"]:  # train saved a checkpoint and returned early: the stage is not done
+        raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
+    return summary
+
+
+def grpo(out: Path, resume: bool, **fields) -> dict:
+    """A GRPO stage (``nanoseek.train.grpo``) into ``out``; ``fields`` are the rest of its ``GRPOConfig``."""
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    summary = train_grpo(GRPOConfig(out=str(out), resume=resume, **fields))
+    if summary["interrupted"]:
+        raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
+    return summary
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of a_i − b_i over the same problems and its 95% confidence half-width (normal approximation,
+    1.96·s/√n with s the sample standard deviation of the per-problem differences)."""
+    n = len(a)
+    if n != len(b) or n == 0:
+        raise ValueError(f"paired_difference: need two equal, non-empty lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+    return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n": n}
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def write_report(out: Path, kind: str, report: dict, text: str, notes: list[str]) -> None:
+    """OUT/report.json, OUT/report.md (``text``, then ``notes``), and ``text`` on stdout."""
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text("\n".join([f"# nanoseek {kind} report", "", text, "", *notes, ""]))
+    print("\n" + text)

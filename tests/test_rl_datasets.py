@@ -164,8 +164,8 @@ def test_eval_dataset_on_a_task_scores_with_its_answer_column(tmp_path):
     """A task run validated on a JSONL of prompt + answer rows: the task's reward reads the answer column."""
     rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(1, 5)]
     data = write_jsonl(tmp_path / "val.jsonl", rows)
-    trainer = make_trainer(random_checkpoint(tmp_path / "m"), eval_every=1, eval_dataset=str(data), eval_num_generations=0,
-                           max_completion_length=3)
+    trainer = make_trainer(random_checkpoint(tmp_path / "m"), eval_every=1, eval_dataset=str(data),
+                           eval_num_generations=0, max_completion_length=3)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_id
     answers = iter([["2", "4", "9", "8"]])  # the third is wrong
     trainer.policy.sample = lambda prompts, params, seed: scripted_samples(

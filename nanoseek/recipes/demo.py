@@ -60,8 +60,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
-        return cls(sft_steps=300, grpo_steps=80, prompts_per_step=16, continued_sft_steps=175, eval_n=200, eval_num_generations=4,
-                   curve_points=2, validation_n=100, validate_every=20, seed=seed)
+        return cls(sft_steps=300, grpo_steps=80, prompts_per_step=16, continued_sft_steps=175, eval_n=200,
+                   eval_num_generations=4, curve_points=2, validation_n=100, validate_every=20, seed=seed)
 
 
 # ---------------------------------------------------------------------- stages

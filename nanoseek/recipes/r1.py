@@ -121,8 +121,8 @@ def run_pipeline(cfg: R1Config, out: Path, resume: bool = False) -> dict:
         if "checkpoint" in result:
             print(f"[r1] evaluating {name} on {len(runner.held_out(TASK, cfg.eval_n))} held-out problems")
             result["eval"] = stages.run(f"eval_{name}", lambda: runner.evaluate_checkpoint(
-                result["checkpoint"], TASK, cfg.eval_n, k=cfg.eval_num_generations, max_completion_length=cfg.max_completion_length,
-                seed=cfg.seed, device=cfg.device))
+                result["checkpoint"], TASK, cfg.eval_n, k=cfg.eval_num_generations,
+                max_completion_length=cfg.max_completion_length, seed=cfg.seed, device=cfg.device))
         return result
 
     print(f"[r1] 1/5 cold-start SFT ({cfg.cold_sft_steps} steps)")

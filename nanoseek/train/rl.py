@@ -62,7 +62,8 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
         if self.save_best and not self.eval_every:
             raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
-            raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per held-out prompt)")
+            raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per "
+                             "held-out prompt)")
 
     @property
     def best_metric(self) -> str:

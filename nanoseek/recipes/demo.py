@@ -374,7 +374,8 @@ class DemoArgs(RecipeArgs):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, DemoArgs, defaults={"out": "runs/demo"})
+    add_flags(parser, DemoArgs)
+    parser.set_defaults(out="runs/demo")
 
 
 def run(args: argparse.Namespace) -> int:

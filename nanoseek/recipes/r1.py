@@ -192,7 +192,8 @@ def report_text(report: dict) -> str:
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, RecipeArgs, defaults={"out": "runs/r1"})
+    add_flags(parser, RecipeArgs)
+    parser.set_defaults(out="runs/r1")
 
 
 def run(args: argparse.Namespace) -> int:

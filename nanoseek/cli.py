@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek import cli_args
+from nanoseek.cache import elements_per_token
 from nanoseek.cli_args import option
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.model.transformer import Transformer
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta" if huge else "cpu"):
         model = Transformer(config)
     mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
-    mla_elems, mha_elems = config.kv_cache_elements_per_token(), mha.kv_cache_elements_per_token()
+    mla_elems, mha_elems = elements_per_token(config), elements_per_token(mha)
     print(f"preset {cfg.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
     n_mtp = model.num_parameters(include_mtp=True) - model.num_parameters()
     print(f"  parameters            {model.num_parameters():>16,}  (+{n_mtp:,} MTP)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.cli_args import option
+from nanoseek.cli_args import check_ranges, option
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "yarn")
@@ -116,20 +116,15 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    def kv_cache_elements_per_token(self) -> int:
-        """Elements cached per token over all layers: (d_c + d_R)·l for MLA, 2·n_kv·d_h·l for MHA/GQA."""
-        if self.attention_type == "mla":
-            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """ValueError naming the field, its value and the rule: first each field's declared type and range, then
         the rules between fields."""
-        hints = typing.get_type_hints(ModelConfig)
-        for f in dataclasses.fields(self):
-            if f.name != "extra":
-                _check_field(f, getattr(self, f.name), hints[f.name])
+        for name, hint in typing.get_type_hints(ModelConfig).items():
+            value = getattr(self, name)
+            if name != "extra" and not _has_type(value, hint):
+                raise ValueError(f"invalid ModelConfig.{name}={value!r}: must be {_type_name(hint)}")
+        check_ranges(self, label=lambda name, value: f"invalid ModelConfig.{name}={value!r}")
         experts, mha = self.n_routed_experts, self.attention_type == "mha"
         per_group = experts // self.n_group
         pairs = "must be even (RoPE rotates channel pairs)"
@@ -280,24 +275,6 @@ def required_fields(raw: dict[str, Any]) -> list[str]:
         if raw.get("model_type") == "deepseek_v2":
             names.append("topk_method")  # V3 implies noaux_tc
     return names
-
-
-def _check_field(f: dataclasses.Field, value: Any, hint: Any) -> None:
-    """The type of ``f``'s annotation and the range and choices of its ``option``."""
-    m = f.metadata
-    if not _has_type(value, hint):
-        rule = f"must be {_type_name(hint)}"
-    elif value is None or not m:
-        return
-    elif m["choices"] is not None and value not in m["choices"]:
-        rule = f"must be one of {m['choices']}"
-    elif m["min"] is not None and value < m["min"]:
-        rule = f"must be >= {m['min']}"
-    elif m["gt"] is not None and value <= m["gt"]:
-        rule = f"must be > {m['gt']}"
-    else:
-        return
-    raise ValueError(f"invalid ModelConfig.{f.name}={value!r}: {rule}" + (f" ({m['help']})" if m and m["help"] else ""))
 
 
 def _check_rope_scaling(rs: dict[str, Any]) -> None:

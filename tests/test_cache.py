@@ -115,6 +115,7 @@ def test_v2_dims_cache_fraction():
     mha = 2 * v2.num_attention_heads * v2.v_head_dim
     assert (mla, mha) == (576, 32768)
     assert elements_per_token(v2) == 576 * 60
+    assert elements_per_token(v2.replace(attention_type="mha", head_dim=128)) == 2 * 128 * 128 * 60
     assert elements_per_token(v2) / elements_per_token(v2.replace(attention_type="mha")) < 0.018
 
 

@@ -111,8 +111,6 @@ def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool
 
     Returns the model unchanged on a single process.
     """
-    if mode not in ("ddp", "fsdp"):
-        raise ValueError(f"distributed mode must be 'ddp' or 'fsdp', got {mode!r}")
     if not is_distributed():
         return model
     if mode == "ddp":

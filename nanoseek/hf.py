@@ -98,11 +98,6 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
     return renamed
 
 
-def read_config(directory: str | Path) -> ModelConfig:
-    """``directory/config.json`` as a ModelConfig (checked: see ``ModelConfig.load``)."""
-    return ModelConfig.load(Path(directory) / "config.json")
-
-
 def weight_files(directory: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (one file, or the shards its index names)."""
     directory = Path(directory)

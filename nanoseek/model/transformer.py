@@ -110,8 +110,6 @@ class Transformer(nn.Module):
 
     def set_decode_impl(self, impl: str) -> None:
         """Choose the MLA decode path: "absorb" (default) or "naive" (re-expand the cached latent)."""
-        if impl not in ("absorb", "naive"):
-            raise ValueError(f"decode impl must be 'absorb' or 'naive', got {impl!r}")
         for m in self.modules():
             if isinstance(m, MLA):
                 m.decode_impl = impl
@@ -144,7 +142,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
         """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""
         directory = Path(directory)
-        config = hf.read_config(directory)
+        config = ModelConfig.load(directory / "config.json")
         state = hf.read_state_dict(directory, config)
         if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
             # transformers drops the MTP module when it saves; load the main model without it

@@ -39,10 +39,8 @@ def device_of(name: str | None) -> torch.device:
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Joins the process group when launched by torchrun with WORLD_SIZE > 1.
-
-    ``device``: "cpu", "cuda" (this process's local GPU under torchrun) or "cuda:N"; default cuda when available.
-    """
+    """-> (rank, world_size, device): joins the process group under torchrun (WORLD_SIZE > 1); "cuda" is this
+    process's local GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_of(device)
@@ -107,10 +105,8 @@ def cleanup(synchronize: bool = True) -> None:
 
 
 def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool = False) -> nn.Module:
-    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root.
-
-    Returns the model unchanged on a single process.
-    """
+    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root; the model
+    unchanged on a single process."""
     if not is_distributed():
         return model
     if mode == "ddp":

@@ -95,10 +95,6 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived sizes
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
     def rope_dim(self) -> int:
         """Channels that carry RoPE: d_R for MLA, the whole head for the MHA baseline."""
         return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
@@ -108,7 +104,7 @@ class ModelConfig:
 
     def softmax_scale(self) -> float:
         """1/sqrt(d_h + d_R), times YaRN's mscale(s, mscale_all_dim)^2 (what transformers and V3 do)."""
-        head = self.qk_head_dim if self.attention_type == "mla" else self.head_dim
+        head = self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
         scale = head**-0.5
         rs = self.rope_scaling
         if rs and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):

@@ -40,10 +40,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, Gate):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, Experts):
-            for p in (module.gate_proj, module.up_proj, module.down_proj):
+        elif isinstance(module, Gate | Experts):  # the router's weight; the stacked expert weights
+            for p in module.parameters(recurse=False):
                 nn.init.normal_(p, std=std)
 
     # ------------------------------------------------------------------ forward

@@ -45,7 +45,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     # ------------------------------------------------------------------ forward
-    def context(self, batch_size: int, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
+    def context(self, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
         """RoPE tables for the new tokens and, with a cache, their write positions and the attention mask."""
         device = self.embed_tokens.weight.device
         steps = torch.arange(seq_len, device=device)
@@ -80,9 +80,9 @@ class Transformer(nn.Module):
         apply ``lm_head`` in chunks. ``router_stats`` collects every MoE layer's expert load (and, if asked, its
         balance loss), the MTP modules' included.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        ctx = self.context(B, T, cache, x.dtype)
+        ctx = self.context(T, cache, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx, router_stats)
         h = self.norm(x)

@@ -52,19 +52,19 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     return rank(), world_size(), device
 
 
-def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce across ranks (identity on one process)."""
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity on one process)."""
     if is_distributed():
-        dist.all_reduce(tensor, op=op)
+        dist.all_reduce(tensor)
     return tensor
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum / min / max of a few floats across ranks (identity on one process)."""
+    """Sum or max of a few floats across ranks (identity on one process)."""
     if not is_distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
 
 

@@ -34,8 +34,6 @@ class KVCache:
         device: torch.device | str = "cpu",
         layer_offset: int = 0,
     ):
-        if batch_size <= 0 or max_len <= 0:
-            raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
         self.max_len = max_len
         self.layer_offset = layer_offset
         self.buffers = {
@@ -45,17 +43,13 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
     def nbytes(self) -> int:
         """Bytes allocated by the cache tensors."""
         return sum(b.numel() * b.element_size() for layers in self.buffers.values() for b in layers)
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies over all layers, measured from the allocated tensors."""
-        return self.nbytes // (self.batch_size * self.max_len)
+        return self.nbytes // (self.lengths.shape[0] * self.max_len)
 
     def write(self, layer_idx: int, positions: torch.Tensor, **values: torch.Tensor) -> None:
         """Store ``values[name]: (B, T, width)`` at ``positions: (B, T)`` of layer ``layer_idx``."""

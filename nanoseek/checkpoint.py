@@ -165,7 +165,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
     model = _unwrap(model)
     if isinstance(model, Transformer):
-        _check_same_config(hf.read_config(path), model.config, path)
+        _check_same_config(ModelConfig.load(path / "config.json"), model.config, path)
         tensors = hf.read_state_dict(path, model.config)
         hf.check_state_dict(tensors, model.state_dict(), path)
         model.load_state_dict(tensors, strict=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import traceback
@@ -15,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek import cli_args
+from nanoseek.cache import elements_per_token
 from nanoseek.cli_args import option
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.model.transformer import Transformer
 
-# subcommand -> (module, one-line help). Listed only when the module exists.
+# subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.recipes.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
     "r1": ("nanoseek.recipes.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
@@ -41,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe in compact PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module) is None:
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
     return parser
@@ -108,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta" if huge else "cpu"):
         model = Transformer(config)
     mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
-    mla_elems, mha_elems = config.kv_cache_elements_per_token(), mha.kv_cache_elements_per_token()
+    mla_elems, mha_elems = elements_per_token(config), elements_per_token(mha)
     print(f"preset {cfg.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
     n_mtp = model.num_parameters(include_mtp=True) - model.num_parameters()
     print(f"  parameters            {model.num_parameters():>16,}  (+{n_mtp:,} MTP)")

@@ -51,23 +51,28 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_ranges(cfg: Any) -> None:
-    """ValueError naming the flag, the value and the rule for the first field outside its declared range."""
+def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> None:
+    """ValueError for the first field outside its declared range or choices: ``label(name, value)`` (default: the
+    flag and the value), the rule, and the field's help."""
     for f in fields(cfg):
         m, v = f.metadata, getattr(cfg, f.name)
         if not m or v is None or isinstance(v, bool):
             continue
+        rule = None
         if m.get("choices") is not None and v not in m["choices"]:
-            raise ValueError(f"{flag(f.name)} {v!r}: choose one of {', '.join(map(str, m['choices']))}")
-        if isinstance(v, int | float):
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{flag(f.name)} {v!r}: must be a finite number")
+            rule = f"must be one of {', '.join(map(str, m['choices']))}"
+        elif isinstance(v, float) and not math.isfinite(v):
+            rule = "must be a finite number"
+        elif isinstance(v, int | float):
             if m.get("min") is not None and v < m["min"]:
-                raise ValueError(f"{flag(f.name)} {v!r}: must be >= {m['min']}")
-            if m.get("gt") is not None and v <= m["gt"]:
-                raise ValueError(f"{flag(f.name)} {v!r}: must be > {m['gt']}")
-            if m.get("max") is not None and v > m["max"]:
-                raise ValueError(f"{flag(f.name)} {v!r}: must be <= {m['max']}")
+                rule = f"must be >= {m['min']}"
+            elif m.get("gt") is not None and v <= m["gt"]:
+                rule = f"must be > {m['gt']}"
+            elif m.get("max") is not None and v > m["max"]:
+                rule = f"must be <= {m['max']}"
+        if rule:
+            where = label(f.name, v) if label else f"{flag(f.name)} {v!r}"
+            raise ValueError(f"{where}: {rule}" + (f" ({m['help']})" if m.get("help") else ""))
 
 
 def _json_object(text: str) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.cli_args import option
+from nanoseek.cli_args import check_ranges, option
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "yarn")
@@ -95,10 +95,6 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived sizes
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
     def rope_dim(self) -> int:
         """Channels that carry RoPE: d_R for MLA, the whole head for the MHA baseline."""
         return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
@@ -108,7 +104,7 @@ class ModelConfig:
 
     def softmax_scale(self) -> float:
         """1/sqrt(d_h + d_R), times YaRN's mscale(s, mscale_all_dim)^2 (what transformers and V3 do)."""
-        head = self.qk_head_dim if self.attention_type == "mla" else self.head_dim
+        head = self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
         scale = head**-0.5
         rs = self.rope_scaling
         if rs and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):
@@ -116,20 +112,15 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    def kv_cache_elements_per_token(self) -> int:
-        """Elements cached per token over all layers: (d_c + d_R)·l for MLA, 2·n_kv·d_h·l for MHA/GQA."""
-        if self.attention_type == "mla":
-            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """ValueError naming the field, its value and the rule: first each field's declared type and range, then
         the rules between fields."""
-        hints = typing.get_type_hints(ModelConfig)
-        for f in dataclasses.fields(self):
-            if f.name != "extra":
-                _check_field(f, getattr(self, f.name), hints[f.name])
+        for name, hint in typing.get_type_hints(ModelConfig).items():
+            value = getattr(self, name)
+            if name != "extra" and not _has_type(value, hint):
+                raise ValueError(f"invalid ModelConfig.{name}={value!r}: must be {_type_name(hint)}")
+        check_ranges(self, label=lambda name, value: f"invalid ModelConfig.{name}={value!r}")
         experts, mha = self.n_routed_experts, self.attention_type == "mha"
         per_group = experts // self.n_group
         pairs = "must be even (RoPE rotates channel pairs)"
@@ -282,24 +273,6 @@ def required_fields(raw: dict[str, Any]) -> list[str]:
     return names
 
 
-def _check_field(f: dataclasses.Field, value: Any, hint: Any) -> None:
-    """The type of ``f``'s annotation and the range and choices of its ``option``."""
-    m = f.metadata
-    if not _has_type(value, hint):
-        rule = f"must be {_type_name(hint)}"
-    elif value is None or not m:
-        return
-    elif m["choices"] is not None and value not in m["choices"]:
-        rule = f"must be one of {m['choices']}"
-    elif m["min"] is not None and value < m["min"]:
-        rule = f"must be >= {m['min']}"
-    elif m["gt"] is not None and value <= m["gt"]:
-        rule = f"must be > {m['gt']}"
-    else:
-        return
-    raise ValueError(f"invalid ModelConfig.{f.name}={value!r}: {rule}" + (f" ({m['help']})" if m and m["help"] else ""))
-
-
 def _check_rope_scaling(rs: dict[str, Any]) -> None:
     kind = rs.get("rope_type", rs.get("type"))
     if kind not in ROPE_TYPES:
@@ -341,19 +314,16 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# the published models' YaRN context extension, 4K -> 160K (V2 §B, V3 §4.3)
+_YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
-    ),
+    # tiny (tests): the field defaults, with two expert groups and one MTP module
+    "tiny": dict(n_group=2, num_nextn_predict_layers=1, max_position_embeddings=256),
     "small": dict(
         vocab_size=256, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
-        routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
-        max_position_embeddings=512,
+        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
     ),
     # DeepSeek-V2-Lite (16B, 2.4B active): no query compression, 64 routed experts, greedy softmax gate
     "deepseek-v2-lite": dict(
@@ -362,9 +332,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
         n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", first_k_dense_replace=1,
-        max_position_embeddings=163840, rope_scaling=dict(
-            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-            mscale=0.707, mscale_all_dim=0.707),
+        max_position_embeddings=163840, rope_scaling={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
     # DeepSeek-V2 (236B, 21B active)
     "deepseek-v2": dict(
@@ -373,9 +341,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
         n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
         norm_topk_prob=False, scoring_func="softmax", topk_method="group_limited_greedy",
-        first_k_dense_replace=1, max_position_embeddings=163840, rope_scaling=dict(
-            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-            mscale=0.707, mscale_all_dim=0.707),
+        first_k_dense_replace=1, max_position_embeddings=163840,
+        rope_scaling={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
     # DeepSeek-V3 (671B, 37B active), one MTP module
     "deepseek-v3": dict(
@@ -384,8 +351,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
         n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
         norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", first_k_dense_replace=3,
-        num_nextn_predict_layers=1, max_position_embeddings=163840, rope_scaling=dict(
-            rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-            mscale=1.0, mscale_all_dim=1.0),
+        num_nextn_predict_layers=1, max_position_embeddings=163840,
+        rope_scaling={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
 }

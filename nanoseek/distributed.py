@@ -39,10 +39,8 @@ def device_of(name: str | None) -> torch.device:
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Joins the process group when launched by torchrun with WORLD_SIZE > 1.
-
-    ``device``: "cpu", "cuda" (this process's local GPU under torchrun) or "cuda:N"; default cuda when available.
-    """
+    """-> (rank, world_size, device): joins the process group under torchrun (WORLD_SIZE > 1); "cuda" is this
+    process's local GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_of(device)
@@ -54,19 +52,19 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     return rank(), world_size(), device
 
 
-def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce across ranks (identity on one process)."""
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity on one process)."""
     if is_distributed():
-        dist.all_reduce(tensor, op=op)
+        dist.all_reduce(tensor)
     return tensor
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum / min / max of a few floats across ranks (identity on one process)."""
+    """Sum or max of a few floats across ranks (identity on one process)."""
     if not is_distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
 
 
@@ -107,12 +105,8 @@ def cleanup(synchronize: bool = True) -> None:
 
 
 def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool = False) -> nn.Module:
-    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root.
-
-    Returns the model unchanged on a single process.
-    """
-    if mode not in ("ddp", "fsdp"):
-        raise ValueError(f"distributed mode must be 'ddp' or 'fsdp', got {mode!r}")
+    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root; the model
+    unchanged on a single process."""
     if not is_distributed():
         return model
     if mode == "ddp":

@@ -27,6 +27,10 @@ from nanoseek.config import ModelConfig
 
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# MTP module k: nanoseek's ``mtp.{k}.<ours>...`` is the checkpoint's ``model.layers.{L+k}.<theirs>...``; the last
+# pair is the block, whose parameters are the layer's own
+_MTP_NAMES = (("norm.weight", "shared_head.norm.weight"), ("enorm.", "enorm."), ("hnorm.", "hnorm."),
+              ("eh_proj.", "eh_proj."), ("block.", ""))
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # the router stays float32
 
 
@@ -36,11 +40,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if m := re.match(r"^mtp\.(\d+)\.(.*)$", name):
-            k, rest = int(m[1]), m[2]
-            rest = rest.removeprefix("block.")
-            if rest == "norm.weight":
-                rest = "shared_head.norm.weight"
-            name = f"layers.{L + k}.{rest}"
+            rest = next(theirs + m[2].removeprefix(ours) for ours, theirs in _MTP_NAMES if m[2].startswith(ours))
+            name = f"layers.{L + int(m[1])}.{rest}"
         if name == "lm_head.weight":
             out[name] = t
             continue
@@ -80,27 +81,15 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
     for name, t in out.items():
         if name != "lm_head.weight":
             name = name.removeprefix("model.")
-        if m := re.match(r"^layers\.(\d+)\.(.*)$", name):
-            idx, rest = int(m[1]), m[2]
-            if idx >= L:
-                k = idx - L
-                if rest in ("embed_tokens.weight", "shared_head.head.weight"):
-                    continue  # copies of the shared embedding / head
-                if rest == "shared_head.norm.weight":
-                    name = f"mtp.{k}.norm.weight"
-                elif rest.split(".")[0] in ("enorm", "hnorm", "eh_proj"):
-                    name = f"mtp.{k}.{rest}"
-                else:
-                    name = f"mtp.{k}.block.{rest}"
+        if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
+            if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # copies of the shared embedding / head
+            rest = next(ours + m[2].removeprefix(theirs) for ours, theirs in _MTP_NAMES if m[2].startswith(theirs))
+            name = f"mtp.{int(m[1]) - L}.{rest}"
         renamed[name] = t
     if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
         renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
     return renamed
-
-
-def read_config(directory: str | Path) -> ModelConfig:
-    """``directory/config.json`` as a ModelConfig (checked: see ``ModelConfig.load``)."""
-    return ModelConfig.load(Path(directory) / "config.json")
 
 
 def weight_files(directory: str | Path) -> list[Path]:

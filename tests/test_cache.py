@@ -115,6 +115,7 @@ def test_v2_dims_cache_fraction():
     mha = 2 * v2.num_attention_heads * v2.v_head_dim
     assert (mla, mha) == (576, 32768)
     assert elements_per_token(v2) == 576 * 60
+    assert elements_per_token(v2.replace(attention_type="mha", head_dim=128)) == 2 * 128 * 128 * 60
     assert elements_per_token(v2) / elements_per_token(v2.replace(attention_type="mha")) < 0.018
 
 
@@ -128,6 +129,6 @@ def test_select_rows_and_overflow():
         got = model(ids[[2, 0], 5:6], cache)[:, -1]
         want = model(ids[[2, 0]])[:, -1]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        assert cache.lengths.tolist() == [6, 6] and cache.batch_size == 2
+        assert cache.lengths.tolist() == [6, 6] and cache.buffers["latent"][0].shape[0] == 2
         with pytest.raises(ValueError, match="cache overflow"):
             model(ids[[2, 0], :2], cache)

@@ -21,7 +21,7 @@ from nanoseek.tokenizer import CHARS, SPECIALS, UNK, Tokenizer, encode_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--steps", "1"]
-EVAL = ["--n", "4", "--k", "0", "--max-new-tokens", "2"]
+EVAL = ["--n", "4", "--num-generations", "0", "--max-completion-length", "2"]
 
 
 def _model_dir(path: Path, tok: Tokenizer, **overrides) -> Path:
@@ -113,13 +113,13 @@ def test_generate_refuses_unknown_characters_and_prompts_over_the_context(tmp_pa
 
 # ---------------------------------------------------------------------- numeric flags
 @pytest.mark.parametrize(("argv", "flag"), [
-    (["pretrain", "--ckpt-every", "-1"], "--ckpt-every"),
+    (["pretrain", "--save-every", "-1"], "--save-every"),
     (["pretrain", "--stop-at", "0"], "--stop-at"),
     (["sft", "--steps", "0"], "--steps"),
     (["pretrain", "--lr", "-1"], "--lr"),
-    (["eval", "--model", "m", "--k", "-1"], "--k"),
+    (["eval", "--model", "m", "--num-generations", "-1"], "--num-generations"),
     (["eval", "--model", "m", "--n", "0"], "--n"),
-    (["eval", "--model", "m", "--max-completion-length", "0"], "--max-new-tokens"),
+    (["eval", "--model", "m", "--max-completion-length", "0"], "--max-completion-length"),
     (["eval", "--model", "m", "--batch-size", "0"], "--batch-size"),
     (["eval", "--model", "m", "--temperature", "0"], "--temperature"),
     (["demo", "--threads", "0"], "--threads"),

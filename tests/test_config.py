@@ -73,14 +73,6 @@ def test_published_shapes_parameter_counts(preset, total, active):
     assert abs(model.num_active_parameters() / active - 1) < 0.03
 
 
-def test_mla_cache_fraction_at_v2_dims():
-    cfg = ModelConfig.preset("deepseek-v2")
-    mha = cfg.replace(attention_type="mha", head_dim=128)
-    assert cfg.kv_cache_elements_per_token() == 576 * 60
-    assert mha.kv_cache_elements_per_token() == 2 * 128 * 128 * 60
-    assert cfg.kv_cache_elements_per_token() / mha.kv_cache_elements_per_token() < 0.018
-
-
 def test_hf_config_json_fields(tmp_path):
     """config.json carries the Hugging Face field names transformers reads."""
     Transformer(ModelConfig.preset("tiny")).save_pretrained(tmp_path)

@@ -40,7 +40,7 @@ def test_mtp_matches_manual_chain():
         h = model(ids, return_hidden=True)
         m = model.mtp[0]
         x = m.eh_proj(torch.cat((m.enorm(model.embed_tokens(ids[:, 1:])), m.hnorm(h[:, :-1])), dim=-1))
-        x = m.block(x, model.context(2, 8, None, x.dtype))
+        x = m.block(x, model.context(8, None, x.dtype))
         torch.testing.assert_close(mtp, model.lm_head(m.norm(x)))
 
 

@@ -34,7 +34,7 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["v3", "v2-group", "v2-greedy"])
 def test_grouped_experts_match_per_token_reference(kind, grouped_mm, monkeypatch):
     if not grouped_mm:  # the per-expert loop used where torch has no grouped GEMM
-        monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda x, w: False)
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: False)
     kw = {"v3": {}, "v2-group": dict(model_type="deepseek_v2", scoring_func="softmax",
                                      topk_method="group_limited_greedy"),
           "v2-greedy": dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy")}[kind]
@@ -135,7 +135,7 @@ def test_grouped_mm_fallback_matches_grouped_mm(monkeypatch):
     x = torch.randn(4, 11, 16, requires_grad=True)
     results = []
     for use in (True, False):
-        monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda x, w, use=use: use)
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype, use=use: use)
         moe.zero_grad()
         x.grad = None
         out = moe(x)

@@ -89,7 +89,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
         token_of_slot = order // K
         xs = x.index_select(0, token_of_slot)  # (N·K, D), grouped by expert
-        if _use_grouped_mm(xs, self.gate_proj):  # one kernel per projection for all experts
+        if xs.dtype == self.gate_proj.dtype and grouped_mm_supported(xs.device, xs.dtype):  # one kernel for all
             offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
             h = F.silu(F.grouped_mm(xs, self.gate_proj.mT, offs=offs)) * F.grouped_mm(xs, self.up_proj.mT, offs=offs)
             ys = F.grouped_mm(h, self.down_proj.mT, offs=offs)
@@ -120,11 +120,6 @@ class Experts(nn.Module):
 # path runs when its extra work, N·(E−K)·D·I, is below this per expert call it saves. For a 256-wide model with
 # 8 experts of width 32 that is decode batches up to ~80 tokens; at DeepSeek-V3's sizes, never.
 DENSE_MACS_PER_EXPERT = 500_000
-
-
-def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM runs x @ w here; else the per-expert loop (same result)."""
-    return x.dtype == w.dtype and grouped_mm_supported(x.device, x.dtype)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -53,7 +53,7 @@ def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
     for k, module in enumerate(model.mtp, start=1):
         if T - k <= 0:
             break
-        ctx = model.context(h.shape[0], T - k, None, h.dtype)
+        ctx = model.context(T - k, None, h.dtype)
         h = module(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), ctx, router_stats)
         out.append(model.lm_head(module.norm(h)))
     return out
@@ -86,7 +86,7 @@ def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCach
     """
     B, T = h.shape[:2]
     rows = torch.arange(B, device=h.device)
-    ctx = model.context(B, T, cache, h.dtype)
+    ctx = model.context(T, cache, h.dtype)
     for k, module in enumerate(model.mtp, start=1):
         h = module(h, model.embed_tokens(tokens[:, k : k + T]), ctx)
         if pick is not None:

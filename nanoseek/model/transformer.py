@@ -40,14 +40,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, Gate):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, Experts):
-            for p in (module.gate_proj, module.up_proj, module.down_proj):
+        elif isinstance(module, Gate | Experts):  # the router's weight; the stacked expert weights
+            for p in module.parameters(recurse=False):
                 nn.init.normal_(p, std=std)
 
     # ------------------------------------------------------------------ forward
-    def context(self, batch_size: int, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
+    def context(self, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
         """RoPE tables for the new tokens and, with a cache, their write positions and the attention mask."""
         device = self.embed_tokens.weight.device
         steps = torch.arange(seq_len, device=device)
@@ -82,9 +80,9 @@ class Transformer(nn.Module):
         apply ``lm_head`` in chunks. ``router_stats`` collects every MoE layer's expert load (and, if asked, its
         balance loss), the MTP modules' included.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        ctx = self.context(B, T, cache, x.dtype)
+        ctx = self.context(T, cache, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx, router_stats)
         h = self.norm(x)
@@ -110,8 +108,6 @@ class Transformer(nn.Module):
 
     def set_decode_impl(self, impl: str) -> None:
         """Choose the MLA decode path: "absorb" (default) or "naive" (re-expand the cached latent)."""
-        if impl not in ("absorb", "naive"):
-            raise ValueError(f"decode impl must be 'absorb' or 'naive', got {impl!r}")
         for m in self.modules():
             if isinstance(m, MLA):
                 m.decode_impl = impl
@@ -144,7 +140,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
         """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""
         directory = Path(directory)
-        config = hf.read_config(directory)
+        config = ModelConfig.load(directory / "config.json")
         state = hf.read_state_dict(directory, config)
         if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
             # transformers drops the MTP module when it saves; load the main model without it

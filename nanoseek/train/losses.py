@@ -75,8 +75,6 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
     G = num_generations
     if len(step_rewards) != len(step_ends) or len(step_rewards) % G:
         raise ValueError("step_rewards and step_ends need one list per completion, grouped by num_generations")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
     if batch_std is None:
         batch_std = _std(torch.tensor([r for rs in step_rewards for r in rs], dtype=torch.float64))

@@ -20,6 +20,7 @@ import copy
 import inspect
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -310,17 +311,12 @@ class Policy:
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
         head = self.backend.head()
-        logps, ents = [], []
-        for s in range(0, hs.shape[0], chunk_tokens):
-            args = (hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
-                    entropy)
-            if torch.is_grad_enabled() and args[0].requires_grad:  # recompute the chunk's logits in backward
-                lp, en = checkpoint(_token_logprobs, *args, use_reentrant=False)
-            else:
-                lp, en = _token_logprobs(*args)
-            logps.append(lp)
-            ents.append(en)
+        fn = _token_logprobs
+        if torch.is_grad_enabled() and hs.requires_grad:  # recompute each chunk's logits in backward
+            fn = partial(checkpoint, _token_logprobs, use_reentrant=False)
+        parts = [fn(hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
+                    entropy) for s in range(0, hs.shape[0], chunk_tokens)]
         out = h.new_zeros(N, L, dtype=torch.float32)
-        logp = out.masked_scatter(real, torch.cat(logps)) if logps else out
-        ent = (out.masked_scatter(real, torch.cat(ents)) if ents else out) if entropy else None
+        logp = out.masked_scatter(real, torch.cat([lp for lp, _ in parts])) if parts else out
+        ent = (out.masked_scatter(real, torch.cat([en for _, en in parts])) if parts else out) if entropy else None
         return logp, ent

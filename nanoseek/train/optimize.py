@@ -41,9 +41,8 @@ class Trainable:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """Rows of one forward/backward (indices into the rollout), their tokens on the device, and the normalizers
-    of the mini-batch they belong to: its rows and loss tokens on this rank, and its loss tokens over every rank
-    divided by the number of ranks (DAPO's token mean over the whole batch)."""
+    """Rows of one forward/backward, their tokens on the device, and their mini-batch's normalizers: rows and loss
+    tokens on this rank, and loss tokens over every rank / ranks (DAPO's token mean)."""
 
     rows: torch.Tensor
     batch: Batch
@@ -57,7 +56,7 @@ LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[
 
 @dataclass
 class TokenCounter:
-    """Tokens the log-prob and training forwards processed (padding included) and the real ones among them."""
+    """Tokens the forwards processed (padding included) and the real ones among them."""
 
     processed: int = 0
     real: int = 0

@@ -76,9 +76,6 @@ class TrainConfig(RunConfig, OptimConfig):
     weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0)
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
 
-    def validate(self) -> None:
-        check_ranges(self)
-
 
 @dataclass(frozen=True, kw_only=True)
 class SFTConfig(TrainConfig, DatasetConfig):
@@ -162,7 +159,7 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Train; returns the run's summary (``nanoseek.train.loop.run_loop``) and "final_loss"."""
-    cfg.validate()
+    check_ranges(cfg)
     opt = narrow(OptimConfig, cfg)
     rank, world, device = init_distributed(cfg.device)
     per_rank, rem = divmod(cfg.batch_size, world)

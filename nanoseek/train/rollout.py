@@ -1,10 +1,6 @@
-"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``.
-
-``sample_and_score`` is the one sample -> score -> verify step, shared by ``collect``, ``nanoseek sample`` and
-``nanoseek.evaluate``. ``collect`` samples every group of one step, scores it (outcome rewards and, optionally,
-process rewards), and with ``informative_only`` (DAPO's dynamic sampling) keeps only groups whose rewards differ,
-resampling up to a cap. Later stages never mutate a ``Rollout``: they attach what they compute (advantages, π_old
-and π_ref log-probs) with ``dataclasses.replace``.
+"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout`` (later stages
+attach advantages and log-probs with ``dataclasses.replace``). ``sample_and_score`` is the one sample -> score ->
+verify step, shared by ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``.
 """
 
 from __future__ import annotations
@@ -96,13 +92,8 @@ def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[i
 @dataclass(frozen=True)
 class Rollout:
     """One step's samples, in groups of G contiguous rows (row i belongs to group ``batch.prompt_index[i]``).
-
-    rewards: (N,) weighted outcome reward; rewards_per_fn: name -> (N,) raw values (NaN where a function gave
-    none); truncated: (N,) reached the length cap without eos; sampler_logp: (N, L) each token's log-prob under the
-    sampling distribution; steps: per-row StepRewards (process supervision) or None. Attached later:
-    advantages (N,) or (N, L), loss_mask (N, L) (default the completion mask), old_logp / ref_logp (N, L), and
-    ``extras`` (e.g. PPO's values and returns).
-    """
+    rewards_per_fn holds NaN where a function gave no value; steps: per-row StepRewards (process supervision) or
+    None; attached later: advantages (N,) or (N, L), loss_mask (default the completion mask), log-probs, extras."""
 
     batch: Batch
     examples: tuple[Row, ...]  # (U,) one dataset row per group
@@ -147,8 +138,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class CollectStats:
-    """What sampling saw, dropped groups included (for metrics): every sampled completion's outcome reward and
-    per-function values, group counts, and the kept rows' lengths."""
+    """What sampling saw, dropped groups included (for metrics)."""
 
     seen_rewards: tuple[float, ...]
     seen_per_fn: dict[str, tuple[float, ...]]

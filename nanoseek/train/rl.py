@@ -179,7 +179,6 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
     """Run an RL algorithm as configured; returns the run's summary (``nanoseek.train.loop.run_loop``) with the
     first and final reward (and the best checkpoint's record with ``save_best``)."""
     cfg.validate()
-    kind = algorithm_cls.kind
     rank, world, device = init_distributed(cfg.device)
 
     def inputs() -> RLTrainer:
@@ -191,7 +190,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         policy.share_prompts = cfg.share_prompts
         return RLTrainer(replace(cfg, model=model), policy, tokenizer, algorithm_cls, rank, world)
 
-    run, trainer = start_run(narrow(RunConfig, cfg), kind, inputs)
+    run, trainer = start_run(narrow(RunConfig, cfg), algorithm_cls.kind, inputs)
     cfg, model = trainer.cfg, trainer.policy.model
     start = 0
     if run.resume_from is not None:

@@ -115,9 +115,6 @@ class PPO:
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "critic" not in state:
-            raise ValueError("this checkpoint has no critic: it was not written by PPO; start the PPO run again "
-                             "without --resume")
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 

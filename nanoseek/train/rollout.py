@@ -51,9 +51,8 @@ class Scorer:
         """Each completion's StepRewards (or None), failures contained and logged."""
         prompts = [r.prompt for r in rows]
         columns = {**columns_of(rows, self.columns), "tokenizer": self.tokenizer}
-        steps, _ = compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
-                                           columns, timeout_s=self.timeout_s)
-        return steps
+        return compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
+                                       columns, timeout_s=self.timeout_s)[0]
 
 
 @dataclass(frozen=True)

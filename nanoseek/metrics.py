@@ -79,21 +79,18 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, total_steps: int, desc: str = "train", enabled: bool = True,
                  start_step: int = 0, progress: bool = True):
-        self.enabled = enabled
-        self.file = None
-        self.bar = None
+        self.file = self.bar = None
         if not enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         for name in RUN_LOGS:
-            rewind_log(self.path.parent / name, start_step)
-        self.file = self.path.open("a")
+            rewind_log(Path(run_dir) / name, start_step)
+        self.file = (Path(run_dir) / "metrics.jsonl").open("a")
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def log(self, step: int, **values) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
@@ -104,9 +101,7 @@ class MetricsLogger:
             self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for handle in (self.file, self.bar):
+            if handle is not None:
+                handle.close()
+        self.file = self.bar = None

@@ -1,8 +1,10 @@
 """RL's view of a causal LM: rollouts with their sampler log-probs, and completion log-probs for the loss.
 
-Two backends sit behind one small protocol (``Backend``): a nanoseek ``Transformer`` (latent KV cache, sampling
-through ``nanoseek.generate``) and any Hugging Face causal LM (its own cache, its own ``generate``). ``Policy``
-adds what is common to both:
+Two backends with the same methods: a nanoseek ``Transformer`` (latent KV cache, sampling through
+``nanoseek.generate``) and any Hugging Face causal LM (its own cache, its own ``generate``). Each has ``head``,
+``hidden`` ((B, T) -> final normed states), ``can_share`` (whether ``shared_states`` works: prompts once, cache
+copied per row, completions after), ``sample`` (raw tokens and sampling log-probs, may run past eos) and
+``hidden_copy`` (a critic's backbone). ``Policy`` adds what is common to both:
 
 - ``sample``: completions of each prompt, each cut after its first eos (decided here, once), with per-row
   truncation flags and each sampled token's log-prob under the distribution it was drawn from;
@@ -18,8 +20,8 @@ import copy
 import inspect
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.engine.sampling import SamplingParams
-
-NANOSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -114,33 +114,10 @@ class Samples:
     truncated: list[bool]
 
 
-class Backend(Protocol):
-    """What differs between model families."""
-
-    model: nn.Module
-
-    def head(self) -> nn.Linear: ...
-
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) right-padded -> final normed hidden states (B, T, D)."""
-
-    def can_share(self) -> bool:
-        """Whether ``shared_states`` works (a forward that continues a cache at given positions)."""
-
-    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompts once, cache copied per row, completions after: states predicting o_1 (N, D) and o_2..o_L
-        (N, L - 1, D) (None when L = 1)."""
-
-    def sample(self, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
-               seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
-        """Raw new tokens and their sampling log-probs per prompt (may run past eos; ``Policy`` cuts)."""
-
-    def hidden_copy(self) -> nn.Module:
-        """A trainable copy of what ``hidden``/``shared_states`` run (no vocabulary head): a critic's backbone."""
-
-
 class NanoseekBackend:
     """A nanoseek ``Transformer``: latent KV cache, absorbed decode, ``nanoseek.generate``."""
+
+    can_share = True
 
     def __init__(self, model: nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id
@@ -150,9 +127,6 @@ class NanoseekBackend:
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, return_hidden=True)
-
-    def can_share(self) -> bool:
-        return True
 
     def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
@@ -189,15 +163,13 @@ class HFBackend:
         # "past_key_values"); None when its forward cannot continue a cache at given positions
         self.cache_kwarg = None if "position_ids" not in params else next(
             (name for name in ("cache", "past_key_values") if name in params), None)
+        self.can_share = self.cache_kwarg is not None
 
     def head(self) -> nn.Linear:
         return self.model.get_output_embeddings()
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
-
-    def can_share(self) -> bool:
-        return self.cache_kwarg is not None
 
     def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
@@ -270,19 +242,18 @@ class Policy:
         from nanoseek.model.transformer import Transformer
 
         self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
-        self.backend: Backend = (NanoseekBackend if isinstance(model, Transformer) else HFBackend)(model, pad_id)
+        self.backend = (NanoseekBackend if isinstance(model, Transformer) else HFBackend)(model, pad_id)
 
     @classmethod
     def load(cls, directory: str | Path, pad_id: int, eos_id: int | None, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu") -> Policy:
         """A nanoseek (deepseek_v2/v3) or any Hugging Face causal-LM checkpoint directory."""
-        directory = Path(directory)
-        config_file = directory / "config.json"
+        config_file = Path(directory) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"--model {directory}: no config.json; expected a nanoseek or Hugging Face "
                                     "checkpoint directory")
         model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type in NANOSEEK_TYPES:
+        if model_type in ("deepseek_v2", "deepseek_v3"):
             from nanoseek.model.transformer import Transformer
 
             model = Transformer.from_pretrained(directory, dtype=dtype)
@@ -304,7 +275,7 @@ class Policy:
 
     def shares(self, batch: Batch) -> bool:
         """Whether ``completion_states`` runs each distinct prompt once for this batch."""
-        return self.share_prompts and self.backend.can_share() and batch.prompt_index.unique().numel() < len(batch)
+        return self.share_prompts and self.backend.can_share and batch.prompt_index.unique().numel() < len(batch)
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -340,17 +311,12 @@ class Policy:
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
         head = self.backend.head()
-        logps, ents = [], []
-        for s in range(0, hs.shape[0], chunk_tokens):
-            args = (hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
-                    entropy)
-            if torch.is_grad_enabled() and args[0].requires_grad:  # recompute the chunk's logits in backward
-                lp, en = checkpoint(_token_logprobs, *args, use_reentrant=False)
-            else:
-                lp, en = _token_logprobs(*args)
-            logps.append(lp)
-            ents.append(en)
+        fn = _token_logprobs
+        if torch.is_grad_enabled() and hs.requires_grad:  # recompute each chunk's logits in backward
+            fn = partial(checkpoint, _token_logprobs, use_reentrant=False)
+        parts = [fn(hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
+                    entropy) for s in range(0, hs.shape[0], chunk_tokens)]
         out = h.new_zeros(N, L, dtype=torch.float32)
-        logp = out.masked_scatter(real, torch.cat(logps)) if logps else out
-        ent = (out.masked_scatter(real, torch.cat(ents)) if ents else out) if entropy else None
+        logp = out.masked_scatter(real, torch.cat([lp for lp, _ in parts])) if parts else out
+        ent = (out.masked_scatter(real, torch.cat([en for _, en in parts])) if parts else out) if entropy else None
         return logp, ent

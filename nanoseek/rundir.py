@@ -1,18 +1,9 @@
-"""Run directories: every command that writes one calls ``check_run_dir`` at start, before any heavy work, and
-``RunDirPlan.create()`` once its inputs are checked.
+"""Run directories: ``check_run_dir`` at start (reads only), ``RunDirPlan.create()`` once the inputs are checked.
 
-A run directory belongs to one run of one kind (pretrain, sft, grpo, ppo, demo, ...), recorded in
-``run_dir/nanoseek_run.json``. A command refuses to start in a directory that holds anything else (another run,
-a model, a checkpoint, other files) unless
-
-- ``--resume``: the directory holds a run of the same kind, which continues; on an empty or missing directory
-  ``--resume`` starts a new run with a note (so a preemptible job can always be relaunched with one command line);
-- ``--overwrite``: what is there is deleted first (never the working directory, one of its parents, the home
-  directory or a git checkout).
-
-Without the marker, a directory's ``<kind>_config.json`` (every trainer writes one; ``stages.json``: a demo) says its
-kind. ``create()`` also proves the directory writable at start, so an unwritable ``--out`` fails before training,
-not after it.
+A run directory holds one run of one kind (pretrain, sft, grpo, ppo, demo, ...), recorded in ``nanoseek_run.json``
+(without it: ``<kind>_config.json``, or ``stages.json`` for a demo). A command refuses a directory holding anything
+else unless ``--resume`` (same kind: continue; empty: a new run) or ``--overwrite`` (delete first; never the working
+directory, one of its parents, the home directory or a git checkout).
 """
 
 from __future__ import annotations
@@ -65,16 +56,6 @@ def describe(path: Path) -> str:
     return " and ".join(parts)
 
 
-def _refuse_to_clear(path: Path) -> str | None:
-    """Why ``path`` must never be deleted by --overwrite, or None."""
-    real, cwd, home = path.resolve(), Path.cwd().resolve(), Path.home().resolve()
-    if real in (Path(real.anchor), home, cwd) or real in cwd.parents:
-        return "it is the filesystem root, the home directory, the working directory or one of its parents"
-    if (path / ".git").exists():
-        return "it is a git checkout"
-    return None
-
-
 @dataclass(frozen=True)
 class RunDirPlan:
     """What ``check_run_dir`` decided: ``clear`` the directory first; ``resume`` a run of ``kind`` found there."""
@@ -95,34 +76,26 @@ class RunDirPlan:
         error = None
         if is_main():
             try:
-                self._create()
-            except RunDirError as e:
-                error = e
+                if self.clear:
+                    for child in self.path.iterdir():
+                        if child.is_dir() and not child.is_symlink():
+                            shutil.rmtree(child)
+                        else:
+                            child.unlink()
+                self.path.mkdir(parents=True, exist_ok=True)
+                if not (self.resume and (self.path / MARKER).is_file()):
+                    tmp = self.path / f".{MARKER}.{os.getpid()}"
+                    tmp.write_text(json.dumps({"kind": self.kind}) + "\n")
+                    os.replace(tmp, self.path / MARKER)
+            except OSError as e:
+                error = RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
+                                    "--out")
         failed = all_reduce_(torch.tensor([float(error is not None)]))
         if error is not None:
             raise error
         if failed.item():
             raise RunDirError(f"rank 0 could not prepare the run directory {self.path}")
         return self.path
-
-    def _create(self) -> None:
-        try:
-            if self.clear:
-                for child in self.path.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-            self.path.mkdir(parents=True, exist_ok=True)
-            marker = self.path / MARKER
-            if self.resume and marker.is_file():
-                return
-            tmp = self.path / f".{MARKER}.{os.getpid()}"
-            tmp.write_text(json.dumps({"kind": self.kind}) + "\n")
-            os.replace(tmp, marker)
-        except OSError as e:
-            raise RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
-                              "--out") from None
 
 
 def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> RunDirPlan:
@@ -140,9 +113,12 @@ def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrit
                   file=sys.stderr)
         return RunDirPlan(path, kind, clear=False, resume=False)
     if overwrite:
-        why = _refuse_to_clear(path)
-        if why:
-            raise RunDirError(f"--overwrite will not delete {path}: {why}; choose another --out")
+        real, cwd = path.resolve(), Path.cwd().resolve()
+        if real in (Path(real.anchor), Path.home().resolve(), cwd) or real in cwd.parents:
+            raise RunDirError(f"--overwrite will not delete {path}: it is the filesystem root, the home directory, "
+                              "the working directory or one of its parents; choose another --out")
+        if (path / ".git").exists():
+            raise RunDirError(f"--overwrite will not delete {path}: it is a git checkout; choose another --out")
         return RunDirPlan(path, kind, clear=True, resume=False)
     found = recorded_kind(path)
     if resume and found == kind:

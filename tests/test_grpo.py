@@ -9,6 +9,7 @@ import torch
 from builders import batch_from_rows
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.metrics import read_metrics
 from nanoseek.policy import Batch, Policy, SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
@@ -109,10 +110,6 @@ def sft_checkpoint(directory, steps: int = 30, seed: int = 0):
     model.save_pretrained(directory)
     tok.save(directory)
     return directory
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_grpo_learns_arithmetic(tmp_path):

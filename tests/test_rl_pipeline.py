@@ -22,8 +22,7 @@ from nanoseek.train.optimize import (
     plan_micro_batches,
     rollout_logprobs,
 )
-from nanoseek.train.rl import Sampling
-from nanoseek.train.rollout import Rollout
+from nanoseek.train.rollout import Rollout, Sampling
 
 
 def mixed_batch(n_groups: int = 6, G: int = 8, seed: int = 0) -> Batch:

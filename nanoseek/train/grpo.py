@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,8 +37,8 @@ from nanoseek.train.losses import (
     soft_overlong_penalty,
 )
 from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
-from nanoseek.train.rl import RLConfig, Sampling, train_rl
-from nanoseek.train.rollout import Rollout
+from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.rollout import Rollout, Sampling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,13 +90,6 @@ class GRPOConfig(RLConfig, GRPOParams):
                                  "process supervision does not use for advantages (use "
                                  "--mask-truncated-completions instead)")
 
-    def process_reward_fn(self) -> Callable | None:
-        from nanoseek.rewards import get_process_reward_fn
-
-        pr = self.process_reward
-        return get_process_reward_fn(pr) if isinstance(pr, str) else pr
-
-
 
 class GRPO:
     """Group-relative advantages and the clipped surrogate; the reference model when β > 0."""
@@ -137,7 +130,7 @@ class GRPO:
         old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
             rollout_logprobs(self.policy, rollout.batch, opt, counter)  # else π_old = π: ratio 1, no pass
         ref = rollout_logprobs(self.ref, rollout.batch, opt, counter) if self.ref is not None else None
-        return rollout.attach(rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)
+        return replace(rollout, rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, rows, width, dev = self.cfg, mb.rows, logp.shape[1], logp.device

@@ -1,11 +1,7 @@
-"""The run loop of every trainer (pretrain, SFT, GRPO, PPO): exact resume, Ctrl-C, metrics, save cadence,
-checkpoint keeping and the summary.
-
-A trainer hands ``run_loop`` its step (``step(n, stop) -> (metrics, stop)``, n counted from 1) and its save
-(``save(n) -> checkpoint``); the loop logs each step to ``metrics.jsonl``, saves every ``save_every`` steps, at the
-end, at ``stop_at`` and after a Ctrl-C, and returns one summary schema for every command. The first SIGINT asks the
-loop to stop after the current step (the step itself agrees on it across ranks, inside its own collectives, so
-every rank stops after the same step); a second one interrupts at once.
+"""The run loop of every trainer (pretrain, SFT, GRPO, PPO): a trainer hands ``run_loop`` its step
+(``step(n, stop) -> (metrics, stop)``, n from 1; the step agrees on ``stop`` across ranks) and its save; the loop
+logs, saves every ``save_every`` steps, at the end, at ``stop_at`` and after a first Ctrl-C (a second interrupts at
+once), and returns one summary schema.
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ def narrow(cls: type, cfg: object):
 
 
 class StopFlag:
-    """``with StopFlag() as stop: ... if stop.requested: save and leave``."""
+    """``stop.requested`` after the first SIGINT inside ``with StopFlag() as stop``."""
 
     def __init__(self):
         self.requested = False

@@ -42,8 +42,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     G = num_generations
     if rewards.numel() % G:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={G}")
-    if G < 2:
-        raise ValueError("num_generations must be >= 2 for a group baseline")
     r = rewards.view(-1, G).double()
     baseline = (r.sum(1, keepdim=True) - r) / (G - 1) if rloo else r.mean(1, keepdim=True)
     adv = r - baseline
@@ -73,10 +71,6 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
     steps gets 0.
     """
     G = num_generations
-    if len(step_rewards) != len(step_ends) or len(step_rewards) % G:
-        raise ValueError("step_rewards and step_ends need one list per completion, grouped by num_generations")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
     if batch_std is None:
         batch_std = _std(torch.tensor([r for rs in step_rewards for r in rs], dtype=torch.float64))
@@ -85,8 +79,6 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
         mean = float(group.mean()) if group.numel() else 0.0
         std = {"group": _std(group) + eps, "batch": batch_std + eps, "none": 1.0}[scale]
         for i in range(g, g + G):
-            if len(step_rewards[i]) != len(step_ends[i]):
-                raise ValueError(f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_ends[i])} ends")
             for r, end in zip(step_rewards[i], step_ends[i]):
                 if not 0 <= end < length:
                     raise ValueError(f"completion {i}: step end {end} outside the completion (length {length})")

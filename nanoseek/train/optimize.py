@@ -1,11 +1,7 @@
-"""One optimisation loop for every RL algorithm (GRPO and PPO are its two users).
-
-``optimize`` makes μ passes over a rollout; each pass shuffles the rows into mini-batches (one optimizer step
-each), and each mini-batch runs as micro-batches planned by length (``plan_micro_batches``): rows sorted by
-completion length are cut into micro-batches whose padded tokens stay within ``PAD_TOLERANCE`` of the real
-tokens, so a short completion never pays for the longest one in the rollout. Losses are normalised by the whole
-mini-batch (``MicroBatch.num_rows`` / ``num_tokens``), so any split gives the same gradient. Gradients are averaged
-over ranks, clipped and stepped for every ``Trainable`` (the policy; PPO adds its critic).
+"""One optimisation loop for every RL algorithm (GRPO, PPO): μ passes over a rollout, each shuffled into
+mini-batches (one optimizer step each) run as length-planned micro-batches (``plan_micro_batches``). Losses are
+normalised by the whole mini-batch, so any split gives the same gradient; gradients are averaged over ranks, clipped
+and stepped for every ``Trainable`` (the policy; PPO adds its critic).
 """
 
 from __future__ import annotations
@@ -45,9 +41,8 @@ class Trainable:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """Rows of one forward/backward (indices into the rollout), their tokens on the device, and the normalizers
-    of the mini-batch they belong to: its rows and loss tokens on this rank, and its loss tokens over every rank
-    divided by the number of ranks (DAPO's token mean over the whole batch)."""
+    """Rows of one forward/backward, their tokens on the device, and their mini-batch's normalizers: rows and loss
+    tokens on this rank, and loss tokens over every rank / ranks (DAPO's token mean)."""
 
     rows: torch.Tensor
     batch: Batch
@@ -61,7 +56,7 @@ LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[
 
 @dataclass
 class TokenCounter:
-    """Tokens the log-prob and training forwards processed (padding included) and the real ones among them."""
+    """Tokens the forwards processed (padding included) and the real ones among them."""
 
     processed: int = 0
     real: int = 0
@@ -83,21 +78,12 @@ class OptimizeStats:
 
 def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
     """Split ``rows`` into micro-batches by completion length (longest first), at most ``max_rows`` rows each (0: no
-    limit), cutting a new micro-batch only where continuing would lift the padded tokens of all micro-batches so
-    far above ``PAD_TOLERANCE`` × their real tokens. Long rows come first and pack tightly; the slack they leave
-    lets the short tail share few micro-batches. The cost model is ``Batch.token_counts`` (with ``shared``: each
-    distinct prompt once per micro-batch)."""
+    limit), cutting only where continuing would lift the padded tokens of all micro-batches so far above
+    ``PAD_TOLERANCE`` × their real tokens. The cost model is ``Batch.token_counts``."""
     clen = batch.completion_lens[rows].tolist()
-    pidx = batch.prompt_index[rows].tolist()
-    plen = batch.prompt_lens.tolist()
 
     def counts(cand: list[int]) -> tuple[int, int]:  # (processed, real) tokens of one micro-batch
-        if shared:
-            prompts = {pidx[i] for i in cand}
-            real = sum(clen[i] for i in cand) + sum(plen[p] for p in prompts)
-            return len(prompts) * max(plen[p] for p in prompts) + len(cand) * max(clen[i] for i in cand), real
-        real = sum(clen[i] + plen[pidx[i]] for i in cand)
-        return len(cand) * max(plen[pidx[i]] + clen[i] for i in cand), real
+        return batch.select(rows[torch.tensor(cand)]).token_counts(shared)
 
     order = sorted(range(len(rows)), key=lambda i: -clen[i])  # stable: a group's rows stay together
     plans: list[list[int]] = []

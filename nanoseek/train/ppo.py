@@ -10,7 +10,7 @@ critic the clipped value loss. Rollouts, the optimisation loop and checkpoints a
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -28,8 +28,8 @@ from nanoseek.train.optimize import (
     per_token,
     rollout_logprobs,
 )
-from nanoseek.train.rl import RLConfig, Sampling, train_rl
-from nanoseek.train.rollout import Rollout
+from nanoseek.train.rl import RLConfig, train_rl
+from nanoseek.train.rollout import Rollout, Sampling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +95,7 @@ class PPO:
             adv = whiten(adv, mask)
         self.kl = float(kl.sum()) / max(float(mask.sum()), 1.0)
         self.value_loss_sum = 0.0
-        return rollout.attach(advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
+        return replace(rollout, advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         rows, width, dev, mask = mb.rows, logp.shape[1], logp.device, mb.batch.completion_mask
@@ -115,9 +115,6 @@ class PPO:
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "critic" not in state:
-            raise ValueError("this checkpoint has no critic: it was not written by PPO; start the PPO run again "
-                             "without --resume")
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 

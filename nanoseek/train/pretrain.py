@@ -35,6 +35,7 @@ from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
+from nanoseek.train.rl_data import DatasetConfig
 from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
 
 
@@ -75,36 +76,15 @@ class TrainConfig(RunConfig, OptimConfig):
     weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0)
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
 
-    def validate(self) -> None:
-        check_ranges(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class SFTConfig(TrainConfig):
+class SFTConfig(TrainConfig, DatasetConfig):
     """``nanoseek sft``: the pretrain flags, loss on completion + eos, and rows from a dataset."""
 
     mode: str = option("sft", "pretrain or sft", choices=("pretrain", "sft"), cli=False)
-    dataset: str | None = option(None, "a dataset of prompt + completion or messages rows (local "
-                                 ".jsonl/.json/.parquet/.csv file or folder, or a hub dataset; `nanoseek sample` "
-                                 "output works); conversations use the tokenizer's chat template")
-    dataset_config: str | None = option(None, "the hub dataset's configuration")
-    dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
-    prompt_column: str = option("prompt", "--dataset: the column with the prompts")
-    completion_column: str = option("completion", "--dataset: the column with the completions (the SFT targets)")
-    messages_column: str = option("messages", "--dataset: the column with whole conversations")
-    system_prompt: str | None = option(None, "--dataset: system message for every row (rendered with the chat "
-                                       "template)")
 
 
 # ---------------------------------------------------------------------- building
-def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    if cfg.tokenizer:
-        return Tokenizer.load(cfg.tokenizer)
-    if cfg.model and (Path(cfg.model) / "tokenizer.json").exists():
-        return Tokenizer.load(cfg.model)
-    return Tokenizer.char()
-
-
 def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     """Preset or user config.json (strict: unknown keys fail), then overrides; checked against the tokenizer."""
     known = {f.name for f in fields(ModelConfig)} - {"extra"}
@@ -120,11 +100,9 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
         if not path.is_file():
             raise ValueError(f"model config {path} not found: pass a JSON file of ModelConfig fields")
         try:
-            raw = json.loads(path.read_text())
+            config = ModelConfig.from_dict(json.loads(path.read_text()), strict=True)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        try:
-            config = ModelConfig.from_dict(raw, strict=True)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
     else:
@@ -179,19 +157,9 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the run
-def build_data(cfg: TrainConfig, tok: Tokenizer):
-    if isinstance(cfg, SFTConfig) and cfg.dataset:
-        return SFTData(cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config,
-                       split=cfg.dataset_split, prompt_column=cfg.prompt_column,
-                       completion_column=cfg.completion_column, messages_column=cfg.messages_column,
-                       system_prompt=cfg.system_prompt, allow_unknown_chars=cfg.allow_unknown_chars)
-    return make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
-                     allow_unknown_chars=cfg.allow_unknown_chars)
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train; returns the run's summary (``nanoseek.train.loop.run_loop``) and "final_loss"."""
-    cfg.validate()
+    check_ranges(cfg)
     opt = narrow(OptimConfig, cfg)
     rank, world, device = init_distributed(cfg.device)
     per_rank, rem = divmod(cfg.batch_size, world)
@@ -201,9 +169,19 @@ def train(cfg: TrainConfig) -> dict:
     micro = per_rank // cfg.grad_accum
 
     def inputs() -> tuple[Tokenizer, ModelConfig, object]:
-        tok = build_tokenizer(cfg)
+        if cfg.tokenizer or (cfg.model and (Path(cfg.model) / "tokenizer.json").exists()):
+            tok = Tokenizer.load(cfg.tokenizer or cfg.model)
+        else:
+            tok = Tokenizer.char()
         config = build_model_config(cfg, tok)
-        return tok, config, build_data(cfg, tok)
+        if isinstance(cfg, SFTConfig) and cfg.dataset:
+            return tok, config, SFTData(
+                cfg.dataset, tok, cfg.seq_len, cfg.seed, config=cfg.dataset_config, split=cfg.dataset_split,
+                prompt_column=cfg.prompt_column, completion_column=cfg.completion_column,
+                messages_column=cfg.messages_column, system_prompt=cfg.system_prompt,
+                allow_unknown_chars=cfg.allow_unknown_chars)
+        return tok, config, make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
+                                      allow_unknown_chars=cfg.allow_unknown_chars)
 
     run, (tok, config, data) = start_run(narrow(RunConfig, cfg), cfg.mode, inputs)
     torch.manual_seed(cfg.seed)
@@ -238,7 +216,10 @@ def train(cfg: TrainConfig) -> dict:
             mb = batch.rows(slice(lo, lo + micro)).to(device)
             last = i == cfg.grad_accum - 1
             stats = RouterStats(balance=True)
-            with _no_sync(net, fsdp) if not last else contextlib.nullcontext():
+            if fsdp:  # skip the gradient all-reduce on all but the last micro-batch
+                net.set_requires_gradient_sync(last)
+            no_sync = not last and not fsdp and hasattr(net, "no_sync")
+            with net.no_sync() if no_sync else contextlib.nullcontext():
                 loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp, stats)
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
             sums[:-1] += parts
@@ -267,20 +248,6 @@ def train(cfg: TrainConfig) -> dict:
     summary = run_loop(run, start, step, lambda n: save(run, n, model, optimizer, tok, {"config": config}, fsdp),
                        config)
     return {**summary, "final_loss": last_loss}
-
-
-@contextlib.contextmanager
-def _no_sync(net: nn.Module, fsdp: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch."""
-    if not fsdp:
-        with net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext():
-            yield
-        return
-    net.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        net.set_requires_gradient_sync(True)
 
 
 def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:
@@ -315,10 +282,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return cli_args.from_args(SFTConfig if args.command == "sft" else TrainConfig, args,
-                              overrides=parse_overrides(args.set))
-
-
 def run(args: argparse.Namespace) -> int:
-    return cli_args.run_command(train, config_from_args(args))
+    cls = SFTConfig if args.command == "sft" else TrainConfig
+    return cli_args.run_command(train, cli_args.from_args(cls, args, overrides=parse_overrides(args.set)))

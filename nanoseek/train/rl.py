@@ -1,12 +1,11 @@
 """The RL run shared by GRPO and PPO: one step is ``collect -> algorithm.prepare -> optimize``; ``train_rl`` runs
 steps in the shared run loop (``nanoseek.train.loop``: checkpoints, exact resume, metrics, Ctrl-C).
 
-An algorithm (``Algorithm``: GRPO in grpo.py, PPO in ppo.py) supplies only what differs: how a rollout gets its
-advantages and old / reference log-probs (``prepare``), the loss of one micro-batch (``loss``), any extra trainable
-module (PPO's critic) and its checkpoint state. Each stage gets the small frozen config it reads, cut once from the
-command's flags (``nanoseek.train.loop.narrow``): the data (``RLDataConfig``), the sampling (``Sampling``), the
-algorithm (its ``Params``), the optimisation loop (``OptimizeConfig``), the optimizer (``OptimConfig``) and the run
-(``RunConfig``). Steps count from 1 everywhere (metrics, checkpoints, the bar).
+An algorithm (GRPO in grpo.py, PPO in ppo.py), built from its ``Params``, the ``Sampling``, the ``OptimizeConfig``
+and the policy, supplies only what differs: ``prepare`` (advantages, old / reference log-probs), ``loss`` (one
+micro-batch's loss and statistic sums), ``trainables`` (PPO's critic and its optimizer), ``state_dict`` /
+``load_state_dict`` (checkpoint state), ``metrics`` and ``cfg.beta``. Each stage gets the small frozen config it
+reads, cut once from the command's flags (``nanoseek.train.loop.narrow``). Steps count from 1 everywhere.
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -26,12 +23,13 @@ from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, save_checkpo
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, is_main, reduce_floats
-from nanoseek.policy import Policy, SamplingParams
+from nanoseek.policy import Policy
+from nanoseek.rewards import get_process_reward_fn, reward_name
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
-from nanoseek.train.rollout import CollectStats, Rollout, Scorer, collect
+from nanoseek.train.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.train.schedule import OptimConfig, lr_at, set_lr
 
 
@@ -52,13 +50,8 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
     share_prompts: bool = option(True, "run a group's shared prompt once in the log-prob passes (exact)")
     log_completions_every: int = option(10, "write samples to completions.jsonl every N steps (0: never)", min=0)
 
-    def process_reward_fn(self) -> Callable | None:
-        """Per-step rewards for process supervision (GRPO's ``--process-reward``); None: outcome rewards only."""
-        return None
-
     def validate(self) -> None:
         check_ranges(self)
-        RLDataConfig.validate(self)
         if self.save_best and not self.eval_every:
             raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
@@ -71,64 +64,22 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
         return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_num_generations}")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """What ``collect`` draws each step: P prompts × G completions, and DAPO's dynamic sampling (GRPO's)."""
-
-    num_generations: int
-    prompts_per_step: int
-    max_completion_length: int
-    temperature: float
-    top_p: float
-    top_k: int | None
-    seed: int
-    dynamic_sampling: bool = False
-    max_resample_rounds: int = 0
-
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_completion_length, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
-
-
-class Algorithm(Protocol):
-    """What GRPO and PPO each add to the shared step; built from its ``Params`` (a frozen dataclass whose fields
-    are flags of the command), the sampling, the optimisation settings and the policy."""
-
-    kind: str
-    Params: type
-    cfg: object  # its Params (β included)
-
-    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
-        """Attach advantages (and old / reference log-probs, values...) to a collected rollout."""
-
-    def loss(self, rollout: Rollout, mb, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one micro-batch (normalised by its mini-batch) and its statistics (sums)."""
-
-    def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        """Modules trained besides the policy, with their optimizers (PPO's critic)."""
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-    def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]: ...
-
-
 class RLTrainer:
     """The policy, its optimizer, the reward functions and one algorithm; ``step(n)`` runs RL step n (1-based)."""
 
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, algorithm_cls, rank: int = 0, world: int = 1):
-        cfg.validate()
         self.cfg, self.policy, self.tokenizer, self.rank, self.world = cfg, policy, tokenizer, rank, world
         self.data = rl_data(narrow(RLDataConfig, cfg), tokenizer)
         fns = self.data.reward_fns
-        self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, cfg.process_reward_fn(),
-                             cfg.reward_timeout_s, self.data.columns)
+        process = getattr(cfg, "process_reward", None)  # GRPO's process supervision: a built-in name or a callable
+        process = get_process_reward_fn(process) if isinstance(process, str) else process
+        self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, process,
+                             cfg.reward_timeout_s, self.data.train.columns)
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
         self.opt = narrow(OptimConfig, cfg)
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.algorithm: Algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
+        self.algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
 
     # -------------------------------------------------------------- data
     def prompts(self, step: int, round_: int = 0) -> list[Row]:
@@ -138,12 +89,11 @@ class RLTrainer:
         return rows[self.rank * P // self.world : (self.rank + 1) * P // self.world]
 
     def encode(self, prompt: str | list[dict]) -> list[int]:
-        return self.data.encode(self.tokenizer, prompt)
+        return self.tokenizer.encode_prompt(prompt, self.cfg.system_prompt)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
         from nanoseek.evaluate import evaluate_prompts
-        from nanoseek.rewards import reward_name
 
         cfg = self.cfg
         held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
@@ -154,13 +104,9 @@ class RLTrainer:
         return {f"eval/{k}": v for k, v in m.items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
-        s = self.sampling
-        base = (s.seed * 1_000_003 + step - 1) * 101
-        return collect(
-            self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
-            num_generations=s.num_generations, params=s.params(), seed=lambda r: (base + r) * 64 + self.rank,
-            informative_only=s.dynamic_sampling, max_resample_rounds=s.max_resample_rounds,
-        )
+        base = (self.sampling.seed * 1_000_003 + step - 1) * 101
+        return collect(self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
+                       self.sampling, seed=lambda r: (base + r) * 64 + self.rank)
 
     # -------------------------------------------------------------- one step
     def step(self, step: int) -> tuple[dict, Rollout]:
@@ -233,7 +179,6 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
     """Run an RL algorithm as configured; returns the run's summary (``nanoseek.train.loop.run_loop``) with the
     first and final reward (and the best checkpoint's record with ``save_best``)."""
     cfg.validate()
-    kind = algorithm_cls.kind
     rank, world, device = init_distributed(cfg.device)
 
     def inputs() -> RLTrainer:
@@ -245,7 +190,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         policy.share_prompts = cfg.share_prompts
         return RLTrainer(replace(cfg, model=model), policy, tokenizer, algorithm_cls, rank, world)
 
-    run, trainer = start_run(narrow(RunConfig, cfg), kind, inputs)
+    run, trainer = start_run(narrow(RunConfig, cfg), algorithm_cls.kind, inputs)
     cfg, model = trainer.cfg, trainer.policy.model
     start = 0
     if run.resume_from is not None:
@@ -283,16 +228,15 @@ class BestCheckpoint:
         path = self.dir / "best.json"
         self.record: dict | None = json.loads(path.read_text()) if resume and path.is_file() else None
 
-    def update(self, step: int, value: float, model, tokenizer) -> bool:
-        """Save the model if ``value`` beats the best so far; returns whether it did."""
+    def update(self, step: int, value: float, model, tokenizer) -> None:
+        """Save the model if ``value`` beats the best so far."""
         if self.record is not None and value <= self.record["value"]:
-            return False
+            return
         self.record = {"metric": self.metric, "value": value, "step": step}
         save_checkpoint(self.dir, step, model, state={"best": self.record}, keep=1, tokenizer=tokenizer)
         tmp = self.dir / "best.json.tmp"
         tmp.write_text(json.dumps(self.record, indent=2))
         tmp.replace(self.dir / "best.json")
-        return True
 
 
 def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None:

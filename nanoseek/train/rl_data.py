@@ -12,27 +12,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoseek.chat import ChatTemplate, chat_template
+from nanoseek.chat import chat_template
 from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 
 
 @dataclass(frozen=True, kw_only=True)
-class RLDataConfig:
-    """Where the prompts, rewards and held-out prompts come from."""
+class DatasetConfig:
+    """A dataset of prompt (+ completion) or whole-conversation rows, and the columns to read (RL and SFT)."""
 
-    task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
-    task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
-    dataset: str | None = option(None, "prompts from a local .jsonl/.json/.parquet/.csv file or folder, or a hub "
-                                 "dataset, instead of --task (rewards: --reward-funcs only)")
+    dataset: str | None = option(None, "a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset "
+                                 "(`nanoseek sample` output works)")
     dataset_config: str | None = option(None, "the hub dataset's configuration")
     dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
     prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
-    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
-    completion_column: str = option("completion", "the column with reference completions (SFT-style rows)")
+    completion_column: str = option("completion", "the column with the completions (SFT targets)")
     messages_column: str = option("messages", "the column with whole conversations (prompt = all but the reply)")
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLDataConfig(DatasetConfig):
+    """Where the prompts, rewards and held-out prompts come from: --dataset instead of --task takes its rewards
+    from --reward-funcs only."""
+
+    task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
+    task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
+    answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
     reward_funcs: list[str] = option(default_factory=list,
                                      help="reward functions: built-in names (math, format, format_gsm8k, equations, "
                                      "countdown, code) or import paths (package.module:function)")
@@ -46,37 +53,17 @@ class RLDataConfig:
     eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
     eval_n: int = option(200, "most held-out prompts evaluated", min=1)
 
-    def validate(self) -> None:
-        n_fns = (0 if self.dataset else 1) + len(self.reward_funcs)
-        if self.dataset and not self.reward_funcs:
-            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
-                             "package.module:function); a dataset has no task reward")
-        if self.reward_weights and len(self.reward_weights) != n_fns:
-            raise ValueError(f"--reward-weights: {len(self.reward_weights)} given, need {n_fns} ("
-                             f"{'' if self.dataset else 'the task reward, then '}each of --reward-funcs)")
-
 
 @dataclass(frozen=True)
 class RLData:
     """train: a step's prompts (``batch(step, n, seed, round_)``); held_out: the evaluation prompts (or None);
-    reward_fns: the outcome rewards in weight order; correct: the names of the functions that decide whether a
-    completion is correct in evaluation (a task's own reward, else every reward function); template: the chat
-    template when prompts need one."""
+    reward_fns: the outcome rewards in weight order; correct: the functions that decide whether a completion is
+    correct in evaluation (a task's own reward, else every reward function)."""
 
     train: PromptDataset | TaskPrompts
     held_out: PromptDataset | None
     reward_fns: list[RewardFn]
     correct: list[RewardFn]
-    template: ChatTemplate | None
-    system_prompt: str | None = None
-
-    @property
-    def columns(self) -> frozenset[str]:
-        return self.train.columns
-
-    def encode(self, tokenizer, prompt: str | list[dict]) -> list[int]:
-        """A prompt's token ids, rendered with the chat template when it is conversational (no doubled BOS)."""
-        return tokenizer.encode_prompt(prompt, self.system_prompt)
 
 
 def _load(cfg: RLDataConfig, source: str, split: str) -> PromptDataset:
@@ -91,6 +78,9 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
 
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]
     held_out = None
+    if cfg.dataset and not extra:
+        raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
+                         "package.module:function); a dataset has no task reward")
     if cfg.dataset:
         train = _load(cfg, cfg.dataset, cfg.dataset_split)
         fns, correct = extra, extra
@@ -109,8 +99,11 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
         check_reward_columns(fns, held_out.columns, f"--eval-dataset {cfg.eval_dataset}")
     if held_out is not None and len(held_out) > cfg.eval_n:
         held_out = PromptDataset(held_out.name, held_out.rows[: cfg.eval_n], held_out.columns)
+    if cfg.reward_weights and len(cfg.reward_weights) != len(fns):
+        raise ValueError(f"--reward-weights: {len(cfg.reward_weights)} given, need {len(fns)} ("
+                         f"{'' if cfg.dataset else 'the task reward, then '}each of --reward-funcs)")
     check_reward_columns(fns, train.columns, train.name if cfg.dataset is None else f"--dataset {cfg.dataset}")
     rows = [*getattr(train, "rows", ()), *(held_out.rows if held_out is not None else ())]
-    template = chat_template(tokenizer) if cfg.system_prompt is not None or any(r.conversational for r in rows) \
-        else None
-    return RLData(train, held_out, fns, correct, template, cfg.system_prompt)
+    if cfg.system_prompt is not None or any(r.conversational for r in rows):
+        chat_template(tokenizer)  # a ValueError now, at start, when the tokenizer has no template
+    return RLData(train, held_out, fns, correct)

@@ -1,16 +1,12 @@
-"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``.
-
-``sample_and_score`` is the one sample -> score -> verify step, shared by ``collect``, ``nanoseek sample`` and
-``nanoseek.evaluate``. ``collect`` samples every group of one step, scores it (outcome rewards and, optionally,
-process rewards), and with ``informative_only`` (DAPO's dynamic sampling) keeps only groups whose rewards differ,
-resampling up to a cap. Later stages never mutate a ``Rollout``: they attach what they compute (advantages, π_old
-and π_ref log-probs) with ``Rollout.attach``, which returns a new one.
+"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout`` (later stages
+attach advantages and log-probs with ``dataclasses.replace``). ``sample_and_score`` is the one sample -> score ->
+verify step, shared by ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -55,9 +51,8 @@ class Scorer:
         """Each completion's StepRewards (or None), failures contained and logged."""
         prompts = [r.prompt for r in rows]
         columns = {**columns_of(rows, self.columns), "tokenizer": self.tokenizer}
-        steps, _ = compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
-                                           columns, timeout_s=self.timeout_s)
-        return steps
+        return compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
+                                       columns, timeout_s=self.timeout_s)[0]
 
 
 @dataclass(frozen=True)
@@ -96,13 +91,8 @@ def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[i
 @dataclass(frozen=True)
 class Rollout:
     """One step's samples, in groups of G contiguous rows (row i belongs to group ``batch.prompt_index[i]``).
-
-    rewards: (N,) weighted outcome reward; rewards_per_fn: name -> (N,) raw values (NaN where a function gave
-    none); truncated: (N,) reached the length cap without eos; sampler_logp: (N, L) each token's log-prob under the
-    sampling distribution; steps: per-row StepRewards (process supervision) or None. Attached later:
-    advantages (N,) or (N, L), loss_mask (N, L) (default the completion mask), old_logp / ref_logp (N, L), and
-    ``extras`` (e.g. PPO's values and returns).
-    """
+    rewards_per_fn holds NaN where a function gave no value; steps: per-row StepRewards (process supervision) or
+    None; attached later: advantages (N,) or (N, L), loss_mask (default the completion mask), log-probs, extras."""
 
     batch: Batch
     examples: tuple[Row, ...]  # (U,) one dataset row per group
@@ -126,14 +116,28 @@ class Rollout:
         """(N, L) the tokens the loss is taken on."""
         return self.batch.completion_mask if self.loss_mask is None else self.loss_mask
 
-    def attach(self, **values) -> Rollout:
-        return replace(self, **values)
+@dataclass(frozen=True)
+class Sampling:
+    """What ``collect`` draws each step: P prompts × G completions, and DAPO's dynamic sampling (GRPO's)."""
+
+    num_generations: int
+    prompts_per_step: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    seed: int
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 0
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_completion_length, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
 
 
 @dataclass(frozen=True)
 class CollectStats:
-    """What sampling saw, dropped groups included (for metrics): every sampled completion's outcome reward and
-    per-function values, group counts, and the kept rows' lengths."""
+    """What sampling saw, dropped groups included (for metrics)."""
 
     seen_rewards: tuple[float, ...]
     seen_per_fn: dict[str, tuple[float, ...]]
@@ -144,28 +148,27 @@ class CollectStats:
 
 
 def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], decode: Callable[[list[int]], str],
-            prompts: Callable[[int], list[Row]], scorer: Scorer, *, num_generations: int,
-            params: SamplingParams, seed: Callable[[int], int], informative_only: bool = False,
-            max_resample_rounds: int = 0) -> tuple[Rollout, CollectStats]:
-    """Sample ``num_generations`` completions of each prompt of ``prompts(round)``, score them, and keep the groups
-    (with ``informative_only``: only groups whose outcome rewards, or with a process reward whose step rewards,
-    differ, resampling with ``prompts(round + 1)`` up to ``max_resample_rounds`` times until as many groups as
-    round 0's prompts are kept). ``seed(round)`` seeds each round's sampling."""
-    G = num_generations
+            prompts: Callable[[int], list[Row]], scorer: Scorer, sampling: Sampling, *,
+            seed: Callable[[int], int]) -> tuple[Rollout, CollectStats]:
+    """Sample G completions of each prompt of ``prompts(round)``, score them, and keep the groups (with
+    ``dynamic_sampling``: only groups whose outcome rewards, or with a process reward whose step rewards, differ,
+    resampling with ``prompts(round + 1)`` up to ``max_resample_rounds`` times until as many groups as round 0's
+    prompts are kept). ``seed(round)`` seeds each round's sampling."""
+    G, informative_only = sampling.num_generations, sampling.dynamic_sampling
     process = scorer.process_fn is not None
-    kept: list[dict] = []
+    kept: list[tuple[Scored, list, int, Row]] = []  # (its round's samples, their step rewards, group, example)
     seen: list[float] = []
     seen_fn: dict[str, list[float]] = {name: [] for name in scorer.names}
     seen_steps: list[float] = []
     no_steps = zero_std = groups = 0
     want = None
-    for round_ in range(1 + (max_resample_rounds if informative_only else 0)):
+    for round_ in range(1 + (sampling.max_resample_rounds if informative_only else 0)):
         exs = prompts(round_)
         want = len(exs) if want is None else want
         rows = [ex for ex in exs for _ in range(G)]
-        scored = sample_and_score(policy, encode, decode, rows, scorer, params, seed(round_))
-        samples, texts, result = scored.samples, scored.texts, scored.result
-        steps = scorer.steps(rows, texts, samples.completions) if process else [None] * len(rows)
+        scored = sample_and_score(policy, encode, decode, rows, scorer, sampling.params(), seed(round_))
+        result = scored.result
+        steps = scorer.steps(rows, scored.texts, scored.samples.completions) if process else [None] * len(rows)
         seen += result.total
         for name, values in result.per_fn.items():
             seen_fn[name] += [float("nan") if v is None else float(v) for v in values]
@@ -178,28 +181,24 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
             zero_std += flat
             if process:
                 flat = len({r for s in steps[sl] if s is not None for r in s.rewards}) <= 1
-            if informative_only and flat:
-                continue
-            kept.append({"example": ex, "prompt": scored.prompt_ids[g * G], "completions": samples.completions[sl],
-                         "logprobs": samples.logprobs[sl], "truncated": samples.truncated[sl], "texts": texts[sl],
-                         "total": result.total[sl], "steps": steps[sl],
-                         "per_fn": {name: values[sl] for name, values in result.per_fn.items()}})
+            if not (informative_only and flat):
+                kept.append((scored, steps, g, ex))
         if len(kept) >= want:
             break
     kept = kept[:want]
-    completions = [c for k in kept for c in k["completions"]]
-    batch = Batch.build([k["prompt"] for k in kept], [g for g in range(len(kept)) for _ in range(G)], completions,
-                        policy.pad_id)
+    rows = [(sc, st, i) for sc, st, g, _ in kept for i in range(g * G, (g + 1) * G)]  # every kept completion
+    batch = Batch.build([sc.prompt_ids[g * G] for sc, _, g, _ in kept], [j for j in range(len(kept)) for _ in range(G)],
+                        [sc.samples.completions[i] for sc, _, i in rows], policy.pad_id)
     sampler_logp = torch.zeros(batch.completion_ids.shape)
-    for i, lp in enumerate(lp for k in kept for lp in k["logprobs"]):
-        sampler_logp[i, : len(lp)] = torch.tensor(lp)
-    per_fn = {name: torch.tensor([float("nan") if v is None else float(v) for k in kept for v in k["per_fn"][name]])
-              for name in scorer.names}
+    for j, (sc, _, i) in enumerate(rows):
+        sampler_logp[j, : len(sc.samples.logprobs[i])] = torch.tensor(sc.samples.logprobs[i])
+    per_fn = {name: torch.tensor([float("nan") if sc.result.per_fn[name][i] is None else sc.result.per_fn[name][i]
+                                  for sc, _, i in rows], dtype=torch.float32) for name in scorer.names}
     rollout = Rollout(
-        batch=batch, examples=tuple(k["example"] for k in kept), texts=tuple(t for k in kept for t in k["texts"]),
-        rewards=torch.tensor([r for k in kept for r in k["total"]], dtype=torch.float32), rewards_per_fn=per_fn,
-        truncated=torch.tensor([t for k in kept for t in k["truncated"]], dtype=torch.bool),
-        sampler_logp=sampler_logp, steps=tuple(s for k in kept for s in k["steps"]) if process else None,
+        batch=batch, examples=tuple(ex for *_, ex in kept), texts=tuple(sc.texts[i] for sc, _, i in rows),
+        rewards=torch.tensor([sc.result.total[i] for sc, _, i in rows], dtype=torch.float32), rewards_per_fn=per_fn,
+        truncated=torch.tensor([sc.samples.truncated[i] for sc, _, i in rows], dtype=torch.bool),
+        sampler_logp=sampler_logp, steps=tuple(st[i] for _, st, i in rows) if process else None,
     )
     stats = CollectStats(tuple(seen), {k: tuple(v) for k, v in seen_fn.items()}, groups, zero_std, tuple(seen_steps),
                          no_steps)

@@ -164,9 +164,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
-    if cfg.num_generations and not cfg.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for the --num-generations {cfg.num_generations} samples, "
-                         f"got {cfg.temperature}")
     directory = resolve_model_dir(cfg.model)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])
@@ -208,9 +205,6 @@ def _task(cfg: EvalConfig, directory: Path):
     from nanoseek.datasets import task_dataset
     from nanoseek.tasks import get_task, task_reward
 
-    if not (directory / "tokenizer.json").is_file():
-        raise ValueError(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
-                         "tokenizer")
     trained_on = recorded_task(directory)
     name = cfg.task or trained_on
     if name is None:

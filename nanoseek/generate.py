@@ -23,37 +23,24 @@ from nanoseek.engine import Engine, Request, SamplingParams
 from nanoseek.model.transformer import Transformer
 
 
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    stop_token_ids: Sequence[int] = (),
-    seed: int | None = None,
-    return_logprobs: bool = False,
-    speculative: bool = False,
-) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens.
-
-    Returns the new tokens per prompt; a row ends early right after the first token in ``stop_token_ids``
-    (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG untouched);
-    greedy (temperature 0) is deterministic. With ``return_logprobs`` also returns each new token's log-prob
-    under the distribution it was sampled from (see ``sample_rows``). ``speculative`` drafts with the MTP modules
-    (same greedy output, same sampling distribution).
-    """
-    requests, _ = run_engine(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed,
-                             speculative)
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             return_logprobs: bool = False, **kwargs) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """The new tokens per prompt (and with ``return_logprobs`` their log-probs under the distribution each was
+    sampled from, see ``sample_rows``); ``kwargs`` are ``run_engine``'s."""
+    requests, _ = run_engine(model, prompts, max_new_tokens, **kwargs)
     out = [r.output_ids for r in requests]
     return (out, [r.logprobs for r in requests]) if return_logprobs else out
 
 
+@torch.inference_mode()
 def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
                seed: int | None = None, speculative: bool = False) -> tuple[list[Request], Engine | None]:
-    """``generate``'s run: one engine for the batch -> (the finished requests, the engine; None for no work)."""
+    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens on one engine ->
+    (the finished requests, the engine; None for no work). A row ends right after the first token in
+    ``stop_token_ids`` (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG
+    untouched); greedy (temperature 0) is deterministic. ``speculative`` drafts with the MTP modules (same greedy
+    output, same sampling distribution)."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=tuple(stop_token_ids))
     if not prompts:

@@ -107,8 +107,8 @@ class EngineWorker:
         self._fail_all("cancelled")
 
     def collect(self):
-        """The engine's gauges and totals, read at each scrape: a new engine metric (a family with a label, such as
-        acceptance per MTP depth, ``labels=["depth"]``) is one more family yielded here."""
+        """The engine's gauges and totals, read at each scrape (with ``--speculative``, MTP drafts verified and
+        accepted per depth)."""
         e = self.engine
         for name, value, help_text in (
             ("nanoseek_requests_running", len(e.decoding) + len(e.prefilling), "requests prefilling or decoding"),
@@ -116,11 +116,17 @@ class EngineWorker:
             ("nanoseek_cache_slots_used", e.slots_used, "cache slots (sequences) in use"),
             ("nanoseek_cache_slots", e.num_slots, "cache slots (sequences) in the memory budget"),
             ("nanoseek_cache_tokens_used", e.tokens_cached, "tokens held in the KV cache"),
-            ("nanoseek_cache_bytes", e.cache.nbytes, "bytes of the KV cache"),
+            ("nanoseek_cache_bytes", sum(c.nbytes for c in e.caches), "bytes of the KV caches (MTP's included)"),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
         yield CounterMetricFamily("nanoseek_prompt_tokens", "prompt tokens admitted", value=e.prompt_tokens)
         yield CounterMetricFamily("nanoseek_generation_tokens", "tokens generated", value=e.generated_tokens)
+        for name, counts in (("proposed", e.spec_proposed), ("accepted", e.spec_accepted)):
+            family = CounterMetricFamily(f"nanoseek_spec_draft_tokens_{name}", f"MTP draft tokens {name}, by depth",
+                                         labels=["depth"])
+            for d, count in enumerate(counts):
+                family.add_metric([str(d + 1)], count)
+            yield family
 
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

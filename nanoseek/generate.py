@@ -79,7 +79,6 @@ class GenerateConfig:
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
     top_p: float = option(1.0, "nucleus: the smallest set of tokens reaching this probability", gt=0, max=1)
     seed: int | None = option(None, "seed of the sampler")
-    decode_impl: str = option("absorb", "MLA decode path", choices=("absorb", "naive"))
     speculative: bool = option(False, "draft with the MTP modules and verify in the next forward")
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else an error "
                                               "listing them)")
@@ -92,19 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.distributed import device_of
+    from nanoseek.tokenizer import Tokenizer, encode_checked
 
     cfg = cli_args.from_args(GenerateConfig, args)
     cli_args.check_ranges(cfg)
     directory = resolve_model_dir(cfg.model)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Transformer.from_pretrained(directory).to(device)
-    if model.config.attention_type == "mla":
-        model.set_decode_impl(cfg.decode_impl)
-    tokenizer = None
-    if (directory / "tokenizer.json").exists():
-        from nanoseek.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(directory)
+    model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
     if cfg.ids:
         try:
             prompts = [[int(t) for t in p.split()] for p in cfg.prompt]
@@ -113,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
     elif tokenizer is None:
         raise ValueError(f"--model {directory} has no tokenizer.json: pass token ids with --ids")
     else:
-        from nanoseek.tokenizer import encode_checked
-
-        prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=tokenizer.bos_id is not None,
+        prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=True,
                                   allow_unknown=cfg.allow_unknown_chars) for i, p in enumerate(cfg.prompt)]
     context, n = model.config.max_position_embeddings, cfg.max_completion_length
     for i, p in enumerate(prompts):
@@ -129,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     for i, r in enumerate(requests):
         if len(requests) > 1:
             print(f"--- {i + 1}")
-        print(" ".join(map(str, r.output_ids)) if cfg.ids or tokenizer is None else tokenizer.decode(r.output_ids))
+        print(" ".join(map(str, r.output_ids)) if cfg.ids else tokenizer.decode(r.output_ids))
     if engine is not None and engine.depth:
         rates = ", ".join(f"depth {d + 1} {a / max(p, 1):.1%}"
                           for d, (a, p) in enumerate(zip(engine.spec_accepted, engine.spec_proposed)))

@@ -62,15 +62,12 @@ class Request:
         if not self.finished and len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
         if self.finished:
-            new += self._finish_text()
+            new += self.finish(self.finish_reason)
         return new
 
     def finish(self, reason: str) -> str:
-        """End the request early (``cancelled``, or ``length`` when the budget is 0). -> the text still held."""
+        """End the request (also early: ``cancelled``, or ``length`` when the budget is 0). -> the text held back."""
         self.finish_reason = reason
-        return self._finish_text()
-
-    def _finish_text(self) -> str:
         self.finish_time = time.perf_counter()
         if self.detokenizer is None:
             return ""

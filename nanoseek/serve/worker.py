@@ -58,22 +58,18 @@ class EngineWorker:
         thread-safely)."""
         loop = asyncio.get_running_loop()
 
-        def on_output(request: Request, text: str) -> None:
-            out = Output(index, text, len(request.output_ids), request.finish_reason)
-            if request.finished:
-                self._observe(request)
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+        def on_output(r: Request, text: str) -> None:
+            if r.finished:
+                self.finished.labels(r.finish_reason).inc()
+                if r.first_token_time is not None:
+                    self.ttft.observe(r.first_token_time - r.arrival)
+                    if len(r.output_ids) > 1:
+                        self.tpot.observe((r.finish_time - r.first_token_time) / (len(r.output_ids) - 1))
+            loop.call_soon_threadsafe(queue.put_nowait, Output(index, text, len(r.output_ids), r.finish_reason))
 
         request = self.engine.add(prompt, params, want_text=True, on_output=on_output)
         self.wake.set()
         return request
-
-    def _observe(self, r: Request) -> None:
-        self.finished.labels(r.finish_reason).inc()
-        if r.first_token_time is not None:
-            self.ttft.observe(r.first_token_time - r.arrival)
-            if len(r.output_ids) > 1:
-                self.tpot.observe((r.finish_time - r.first_token_time) / (len(r.output_ids) - 1))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)

@@ -137,8 +137,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. a BOS token)")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
+        if bad := [t for t in prompt if not 0 <= t < vocab]:
             raise ValueError(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}")
         if len(prompt) + params.max_tokens > self.max_len:
             raise ValueError(f"this model's maximum context length is {self.max_len} tokens; the prompt has "

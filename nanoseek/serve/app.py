@@ -32,14 +32,13 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 @dataclass(frozen=True)
 class Shape:
     """How an endpoint writes a choice: its object names, its text (``text(s, streamed)``) and its log-probs
-    (``logprobs(tokens, values)``); chat streams open with a role chunk."""
+    (``logprobs(tokens, values)``)."""
 
     object: str
     chunk_object: str
     id_prefix: str
     text: Callable[[str, bool], dict]
     logprobs: Callable[[list[str], list[float]], dict]
-    role_chunk: bool = False
 
 
 COMPLETION = Shape("text_completion", "text_completion", "cmpl", lambda s, streamed: {"text": s},
@@ -49,8 +48,7 @@ CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl",
              lambda s, streamed: ({"delta": {"content": s} if s else {}} if streamed
                                   else {"message": {"role": "assistant", "content": s}}),
              lambda tokens, values: {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
-                                                  "top_logprobs": []} for t, v in zip(tokens, values)]},
-             role_chunk=True)
+                                                  "top_logprobs": []} for t, v in zip(tokens, values)]})
 
 
 @dataclass
@@ -149,7 +147,7 @@ class API:
         chunk = {**head, "object": shape.chunk_object}
 
         async def events():
-            if shape.role_chunk:
+            if shape is CHAT:  # chat streams open with a role chunk
                 for c in choices:
                     yield sse({**chunk, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})

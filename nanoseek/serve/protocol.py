@@ -119,9 +119,7 @@ def validation_error(errors: list[dict]) -> APIError:
     param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
-    if e.get("type") == "extra_forbidden":
-        return APIError(f"unrecognized request argument supplied: {param}", param)
-    if e.get("type") == "missing":
-        return APIError(f"missing required parameter: {param}", param)
-    return APIError(f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})",
-                    param)
+    messages = {"extra_forbidden": f"unrecognized request argument supplied: {param}",
+                "missing": f"missing required parameter: {param}"}
+    default = f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})"
+    return APIError(messages.get(e.get("type"), default), param)

@@ -8,9 +8,6 @@ itself. A built-in task is a dataset too (``nanoseek.datasets.task_dataset``), v
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
 - ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
 - ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
-
-``greedy_correct`` and ``sample_correct`` keep the per-problem results (in order), for paired comparisons of
-two checkpoints on the same problems.
 """
 
 from __future__ import annotations
@@ -47,7 +44,8 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
              progress: bool = False) -> dict:
     """Greedy ``accuracy``, ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy
     completion tokens) and, with k > 0, ``pass@k``, ``maj@k`` and ``sample_accuracy`` over ``rows`` (fractions
-    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` and the first 20 greedy completions."""
+    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` (for paired comparisons of two checkpoints)
+    and the first 20 greedy completions."""
     if not rows:
         raise ValueError("evaluate: no examples given")
     if k < 0 or (k and temperature <= 0):

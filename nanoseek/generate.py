@@ -1,11 +1,7 @@
 """Batched generation over the latent KV cache, optionally with MTP speculative decoding (DeepSeek-V3 §5.4.3).
 
-``generate`` runs the batch on the continuous-batching engine (``nanoseek.engine``, the project's one sampler):
-the distinct prompts are prefilled in one right-padded forward (a GRPO group's G copies of a prompt once, the
-cache row then copied), then every live row decodes one token per step in one batched forward (or, with
-``speculative``, verifies its MTP drafts and keeps the accepted ones); rows that hit a stop token or their budget
-leave the batch at once, so finished sequences stop costing compute. Outputs hold the new tokens only; a stop
-token that ended a row is included as its last token.
+``generate`` runs the batch on one continuous-batching engine (``nanoseek.engine``, the project's one sampler);
+outputs hold the new tokens only, a stop token that ended a row included as its last token.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
 
-``log_probs`` is the distribution a row samples from: temperature-scaled logits cut to top-k and then to the top-p
-nucleus. ``sample_rows`` samples a batch whose rows carry different parameters and generators, and returns each
-token's log-prob under that distribution (what a policy-gradient ratio needs): rows that share both are drawn in
-one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own generator
-(its text does not depend on what else is in the batch). Speculative decoding draws with ``draw_rows`` and
-``uniform_rows``, from the same generators."""
+Rows of a batch carry their own parameters and generators: rows that share both are drawn in one call, so a
+``generate()`` batch costs one call per step and a seeded request draws only from its own generator (its text does
+not depend on what else is in the batch)."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     worker, tok, name, summary = build(cfg)
     print(summary, flush=True)
     print(f"serving {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1)", flush=True)
-    worker.start()
+    worker.thread.start()
     config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=10)
     try:

@@ -50,9 +50,6 @@ class EngineWorker:
                               buckets=BUCKETS, registry=self.registry)
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
         """Queue a request; its ``Output``s, tagged ``index``, are put on ``queue`` (from the engine thread,
         thread-safely)."""

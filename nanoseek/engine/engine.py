@@ -242,11 +242,9 @@ class Engine:
                        return_hidden=True)  # (k, T, D)
         if self.depth:  # the MTP cache follows the prompt; a token not known yet reads as 0 until redrafted below
             draft(self.model, h, ids, self.caches[1].view(group[0].row, group[-1].row + 1), n_t)
-        done = []
-        for j, (r, n) in enumerate(zip(group, chunks)):
+        for r, n in zip(group, chunks):
             r.prefilled += n
-            if r.prefilled == len(r.prompt):
-                done.append((j, r))
+        done = [(j, r) for j, r in enumerate(group) if r.prefilled == len(r.prompt)]
         if not done:
             return
         last = h[[j for j, _ in done], [chunks[j] - 1 for j, _ in done]]  # (d, D)

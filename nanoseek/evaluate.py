@@ -138,18 +138,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_task(model_dir: Path) -> str | None:
     """The built-in task the run that wrote ``model_dir`` trained on, from the config file of its run directory
-    (``<kind>_config.json`` beside ``checkpoints/``); None when the
-    run trained on data files or nothing was recorded."""
+    (``<kind>_config.json`` beside ``checkpoints/``); None when the run trained on data files or nothing was
+    recorded."""
     run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
-    for run_dir in run_dirs:
-        for name in ("pretrain_config.json", "sft_config.json", "grpo_config.json", "ppo_config.json"):
-            path = run_dir / name
-            if path.is_file():
-                try:
-                    config = json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
-                return None if config.get("data") else config.get("task")
+    for path in (d / f"{kind}_config.json" for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")):
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
+            return None if config.get("data") else config.get("task")
     return None
 
 

@@ -7,7 +7,7 @@ not depend on what else is in the batch)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +22,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # a private generator: the same text whatever else is in the batch
     stop_token_ids: tuple[int, ...] = ()  # the stop token ends the output and is included in the token ids
-    stop: tuple[str, ...] = field(default=())  # stop strings: the text ends before the first one
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
 
     def __post_init__(self):
         checks = (

@@ -117,11 +117,6 @@ class ChatTemplate:
             raise ValueError(f"chat template failed: {e}") from None
 
 
-def _token_str(value) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with ``content``."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def saved_config(directory: str | Path) -> tuple[dict, str | None]:
     """``directory``'s tokenizer_config.json (``{}`` if absent) and its chat template, or None: chat_template.jinja
     (transformers 5 saves it apart) wins over the config's ``chat_template``; of named templates, ``default``."""
@@ -137,8 +132,10 @@ def saved_config(directory: str | Path) -> tuple[dict, str | None]:
 
 
 def special_tokens(config: dict) -> dict[str, str]:
-    """The special tokens a tokenizer config names, ``{"bos_token": "<s>", ...}``."""
-    return {k: _token_str(config[k]) for k in SPECIAL_TOKEN_NAMES if _token_str(config.get(k))}
+    """The special tokens a tokenizer config names, ``{"bos_token": "<s>", ...}`` (a string, or an AddedToken dict
+    with ``content``)."""
+    tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items() if k in SPECIAL_TOKEN_NAMES}
+    return {k: v for k, v in tokens.items() if v}
 
 
 def chat_template(source) -> ChatTemplate:
@@ -148,7 +145,7 @@ def chat_template(source) -> ChatTemplate:
         config, text = saved_config(source)
         template = None if text is None else ChatTemplate(text, tuple(special_tokens(config).items()))
     else:
-        template = source if isinstance(source, ChatTemplate) else source.template
+        template = source.template
     if template is None:
         raise ValueError(f"{source if isinstance(source, (str, Path)) else 'the tokenizer'}: no chat template "
                          "(neither chat_template.jinja nor a 'chat_template' in tokenizer_config.json); give the "

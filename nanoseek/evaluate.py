@@ -8,9 +8,6 @@ itself. A built-in task is a dataset too (``nanoseek.datasets.task_dataset``), v
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
 - ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
 - ``sample_accuracy``: the fraction of the k samples that are correct (pass@1 at temperature τ).
-
-``greedy_correct`` and ``sample_correct`` keep the per-problem results (in order), for paired comparisons of
-two checkpoints on the same problems.
 """
 
 from __future__ import annotations
@@ -47,7 +44,8 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
              progress: bool = False) -> dict:
     """Greedy ``accuracy``, ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy
     completion tokens) and, with k > 0, ``pass@k``, ``maj@k`` and ``sample_accuracy`` over ``rows`` (fractions
-    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` and the first 20 greedy completions."""
+    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` (for paired comparisons of two checkpoints)
+    and the first 20 greedy completions."""
     if not rows:
         raise ValueError("evaluate: no examples given")
     if k < 0 or (k and temperature <= 0):
@@ -140,18 +138,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_task(model_dir: Path) -> str | None:
     """The built-in task the run that wrote ``model_dir`` trained on, from the config file of its run directory
-    (``<kind>_config.json`` beside ``checkpoints/``); None when the
-    run trained on data files or nothing was recorded."""
+    (``<kind>_config.json`` beside ``checkpoints/``); None when the run trained on data files or nothing was
+    recorded."""
     run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
-    for run_dir in run_dirs:
-        for name in ("pretrain_config.json", "sft_config.json", "grpo_config.json", "ppo_config.json"):
-            path = run_dir / name
-            if path.is_file():
-                try:
-                    config = json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
-                return None if config.get("data") else config.get("task")
+    for path in (d / f"{kind}_config.json" for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")):
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
+            return None if config.get("data") else config.get("task")
     return None
 
 
@@ -164,9 +160,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
-    if cfg.num_generations and not cfg.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 for the --num-generations {cfg.num_generations} samples, "
-                         f"got {cfg.temperature}")
     directory = resolve_model_dir(cfg.model)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])
@@ -208,9 +201,6 @@ def _task(cfg: EvalConfig, directory: Path):
     from nanoseek.datasets import task_dataset
     from nanoseek.tasks import get_task, task_reward
 
-    if not (directory / "tokenizer.json").is_file():
-        raise ValueError(f"--model {directory}: no tokenizer.json; pass a checkpoint directory saved with its "
-                         "tokenizer")
     trained_on = recorded_task(directory)
     name = cfg.task or trained_on
     if name is None:

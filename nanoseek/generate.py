@@ -1,11 +1,7 @@
 """Batched generation over the latent KV cache, optionally with MTP speculative decoding (DeepSeek-V3 §5.4.3).
 
-``generate`` runs the batch on the continuous-batching engine (``nanoseek.engine``, the project's one sampler):
-the distinct prompts are prefilled in one right-padded forward (a GRPO group's G copies of a prompt once, the
-cache row then copied), then every live row decodes one token per step in one batched forward (or, with
-``speculative``, verifies its MTP drafts and keeps the accepted ones); rows that hit a stop token or their budget
-leave the batch at once, so finished sequences stop costing compute. Outputs hold the new tokens only; a stop
-token that ended a row is included as its last token.
+``generate`` runs the batch on one continuous-batching engine (``nanoseek.engine``, the project's one sampler);
+outputs hold the new tokens only, a stop token that ended a row included as its last token.
 """
 
 from __future__ import annotations
@@ -23,37 +19,24 @@ from nanoseek.engine import Engine, Request, SamplingParams
 from nanoseek.model.transformer import Transformer
 
 
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    stop_token_ids: Sequence[int] = (),
-    seed: int | None = None,
-    return_logprobs: bool = False,
-    speculative: bool = False,
-) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens.
-
-    Returns the new tokens per prompt; a row ends early right after the first token in ``stop_token_ids``
-    (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG untouched);
-    greedy (temperature 0) is deterministic. With ``return_logprobs`` also returns each new token's log-prob
-    under the distribution it was sampled from (see ``sample_rows``). ``speculative`` drafts with the MTP modules
-    (same greedy output, same sampling distribution).
-    """
-    requests, _ = run_engine(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed,
-                             speculative)
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             return_logprobs: bool = False, **kwargs) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """The new tokens per prompt (and with ``return_logprobs`` their log-probs under the distribution each was
+    sampled from, see ``sample_rows``); ``kwargs`` are ``run_engine``'s."""
+    requests, _ = run_engine(model, prompts, max_new_tokens, **kwargs)
     out = [r.output_ids for r in requests]
     return (out, [r.logprobs for r in requests]) if return_logprobs else out
 
 
+@torch.inference_mode()
 def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
                seed: int | None = None, speculative: bool = False) -> tuple[list[Request], Engine | None]:
-    """``generate``'s run: one engine for the batch -> (the finished requests, the engine; None for no work)."""
+    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens on one engine ->
+    (the finished requests, the engine; None for no work). A row ends right after the first token in
+    ``stop_token_ids`` (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG
+    untouched); greedy (temperature 0) is deterministic. ``speculative`` drafts with the MTP modules (same greedy
+    output, same sampling distribution)."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=tuple(stop_token_ids))
     if not prompts:
@@ -92,7 +75,6 @@ class GenerateConfig:
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
     top_p: float = option(1.0, "nucleus: the smallest set of tokens reaching this probability", gt=0, max=1)
     seed: int | None = option(None, "seed of the sampler")
-    decode_impl: str = option("absorb", "MLA decode path", choices=("absorb", "naive"))
     speculative: bool = option(False, "draft with the MTP modules and verify in the next forward")
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else an error "
                                               "listing them)")
@@ -105,19 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.distributed import device_of
+    from nanoseek.tokenizer import Tokenizer, encode_checked
 
     cfg = cli_args.from_args(GenerateConfig, args)
     cli_args.check_ranges(cfg)
     directory = resolve_model_dir(cfg.model)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Transformer.from_pretrained(directory).to(device)
-    if model.config.attention_type == "mla":
-        model.set_decode_impl(cfg.decode_impl)
-    tokenizer = None
-    if (directory / "tokenizer.json").exists():
-        from nanoseek.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(directory)
+    model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
     if cfg.ids:
         try:
             prompts = [[int(t) for t in p.split()] for p in cfg.prompt]
@@ -126,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
     elif tokenizer is None:
         raise ValueError(f"--model {directory} has no tokenizer.json: pass token ids with --ids")
     else:
-        from nanoseek.tokenizer import encode_checked
-
-        prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=tokenizer.bos_id is not None,
+        prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=True,
                                   allow_unknown=cfg.allow_unknown_chars) for i, p in enumerate(cfg.prompt)]
     context, n = model.config.max_position_embeddings, cfg.max_completion_length
     for i, p in enumerate(prompts):
@@ -142,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     for i, r in enumerate(requests):
         if len(requests) > 1:
             print(f"--- {i + 1}")
-        print(" ".join(map(str, r.output_ids)) if cfg.ids or tokenizer is None else tokenizer.decode(r.output_ids))
+        print(" ".join(map(str, r.output_ids)) if cfg.ids else tokenizer.decode(r.output_ids))
     if engine is not None and engine.depth:
         rates = ", ".join(f"depth {d + 1} {a / max(p, 1):.1%}"
                           for d, (a, p) in enumerate(zip(engine.spec_accepted, engine.spec_proposed)))

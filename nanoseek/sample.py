@@ -47,8 +47,6 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
                    progress: bool = False) -> tuple[list[dict], dict]:
     """-> (output rows, summary). Rows of each prompt's ``num_generations`` completions, in dataset order, filtered
     by ``keep`` ("correct" | "all"); see the module docstring."""
-    if keep not in ("correct", "all"):
-        raise ValueError(f"--keep must be 'correct' or 'all', got {keep!r}")
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")

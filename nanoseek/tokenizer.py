@@ -1,15 +1,7 @@
 """The text codec of the engine, the server and the trainers: a Hugging Face fast tokenizer (``tokenizer.json``),
-its special tokens and BOS rule (``tokenizer_config.json``) and its chat template (``nanoseek.chat``).
-
-- ``Tokenizer.char()``: one token per printable ASCII character, for the built-in tasks (96 + 4 specials);
-- ``Tokenizer.train_bpe(files, vocab_size)``: a byte-level BPE for real text;
-- ``Tokenizer.load(directory)``: any checkpoint's tokenizer (nanoseek's, DeepSeek's, Llama's, ...).
-
-``nanoseek tokenizer train --files a.txt b.txt --vocab-size N --out DIR`` trains the BPE on local text and saves
-DIR/tokenizer.json (+ tokenizer_config.json).
-
-A saved tokenizer loads with ``transformers.AutoTokenizer.from_pretrained(dir)`` as well, so TRL and transformers
-can use the same files.
+its special tokens and BOS rule (``tokenizer_config.json``) and its chat template (``nanoseek.chat``): a
+character-level one for the built-in tasks, a byte-level BPE trained on local text (``nanoseek tokenizer train``), or
+any checkpoint's. The saved files load with ``transformers.AutoTokenizer.from_pretrained(dir)`` too.
 """
 
 from __future__ import annotations
@@ -144,12 +136,6 @@ def unknown_characters(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
     return [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
 
 
-def _show(chars: list[str]) -> str:
-    distinct = sorted(set(chars))
-    shown = ", ".join(f"{c!r} (U+{ord(c[0]):04X})" for c in distinct[:10])
-    return shown + (f" and {len(distinct) - 10} more" if len(distinct) > 10 else "")
-
-
 def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = False, add_eos: bool = False,
                    allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False) -> list[int]:
     """``tok.encode`` that refuses what would silently change the input: text that is not valid Unicode,
@@ -164,9 +150,12 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
     if not allow_unknown and (unknown := unknown_characters(tok, text)):
         line = text.count("\n", 0, unknown[0][0]) + 1
         at = f"{where}:{line}" if is_file else f"{where} (line {line} of its text)" if "\n" in text else where
+        distinct = sorted({c for _, c in unknown})
+        shown = ", ".join(f"{c!r} (U+{ord(c[0]):04X})" for c in distinct[:10])
+        more = f" and {len(distinct) - 10} more" if len(distinct) > 10 else ""
         raise ValueError(f"{at}: {len(unknown)} character(s) outside the tokenizer's vocabulary (the first here): "
-                         f"{_show([c for _, c in unknown])}; they would become {UNK}: remove them, use a tokenizer "
-                         "that has them (`nanoseek tokenizer train`), or pass --allow-unknown-chars")
+                         f"{shown}{more}; they would become {UNK}: remove them, use a tokenizer that has them "
+                         "(`nanoseek tokenizer train`), or pass --allow-unknown-chars")
     ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos)
     if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "

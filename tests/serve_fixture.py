@@ -27,32 +27,36 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, directory: Path, model: Transformer, tokenizer: Tokenizer, proc: subprocess.Popen, port: int):
-        self.directory, self.model, self.tokenizer, self.proc = directory, model, tokenizer, proc
+    def __init__(self, directory: Path, model: Transformer, tokenizer: Tokenizer, proc: subprocess.Popen, port: int,
+                 log: Path):
+        self.directory, self.model, self.tokenizer, self.proc, self.log = directory, model, tokenizer, proc, log
         self.url = f"http://127.0.0.1:{port}"
         self.name = directory.name
-        self.log = directory.parent / "server.log"
 
 
-def start_server(tmp: Path) -> Served:
-    (tmp / "text.txt").write_text(TEXT, encoding="utf-8")
-    tok = Tokenizer.train_bpe([tmp / "text.txt"], vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3, num_nextn_predict_layers=0,
-                                eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    model = Transformer(config).eval()
-    directory = tmp / "tiny-bpe"
-    model.save_pretrained(directory)
-    tok.save(directory)
+def start_server(tmp: Path, *flags: str, like: Served | None = None) -> Served:
+    """A server of a new tiny model with two MTP modules (or of ``like``'s model), with extra ``flags``."""
+    if like is None:
+        (tmp / "text.txt").write_text(TEXT, encoding="utf-8")
+        tok = Tokenizer.train_bpe([tmp / "text.txt"], vocab_size=300, min_frequency=1)
+        torch.manual_seed(0)
+        config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3,
+                                    num_nextn_predict_layers=2, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+        model = Transformer(config).eval()
+        directory = tmp / "tiny-bpe"
+        model.save_pretrained(directory)
+        tok.save(directory)
+    else:
+        directory, model, tok = like.directory, like.model, like.tokenizer
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(tmp / "server.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
-             "--cache-memory", "1", "--max-batch", "24", "--prefill-chunk", "16", "--device", "cpu"],
+             "--cache-memory", "1", "--max-batch", "24", "--prefill-chunk", "16", "--device", "cpu", *flags],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
         )
-    served = Served(directory, model, tok, proc, port)
+    served = Served(directory, model, tok, proc, port, tmp / "server.log")
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -87,7 +87,7 @@ def test_budget_sets_the_slots():
     assert slots_for_budget(model, per_token * 100 * 3 + 5, 100) == 3
     engine = Engine(model, 3, 100)
     assert engine.cache.nbytes == per_token * 100 * 3
-    with pytest.raises(ValueError, match="exceeds the maximum sequence length of 100"):
+    with pytest.raises(ValueError, match="maximum context length is 100 tokens"):
         engine.add([1] * 90, SamplingParams(max_tokens=11))
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingParams(temperature=-1)

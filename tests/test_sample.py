@@ -147,9 +147,10 @@ def test_task_cli_and_errors(tmp_path, checkpoint, capsys):
     rows = read(out)
     assert len(rows) == 6 and all(set(r["rewards"]) == {"arithmetic_reward"} for r in rows)
     assert all(r["answer"] == str(eval(r["prompt"][:-1])) for r in rows)  # noqa: S307 - "37+48=" from the task
-    from nanoseek.data import read_records  # what `nanoseek sft --data FILE.jsonl` reads
+    from nanoseek.datasets import load_prompts  # what `nanoseek sft --data FILE.jsonl` reads
 
-    assert [(r.prompt, r.completion) for r in read_records([out])] == [(r["prompt"], r["completion"]) for r in rows]
+    sft = load_prompts(out, require_completion=True).rows
+    assert [(r.prompt, r.completion) for r in sft] == [(r["prompt"], r["completion"]) for r in rows]
 
     assert main(["sample", "--model", str(checkpoint), "--task", "arithmetic", "--reward-funcs", "countdown",
                  "--out", str(out)]) == 2

@@ -193,6 +193,21 @@ def test_stream_events_and_metrics(server):
     assert metric(server, "nanoseek_generation_tokens_total") > 50
 
 
+def test_speculative_server_greedy_equals_plain_and_exports_acceptance(server, client, tmp_path):
+    spec = start_server(tmp_path, "--speculative", like=server)
+    try:
+        for prompt in ("café 日本", "naïve 🙂"):
+            body = {"model": server.name, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+            want = client.completions.create(**body).choices[0].text
+            assert httpx.post(spec.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == want
+        text = httpx.get(spec.url + "/metrics").text
+        for depth in (1, 2):
+            assert metric(spec, f'nanoseek_spec_draft_tokens_proposed_total{{depth="{depth}"}}') > 0
+            assert re.search(rf'^nanoseek_spec_draft_tokens_accepted_total{{depth="{depth}"}} \d', text, re.M)
+    finally:
+        assert stop_server(spec) == 0
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits(server):
     body = {"model": server.name, "prompt": "café", "max_tokens": 60, "temperature": 0}
     result = {}

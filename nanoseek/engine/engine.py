@@ -68,7 +68,7 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
     qx = q.gather(-1, drafts[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
-    residual = (p[rows, n] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[rows, n]).clamp(min=0)
+    residual = (p[rows, n] - torch.nn.functional.pad(q, (0, 0, 0, 1))[rows, n]).clamp(min=0)  # q_D = 0
     return n, residual / residual.sum(-1, keepdim=True)
 
 
@@ -119,7 +119,6 @@ class Engine:
         self.generated_tokens = 0  # totals, for metrics and benchmarks
         self.prompt_tokens = 0
         self.decode_tokens = 0  # tokens from decode steps (the rest come from prefills)
-        self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
@@ -138,12 +137,11 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. a BOS token)")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
+        if bad := [t for t in prompt if not 0 <= t < vocab]:
             raise ValueError(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}")
         if len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"maximum sequence length of {self.max_len} tokens: shorten the prompt or max_tokens")
+            raise ValueError(f"this model's maximum context length is {self.max_len} tokens; the prompt has "
+                             f"{len(prompt)} tokens and max_tokens is {params.max_tokens}: shorten one of them")
         if (want_text or params.stop) and self.decode is None:
             raise ValueError("text output and stop strings need a tokenizer")
         if generator is None and params.seed is not None and params.temperature > 0:
@@ -175,9 +173,7 @@ class Engine:
         self._retire_cancelled()
         self._admit()
         if self.prefilling:
-            t = time.perf_counter()
             self._prefill()
-            self.prefill_seconds += time.perf_counter() - t
         if self.decoding:
             t = time.perf_counter()
             self.decode_tokens += self._decode()
@@ -246,11 +242,9 @@ class Engine:
                        return_hidden=True)  # (k, T, D)
         if self.depth:  # the MTP cache follows the prompt; a token not known yet reads as 0 until redrafted below
             draft(self.model, h, ids, self.caches[1].view(group[0].row, group[-1].row + 1), n_t)
-        done = []
-        for j, (r, n) in enumerate(zip(group, chunks)):
+        for r, n in zip(group, chunks):
             r.prefilled += n
-            if r.prefilled == len(r.prompt):
-                done.append((j, r))
+        done = [(j, r) for j, r in enumerate(group) if r.prefilled == len(r.prompt)]
         if not done:
             return
         last = h[[j for j, _ in done], [chunks[j] - 1 for j, _ in done]]  # (d, D)
@@ -277,7 +271,7 @@ class Engine:
     def _decode(self) -> int:
         """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
         latent once): keep the accepted drafts and the next token, set both caches back over the rejected
-        positions, and draft again. Without drafts (D = 0), sample the next token."""
+        positions, and draft again. Plain decoding is the case D = 0: no drafts, the next token sampled from p_0."""
         rows, D = list(self.decoding), self.depth
         B, params = len(rows), [r.params for r in rows]
         generators = [r.generator for r in rows]
@@ -288,9 +282,6 @@ class Engine:
         view = self.cache.view(0, B)
         h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
         logits = self.model.lm_head(h)
-        if not D:  # plain decoding: sample the next token
-            new, logps = sample_rows(logits[:, 0], params, generators)
-            return self._record(rows, [[t] for t in new], [[lp] for lp in logps])
         logp = log_probs_rows(logits, params)  # (B, D+1, V)
         p = logp.exp()
         greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)
@@ -300,7 +291,8 @@ class Engine:
         last = draw_rows(nxt, params, generators)
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
         ids[torch.arange(B, device=self.device), n + 1] = last
-        self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
+        if D:
+            self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
         for d in range(D):
             self.spec_proposed[d] += B
             self.spec_accepted[d] += int((n > d).sum())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +10,6 @@ import torch
 
 from nanoseek.engine.detokenize import Detokenizer
 from nanoseek.engine.sampling import SamplingParams
-
-_ids = itertools.count()
 
 
 @dataclass(eq=False)
@@ -29,7 +26,6 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: Detokenizer | None = None  # None: token ids only (no text, no stop strings)
     on_output: Callable[[Request, str], None] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each output token, under the distribution sampled
     text: str = ""  # the released output text (stop strings cut off)
@@ -62,15 +58,12 @@ class Request:
         if not self.finished and len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
         if self.finished:
-            new += self._finish_text()
+            new += self.finish(self.finish_reason)
         return new
 
     def finish(self, reason: str) -> str:
-        """End the request early (``cancelled``, or ``length`` when the budget is 0). -> the text still held."""
+        """End the request (also early: ``cancelled``, or ``length`` when the budget is 0). -> the text held back."""
         self.finish_reason = reason
-        return self._finish_text()
-
-    def _finish_text(self) -> str:
         self.finish_time = time.perf_counter()
         if self.detokenizer is None:
             return ""

@@ -1,16 +1,13 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
 
-``log_probs`` is the distribution a row samples from: temperature-scaled logits cut to top-k and then to the top-p
-nucleus. ``sample_rows`` samples a batch whose rows carry different parameters and generators, and returns each
-token's log-prob under that distribution (what a policy-gradient ratio needs): rows that share both are drawn in
-one call, so a ``generate()`` batch costs one call per step and a seeded request draws only from its own generator
-(its text does not depend on what else is in the batch). Speculative decoding draws with ``draw_rows`` and
-``uniform_rows``, from the same generators."""
+Rows of a batch carry their own parameters and generators: rows that share both are drawn in one call, so a
+``generate()`` batch costs one call per step and a seeded request draws only from its own generator (its text does
+not depend on what else is in the batch)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,22 +22,18 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # a private generator: the same text whatever else is in the batch
     stop_token_ids: tuple[int, ...] = ()  # the stop token ends the output and is included in the token ids
-    stop: tuple[str, ...] = field(default=())  # stop strings: the text ends before the first one
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
 
     def __post_init__(self):
-        problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            problems.append(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and self.top_k < 1:
-            problems.append(f"top_k must be >= 1 (or None for no cut), got {self.top_k!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        checks = (
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be an integer >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k is None or self.top_k >= 1, "top_k must be >= 1 (or None for no cut)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        )
+        if problems := [message for ok, message in checks if not ok]:
+            raise ValueError(f"{'; '.join(problems)} (got {self})")
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -86,15 +79,20 @@ def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     return out
 
 
-def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-              greedy: torch.Tensor | None = None) -> torch.Tensor:
-    """probs: (B, V) -> one token per row, drawn with the row's generator (rows sharing parameters and generator
-    in one call); greedy rows take ``greedy`` (default: the argmax of ``probs``)."""
-    out = probs.argmax(-1) if greedy is None else greedy
+def _sampled(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device):
+    """(row indices, their generator) of each group of sampled rows that share parameters and generator."""
     for rows in _groups(params, generators):
         if params[rows[0]].temperature > 0:
-            idx = torch.tensor(rows, device=probs.device)
-            out[idx] = torch.multinomial(probs[idx], 1, generator=generators[rows[0]])[:, 0]
+            yield torch.tensor(rows, device=device), generators[rows[0]]
+
+
+def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+              greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """probs: (B, V) -> one token per row, drawn with the row's generator (a group in one call); greedy rows take
+    ``greedy`` (default: the argmax of ``probs``)."""
+    out = probs.argmax(-1) if greedy is None else greedy
+    for idx, generator in _sampled(params, generators, probs.device):
+        out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]
     return out
 
 
@@ -113,8 +111,6 @@ def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Ge
                  device: torch.device) -> torch.Tensor:
     """(B, n) uniform draws in [0, 1), each sampled row's from its generator; zeros for greedy rows."""
     out = torch.zeros(len(params), n, device=device)
-    for rows in _groups(params, generators):
-        if params[rows[0]].temperature > 0:
-            out[torch.tensor(rows, device=device)] = torch.rand(len(rows), n, generator=generators[rows[0]],
-                                                                device=device)
+    for idx, generator in _sampled(params, generators, device):
+        out[idx] = torch.rand(len(idx), n, generator=generator, device=device)
     return out

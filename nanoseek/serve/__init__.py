@@ -33,6 +33,7 @@ class ServeConfig:
     dtype: str | None = option(None, "weights and cache dtype; unset: as saved",
                                choices=("float32", "bfloat16", "float16"))
     name: str | None = option(None, "model id in the API; unset: the directory name")
+    speculative: bool = option(False, "draft with the model's MTP modules and verify in the next forward")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +64,12 @@ def build(cfg: ServeConfig):
         raise ValueError(f"--max-model-len {max_len}: more than the model's context, {c.max_position_embeddings}")
     per_token = bytes_per_token(model)
     budget = int(cfg.cache_memory * 2**20)
-    fit = slots_for_budget(model, budget, max_len)
+    fit = slots_for_budget(model, budget, max_len, speculative=cfg.speculative)
     if fit < 1:
         raise ValueError(f"--cache-memory {cfg.cache_memory:g} MiB holds {budget // per_token} tokens, less than "
                          f"one sequence of --max-model-len {max_len}: raise it or lower --max-model-len")
-    engine = Engine(model, min(fit, cfg.max_batch), max_len, prefill_tokens=cfg.prefill_chunk, decode=tok.decode)
+    engine = Engine(model, min(fit, cfg.max_batch), max_len, prefill_tokens=cfg.prefill_chunk, decode=tok.decode,
+                    speculative=cfg.speculative)
     what = "c_KV + k_R" if c.attention_type == "mla" else "K + V"
     summary = (f"cache: {cfg.cache_memory:g} MiB at {per_token:,} bytes/token ({what}, {c.num_hidden_layers} layers) "
                f"= {budget // per_token:,} tokens = {fit} sequences of {max_len} tokens; "
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     worker, tok, name, summary = build(cfg)
     print(summary, flush=True)
     print(f"serving {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1)", flush=True)
-    worker.start()
+    worker.thread.start()
     config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=10)
     try:

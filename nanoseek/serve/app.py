@@ -32,14 +32,13 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 @dataclass(frozen=True)
 class Shape:
     """How an endpoint writes a choice: its object names, its text (``text(s, streamed)``) and its log-probs
-    (``logprobs(tokens, values)``); chat streams open with a role chunk."""
+    (``logprobs(tokens, values)``)."""
 
     object: str
     chunk_object: str
     id_prefix: str
     text: Callable[[str, bool], dict]
     logprobs: Callable[[list[str], list[float]], dict]
-    role_chunk: bool = False
 
 
 COMPLETION = Shape("text_completion", "text_completion", "cmpl", lambda s, streamed: {"text": s},
@@ -49,8 +48,7 @@ CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl",
              lambda s, streamed: ({"delta": {"content": s} if s else {}} if streamed
                                   else {"message": {"role": "assistant", "content": s}}),
              lambda tokens, values: {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
-                                                  "top_logprobs": []} for t, v in zip(tokens, values)]},
-             role_chunk=True)
+                                                  "top_logprobs": []} for t, v in zip(tokens, values)]})
 
 
 @dataclass
@@ -111,28 +109,20 @@ class API:
 
     def start(self, prompts: list[list[int]], body, max_tokens: int | None, param: str
               ) -> tuple[list[Choice], asyncio.Queue]:
-        """Check every prompt against the context and the vocabulary, then queue ``n`` requests per prompt (all or
-        none)."""
-        max_len, vocab = self.worker.engine.max_len, self.worker.engine.model.config.vocab_size
-        for p in prompts:
-            if len(p) >= max_len or (max_tokens is not None and len(p) + max_tokens > max_len):
-                raise APIError(f"this model's maximum context length is {max_len} tokens; the prompt has {len(p)} "
-                               f"tokens and max_tokens is {max_tokens}: shorten the prompt or max_tokens", param,
-                               code="context_length_exceeded")
-            if bad := [t for t in p if not 0 <= t < vocab]:
-                raise APIError(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}", "prompt")
+        """Queue ``n`` requests per prompt, all or none (the engine checks each prompt against the context and the
+        vocabulary). Without ``max_tokens`` a choice may fill the context, and a prompt that fills it is refused."""
         choices, queue = [], asyncio.Queue()
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 index = i * body.n + j
-                budget = max_len - len(p) if max_tokens is None else max_tokens
+                budget = max(self.worker.engine.max_len - len(p), 1) if max_tokens is None else max_tokens
                 try:
                     params = body.sampling(budget, self.tok.stop_ids, index)
                     choices.append(Choice(index, i, self.worker.submit(p, params, queue, index)))
                 except ValueError as e:
                     for c in choices:
                         c.request.cancelled = True
-                    raise APIError(str(e)) from None
+                    raise APIError(str(e), param) from None
         return choices, queue
 
     async def respond(self, shape: Shape, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
@@ -157,7 +147,7 @@ class API:
         chunk = {**head, "object": shape.chunk_object}
 
         async def events():
-            if shape.role_chunk:
+            if shape is CHAT:  # chat streams open with a role chunk
                 for c in choices:
                     yield sse({**chunk, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from nanoseek.engine import SamplingParams
 
 NonNegInt = Annotated[int, Field(ge=0)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class APIError(Exception):
@@ -27,34 +28,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(Strict):
     """Fields both endpoints share."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM and SGLang accept it too
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     user: str | None = None
-
-    @model_validator(mode="after")
-    def _stop_not_empty(self):
-        if self.stop == "":
-            raise ValueError("stop must be a non-empty string or a list of them")
-        return self
 
     def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...], index: int) -> SamplingParams:
         """The engine's parameters for choice ``index`` (a seed is offset per choice so n > 1 choices differ)."""
@@ -80,14 +76,12 @@ class CompletionRequest(_Common):
         return self
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Message(Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]  # a string, or text parts (joined)
     name: str | None = None
@@ -98,6 +92,10 @@ class Message(BaseModel):
         return {"role": self.role, "content": text}
 
 
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: NonNegInt | None = None
@@ -105,13 +103,7 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: Literal[0] | None = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
-    response_format: dict | None = None
-
-    @model_validator(mode="after")
-    def _text_only(self):
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return self
+    response_format: TextFormat | None = None  # plain text only
 
 
 def _type_tag(item) -> bool:
@@ -127,9 +119,7 @@ def validation_error(errors: list[dict]) -> APIError:
     param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
-    if e.get("type") == "extra_forbidden":
-        return APIError(f"unrecognized request argument supplied: {param}", param)
-    if e.get("type") == "missing":
-        return APIError(f"missing required parameter: {param}", param)
-    return APIError(f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})",
-                    param)
+    messages = {"extra_forbidden": f"unrecognized request argument supplied: {param}",
+                "missing": f"missing required parameter: {param}"}
+    default = f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})"
+    return APIError(messages.get(e.get("type"), default), param)

@@ -50,30 +50,23 @@ class EngineWorker:
                               buckets=BUCKETS, registry=self.registry)
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
         """Queue a request; its ``Output``s, tagged ``index``, are put on ``queue`` (from the engine thread,
         thread-safely)."""
         loop = asyncio.get_running_loop()
 
-        def on_output(request: Request, text: str) -> None:
-            out = Output(index, text, len(request.output_ids), request.finish_reason)
-            if request.finished:
-                self._observe(request)
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+        def on_output(r: Request, text: str) -> None:
+            if r.finished:
+                self.finished.labels(r.finish_reason).inc()
+                if r.first_token_time is not None:
+                    self.ttft.observe(r.first_token_time - r.arrival)
+                    if len(r.output_ids) > 1:
+                        self.tpot.observe((r.finish_time - r.first_token_time) / (len(r.output_ids) - 1))
+            loop.call_soon_threadsafe(queue.put_nowait, Output(index, text, len(r.output_ids), r.finish_reason))
 
         request = self.engine.add(prompt, params, want_text=True, on_output=on_output)
         self.wake.set()
         return request
-
-    def _observe(self, r: Request) -> None:
-        self.finished.labels(r.finish_reason).inc()
-        if r.first_token_time is not None:
-            self.ttft.observe(r.first_token_time - r.arrival)
-            if len(r.output_ids) > 1:
-                self.tpot.observe((r.finish_time - r.first_token_time) / (len(r.output_ids) - 1))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -107,8 +100,8 @@ class EngineWorker:
         self._fail_all("cancelled")
 
     def collect(self):
-        """The engine's gauges and totals, read at each scrape: a new engine metric (a family with a label, such as
-        acceptance per MTP depth, ``labels=["depth"]``) is one more family yielded here."""
+        """The engine's gauges and totals, read at each scrape (with ``--speculative``, MTP drafts verified and
+        accepted per depth)."""
         e = self.engine
         for name, value, help_text in (
             ("nanoseek_requests_running", len(e.decoding) + len(e.prefilling), "requests prefilling or decoding"),
@@ -116,11 +109,17 @@ class EngineWorker:
             ("nanoseek_cache_slots_used", e.slots_used, "cache slots (sequences) in use"),
             ("nanoseek_cache_slots", e.num_slots, "cache slots (sequences) in the memory budget"),
             ("nanoseek_cache_tokens_used", e.tokens_cached, "tokens held in the KV cache"),
-            ("nanoseek_cache_bytes", e.cache.nbytes, "bytes of the KV cache"),
+            ("nanoseek_cache_bytes", sum(c.nbytes for c in e.caches), "bytes of the KV caches (MTP's included)"),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
         yield CounterMetricFamily("nanoseek_prompt_tokens", "prompt tokens admitted", value=e.prompt_tokens)
         yield CounterMetricFamily("nanoseek_generation_tokens", "tokens generated", value=e.generated_tokens)
+        for name, counts in (("proposed", e.spec_proposed), ("accepted", e.spec_accepted)):
+            family = CounterMetricFamily(f"nanoseek_spec_draft_tokens_{name}", f"MTP draft tokens {name}, by depth",
+                                         labels=["depth"])
+            for d, count in enumerate(counts):
+                family.add_metric([str(d + 1)], count)
+            yield family
 
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

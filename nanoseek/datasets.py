@@ -1,19 +1,12 @@
 """Records from files and the hub, and prompt datasets for RL, SFT, evaluation and sampling (TRL's conventions).
 
-``read_file`` is the one record reader: the rows of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, or a
-text file as one ``{"text"}`` record; ``nanoseek.data`` builds token batches from the same records.
-
-A prompt row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a
-``completion`` (the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``,
-``tests``, ...), which reward functions receive as keyword lists aligned with the completions. A row may instead
-hold the whole conversation in ``messages``: the prompt is everything before the final assistant message, which is
-the completion.
-
-Sources: local files, folders of them, or a Hugging Face hub dataset name (through ``datasets.load_dataset``).
-Built-in tasks become datasets with ``task_dataset`` (a fixed set of distinct problems) or ``TaskPrompts`` (fresh
-problems every step, with the same interface). Bad rows raise ValueError naming file, line or row, and column.
-``PromptDataset.batch(step, n, seed)`` gives a step's rows, a pure function of (seed, step), so a resumed run sees
-the same data.
+``read_file`` reads the records of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files (or a text file as one
+``{"text"}`` record). A prompt row has a ``prompt`` (a string or ``{"role", "content"}`` chat messages), optionally
+a ``completion`` (the SFT target) and other columns (``answer``, ``tests``, ...), which reward functions receive as
+keyword lists; or the whole conversation in ``messages`` (the prompt is everything before the final assistant
+reply). Sources: local files, folders of them, or a hub dataset (``datasets.load_dataset``). Built-in tasks become
+datasets with ``task_dataset`` (fixed distinct problems) or ``TaskPrompts`` (fresh problems every step).
+``batch(step, n, seed)`` is a pure function of (seed, step), so a resumed run sees the same data.
 """
 
 from __future__ import annotations
@@ -70,10 +63,6 @@ class PromptDataset:
         """The n rows of ``step`` (see ``epoch_indices``); ``round_`` > 0 is a dynamic-sampling redraw."""
         return [self.rows[i] for i in epoch_indices(len(self.rows), step, n, seed, round_)]
 
-    def columns_of(self, rows: list[Row]) -> dict[str, list]:
-        """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
-        return columns_of(rows, self.columns)
-
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
         """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
         (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
@@ -104,9 +93,6 @@ class TaskPrompts:
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
         exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
         return [_task_row(ex, self.task, self.split) for ex in exs]
-
-    def columns_of(self, rows: list[Row]) -> dict[str, list]:
-        return columns_of(rows, self.columns)
 
 
 def columns_of(rows: list[Row], names) -> dict[str, list]:
@@ -180,7 +166,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         for n, obj in enumerate(data, start=1):
-            yield f"{path} row {n}", _columns(obj, f"{path} row {n}")
+            yield _columns(obj, f"{path} row {n}")
     else:  # JSON lines (also accepted in .json, as `datasets` does)
         for n, line in enumerate(text.split("\n"), start=1):
             if line.strip():
@@ -189,13 +175,13 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
                                      "one JSON object of columns") from None
-                yield f"{path}:{n}", _columns(obj, f"{path}:{n}")
+                yield _columns(obj, f"{path}:{n}")
 
 
-def _columns(obj, where: str) -> dict:
+def _columns(obj, where: str) -> tuple[str, dict]:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
-    return obj
+    return where, obj
 
 
 def _split_of(path: Path) -> str:
@@ -300,18 +286,9 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
                  prompt_column: str = "prompt", answer_column: str | None = None,
                  completion_column: str = "completion", messages_column: str = "messages",
                  require_completion: bool = False) -> PromptDataset:
-    """Read a dataset (see the module docstring) into validated rows.
-
-    Args:
-        source: a local file or folder, else a hub dataset name.
-        config, split: the hub dataset's configuration and split; for a folder whose files are named by split
-            (``train.jsonl``, ``test.parquet``), which files to read.
-        prompt_column, completion_column, messages_column: where the prompt, the SFT target and whole
-            conversations are.
-        answer_column: the column with the gold answers, passed to rewards as ``answer`` (default: ``answer``
-            if the dataset has one); when given, every row must have it.
-        require_completion: every row needs a completion (SFT).
-    """
+    """Validated rows of a local file or folder, else a hub dataset (``config``, ``split``; a folder's files named
+    by split, ``train.jsonl``, are chosen by ``split`` too). ``answer_column``: the gold answers, passed to rewards
+    as ``answer``; every row must have it. ``require_completion``: every row needs a completion (SFT)."""
     path = Path(source).expanduser()
     if path.exists():
         rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in read_file(p))

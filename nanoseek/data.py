@@ -168,8 +168,6 @@ class SFTData:
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,
               files: list[str] | None = None, allow_unknown_chars: bool = False) -> TaskData | TextData | SFTData:
     """The batches of ``nanoseek pretrain`` / ``nanoseek sft``: local files (``--data``) or a built-in task."""
-    if mode not in ("pretrain", "sft"):
-        raise ValueError(f"mode must be 'pretrain' or 'sft', got {mode!r}")
     if files:
         data = SFTData if mode == "sft" else TextData
         return data(files, tok, seq_len, seed, allow_unknown_chars=allow_unknown_chars)

@@ -24,13 +24,9 @@ class Example:
 class Task(Protocol):
     name: str
 
-    def example(self, rng: random.Random) -> Example:
-        """Draw one example (either split)."""
-        ...
+    def example(self, rng: random.Random) -> Example: ...  # one example (either split)
 
-    def score(self, completion: str, example: Example) -> float:
-        """1.0 if the completion's final answer is correct, else 0.0."""
-        ...
+    def score(self, completion: str, example: Example) -> float: ...  # 1.0 if the final answer is right, else 0.0
 
 
 EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split

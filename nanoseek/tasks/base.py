@@ -68,13 +68,9 @@ def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Exampl
 
 
 def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
-    """Up to n examples of ``split`` with distinct prompts, in draw order (deterministic in task, split, seed).
-
-    A held-out set drawn with ``examples`` repeats the common problems of a small split (Countdown's held-out
-    split has 316 problems), so its size overstates what it measures. This stops early once ``patience`` draws
-    in a row bring no new prompt: then the result holds (nearly) the whole split, a problem rarer than about
-    one draw in ``patience`` can be missing, and ``len(result)`` is the real count.
-    """
+    """Up to n examples of ``split`` with distinct prompts, in draw order (``examples`` repeats the common
+    problems of a small split); stops once ``patience`` draws in a row bring no new prompt, so ``len(result)`` is
+    the real count."""
     seen: dict[str, Example] = {}
     since_new = 0
     for ex, in_split in _draws(task, split, seed):

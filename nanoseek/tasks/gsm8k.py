@@ -5,10 +5,8 @@ then ``#### N``::
     prompt:     "Tom has 5 apples, buys 3 more and gives away 2. How many does he have now?"
     completion: "5+3=8\\n8-2=6\\n#### 6"
 
-Prompts are short (under 90 characters) and numbers small (operands up to n = ``max_number``, default 9; every
-value a non-negative integer, at most (n+3)·n = 108), so a tiny character-level model learns the format and some
-of the arithmetic in minutes. The completion is one correct solution; the score (and the ``math`` reward) reads
-only the final ``#### N``.
+Prompts are short and numbers small (operands up to ``max_number``, values non-negative integers), so a tiny
+character-level model learns it in minutes. The score (and the ``math`` reward) reads only the final ``#### N``.
 """
 
 from __future__ import annotations

@@ -141,14 +141,11 @@ class SFTData:
     completion or ``messages`` rows, tokenized by ``sft_rows``, padded per batch, reshuffled each epoch."""
 
     def __init__(self, sources: str | Path | list[str | Path], tok: Tokenizer, seq_len: int, seed: int = 0, *,
-                 config: str | None = None, split: str = "train", prompt_column: str = "prompt",
-                 completion_column: str = "completion", messages_column: str = "messages",
-                 system_prompt: str | None = None, allow_unknown_chars: bool = False):
+                 system_prompt: str | None = None, allow_unknown_chars: bool = False, **load_kwargs):
+        """``load_kwargs``: ``load_prompts``'s (config, split, the column names)."""
         self.pad_id, self.seed = tok.pad_id, seed
         rows = [r for source in _paths(sources if isinstance(sources, list) else [sources])
-                for r in load_prompts(source, config=config, split=split, prompt_column=prompt_column,
-                                      completion_column=completion_column, messages_column=messages_column,
-                                      require_completion=True).rows]
+                for r in load_prompts(source, require_completion=True, **load_kwargs).rows]
         self.rows = sft_rows(tok, rows, seq_len, system_prompt, allow_unknown_chars)
         self.n = len(self.rows)
 

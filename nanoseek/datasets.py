@@ -66,7 +66,8 @@ class PromptDataset:
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
         """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
         (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
-        held = [in_eval_split(_key(r), fraction=eval_fraction) for r in self.rows]
+        held = [in_eval_split(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt, sort_keys=True),
+                              fraction=eval_fraction) for r in self.rows]
         train = tuple(r for r, h in zip(self.rows, held) if not h)
         evals = tuple(r for r, h in zip(self.rows, held) if h)
         if not train or not evals:
@@ -121,10 +122,6 @@ def _epoch_order(key: str, n: int) -> tuple[int, ...]:
     order = list(range(n))
     random.Random(key).shuffle(order)
     return tuple(order)
-
-
-def _key(row: Row) -> str:
-    return row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
 
 
 # ---------------------------------------------------------------------- reading records

@@ -65,8 +65,6 @@ def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> l
     gold_col = answer if answer is not None else solution
     if gold_col is None:
         raise ValueError("math_reward needs a dataset column 'answer' or 'solution' with the gold answers")
-    if len(gold_col) != len(completions):
-        raise ValueError(f"math_reward: {len(completions)} completions but {len(gold_col)} gold answers")
     rewards: list[float | None] = []
     for completion, gold in zip(completions, gold_col):
         gold = str(gold)

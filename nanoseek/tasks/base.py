@@ -94,8 +94,6 @@ def task_reward(task: Task) -> Callable[..., list[float]]:
             if answer is None:
                 raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
             example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
-        if len(example) != len(completions):
-            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
         return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
 
     reward.__name__ = f"{task.name}_reward"

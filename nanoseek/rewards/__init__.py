@@ -194,15 +194,9 @@ def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float 
         return None, f"{type(e).__name__}: {e}"
 
 
-def compute_rewards(
-    reward_fns: Sequence[RewardFn],
-    weights: Sequence[float] | None,
-    prompts: list,
-    completions: list,
-    columns: dict | None = None,
-    timeout_s: float | None = 60.0,
-    completion_ids: list[list[int]] | None = None,
-) -> RewardResult:
+def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts: list,
+                    completions: list, columns: dict | None = None, timeout_s: float | None = 60.0,
+                    completion_ids: list[list[int]] | None = None) -> RewardResult:
     """Weighted rewards of N completions: a function that fails (see ``_call``) gives None for all its samples;
     the others still count. ``columns`` are the dataset columns, with ``completion_ids`` when given."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)

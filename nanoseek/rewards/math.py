@@ -89,9 +89,7 @@ def equations_hold(text: str) -> bool:
         if m is None:
             return False
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-        if op == "/" and b == 0:
-            return False
-        if {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b or 1)}[op] != c:
+        if op == "/" and b == 0 or {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b or 1)}[op] != c:
             return False
     return True
 

@@ -226,22 +226,23 @@ def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
 
 
 def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
+    at = f"{where} column {column!r}"
     if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):  # a conversation in a CSV cell
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"{where} column {column!r}: starts like a JSON list of messages but does not "
-                             "parse") from None
+            raise ValueError(f"{at}: starts like a JSON list of messages but does not parse") from None
+    if value is None:
+        raise ValueError(f"{at}: missing value (null)")
     if isinstance(value, str):
         if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
-            raise ValueError(f"{where} column {column!r}: empty")
+            raise ValueError(f"{at}: empty")
         return value
     if not isinstance(value, list):
-        raise ValueError(f"{where} column {column!r}: a {type(value).__name__}; give a string or a list of "
-                         "{'role', 'content'} messages")
-    check_messages(value, f"{where} column {column!r}")
+        raise ValueError(f"{at}: a {type(value).__name__}; give a string or a list of {{'role', 'content'}} messages")
+    check_messages(value, at)
     if assistant_only and any(m["role"] != "assistant" for m in value):
-        raise ValueError(f"{where} column {column!r}: a completion holds assistant messages only")
+        raise ValueError(f"{at}: a completion holds assistant messages only")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -249,17 +250,16 @@ def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str,
               answer_column: str | None, csv_cells: bool = False) -> Row:
     """One validated row; ``csv_cells``: string cells holding JSON lists are conversations (a CSV file has only
     strings; elsewhere a string is text, even one that starts with "[")."""
+
+    def cell(column: str, assistant_only: bool = False):
+        return _check_text_or_messages(obj[column], where, column, assistant_only, csv_cells)
+
     if prompt_column in obj:
-        if obj[prompt_column] is None:
-            raise ValueError(f"{where} column {prompt_column!r}: missing value (null)")
-        prompt = _check_text_or_messages(obj[prompt_column], where, prompt_column, csv_cell=csv_cells)
-        completion = obj.get(completion_column)
-        if completion is not None:
-            completion = _check_text_or_messages(completion, where, completion_column, assistant_only=True,
-                                                 csv_cell=csv_cells)
+        prompt = cell(prompt_column)
+        completion = None if obj.get(completion_column) is None else cell(completion_column, assistant_only=True)
         used = {prompt_column, completion_column}
     elif messages_column in obj:
-        messages = _check_text_or_messages(obj[messages_column], where, messages_column, csv_cell=csv_cells)
+        messages = cell(messages_column)
         if isinstance(messages, str):
             raise ValueError(f"{where} column {messages_column!r}: a string; give a list of messages")
         last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)

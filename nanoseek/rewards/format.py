@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 
 # strict: the whole completion is exactly one think block then one answer block (whitespace between/around only)
-# and a non-empty answer (the lookahead)
-_STRICT = re.compile(r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*<answer>(?=\s*(?!</answer>)\S)"
-                     r"((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z", re.DOTALL)
+_STRICT = re.compile(r"\A\s*<think>((?:(?!</?think>|</?answer>).)*)</think>\s*"
+                     r"<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*\Z", re.DOTALL)
 # lenient: a think block followed (anywhere later) by a non-empty answer block
 _LENIENT = re.compile(r"<think>.*?</think>.*?<answer>\s*\S.*?</answer>", re.DOTALL)
 # GSM8K: one or more non-empty lines of work without "####", then a last line "#### N" (an integer)
@@ -24,19 +23,18 @@ def completion_text(completion) -> str:
     raise TypeError(f"completion must be a string or a list of chat messages, got {type(completion).__name__}")
 
 
-def _matching(name: str, pattern: re.Pattern, doc: str):
-    """A TRL-style reward: 1.0 for the completions ``pattern`` matches (searched), else 0.0."""
-
-    def reward(prompts, completions, **kwargs) -> list[float]:
-        return [1.0 if pattern.search(completion_text(c)) else 0.0 for c in completions]
-
-    reward.__name__, reward.__qualname__, reward.__doc__ = name, name, doc
-    return reward
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 for completions in R1's strict template, exactly ``<think>…</think><answer>…</answer>`` (no text outside,
+    no nested or repeated tags, a non-empty answer), else 0.0 (TRL signature)."""
+    matches = [_STRICT.match(completion_text(c)) for c in completions]
+    return [1.0 if m is not None and m.group(2).strip() else 0.0 for m in matches]
 
 
-format_reward = _matching("format_reward", _STRICT, "R1's strict template, exactly ``<think>…</think><answer>…"
-                          "</answer>`` (no text outside, no nested or repeated tags, a non-empty answer).")
-lenient_format_reward = _matching("lenient_format_reward", _LENIENT,
-                                  "A think block followed by a non-empty answer block anywhere in the completion.")
-gsm8k_format_reward = _matching("gsm8k_format_reward", _GSM8K,
-                                "GSM8K's format: worked lines, then ``#### N`` (an integer) as the last line.")
+def lenient_format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if a think block is followed by a non-empty answer block anywhere in the completion, else 0.0."""
+    return [1.0 if _LENIENT.search(completion_text(c)) else 0.0 for c in completions]
+
+
+def gsm8k_format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 for GSM8K's format (worked lines, then ``#### N`` as the last line, N an integer), else 0.0."""
+    return [1.0 if _GSM8K.match(completion_text(c)) else 0.0 for c in completions]

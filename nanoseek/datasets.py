@@ -126,10 +126,8 @@ def _epoch_order(key: str, n: int) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------- reading records
 def read_file(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each record of one file: the rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``
-    file, or the whole text of any other file as one ``{"text": ...}`` record. ``where`` is ``file:line`` for JSON
-    lines, ``file row N`` for other rows, the path for a text file. A missing, empty, non-UTF-8 or malformed file
-    raises ValueError naming the file (and line) and what to fix."""
+    """(where, record) for each row of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or the text of any
+    other file as one ``{"text": ...}`` record; a bad file raises ValueError naming the file (and line)."""
     if not path.is_file():
         raise ValueError(f"data file {path} not found: pass an existing file")
     fmt = FORMATS.get(path.suffix, "text")
@@ -188,8 +186,7 @@ def _split_of(path: Path) -> str:
 
 
 def _data_files(path: Path, split: str) -> list[Path]:
-    """The row files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
-    ``test-00000-of-00001.parquet``, ...) only those of ``split``."""
+    """The row files of a file or folder (in a folder of split-named files, those of ``split``)."""
     if path.is_file():
         if path.suffix not in FORMATS:
             raise ValueError(f"{path}: got a text document ({path.suffix or 'no suffix'}); prompt rows come from "

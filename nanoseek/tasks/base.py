@@ -29,13 +29,10 @@ class Task(Protocol):
     def score(self, completion: str, example: Example) -> float: ...  # 1.0 if the final answer is right, else 0.0
 
 
-EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split
-
-
 def in_eval_split(prompt: str, task: Task | None = None, fraction: int | None = None) -> bool:
     """Whether ``prompt`` is held out: a hash of the prompt, one in ``fraction`` (default ``task.eval_fraction``,
     else 10)."""
-    fraction = fraction or getattr(task, "eval_fraction", EVAL_FRACTION)
+    fraction = fraction or getattr(task, "eval_fraction", 10)
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
 
 
@@ -44,10 +41,9 @@ def _draws(task: Task, split: str, seed: int | str) -> Iterator[tuple[Example, b
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     rng = random.Random(f"{task.name}/{split}/{seed}")
-    want_eval = split == "eval"
     while True:
         ex = task.example(rng)
-        yield ex, in_eval_split(ex.prompt, task) == want_eval
+        yield ex, in_eval_split(ex.prompt, task) == (split == "eval")
 
 
 def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) -> Iterator[Example]:

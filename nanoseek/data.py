@@ -1,13 +1,7 @@
-"""Token batches for language-model training: pretraining (packed text) and SFT (prompt + completion, the loss
-on the completion), from built-in tasks or from records (``nanoseek.datasets.read_file``, ``load_prompts``).
-
-Both modes share one batch format (targets are -100 where no loss is taken):
-- pretraining: a token stream (documents joined, each ``bos ... eos``) packed into rows of T+1 tokens;
-- SFT: one (prompt, completion) row per example, ``bos + prompt + completion + eos``, right-padded, with the
-  loss on the completion and eos only.
-
-Every batch is a pure function of (seed, step): the data position of a resumed run is just its step, and each
-rank builds the same global batch and takes its own rows of it.
+"""Token batches from built-in tasks or records (``nanoseek.datasets``): pretraining packs a stream of
+``bos ... eos`` documents into rows of T+1 tokens; SFT right-pads one ``bos + prompt + completion + eos`` row per
+example with the loss on completion and eos (targets are -100 where no loss is taken). Every batch is a pure
+function of (seed, step), so a resumed run continues at its step and each rank takes its rows of the same batch.
 """
 
 from __future__ import annotations
@@ -43,13 +37,10 @@ class LMBatch:
 # ---------------------------------------------------------------------- row builders
 def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: str | None = None,
              allow_unknown_chars: bool = False) -> list[tuple[list[int], int]]:
-    """SFT rows as (tokens, n_prompt): the loss covers tokens[n_prompt:] (the completion and its end).
-
-    Plain string rows are ``bos + prompt + completion + eos``. Conversational rows (and every row, given a
-    ``system_prompt``) are rendered with the tokenizer's chat template (``nanoseek.chat.sft_texts``): the
-    completion ends with the template's own end of turn, so no second EOS is added, and the BOS is not doubled
-    when the template writes one. Characters the tokenizer lacks (unless ``allow_unknown_chars``) and rows longer
-    than seq_len + 1 tokens are errors naming the row."""
+    """SFT rows as (tokens, n_prompt): the loss covers tokens[n_prompt:]. String rows are ``bos + prompt +
+    completion + eos``; conversational rows (all rows, given a ``system_prompt``) go through the chat template
+    (``nanoseek.chat.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
+    ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
     chat = system_prompt is not None or any(r.conversational or not isinstance(r.completion, str) for r in rows)
     template = chat_template(tok) if chat else None
     out = []
@@ -150,14 +141,11 @@ class SFTData:
     completion or ``messages`` rows, tokenized by ``sft_rows``, padded per batch, reshuffled each epoch."""
 
     def __init__(self, sources: str | Path | list[str | Path], tok: Tokenizer, seq_len: int, seed: int = 0, *,
-                 config: str | None = None, split: str = "train", prompt_column: str = "prompt",
-                 completion_column: str = "completion", messages_column: str = "messages",
-                 system_prompt: str | None = None, allow_unknown_chars: bool = False):
+                 system_prompt: str | None = None, allow_unknown_chars: bool = False, **load_kwargs):
+        """``load_kwargs``: ``load_prompts``'s (config, split, the column names)."""
         self.pad_id, self.seed = tok.pad_id, seed
         rows = [r for source in _paths(sources if isinstance(sources, list) else [sources])
-                for r in load_prompts(source, config=config, split=split, prompt_column=prompt_column,
-                                      completion_column=completion_column, messages_column=messages_column,
-                                      require_completion=True).rows]
+                for r in load_prompts(source, require_completion=True, **load_kwargs).rows]
         self.rows = sft_rows(tok, rows, seq_len, system_prompt, allow_unknown_chars)
         self.n = len(self.rows)
 
@@ -168,8 +156,6 @@ class SFTData:
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,
               files: list[str] | None = None, allow_unknown_chars: bool = False) -> TaskData | TextData | SFTData:
     """The batches of ``nanoseek pretrain`` / ``nanoseek sft``: local files (``--data``) or a built-in task."""
-    if mode not in ("pretrain", "sft"):
-        raise ValueError(f"mode must be 'pretrain' or 'sft', got {mode!r}")
     if files:
         data = SFTData if mode == "sft" else TextData
         return data(files, tok, seq_len, seed, allow_unknown_chars=allow_unknown_chars)

@@ -1,19 +1,12 @@
 """Records from files and the hub, and prompt datasets for RL, SFT, evaluation and sampling (TRL's conventions).
 
-``read_file`` is the one record reader: the rows of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, or a
-text file as one ``{"text"}`` record; ``nanoseek.data`` builds token batches from the same records.
-
-A prompt row has a ``prompt`` (a string, or a list of ``{"role", "content"}`` chat messages), optionally a
-``completion`` (the SFT target: a string or assistant messages) and any other columns (``answer``, ``solution``,
-``tests``, ...), which reward functions receive as keyword lists aligned with the completions. A row may instead
-hold the whole conversation in ``messages``: the prompt is everything before the final assistant message, which is
-the completion.
-
-Sources: local files, folders of them, or a Hugging Face hub dataset name (through ``datasets.load_dataset``).
-Built-in tasks become datasets with ``task_dataset`` (a fixed set of distinct problems) or ``TaskPrompts`` (fresh
-problems every step, with the same interface). Bad rows raise ValueError naming file, line or row, and column.
-``PromptDataset.batch(step, n, seed)`` gives a step's rows, a pure function of (seed, step), so a resumed run sees
-the same data.
+``read_file`` reads the records of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files (or a text file as one
+``{"text"}`` record). A prompt row has a ``prompt`` (a string or ``{"role", "content"}`` chat messages), optionally
+a ``completion`` (the SFT target) and other columns (``answer``, ``tests``, ...), which reward functions receive as
+keyword lists; or the whole conversation in ``messages`` (the prompt is everything before the final assistant
+reply). Sources: local files, folders of them, or a hub dataset (``datasets.load_dataset``). Built-in tasks become
+datasets with ``task_dataset`` (fixed distinct problems) or ``TaskPrompts`` (fresh problems every step).
+``batch(step, n, seed)`` is a pure function of (seed, step), so a resumed run sees the same data.
 """
 
 from __future__ import annotations
@@ -70,14 +63,11 @@ class PromptDataset:
         """The n rows of ``step`` (see ``epoch_indices``); ``round_`` > 0 is a dynamic-sampling redraw."""
         return [self.rows[i] for i in epoch_indices(len(self.rows), step, n, seed, round_)]
 
-    def columns_of(self, rows: list[Row]) -> dict[str, list]:
-        """The extra columns of ``rows`` as keyword lists for reward functions (TRL's ``**kwargs``)."""
-        return columns_of(rows, self.columns)
-
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
         """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
         (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
-        held = [in_eval_split(_key(r), fraction=eval_fraction) for r in self.rows]
+        held = [in_eval_split(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt, sort_keys=True),
+                              fraction=eval_fraction) for r in self.rows]
         train = tuple(r for r, h in zip(self.rows, held) if not h)
         evals = tuple(r for r, h in zip(self.rows, held) if h)
         if not train or not evals:
@@ -104,9 +94,6 @@ class TaskPrompts:
     def batch(self, step: int, n: int, seed: int = 0, round_: int = 0) -> list[Row]:
         exs = examples(self.task, n, self.split, seed=(seed * 1_000_003 + step) * 101 + round_)
         return [_task_row(ex, self.task, self.split) for ex in exs]
-
-    def columns_of(self, rows: list[Row]) -> dict[str, list]:
-        return columns_of(rows, self.columns)
 
 
 def columns_of(rows: list[Row], names) -> dict[str, list]:
@@ -137,16 +124,10 @@ def _epoch_order(key: str, n: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def _key(row: Row) -> str:
-    return row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
-
-
 # ---------------------------------------------------------------------- reading records
 def read_file(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each record of one file: the rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``
-    file, or the whole text of any other file as one ``{"text": ...}`` record. ``where`` is ``file:line`` for JSON
-    lines, ``file row N`` for other rows, the path for a text file. A missing, empty, non-UTF-8 or malformed file
-    raises ValueError naming the file (and line) and what to fix."""
+    """(where, record) for each row of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or the text of any
+    other file as one ``{"text": ...}`` record; a bad file raises ValueError naming the file (and line)."""
     if not path.is_file():
         raise ValueError(f"data file {path} not found: pass an existing file")
     fmt = FORMATS.get(path.suffix, "text")
@@ -180,7 +161,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         for n, obj in enumerate(data, start=1):
-            yield f"{path} row {n}", _columns(obj, f"{path} row {n}")
+            yield _columns(obj, f"{path} row {n}")
     else:  # JSON lines (also accepted in .json, as `datasets` does)
         for n, line in enumerate(text.split("\n"), start=1):
             if line.strip():
@@ -189,13 +170,13 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
                                      "one JSON object of columns") from None
-                yield f"{path}:{n}", _columns(obj, f"{path}:{n}")
+                yield _columns(obj, f"{path}:{n}")
 
 
-def _columns(obj, where: str) -> dict:
+def _columns(obj, where: str) -> tuple[str, dict]:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
-    return obj
+    return where, obj
 
 
 def _split_of(path: Path) -> str:
@@ -205,8 +186,7 @@ def _split_of(path: Path) -> str:
 
 
 def _data_files(path: Path, split: str) -> list[Path]:
-    """The row files of a file or folder; in a folder whose files are named by split (``train.jsonl``,
-    ``test-00000-of-00001.parquet``, ...) only those of ``split``."""
+    """The row files of a file or folder (in a folder of split-named files, those of ``split``)."""
     if path.is_file():
         if path.suffix not in FORMATS:
             raise ValueError(f"{path}: got a text document ({path.suffix or 'no suffix'}); prompt rows come from "
@@ -243,22 +223,23 @@ def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
 
 
 def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
+    at = f"{where} column {column!r}"
     if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):  # a conversation in a CSV cell
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"{where} column {column!r}: starts like a JSON list of messages but does not "
-                             "parse") from None
+            raise ValueError(f"{at}: starts like a JSON list of messages but does not parse") from None
+    if value is None:
+        raise ValueError(f"{at}: missing value (null)")
     if isinstance(value, str):
         if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
-            raise ValueError(f"{where} column {column!r}: empty")
+            raise ValueError(f"{at}: empty")
         return value
     if not isinstance(value, list):
-        raise ValueError(f"{where} column {column!r}: a {type(value).__name__}; give a string or a list of "
-                         "{'role', 'content'} messages")
-    check_messages(value, f"{where} column {column!r}")
+        raise ValueError(f"{at}: a {type(value).__name__}; give a string or a list of {{'role', 'content'}} messages")
+    check_messages(value, at)
     if assistant_only and any(m["role"] != "assistant" for m in value):
-        raise ValueError(f"{where} column {column!r}: a completion holds assistant messages only")
+        raise ValueError(f"{at}: a completion holds assistant messages only")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -266,17 +247,16 @@ def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str,
               answer_column: str | None, csv_cells: bool = False) -> Row:
     """One validated row; ``csv_cells``: string cells holding JSON lists are conversations (a CSV file has only
     strings; elsewhere a string is text, even one that starts with "[")."""
+
+    def cell(column: str, assistant_only: bool = False):
+        return _check_text_or_messages(obj[column], where, column, assistant_only, csv_cells)
+
     if prompt_column in obj:
-        if obj[prompt_column] is None:
-            raise ValueError(f"{where} column {prompt_column!r}: missing value (null)")
-        prompt = _check_text_or_messages(obj[prompt_column], where, prompt_column, csv_cell=csv_cells)
-        completion = obj.get(completion_column)
-        if completion is not None:
-            completion = _check_text_or_messages(completion, where, completion_column, assistant_only=True,
-                                                 csv_cell=csv_cells)
+        prompt = cell(prompt_column)
+        completion = None if obj.get(completion_column) is None else cell(completion_column, assistant_only=True)
         used = {prompt_column, completion_column}
     elif messages_column in obj:
-        messages = _check_text_or_messages(obj[messages_column], where, messages_column, csv_cell=csv_cells)
+        messages = cell(messages_column)
         if isinstance(messages, str):
             raise ValueError(f"{where} column {messages_column!r}: a string; give a list of messages")
         last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
@@ -300,18 +280,9 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
                  prompt_column: str = "prompt", answer_column: str | None = None,
                  completion_column: str = "completion", messages_column: str = "messages",
                  require_completion: bool = False) -> PromptDataset:
-    """Read a dataset (see the module docstring) into validated rows.
-
-    Args:
-        source: a local file or folder, else a hub dataset name.
-        config, split: the hub dataset's configuration and split; for a folder whose files are named by split
-            (``train.jsonl``, ``test.parquet``), which files to read.
-        prompt_column, completion_column, messages_column: where the prompt, the SFT target and whole
-            conversations are.
-        answer_column: the column with the gold answers, passed to rewards as ``answer`` (default: ``answer``
-            if the dataset has one); when given, every row must have it.
-        require_completion: every row needs a completion (SFT).
-    """
+    """Validated rows of a local file or folder, else a hub dataset (``config``, ``split``; a folder's files named
+    by split, ``train.jsonl``, are chosen by ``split`` too). ``answer_column``: the gold answers, passed to rewards
+    as ``answer``; every row must have it. ``require_completion``: every row needs a completion (SFT)."""
     path = Path(source).expanduser()
     if path.exists():
         rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in read_file(p))

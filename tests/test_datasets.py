@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanoseek.datasets import Row, TaskPrompts, load_prompts, task_dataset
+from nanoseek.datasets import Row, TaskPrompts, columns_of, load_prompts, task_dataset
 from nanoseek.tasks import examples, get_task
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
@@ -34,7 +34,7 @@ def test_jsonl_json_and_parquet_read_the_same(tmp_path):
         assert [r.prompt for r in ds.rows] == [c["prompt"] for c in chats]
         assert [r.answer for r in ds.rows] == ["2", "4", "6"]
         assert ds.columns == {"answer", "level"}
-        assert ds.columns_of(list(ds.rows[::-1])) == {"answer": ["6", "4", "2"], "level": [3, 2, 1]}
+        assert columns_of(list(ds.rows[::-1]), ds.columns) == {"answer": ["6", "4", "2"], "level": [3, 2, 1]}
         assert ds.rows[1].where == (f"{tmp_path / name}:2" if name == "d.jsonl" else f"{tmp_path / name} row 2")
 
 
@@ -49,7 +49,7 @@ def test_column_mapping_and_csv(tmp_path):
     path.write_text('question,final,id\n"What is 2+5?",7,a\n"' + json.dumps(CHAT).replace('"', '""') + '",4,b\n')
     ds = load_prompts(path, prompt_column="question", answer_column="final")
     assert [r.prompt for r in ds.rows] == ["What is 2+5?", CHAT]
-    assert ds.columns_of(list(ds.rows)) == {"answer": ["7", "4"], "id": ["a", "b"]}
+    assert columns_of(list(ds.rows), ds.columns) == {"answer": ["7", "4"], "id": ["a", "b"]}
 
 
 def test_sft_rows_prompt_completion_and_messages(tmp_path):
@@ -162,7 +162,7 @@ def test_task_prompts_draw_like_the_trainer():
     rows = source.batch(3, 5, seed=2, round_=1)
     exs = examples(task, 5, "train", seed=(2 * 1_000_003 + 3) * 101 + 1)  # GRPOTrainer.prompts(step=3, round_=1)
     assert [(r.prompt, r.answer, r.completion) for r in rows] == [(e.prompt, e.answer, e.completion) for e in exs]
-    assert source.columns_of(rows) == {"answer": [e.answer for e in exs], "example": exs}
+    assert columns_of(rows, source.columns) == {"answer": [e.answer for e in exs], "example": exs}
     assert [r.prompt for r in TaskPrompts(task, "eval").batch(0, 50)] == \
         [e.prompt for e in examples(task, 50, "eval", seed=0)]
 

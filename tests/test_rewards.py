@@ -311,7 +311,7 @@ NOT_A_FUNCTION = 3
 def test_reward_by_import_path_gets_row_aligned_columns(tmp_path, monkeypatch):
     import json
 
-    from nanoseek.datasets import load_prompts
+    from nanoseek.datasets import columns_of, load_prompts
     from nanoseek.rewards import check_reward_columns, trl_completions
 
     (tmp_path / "myrewards").mkdir()
@@ -334,7 +334,7 @@ def test_reward_by_import_path_gets_row_aligned_columns(tmp_path, monkeypatch):
         fn = get_reward_fn(name)
         check_reward_columns([fn], ds.columns)
         for timeout in (None, 10.0):  # in process, and in the forked worker
-            res = compute_rewards([fn], None, prompts, completions, ds.columns_of(batch), timeout_s=timeout,
+            res = compute_rewards([fn], None, prompts, completions, columns_of(batch, ds.columns), timeout_s=timeout,
                                   completion_ids=ids)
             assert res.errors == {} and res.per_fn["echo"] == expected
 

@@ -1,17 +1,11 @@
 """Verifiable reward functions with TRL's signature
 ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, a registry, and
-``compute_rewards``, which contains failing or hanging functions; process rewards (per-step,
-``nanoseek.rewards.process``) and ``compute_process_rewards``, which contains them the same way.
+``compute_rewards`` / ``compute_process_rewards`` (per-step, ``nanoseek.rewards.process``), which contain failing
+or hanging functions.
 
-As in TRL: ``prompts[i]`` is the dataset's prompt (a string, or a list of ``{"role", "content"}`` messages),
-``completions[i]`` the sampled text, or ``[{"role": "assistant", "content": text}]`` when the prompt is
-conversational (``trl_completions``), ``completion_ids[i]`` its token ids, and every other dataset column arrives as
-a keyword list aligned with the completions (row i of each column belongs to completion i). None means "no reward
-for this sample"; it counts as 0 in the total and is left out of the function's mean.
-
-``get_reward_fn`` takes a built-in name or an import path (a built-in task's reward is
-``nanoseek.tasks.task_reward``); ``check_reward_columns`` refuses, before training, a
-reward function that needs a column the dataset lacks.
+As in TRL: ``prompts[i]`` is the dataset's prompt (a string or chat messages), ``completions[i]`` the sampled text
+(``trl_completions``), ``completion_ids[i]`` its token ids, and every other dataset column arrives as a keyword
+list aligned with the completions. None means "no reward for this sample": 0 in the total, left out of the mean.
 """
 
 from __future__ import annotations
@@ -54,8 +48,8 @@ _IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.valu
 
 def get_reward_fn(name: str) -> RewardFn:
     """A reward function by name: a built-in (``REWARD_FNS``), or an import path, ``package.module:function``,
-    ``package.module.function`` or ``path/to/file.py:function``. Modules are imported from ``sys.path`` (which
-    includes PYTHONPATH) and the current directory, as ``python -m`` would."""
+    ``package.module.function`` or ``path/to/file.py:function``, imported from ``sys.path`` and the current
+    directory, as ``python -m`` would."""
     if name == "code":
         require_bwrap()  # refuse now, at the start of a run: compute_rewards would turn each step's error into None
     if name in REWARD_FNS:
@@ -64,46 +58,46 @@ def get_reward_fn(name: str) -> RewardFn:
         raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}; or give "
                          "an import path, package.module:function")
     module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
-    module = _import(module_name, name)
-    if not hasattr(module, attr):
+    module = _import(module_name, f"reward function {name!r}")
+    fn = getattr(module, attr, None)
+    if fn is None:
         public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ValueError(f"reward function {name!r}: module {module_name!r} ({module.__file__}) has no attribute "
                          f"{attr!r}; its functions: {', '.join(public) or 'none'}")
-    fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"reward function {name!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
     return fn
 
 
-def _import(module_name: str, spec: str):
-    """The module of a reward import path; errors say which module is missing and where it was looked for."""
+def _import(module_name: str, what: str):
     path = Path(module_name)
-    if module_name.endswith(".py") and not path.is_file():
-        raise ValueError(f"reward function {spec!r}: no file {path}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
         if not module_name.endswith(".py"):
             return importlib.import_module(module_name)
+        if not path.is_file():
+            raise ValueError(f"{what}: no file {path}")
         loader = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(loader)
         sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
         loader.loader.exec_module(module)
         return module
+    except ValueError:
+        raise
     except ModuleNotFoundError as e:
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ValueError(f"reward function {spec!r}: no module {module_name!r} on PYTHONPATH or in the current "
-                             f"directory {os.getcwd()}") from None
-        raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: {e}") from None
+            raise ValueError(f"{what}: no module {module_name!r} on PYTHONPATH or in the current directory "
+                             f"{os.getcwd()}") from None
+        raise ValueError(f"{what}: importing {module_name!r} failed: {e}") from None
     except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise ValueError(f"reward function {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+        raise ValueError(f"{what}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
 
 
 def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
-    """The dataset columns ``fn`` needs, as groups of which one column must be present: its ``required_columns``
-    attribute if it sets one (``math_reward``: ``(("answer", "solution"),)``), else the keyword parameters of its
-    signature without a default after ``prompts, completions`` (``def f(prompts, completions, tests, **kw)``
-    needs ``tests``); ``completion_ids`` is always given."""
+    """The dataset columns ``fn`` needs, as groups of which one must be present: its ``required_columns``
+    attribute (``math_reward``: ``(("answer", "solution"),)``), else its keyword parameters without a default after
+    ``prompts, completions`` (``completion_ids`` is always given)."""
     declared = getattr(fn, "required_columns", None)
     if declared is not None:
         return tuple((g,) if isinstance(g, str) else tuple(g) for g in declared)
@@ -117,8 +111,8 @@ def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
 
 
 def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the dataset") -> None:
-    """Raise ValueError, naming the function and the dataset, if a reward function needs a column (see
-    ``required_columns``) that ``columns`` (the dataset's column names) lacks. Call it once before training."""
+    """Before training: raise ValueError if a reward function needs a column (``required_columns``) that
+    ``columns`` lacks."""
     have = set(columns)
     for fn in fns:
         for group in required_columns(fn):
@@ -130,8 +124,8 @@ def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the d
 
 
 def trl_completions(prompts: list, texts: list[str]) -> list:
-    """Completions as TRL passes them to reward functions: the text for a string prompt, a one-message
-    conversation ``[{"role": "assistant", "content": text}]`` for a conversational prompt."""
+    """Completions as TRL passes them: the text for a string prompt, ``[{"role": "assistant", "content": text}]``
+    for a conversational one."""
     return [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
 
 
@@ -183,50 +177,40 @@ def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
     return value
 
 
-def _call(fn: Callable[..., list], prompts: list, completions: list, columns: dict, timeout_s: float | None) -> list:
-    """fn's values as a list of one per completion: in process for built-ins, else in a killable worker."""
-    if timeout_s is None or fn in _IN_PROCESS:
-        values = list(fn(prompts, completions, **columns))
-    else:
-        values = list(_call_with_timeout(fn, prompts, completions, columns, timeout_s))
-    if len(values) != len(completions):
-        raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
-    return values
+def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float | None, kind: str, cast=None):
+    """(fn's values, one per completion, each through ``cast``; None) -- or (None, why) if it raised, hung past
+    ``timeout_s`` or returned the wrong number, logged as a warning. Built-ins run in process, others in a killable
+    forked worker (a thread cannot be stopped)."""
+    try:
+        if timeout_s is None or fn in _IN_PROCESS:
+            values = list(fn(prompts, completions, **columns))
+        else:
+            values = list(_call_with_timeout(fn, prompts, completions, columns, timeout_s))
+        if len(values) != len(completions):
+            raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+        return [v if cast is None or v is None else cast(v) for v in values], None
+    except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
+        log.warning("%s %s failed: %s: %s", kind, reward_name(fn), type(e).__name__, e)
+        return None, f"{type(e).__name__}: {e}"
 
 
-def compute_rewards(
-    reward_fns: Sequence[RewardFn],
-    weights: Sequence[float] | None,
-    prompts: list,
-    completions: list,
-    columns: dict | None = None,
-    timeout_s: float | None = 60.0,
-    completion_ids: list[list[int]] | None = None,
-) -> RewardResult:
-    """Weighted rewards of N completions, surviving bad reward functions.
-
-    A function that raises, returns the wrong number of values, or (with ``timeout_s``) runs longer than
-    ``timeout_s`` gives None for all its samples and is logged with ``logging.warning``; the others still count.
-    Built-in functions run in-process; others run in a forked worker when ``timeout_s`` is set (a thread cannot
-    be stopped), so a hang is cut off. ``columns`` are the dataset columns passed as keyword arguments, with
-    ``completion_ids`` (the sampled token ids, TRL's argument) when given.
-    """
+def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts: list,
+                    completions: list, columns: dict | None = None, timeout_s: float | None = 60.0,
+                    completion_ids: list[list[int]] | None = None) -> RewardResult:
+    """Weighted rewards of N completions: a function that fails (see ``_call``) gives None for all its samples;
+    the others still count. ``columns`` are the dataset columns, with ``completion_ids`` when given."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"compute_rewards: {len(reward_fns)} reward functions but {len(weights)} weights")
     columns = {**(columns or {}), **({} if completion_ids is None else {"completion_ids": completion_ids})}
-    n = len(completions)
-    total = [0.0] * n
+    total = [0.0] * len(completions)
     per_fn: dict[str, list[float | None]] = {}
     errors: dict[str, str] = {}
     for fn, w in zip(reward_fns, weights):
         name = reward_name(fn)
-        try:
-            values = [None if v is None else float(v) for v in _call(fn, prompts, completions, columns, timeout_s)]
-        except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
-            log.warning("reward function %s failed: %s: %s", name, type(e).__name__, e)
-            errors[name] = f"{type(e).__name__}: {e}"
-            values = [None] * n
+        values, error = _call(fn, prompts, completions, columns, timeout_s, "reward function", float)
+        if values is None:
+            values, errors[name] = [None] * len(completions), error
         per_fn[name] = values
         for i, v in enumerate(values):
             if v is not None and not isnan(v):
@@ -234,25 +218,17 @@ def compute_rewards(
     return RewardResult(total, per_fn, errors)
 
 
-def compute_process_rewards(
-    fn: Callable[..., list],
-    prompts: list,
-    completions: list,
-    completion_ids: list[list[int]],
-    columns: dict | None = None,
-    timeout_s: float | None = 60.0,
-) -> tuple[list[StepRewards | None], list[str]]:
+def compute_process_rewards(fn: Callable[..., list], prompts: list, completions: list,
+                            completion_ids: list[list[int]], columns: dict | None = None,
+                            timeout_s: float | None = 60.0) -> tuple[list[StepRewards | None], list[str]]:
     """Step rewards of N completions from one process reward function, contained like ``compute_rewards``:
-    -> (steps (N,), errors). A function that raises, hangs past ``timeout_s`` or returns the wrong number of values
-    gives None (no steps) for every sample; an invalid value (see ``check_steps``) gives None for that sample.
-    Each failure is logged with ``logging.warning`` and listed in ``errors``."""
-    name, n = reward_name(fn), len(completions)
-    columns = {**(columns or {}), "completion_ids": completion_ids}
-    try:
-        values = _call(fn, prompts, completions, columns, timeout_s)
-    except Exception as e:  # noqa: BLE001 - a broken reward function must not stop training
-        log.warning("process reward %s failed: %s: %s", name, type(e).__name__, e)
-        return [None] * n, [f"{name}: {type(e).__name__}: {e}"]
+    -> (steps (N,), errors). A failing function gives None (no steps) for every sample, an invalid value (see
+    ``check_steps``) None for that sample; each failure is logged and listed in ``errors``."""
+    name = reward_name(fn)
+    values, error = _call(fn, prompts, completions, {**(columns or {}), "completion_ids": completion_ids},
+                          timeout_s, "process reward")
+    if values is None:
+        return [None] * len(completions), [f"{name}: {error}"]
     steps: list[StepRewards | None] = []
     errors: list[str] = []
     for i, (v, ids) in enumerate(zip(values, completion_ids)):

@@ -1,15 +1,9 @@
-"""Code reward: run the completion's program against test cases in the sandbox (``nanoseek.rewards.sandbox``).
-
-The ``tests`` column holds, per sample, a list of test cases of one of two kinds:
-- assert statements (strings), e.g. ``"assert add(2, 3) == 5"``: the program runs once, then each assert runs in
-  its own try/except in the same process; a test passes if its code raises nothing. The pass marker carries a
-  random nonce and is printed only after the tests ran, so ``sys.exit(0)`` / ``os._exit(0)`` early scores 0.
-- input/output pairs, ``{"input": "3 4\\n", "output": "7"}`` (or a 2-tuple): the program runs once per pair with
-  that stdin; it passes if it exits 0 and its stdout equals the expected output up to trailing whitespace per line.
-
-Reward = fraction of the sample's tests that pass (0.0 for no code; a sample with no tests gives None).
-The sandbox needs bubblewrap: without it ``get_reward_fn("code")`` (so a GRPO run with ``--reward-funcs code``, at
-its start) and every call here raise ``SandboxUnavailable`` with the install command; there is no weaker fallback.
+"""Code reward: the fraction of a sample's ``tests`` the completion's program passes in the sandbox
+(``nanoseek.rewards.sandbox``; 0.0 for no code, None for no tests). A test is either
+- an assert statement, ``"assert add(2, 3) == 5"``: the program runs once, then each assert in its own try/except;
+  the pass marker carries a random nonce and is printed after the tests ran, so an early ``sys.exit(0)`` scores 0;
+- an input/output pair, ``{"input": "3 4\\n", "output": "7"}`` (or a 2-tuple): the program runs with that stdin
+  and passes if it exits 0 printing the output (up to trailing whitespace per line).
 """
 
 from __future__ import annotations
@@ -74,10 +68,7 @@ def run_tests(program: str, tests: list, timeout_s: float = 5.0, **limits) -> fl
 
 
 def code_reward(prompts, completions, tests, timeout_s: float = 5.0, **kwargs) -> list[float | None]:
-    """TRL-style reward: fraction of the sample's ``tests`` passed by the completion's code (see module docstring).
-    Extra dataset columns (and TRL's ``completion_ids``, ``trainer_state``) are ignored."""
-    if len(tests) != len(completions):
-        raise ValueError(f"code_reward: {len(completions)} completions but {len(tests)} 'tests' entries")
+    """TRL-style reward: fraction of the sample's ``tests`` passed by the completion's code (module docstring)."""
     rewards: list[float | None] = []
     for completion, cases in zip(completions, tests):
         program = extract_code(completion_text(completion))

@@ -41,7 +41,7 @@ def _tokenize(text: str) -> list[str]:
 
 class _Parser:
     def __init__(self, tokens: list[str]):
-        self.tokens, self.pos, self.numbers = tokens, 0, []
+        self.tokens, self.pos = tokens, 0
 
     def peek(self) -> str | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -56,10 +56,8 @@ class _Parser:
     def expr(self, depth: int) -> Fraction:
         value = self.term(depth)
         while self.peek() in ("+", "-"):
-            if self.take() == "+":
-                value += self.term(depth)
-            else:
-                value -= self.term(depth)
+            sign = 1 if self.take() == "+" else -1
+            value += sign * self.term(depth)
         return value
 
     def term(self, depth: int) -> Fraction:
@@ -87,25 +85,20 @@ class _Parser:
                 raise ValueError("missing ')'")
             return value
         if tok.isdigit():
-            self.numbers.append(int(tok))
             return Fraction(int(tok))
         raise ValueError(f"expected a number or '(', got {tok!r}")
 
 
-def _parse(text: str) -> tuple[Fraction, list[int]]:
+def parse_expression(text: str) -> Fraction:
+    """Exact value of an arithmetic expression over + - * / and parentheses; ValueError on anything else
+    (other characters, '**', unary minus, division by zero, too long or too deeply nested)."""
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(_tokenize(text))
     value = parser.expr(0)
     if parser.peek() is not None:
         raise ValueError(f"unexpected {parser.peek()!r} after the end of the expression")
-    return value, parser.numbers
-
-
-def parse_expression(text: str) -> Fraction:
-    """Exact value of an arithmetic expression over + - * / and parentheses; ValueError on anything else
-    (other characters, '**', unary minus, division by zero, too long or too deeply nested)."""
-    return _parse(text)[0]
+    return value
 
 
 def check_equation(expression: str, numbers: list[int], target: int) -> bool:
@@ -116,9 +109,10 @@ def check_equation(expression: str, numbers: list[int], target: int) -> bool:
         if rhs.strip() != str(target):
             return False
     try:
-        value, used = _parse(expression)
+        value = parse_expression(expression)
     except ValueError:
         return False
+    used = map(int, re.findall(r"\d+", expression))  # the parse accepted it: its numbers are its digit runs
     return value == target and Counter(used) == Counter(int(n) for n in numbers)
 
 

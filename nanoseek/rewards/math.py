@@ -60,17 +60,11 @@ def _parse_answer(answer: str) -> list:
 
 
 def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
-    """1.0 if the completion's final answer (see ``extract_final_answer``) equals the gold, else 0.0.
-
-    The gold comes from the ``answer`` column, else ``solution`` (a full solution is fine: its own final answer
-    is extracted the same way). A completion without an extractable answer scores 0.0. A gold that math-verify
-    cannot parse gives **None** for that sample: the example is broken, not the completion.
-    """
+    """1.0 if the completion's final answer (``extract_final_answer``) equals the gold (column ``answer``, else
+    the final answer of ``solution``), else 0.0; None where math-verify cannot parse the gold (a broken example)."""
     gold_col = answer if answer is not None else solution
     if gold_col is None:
         raise ValueError("math_reward needs a dataset column 'answer' or 'solution' with the gold answers")
-    if len(gold_col) != len(completions):
-        raise ValueError(f"math_reward: {len(completions)} completions but {len(gold_col)} gold answers")
     rewards: list[float | None] = []
     for completion, gold in zip(completions, gold_col):
         gold = str(gold)
@@ -95,9 +89,7 @@ def equations_hold(text: str) -> bool:
         if m is None:
             return False
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-        if op == "/" and b == 0:
-            return False
-        if {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b or 1)}[op] != c:
+        if op == "/" and b == 0 or {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b or 1)}[op] != c:
             return False
     return True
 

@@ -1,14 +1,8 @@
 """Process rewards (DeepSeekMath arXiv:2402.03300 §4.1.3): a score for each step of a completion, placed on the
 completion token that ends the step, so GRPO can give each token its own advantage.
-
-A process reward function has TRL's reward signature plus the completion token ids::
-
-    fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]
-
-``completion_ids[i]`` are completion i's tokens as sampled (the eos token included when it was generated),
-``completions[i]`` their decoded text, ``columns`` the dataset columns (``example``, ``answer``) and ``tokenizer``
-(``token_of_char`` maps a text position to its token). ``StepRewards(rewards, ends)`` gives step j's reward and
-the index in ``completion_ids[i]`` of its last token; None means no steps (the completion gets zero advantage).
+``fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]``, the columns including
+``tokenizer``: ``StepRewards(rewards, ends)`` gives step j's reward and the index in ``completion_ids[i]`` (eos
+included when sampled) of its last token; None means no steps (the completion gets zero advantage).
 """
 
 from __future__ import annotations
@@ -65,16 +59,11 @@ def token_of_char(ids: Sequence[int], decode: Callable[[list[int]], str], c: int
 
 def arithmetic_process_reward(prompts, completions, completion_ids, example=None, answer=None, tokenizer=None,
                               **kwargs) -> list[StepRewards]:
-    """Per-character steps for the ``arithmetic`` task (``"37+48="`` -> ``"85"``).
-
-    The answer is read as the task reads it (leading whitespace skipped, then the number). Step j < len(gold)
-    is the j-th answer character: reward 1 if it equals the gold character, else 0; a last step is the end of the
-    number (1 if the number stops after the gold's characters: a non-digit or the end of the text, e.g. eos).
-    Each step ends on the token that decided it: the token emitting that character, or for the end of the text
-    the token after it (eos). Scoring stops at the first wrong step, since later characters no longer align with
-    the gold, and at the first step no token decided (a completion truncated mid-answer). So a correct answer
-    scores len(gold) + 1 ones, and the advantage of a wrong answer falls on the token where it went wrong.
-    """
+    """Per-character steps for the ``arithmetic`` task (``"37+48="`` -> ``"85"``): step j < len(gold) scores
+    answer character j (after leading whitespace) against the gold's, a last step the end of the number (a
+    non-digit or the end of the text). Each step ends on the token that decided it (for the end of the text, the
+    eos after it); scoring stops at the first wrong step and at a step no token decided (truncated). So the
+    advantage of a wrong answer falls on the token where it went wrong."""
     if tokenizer is None:
         raise ValueError("arithmetic process reward needs the 'tokenizer' column to map characters to tokens")
     if answer is None:

@@ -78,8 +78,7 @@ class SandboxResult:
     duration_s: float
 
     @property
-    def passed(self) -> bool:
-        """Exited normally with status 0 within the time limit."""
+    def passed(self) -> bool:  # exited normally with status 0 within the time limit
         return self.returncode == 0 and not self.timed_out
 
 

@@ -24,22 +24,15 @@ class Example:
 class Task(Protocol):
     name: str
 
-    def example(self, rng: random.Random) -> Example:
-        """Draw one example (either split)."""
-        ...
+    def example(self, rng: random.Random) -> Example: ...  # one example (either split)
 
-    def score(self, completion: str, example: Example) -> float:
-        """1.0 if the completion's final answer is correct, else 0.0."""
-        ...
-
-
-EVAL_FRACTION = 10  # by default one prompt in ten belongs to the held-out split
+    def score(self, completion: str, example: Example) -> float: ...  # 1.0 if the final answer is right, else 0.0
 
 
 def in_eval_split(prompt: str, task: Task | None = None, fraction: int | None = None) -> bool:
     """Whether ``prompt`` is held out: a hash of the prompt, one in ``fraction`` (default ``task.eval_fraction``,
     else 10)."""
-    fraction = fraction or getattr(task, "eval_fraction", EVAL_FRACTION)
+    fraction = fraction or getattr(task, "eval_fraction", 10)
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
 
 
@@ -48,10 +41,9 @@ def _draws(task: Task, split: str, seed: int | str) -> Iterator[tuple[Example, b
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     rng = random.Random(f"{task.name}/{split}/{seed}")
-    want_eval = split == "eval"
     while True:
         ex = task.example(rng)
-        yield ex, in_eval_split(ex.prompt, task) == want_eval
+        yield ex, in_eval_split(ex.prompt, task) == (split == "eval")
 
 
 def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) -> Iterator[Example]:
@@ -72,13 +64,9 @@ def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Exampl
 
 
 def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
-    """Up to n examples of ``split`` with distinct prompts, in draw order (deterministic in task, split, seed).
-
-    A held-out set drawn with ``examples`` repeats the common problems of a small split (Countdown's held-out
-    split has 316 problems), so its size overstates what it measures. This stops early once ``patience`` draws
-    in a row bring no new prompt: then the result holds (nearly) the whole split, a problem rarer than about
-    one draw in ``patience`` can be missing, and ``len(result)`` is the real count.
-    """
+    """Up to n examples of ``split`` with distinct prompts, in draw order (``examples`` repeats the common
+    problems of a small split); stops once ``patience`` draws in a row bring no new prompt, so ``len(result)`` is
+    the real count."""
     seen: dict[str, Example] = {}
     since_new = 0
     for ex, in_split in _draws(task, split, seed):
@@ -102,8 +90,6 @@ def task_reward(task: Task) -> Callable[..., list[float]]:
             if answer is None:
                 raise ValueError(f"task reward {task.name!r} needs a dataset column 'example' or 'answer'")
             example = [Example(str(p), "", str(a)) for p, a in zip(prompts, answer)]
-        if len(example) != len(completions):
-            raise ValueError(f"task reward {task.name!r}: {len(completions)} completions, {len(example)} examples")
         return [float(task.score(completion_text(c), ex)) for c, ex in zip(completions, example)]
 
     reward.__name__ = f"{task.name}_reward"

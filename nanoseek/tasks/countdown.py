@@ -49,6 +49,6 @@ class CountdownTask:
         if m is None:
             raise ValueError(f"countdown prompt {example.prompt!r} is not of the form 'a,b,c:target='")
         numbers = [int(x) for x in m.group(1).split(",")]
-        answer = completion.strip().split("\n", 1)[0].strip() if completion.strip() else ""
+        answer = completion.strip().split("\n", 1)[0].strip()
         return float(bool(answer) and check_equation(answer, numbers, int(m.group(2))))
 

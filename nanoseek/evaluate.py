@@ -1,7 +1,7 @@
 """Held-out evaluation: greedy accuracy, maj@k and pass@k of a policy on dataset prompts.
 
 One evaluator for every caller (``nanoseek eval``, the recipes, GRPO/PPO's ``--eval-every``): each prompt is
-completed greedily once and sampled k times at temperature τ through ``nanoseek.train.rollout.sample_and_score``;
+completed greedily once and sampled k times at temperature τ through ``nanoseek.rollout.sample_and_score``;
 a completion is correct when every function named in ``correct`` gives at least ``min_reward`` and it ended by
 itself. A built-in task is a dataset too (``nanoseek.datasets.task_dataset``), verified by the task's reward.
 - ``accuracy``: the greedy completion is correct;
@@ -25,7 +25,7 @@ from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import Row
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards.math import extract_final_answer
-from nanoseek.train.rollout import Scorer, sample_and_score
+from nanoseek.rollout import Scorer, sample_and_score
 
 SCALARS = ("accuracy", "reward", "mean_length", "sample_accuracy")
 

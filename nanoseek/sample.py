@@ -2,7 +2,7 @@
 DeepSeek-R1's rejection sampling (arXiv 2501.12948 §2.3.3) and the teacher half of distillation (§2.4).
 
 Every prompt of ``--dataset`` (or ``--num-prompts`` distinct problems of a built-in ``--task``) is sampled
-``--num-generations`` times, in batches through the policy's sampler (``nanoseek.train.rollout.sample_and_score``;
+``--num-generations`` times, in batches through the policy's sampler (``nanoseek.rollout.sample_and_score``;
 the latent KV cache for nanoseek models). Conversational prompts (and ``--system-prompt``) are rendered with the
 checkpoint's chat template. Each output line holds ``prompt``, ``completion``, ``reward`` (the sum over functions),
 ``rewards`` (each function's value), ``truncated`` and the dataset's other columns, so the file is at once an SFT
@@ -28,7 +28,7 @@ from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import PromptDataset, load_prompts, task_dataset
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
-from nanoseek.train.rollout import Scorer, sample_and_score
+from nanoseek.rollout import Scorer, sample_and_score
 
 
 def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:

@@ -9,6 +9,7 @@ import torch
 from test_grpo import reference_logprobs, tiny_llama, tiny_nanoseek
 
 from nanoseek.policy import Batch, Policy, SamplingParams
+from nanoseek.rollout import Rollout, Sampling
 from nanoseek.tasks import Example
 from nanoseek.train.grpo import GRPO, GRPOConfig
 from nanoseek.train.loop import narrow
@@ -22,7 +23,6 @@ from nanoseek.train.optimize import (
     plan_micro_batches,
     rollout_logprobs,
 )
-from nanoseek.train.rollout import Rollout, Sampling
 
 
 def mixed_batch(n_groups: int = 6, G: int = 8, seed: int = 0) -> Batch:

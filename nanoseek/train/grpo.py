@@ -27,6 +27,7 @@ from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.distributed import global_std
 from nanoseek.policy import Policy
+from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import (
     ALIASES,
     LOSS_TYPES,
@@ -38,7 +39,6 @@ from nanoseek.train.losses import (
 )
 from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
-from nanoseek.train.rollout import Rollout, Sampling
 
 
 @dataclass(frozen=True, kw_only=True)

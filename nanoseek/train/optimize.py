@@ -15,7 +15,7 @@ from torch import nn
 from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
-from nanoseek.train.rollout import Rollout
+from nanoseek.rollout import Rollout
 from nanoseek.train.schedule import clip_grad_norm
 
 PAD_TOLERANCE = 1.15  # padded tokens ≤ 1.15 × real tokens over a mini-batch's micro-batches

@@ -19,6 +19,7 @@ from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
+from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
 from nanoseek.train.optimize import (
     MicroBatch,
@@ -29,7 +30,6 @@ from nanoseek.train.optimize import (
     rollout_logprobs,
 )
 from nanoseek.train.rl import RLConfig, train_rl
-from nanoseek.train.rollout import Rollout, Sampling
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,11 +25,11 @@ from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, is_main, reduce_floats
 from nanoseek.policy import Policy
 from nanoseek.rewards import get_process_reward_fn, reward_name
+from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
-from nanoseek.train.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.train.schedule import OptimConfig, lr_at, set_lr
 
 

@@ -60,11 +60,11 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum or max of a few floats across ranks (identity on one process)."""
+    """Sum, max or min of a few floats across ranks (identity on one process)."""
     if not is_distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t.tolist()
 
 

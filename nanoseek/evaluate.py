@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
+    if cfg.num_generations and not cfg.temperature > 0:  # checked before anything is loaded
+        raise ValueError(f"--temperature {cfg.temperature}: must be > 0 for the --num-generations "
+                         f"{cfg.num_generations} samples")
     directory = resolve_model_dir(cfg.model)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])

@@ -117,7 +117,7 @@ class SampleConfig:
     seed: int = option(0, "sampling seed (and --task's problems)")
     batch_size: int = option(64, "sequences per sampler call", min=1)
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
-    reward_timeout: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
+    reward_timeout_s: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         policy, tokenizer, dataset, fns, num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, keep=cfg.keep,
-        min_reward=cfg.min_reward, reward_timeout_s=cfg.reward_timeout, progress=sys.stderr.isatty())
+        min_reward=cfg.min_reward, reward_timeout_s=cfg.reward_timeout_s, progress=sys.stderr.isatty())
     out = write_rows(cfg.out, rows)
     print(f"sampled {summary['samples']} completions of {summary['prompts']} prompts; kept {summary['kept']} "
           f"({summary['prompts_kept']} prompts) -> {out}")

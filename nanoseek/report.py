@@ -5,8 +5,11 @@ imbalance, and whatever other numeric series the trainer logged), via the reusab
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.cli_args import add_arguments as add_flags
+from nanoseek.cli_args import from_args, option
 from nanoseek.metrics import read_metrics
 
 
@@ -69,12 +72,20 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
     return out
 
 
+@dataclass(frozen=True)
+class PlotConfig:
+    """``nanoseek plot RUN_DIR``'s flags."""
+
+    out: str | None = option(None, "PNG path (None: RUN_DIR/metrics.png)")
+    keys: list[str] | None = option(None, "only these metrics, e.g. loss lr (None: every scalar metric)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    parser.add_argument("--out", help="PNG path (default: RUN_DIR/metrics.png)")
-    parser.add_argument("--keys", nargs="*", help="only these metrics (e.g. loss lr)")
+    add_flags(parser, PlotConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(plot_metrics(args.run_dir, args.out, args.keys))
+    cfg = from_args(PlotConfig, args)
+    print(plot_metrics(args.run_dir, cfg.out, cfg.keys))
     return 0

@@ -83,12 +83,12 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
 
 
 def evaluate_prompts(policy, encode, decode, rows: list[Row], scorer: Scorer, correct: list[str], *, k: int = 4,
-                     temperature: float = 1.0, max_new_tokens: int = 16, batch_size: int = 512, seed: int = 0,
+                     temperature: float = 1.0, max_completion_length: int = 16, batch_size: int = 512, seed: int = 0,
                      min_reward: float = 1.0) -> dict[str, float]:
     """The scalar metrics of ``evaluate`` (what ``--eval-every`` logs): accuracy, reward, mean_length and, with
     k > 0, pass@k, maj@k and sample_accuracy."""
     r = evaluate(policy, encode, decode, rows, scorer, correct, k=k, temperature=temperature,
-                 max_completion_length=max_new_tokens, batch_size=batch_size, seed=seed, min_reward=min_reward)
+                 max_completion_length=max_completion_length, batch_size=batch_size, seed=seed, min_reward=min_reward)
     return {key: r[key] for key in (*SCALARS, f"pass@{k}", f"maj@{k}") if key in r}
 
 

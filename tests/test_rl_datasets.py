@@ -138,7 +138,7 @@ def test_evaluate_prompts_by_hand():
     greedy = ["1", "0", "3"]
     samples = ["0", "1", "0", "0", "3", "3"]  # k = 2: row a has one right sample, b none, c two
     policy = ScriptedPolicy(tok, [greedy, samples], 2)
-    m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right"], k=2, max_new_tokens=4)
+    m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right"], k=2, max_completion_length=4)
     assert m == {"accuracy": 2 / 3, "reward": (1.5 + 0.5 + 1.0) / 3, "mean_length": 2.0, "pass@2": 2 / 3,
                  "sample_accuracy": 3 / 6, "maj@2": 1 / 3}  # majority: a ties "0"/"1" -> "0" wrong, b wrong, c right
     policy = ScriptedPolicy(tok, [greedy], 2)  # both functions must verify: row c fails "other"

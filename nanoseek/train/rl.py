@@ -100,7 +100,8 @@ class RLTrainer:
         m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
                              replace(self.scorer, columns=held_out.columns),
                              [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
-                             temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
+                             temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
+                             seed=cfg.seed)
         return {f"eval/{k}": v for k, v in m.items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:

@@ -271,7 +271,7 @@ class Engine:
     def _decode(self) -> int:
         """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
         latent once): keep the accepted drafts and the next token, set both caches back over the rejected
-        positions, and draft again. Plain decoding is the case D = 0: no drafts, the next token sampled from p_0."""
+        positions, and draft again. Plain decoding (D = 0) samples the next token from p_0 directly."""
         rows, D = list(self.decoding), self.depth
         B, params = len(rows), [r.params for r in rows]
         generators = [r.generator for r in rows]
@@ -282,6 +282,9 @@ class Engine:
         view = self.cache.view(0, B)
         h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
         logits = self.model.lm_head(h)
+        if not D:  # plain decoding: sample the next token directly (verify's vocabulary-wide work is for drafts)
+            tokens, lps = sample_rows(logits[:, 0], params, generators)
+            return self._record(rows, [[t] for t in tokens], [[lp] for lp in lps])
         logp = log_probs_rows(logits, params)  # (B, D+1, V)
         p = logp.exp()
         greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)

@@ -1,10 +1,8 @@
-"""Preallocated per-layer KV caches with per-sequence lengths (ragged batches).
+"""Preallocated per-layer KV caches with per-sequence lengths (ragged batches), written in place.
 
-MLA caches only the normed latent c_KV (d_c) and the one shared RoPE key k_R (d_R) per token and layer
-(DeepSeek-V2 §2.1.2, eq. 9-10), side by side in one row [c_KV | k_R], so the absorbed decode scores both in
-one pass over the cache (vLLM stores them the same way); the MHA/GQA baseline caches full keys and values.
-Both are the same class, so both are measured the same way. Writes go in place at each sequence's own
-position: no per-step allocation and no ``torch.cat`` growth.
+MLA caches only the normed latent c_KV (d_c) and the shared RoPE key k_R (d_R) per token and layer (DeepSeek-V2
+§2.1.2, eq. 9-10), side by side as [c_KV | k_R] so the absorbed decode scores both in one pass (as vLLM stores
+them); the MHA/GQA baseline caches full keys and values in the same class.
 """
 
 from __future__ import annotations
@@ -17,23 +15,13 @@ import torch
 class KVCache:
     """``buffers[name][layer]: (B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence.
 
-    One tensor per layer, so a forward under autograd (a prompt prefix shared by several completions, see
-    ``nanoseek.policy``) can write layer l + 1 without invalidating the views layer l saved for backward.
-
-    ``layer_offset`` lets a cache serve a contiguous run of blocks (the MTP modules get their own cache,
-    since they lag the main model by one token).
+    One tensor per layer, so a forward under autograd (``nanoseek.policy``'s shared prompts) can write layer l + 1
+    without invalidating the views layer l saved for backward. ``layer_offset``: the first block served (the MTP
+    modules' own cache).
     """
 
-    def __init__(
-        self,
-        widths: dict[str, int],
-        num_layers: int,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        layer_offset: int = 0,
-    ):
+    def __init__(self, widths: dict[str, int], num_layers: int, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", layer_offset: int = 0):
         self.max_len = max_len
         self.layer_offset = layer_offset
         self.buffers = {
@@ -44,7 +32,6 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated by the cache tensors."""
         return sum(b.numel() * b.element_size() for layers in self.buffers.values() for b in layers)
 
     def bytes_per_token(self) -> int:
@@ -62,16 +49,14 @@ class KVCache:
         return self.buffers[name][layer_idx - self.layer_offset][:, :length]
 
     def view(self, start: int, stop: int) -> KVCache:
-        """Sequences ``start:stop`` as a cache sharing this one's storage: a forward on the view writes here and
-        advances these rows' ``lengths`` (the engine runs each step on a contiguous run of rows, without copies)."""
+        """Sequences ``start:stop`` as a cache sharing this one's storage (a forward on it writes here)."""
         view = copy.copy(self)
         view.buffers = {name: [b[start:stop] for b in layers] for name, layers in self.buffers.items()}
         view.lengths = self.lengths[start:stop]
         return view
 
     def copy_row(self, src: int, dst: int) -> None:
-        """Copy sequence ``src``'s cached tokens and length into row ``dst`` (moving a sequence, or sharing a
-        prefilled prompt with the rows that repeat it)."""
+        """Copy sequence ``src``'s cached tokens and length into row ``dst``."""
         n = int(self.lengths[src])
         for layers in self.buffers.values():
             for b in layers:
@@ -88,7 +73,7 @@ class KVCache:
         self.lengths[rows] = self.lengths[swapped]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the sequences ``rows: (B',)`` (batch indices), e.g. to drop finished ones during decoding."""
+        """Keep only the sequences ``rows: (B',)`` (batch indices)."""
         self.buffers = {name: [b[rows] for b in layers] for name, layers in self.buffers.items()}
         self.lengths = self.lengths[rows].clone()
 
@@ -102,6 +87,5 @@ def cache_widths(config) -> dict[str, int]:
 
 
 def elements_per_token(config) -> int:
-    """Cache elements one token takes over all layers: MLA (d_c + d_R)·L, MHA/GQA 2·n_kv·d_h·L (bytes: times the
-    dtype's size)."""
+    """Cache elements one token takes over all layers: MLA (d_c + d_R)·L, MHA/GQA 2·n_kv·d_h·L."""
     return sum(cache_widths(config).values()) * config.num_hidden_layers

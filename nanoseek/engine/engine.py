@@ -1,27 +1,19 @@
 """The continuous-batching engine over the latent KV cache.
 
-Memory: one preallocated ``KVCache`` of ``num_slots`` rows x ``max_len`` tokens; a slot holds one sequence (MLA:
-c_KV and k_R per token and layer; MHA: K and V), so a cache budget in bytes fixes how many sequences run at once
-(``slots_for_budget``). Rows are kept compact so every forward runs on a contiguous view of the cache, never a
-gathered copy: decoding sequences occupy the first rows, prefilling ones the last rows; a sequence that leaves a
-region is replaced by that region's edge row (one row copy).
+One preallocated ``KVCache`` of ``num_slots`` rows x ``max_len`` tokens, a row per sequence, so a cache budget in
+bytes fixes how many sequences run at once (``slots_for_budget``). Every forward runs on a contiguous view of the
+cache: decoding sequences occupy the first rows, prefilling ones the last; a sequence that leaves a region is
+replaced by that region's edge row (one row copy).
 
-Each ``step()``:
-1. retire cancelled requests (their rows are free at once);
-2. admit waiting requests while slots are free; requests with the same prompt admitted together share one
-   prefill (the leader's cache row is copied to its followers: a GRPO group's G completions, or ``n`` > 1);
-3. prefill: one right-padded forward over the oldest prefilling rows, at most ``prefill_tokens`` prompt tokens in
-   all (a long prompt is chunked over several steps, so running sequences are not stalled); sequences whose
-   prompt is complete sample their first token and join the decoding rows;
-4. decode: one batched forward of one token for every decoding row (absorbed MLA: the latent is read once for
-   all heads), sample per request, and retire finished sequences at once.
+Each ``step()``: retire cancelled requests; admit waiting ones while slots are free (requests with the same prompt
+admitted together share one prefill: a GRPO group, or ``n`` > 1); prefill at most ``prefill_tokens`` prompt tokens
+of the oldest prefilling rows in one right-padded forward (long prompts are chunked, so decodes are not stalled);
+decode one token for every decoding row in one batched forward (absorbed MLA), and retire finished sequences.
 
-Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the model's D MTP modules draft D tokens per row
-(module k from module k-1's hidden state, ``mtp.draft``, with its own cache); the decode forward verifies
-[last token, drafts] (D + 1 tokens), keeps the accepted drafts plus one token from the verifying logits
-(``verify``: greedy rows accept while the draft is the argmax, sampled rows by the speculative-sampling rule, so
-outputs keep the target distribution), sets the lengths of both caches back over the rejected positions, and
-drafts again from the new states.
+Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row
+(``mtp.draft``, with their own cache); the decode forward verifies [last token, drafts], keeps the accepted drafts
+plus one token (``verify``: outputs keep the target distribution), sets both caches back over the rejected
+positions, and drafts again.
 """
 
 from __future__ import annotations
@@ -75,24 +67,13 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
 class Engine:
     """Continuous batching for ``model``: ``add`` requests (any thread), call ``step`` until ``has_work`` is False.
 
-    Args:
-        num_slots: sequences held at once (cache rows).
-        max_len: tokens per sequence, prompt + output.
-        prefill_tokens: prompt tokens prefilled per step (None: every admitted prompt in one forward).
-        decode: token ids -> text, for requests that want text (streaming, stop strings).
-        speculative: draft with the model's MTP modules and verify in the next forward (see the module docstring);
-            ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted.
+    ``num_slots`` sequences (cache rows) of ``max_len`` tokens each, prompt + output; ``prefill_tokens`` prompt
+    tokens prefilled per step (None: all); ``decode``: token ids -> text, for requests that want text. With
+    ``speculative``, ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted.
     """
 
-    def __init__(
-        self,
-        model: Transformer,
-        num_slots: int,
-        max_len: int,
-        prefill_tokens: int | None = None,
-        decode: Callable[[Sequence[int]], str] | None = None,
-        speculative: bool = False,
-    ):
+    def __init__(self, model: Transformer, num_slots: int, max_len: int, prefill_tokens: int | None = None,
+                 decode: Callable[[Sequence[int]], str] | None = None, speculative: bool = False):
         if num_slots < 1:
             raise ValueError(f"the cache holds no sequence: need num_slots >= 1, got {num_slots} "
                              "(raise the cache memory or lower the maximum sequence length)")
@@ -122,15 +103,8 @@ class Engine:
         self.decode_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
-    def add(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        *,
-        generator: torch.Generator | None = None,
-        want_text: bool = False,
-        on_output: Callable[[Request, str], None] | None = None,
-    ) -> Request:
+    def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
+            want_text: bool = False, on_output: Callable[[Request, str], None] | None = None) -> Request:
         """Queue a request. ``generator`` is shared by the requests given the same one (``generate()``'s batch
         seed); otherwise a ``params.seed`` gets a private one. Raises ValueError naming what is wrong."""
         prompt = list(prompt)
@@ -161,6 +135,17 @@ class Engine:
     @property
     def tokens_cached(self) -> int:
         return int(self.cache.lengths[: len(self.decoding)].sum()) + sum(r.prefilled for r in self.prefilling)
+
+    def abort(self, reason: str) -> None:
+        """Finish every request with ``reason`` and empty the engine (after a failed step, or at shutdown)."""
+        with self.lock:
+            requests = [*self.waiting, *self.decoding, *(q for r in self.prefilling for q in (r, *r.followers))]
+            self.waiting.clear()
+        self.decoding.clear()
+        self.prefilling.clear()
+        for r in requests:
+            if not r.finished:
+                self._emit(r, r.finish(reason))
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -294,8 +279,7 @@ class Engine:
         last = draw_rows(nxt, params, generators)
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
         ids[torch.arange(B, device=self.device), n + 1] = last
-        if D:
-            self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
+        self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
         for d in range(D):
             self.spec_proposed[d] += B
             self.spec_accepted[d] += int((n > d).sum())

@@ -136,9 +136,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 class RouterStats:
     """Router statistics of one forward, filled by every MoE layer it passes: ``model(ids, router_stats=stats)``.
 
-    A forward without it records nothing and computes no balance loss (log-prob passes, generation).
-    load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i
-    (V3 eq. 17-20, before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP).
+    load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20,
+    before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP).
     """
 
     balance: bool = False
@@ -153,11 +152,8 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts > 0
-            else None
-        )
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor, router_stats: RouterStats | None = None) -> torch.Tensor:
         B, T, D = x.shape
@@ -175,10 +171,8 @@ class MoE(nn.Module):
 
 
 def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """V3 eq. 17-20, without α: Σ_i f_i P_i averaged over sequences.
-
-    scores: (B, T, E) raw affinities. f_i = E/(K·T) Σ_t 1(s_i,t ∈ TopK(s_t)); P_i = 1/T Σ_t s_i,t / Σ_j s_j,t.
-    """
+    """V3 eq. 17-20, without α: Σ_i f_i P_i averaged over sequences. scores: (B, T, E) raw affinities;
+    f_i = E/(K·T) Σ_t 1(s_i,t ∈ TopK(s_t)); P_i = 1/T Σ_t s_i,t / Σ_j s_j,t."""
     B, T, E = scores.shape
     chosen = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
     f = chosen.sum(dim=1) * (E / (top_k * T))  # (B, E), no gradient
@@ -188,11 +182,8 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def update_expert_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
-    """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step.
-
-    ``load`` is the expert load summed over the whole (global, accumulated) batch: an overloaded expert's
-    bias goes down, an underloaded one's goes up.
-    """
+    """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step, with
+    ``load`` summed over the whole (global, accumulated) batch."""
     if gate.e_score_correction_bias is None or gamma == 0:
         return
     gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

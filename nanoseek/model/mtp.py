@@ -2,13 +2,10 @@
 
 Module k combines the previous depth's representation of token i with the embedding of token i+k:
 h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and
-predicts t_{i+k+1} through the shared output head (eq. 23). Embedding and head are the main model's (shared), so
-only the norms, the projection M_k (`eh_proj`) and the block are new. Names follow the released V3 weights (enorm,
-hnorm, eh_proj, shared_head.norm); the concatenation order is theirs too (embedding first).
-
-Training runs the chain over the whole sequence (``mtp_logits``) and adds L_MTP = λ/D Σ_k L^k (``mtp_loss``,
-eq. 24-25). Inference runs it incrementally with its own KV cache (``draft``): the k-th module drafts one more token
-from the (k-1)-th one's hidden state, for the engine's speculative decoding (V3 §5.4.3).
+predicts t_{i+k+1} through the main model's shared output head (eq. 23). Names and concatenation order follow the
+released V3 weights (enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence
+(``mtp_logits``, ``mtp_loss``); inference runs it incrementally with its own KV cache (``draft``) for the engine's
+speculative decoding (V3 §5.4.3).
 """
 
 from __future__ import annotations
@@ -78,11 +75,9 @@ def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCach
     """Run the chain incrementally over the new positions of each sequence, with the MTP blocks' own ``cache``.
 
     h: (B, T, D) main states of positions ``cache.lengths + j`` (``counts`` (B,) of them real, the rest padding);
-    tokens: (B, T + depth + 1) with tokens[:, j] the token at position ``cache.lengths + j``, known up to index
-    ``counts``. Module k reads h^{k-1} and tokens[:, j + k]. With ``pick``, each module's logits at the last real
-    position (predicting the token ``k`` after the last known one) give ``pick(logits) -> (B,)`` drafts, written
-    to tokens[:, counts + k] for the next module. A position whose token was itself a draft keeps that cache entry;
-    drafts only decide what is verified, never what is output.
+    tokens: (B, T + depth + 1), tokens[:, j] at position ``cache.lengths + j``; module k reads tokens[:, j + k].
+    With ``pick``, module k's logits at the last real position give ``pick(logits) -> (B,)`` drafts, written to
+    tokens[:, counts + k] for the next module (drafts decide what is verified, never what is output).
     """
     B, T = h.shape[:2]
     rows = torch.arange(B, device=h.device)

@@ -15,10 +15,7 @@ from nanoseek.config import ModelConfig, yarn_mscale
 
 def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies by ``factor``, keep high ones, ramp in between (beta_fast/beta_slow).
-
-    Returns the inverse frequencies (dim/2,) and the factor cos/sin are multiplied by, which is
-    mscale(s, mscale) / mscale(s, mscale_all_dim) (1.0 in the released configs, where the two are equal).
-    """
+    -> (inverse frequencies (dim/2,), the factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim))."""
     factor = float(rope_scaling["factor"])
     original_max = int(rope_scaling["original_max_position_embeddings"])
     beta_fast = rope_scaling.get("beta_fast") or 32
@@ -71,8 +68,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate channel pairs of x: (..., T, d) by cos/sin: (..., T, d/2), broadcast over leading dims.
 
     ``interleave`` pairs (x0, x1), (x2, x3), ... as DeepSeek's released weights do; otherwise (x_i, x_{i+d/2}).
-    Either way the result is written in the half-split layout; q and k share that layout, so every q·k is
-    exactly that of the interleaved rotation.
+    The result is in the half-split layout either way; q and k share it, so every q·k is unchanged.
     """
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]

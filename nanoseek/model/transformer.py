@@ -44,7 +44,6 @@ class Transformer(nn.Module):
             for p in module.parameters(recurse=False):
                 nn.init.normal_(p, std=std)
 
-    # ------------------------------------------------------------------ forward
     def context(self, seq_len: int, cache: KVCache | None, dtype: torch.dtype) -> AttentionContext:
         """RoPE tables for the new tokens and, with a cache, their write positions and the attention mask."""
         device = self.embed_tokens.weight.device
@@ -61,24 +60,15 @@ class Transformer(nn.Module):
         mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # causal in absolute positions
         return AttentionContext(cos, sin, cache, positions, mask, kv_len)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: KVCache | None = None,
-        *,
-        input_lengths: torch.Tensor | None = None,
-        return_mtp: bool = False,
-        return_hidden: bool = False,
-        router_stats: RouterStats | None = None,
-    ):
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                input_lengths: torch.Tensor | None = None, return_mtp: bool = False, return_hidden: bool = False,
+                router_stats: RouterStats | None = None):
         """input_ids: (B, T) -> logits (B, T, vocab).
 
-        With ``cache``, the tokens continue each sequence at ``cache.lengths`` and the cache advances by
-        ``input_lengths`` (B,) (default T: all new tokens are real; shorter rows are right-padded).
-        ``return_mtp`` adds the MTP logits: a list, depth k giving (B, T-k, vocab) where row i predicts t_{i+k+1}.
-        ``return_hidden`` returns the final normed hidden states (B, T, D) instead of logits, so a caller can
-        apply ``lm_head`` in chunks. ``router_stats`` collects every MoE layer's expert load (and, if asked, its
-        balance loss), the MTP modules' included.
+        With ``cache``, the tokens continue each sequence at ``cache.lengths``, which advance by ``input_lengths``
+        (B,) (default T; shorter rows are right-padded). ``return_mtp`` adds the MTP logits (``mtp_logits``).
+        ``return_hidden``: the final normed states (B, T, D) instead of logits (a caller applies ``lm_head`` in
+        chunks). ``router_stats`` collects every MoE layer's load (and balance loss), the MTP modules' included.
         """
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -93,18 +83,14 @@ class Transformer(nn.Module):
             return out, mtp_logits(self, h, input_ids, router_stats)
         return out
 
-    # ------------------------------------------------------------------ inference helpers
-    def new_cache(
-        self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """A preallocated cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks',
-        for ``mtp.draft``)."""
+    def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
+                  ) -> KVCache:
+        """A cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks', for
+        ``mtp.draft``)."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
-        return KVCache(
-            cache_widths(self.config), n_layers, batch_size, max_len,
-            dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,
-            layer_offset=self.config.num_hidden_layers if mtp else 0,
-        )
+        return KVCache(cache_widths(self.config), n_layers, batch_size, max_len,
+                       dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,
+                       layer_offset=self.config.num_hidden_layers if mtp else 0)
 
     def set_decode_impl(self, impl: str) -> None:
         """Choose the MLA decode path: "absorb" (default) or "naive" (re-expand the cached latent)."""
@@ -116,7 +102,6 @@ class Transformer(nn.Module):
         """Every MoE layer, main blocks first, then the MTP blocks'."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    # ------------------------------------------------------------------ accounting
     def num_parameters(self, include_mtp: bool = False) -> int:
         seen, total = set(), 0
         for name, p in self.named_parameters():
@@ -129,13 +114,10 @@ class Transformer(nn.Module):
     def num_active_parameters(self) -> int:
         """Parameters one token touches (main model): all but the routed experts it is not sent to."""
         c = self.config
-        idle = 0
-        for i in range(c.num_hidden_layers):
-            if c.is_moe_layer(i):
-                idle += (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        idle = sum((c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+                   for i in range(c.num_hidden_layers) if c.is_moe_layer(i))
         return self.num_parameters() - idle
 
-    # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
         """Load a Hugging Face ``deepseek_v2``/``deepseek_v3`` directory (single or sharded safetensors)."""

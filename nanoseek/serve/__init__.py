@@ -1,10 +1,6 @@
 """``nanoseek serve``: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over the continuous-batching engine,
-with SSE streaming, ``/health``, Prometheus ``/metrics`` and a chat page at ``/``.
-
-``app.py`` holds the routes, ``protocol.py`` the request checks, ``worker.py`` the engine thread and metrics,
-``static/index.html`` the page; the text codec is ``nanoseek.tokenizer.Tokenizer``. This module is the command line; it
-imports the web stack only when the command runs.
-"""
+with SSE streaming, ``/health``, Prometheus ``/metrics`` and a chat page at ``/``. This module is the command line;
+it imports the web stack only when the command runs."""
 
 from __future__ import annotations
 
@@ -65,9 +61,6 @@ def build(cfg: ServeConfig):
     per_token = bytes_per_token(model)
     budget = int(cfg.cache_memory * 2**20)
     fit = slots_for_budget(model, budget, max_len, speculative=cfg.speculative)
-    if fit < 1:
-        raise ValueError(f"--cache-memory {cfg.cache_memory:g} MiB holds {budget // per_token} tokens, less than "
-                         f"one sequence of --max-model-len {max_len}: raise it or lower --max-model-len")
     engine = Engine(model, min(fit, cfg.max_batch), max_len, prefill_tokens=cfg.prefill_chunk, decode=tok.decode,
                     speculative=cfg.speculative)
     what = "c_KV + k_R" if c.attention_type == "mla" else "K + V"
@@ -88,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
-            """SIGINT/SIGTERM start uvicorn's graceful shutdown; unlike uvicorn's own, the signal is not raised
-            again afterwards, so the engine thread is stopped below and the command exits 0."""
+            """SIGINT/SIGTERM start uvicorn's graceful shutdown without re-raising the signal: the command exits 0."""
             previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield

@@ -1,9 +1,7 @@
 """The ASGI app: OpenAI-compatible routes over the engine, SSE streaming, health, Prometheus metrics, the chat page.
 
-Every client error is a 4xx with an OpenAI error object; the handlers never let a bad request reach the engine.
-A client that goes away (a closed stream, or a dropped connection while waiting) cancels its requests, and the
-engine frees their cache rows at its next step. Both endpoints answer through one builder (``API.respond``); a
-``Shape`` says how each writes a choice's text and log-probs.
+Every client error is a 4xx with an OpenAI error object. A client that goes away (a closed stream, or a dropped
+connection while waiting) cancels its requests; the engine frees their cache rows at its next step.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,28 +25,6 @@ from nanoseek.serve.worker import EngineWorker, Output
 from nanoseek.tokenizer import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How an endpoint writes a choice: its object names, its text (``text(s, streamed)``) and its log-probs
-    (``logprobs(tokens, values)``)."""
-
-    object: str
-    chunk_object: str
-    id_prefix: str
-    text: Callable[[str, bool], dict]
-    logprobs: Callable[[list[str], list[float]], dict]
-
-
-COMPLETION = Shape("text_completion", "text_completion", "cmpl", lambda s, streamed: {"text": s},
-                   lambda tokens, values: {"tokens": tokens, "token_logprobs": values, "top_logprobs": None,
-                                           "text_offset": None})
-CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl",
-             lambda s, streamed: ({"delta": {"content": s} if s else {}} if streamed
-                                  else {"message": {"role": "assistant", "content": s}}),
-             lambda tokens, values: {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
-                                                  "top_logprobs": []} for t, v in zip(tokens, values)]})
 
 
 @dataclass
@@ -125,18 +101,27 @@ class API:
                     raise APIError(str(e), param) from None
         return choices, queue
 
-    async def respond(self, shape: Shape, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
+    async def respond(self, chat: bool, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
                       param: str, with_logprobs: bool):
         """Either endpoint's response: one object, or SSE chunks (one per engine output with text, a finish or
         log-probs; usage if asked; ``[DONE]``)."""
         choices, queue = self.start(prompts, body, max_tokens, param)
-        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
         def choice(c: Choice, text: str, start: int, stop: int, reason: str | None, streamed: bool) -> dict:
             ids, values = c.request.output_ids[start:stop], c.request.logprobs[start:stop]
-            logprobs = shape.logprobs([self.tok.decode([t]) for t in ids], values) if with_logprobs else None
-            return {"index": c.index, **shape.text(text, streamed), "logprobs": logprobs,
+            tokens = [self.tok.decode([t]) for t in ids]
+            if chat:
+                out = ({"delta": {"content": text} if text else {}} if streamed
+                       else {"message": {"role": "assistant", "content": text}})
+                logprobs = {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                                        for t, v in zip(tokens, values)]}
+            else:
+                out = {"text": text}
+                logprobs = {"tokens": tokens, "token_logprobs": values, "top_logprobs": None, "text_offset": None}
+            return {"index": c.index, **out, "logprobs": logprobs if with_logprobs else None,
                     "finish_reason": "stop" if reason == "cancelled" else reason}
 
         if not body.stream:
@@ -144,10 +129,10 @@ class API:
                 pass
             return {**head, "choices": [choice(c, c.text, 0, len(c.request.output_ids), c.finish_reason, False)
                                         for c in choices], "usage": usage(choices)}
-        chunk = {**head, "object": shape.chunk_object}
+        chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         async def events():
-            if shape is CHAT:  # chat streams open with a role chunk
+            if chat:  # chat streams open with a role chunk
                 for c in choices:
                     yield sse({**chunk, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
@@ -169,17 +154,15 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
     api, created = API(worker, tok, model_name), int(time.time())
 
     @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        return await _api_error(_, validation_error(list(e.errors())))
-
     @app.exception_handler(HTTPException)
-    async def _http(_, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return await _api_error(_, APIError(str(e.detail), status=e.status_code, type=kind))
+    async def _error(_, e: Exception):
+        if isinstance(e, RequestValidationError):
+            e = validation_error(list(e.errors()))
+        elif isinstance(e, HTTPException):
+            e = APIError(str(e.detail), status=e.status_code,
+                         type="not_found_error" if e.status_code == 404 else "invalid_request_error")
+        return JSONResponse(e.body, status_code=e.status)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -205,7 +188,7 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
         api.check_model(body.model)
         p = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
         prompts = [tok.encode_prompt(x) if isinstance(x, str) else list(x) for x in p]
-        return await api.respond(COMPLETION, body, http, prompts, body.max_tokens, "prompt", body.logprobs is not None)
+        return await api.respond(False, body, http, prompts, body.max_tokens, "prompt", body.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
@@ -215,6 +198,6 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
         except (ValueError, TypeError) as e:
             raise APIError(str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await api.respond(CHAT, body, http, [prompt], max_tokens, "messages", body.logprobs)
+        return await api.respond(True, body, http, [prompt], max_tokens, "messages", body.logprobs)
 
     return app

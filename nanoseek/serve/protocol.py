@@ -17,15 +17,13 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class APIError(Exception):
-    """A client error, answered as ``{"error": {message, type, param, code}}`` with ``status``."""
+    """A client error, answered as ``body`` (``{"error": {message, type, param, code}}``) with ``status``."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
                  type: str = "invalid_request_error"):
         super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class Strict(BaseModel):
@@ -37,8 +35,6 @@ class StreamOptions(Strict):
 
 
 class _Common(Strict):
-    """Fields both endpoints share."""
-
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -87,7 +83,6 @@ class Message(Strict):
     name: str | None = None
 
     def as_dict(self) -> dict:
-        """The message as a chat template reads it: content as one string."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": self.role, "content": text}
 

@@ -24,8 +24,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 @dataclass(frozen=True)
 class Output:
-    """What one engine callback tells a handler: which of its requests (``index``), new text, tokens generated so
-    far, and the finish reason."""
+    """One engine callback for a handler: its request ``index``, new text, tokens so far, the finish reason."""
 
     index: int
     text: str
@@ -79,25 +78,14 @@ class EngineWorker:
                 self.engine.step()
             except Exception:  # a bug, not a client error: fail what is in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all("error")
-
-    def _fail_all(self, reason: str) -> None:
-        e = self.engine
-        with e.lock:
-            requests = [*e.waiting, *e.decoding, *(q for r in e.prefilling for q in (r, *r.followers))]
-            e.waiting.clear()
-        e.decoding.clear()
-        e.prefilling.clear()
-        for r in requests:
-            if not r.finished:
-                e._emit(r, r.finish(reason))
+                self.engine.abort("error")
 
     def stop(self) -> None:
         """Finish nothing more: fail the requests in flight (their handlers answer at once), end the thread."""
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout=30)
-        self._fail_all("cancelled")
+        self.engine.abort("cancelled")
 
     def collect(self):
         """The engine's gauges and totals, read at each scrape (with ``--speculative``, MTP drafts verified and

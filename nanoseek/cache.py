@@ -55,22 +55,14 @@ class KVCache:
         view.lengths = self.lengths[start:stop]
         return view
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Copy sequence ``src``'s cached tokens and length into row ``dst``."""
-        n = int(self.lengths[src])
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Copy sequences ``src`` (cached tokens and lengths) into rows ``dst``; all of ``src`` is read before any
+        write, so ``copy_rows([i, j], [j, i])`` swaps two sequences."""
+        n = int(self.lengths[src].max())
         for layers in self.buffers.values():
             for b in layers:
                 b[dst, :n] = b[src, :n]
-        self.lengths[dst] = n
-
-    def swap_rows(self, i: int, j: int) -> None:
-        """Exchange sequences ``i`` and ``j`` (cached tokens and lengths)."""
-        n = int(self.lengths[[i, j]].max())
-        rows, swapped = [i, j], [j, i]
-        for layers in self.buffers.values():
-            for b in layers:
-                b[rows, :n] = b[swapped, :n]  # the right side is gathered into a copy first
-        self.lengths[rows] = self.lengths[swapped]
+        self.lengths[dst] = self.lengths[src]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the sequences ``rows: (B',)`` (batch indices)."""

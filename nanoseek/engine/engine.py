@@ -1,19 +1,15 @@
 """The continuous-batching engine over the latent KV cache.
 
-One preallocated ``KVCache`` of ``num_slots`` rows x ``max_len`` tokens, a row per sequence, so a cache budget in
-bytes fixes how many sequences run at once (``slots_for_budget``). Every forward runs on a contiguous view of the
-cache: decoding sequences occupy the first rows, prefilling ones the last; a sequence that leaves a region is
-replaced by that region's edge row (one row copy).
+One preallocated ``KVCache`` row per sequence (``num_slots`` x ``max_len`` tokens), so a cache budget fixes how many
+sequences run at once (``slots_for_budget``). Decoding sequences occupy the first rows and prefilling ones the last,
+so every forward runs on a contiguous view; a sequence that leaves a region is replaced by that region's edge row.
+Each ``step()`` retires cancelled requests, admits waiting ones (same prompts admitted together share one prefill:
+a GRPO group, or ``n`` > 1), prefills at most ``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes
+are not stalled), and decodes every decoding row in one batched forward (absorbed MLA).
 
-Each ``step()``: retire cancelled requests; admit waiting ones while slots are free (requests with the same prompt
-admitted together share one prefill: a GRPO group, or ``n`` > 1); prefill at most ``prefill_tokens`` prompt tokens
-of the oldest prefilling rows in one right-padded forward (long prompts are chunked, so decodes are not stalled);
-decode one token for every decoding row in one batched forward (absorbed MLA), and retire finished sequences.
-
-Speculative decoding (``speculative=True``, DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row
-(``mtp.draft``, with their own cache); the decode forward verifies [last token, drafts], keeps the accepted drafts
-plus one token (``verify``: outputs keep the target distribution), sets both caches back over the rejected
-positions, and drafts again.
+Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, with their own
+cache); the next decode forward verifies them (``verify``), keeps the accepted ones plus one token, and sets both
+caches back over the rejected positions.
 """
 
 from __future__ import annotations
@@ -26,16 +22,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from nanoseek.cache import KVCache, elements_per_token
-from nanoseek.engine.detokenize import Detokenizer
-from nanoseek.engine.request import Request
+from nanoseek.engine.request import Detokenizer, Request
 from nanoseek.engine.sampling import SamplingParams, draw_rows, log_probs_rows, sample_rows, uniform_rows
 from nanoseek.model.mtp import draft
 from nanoseek.model.transformer import Transformer
 
 
-def bytes_per_token(model: Transformer, dtype: torch.dtype | None = None) -> int:
+def bytes_per_token(model: Transformer) -> int:
     """Cache bytes one token takes over all layers (``cache.elements_per_token`` in the model's dtype)."""
-    return elements_per_token(model.config) * (dtype or model.embed_tokens.weight.dtype).itemsize
+    return elements_per_token(model.config) * model.embed_tokens.weight.dtype.itemsize
 
 
 def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, speculative: bool = False) -> int:
@@ -102,7 +97,6 @@ class Engine:
         self.decode_tokens = 0  # tokens from decode steps (the rest come from prefills)
         self.decode_seconds = 0.0
 
-    # ------------------------------------------------------------------ requests
     def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
             want_text: bool = False, on_output: Callable[[Request, str], None] | None = None) -> Request:
         """Queue a request. ``generator`` is shared by the requests given the same one (``generate()``'s batch
@@ -152,7 +146,6 @@ class Engine:
         while self.has_work():
             self.step()
 
-    # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> None:
         self._retire_cancelled()
@@ -322,7 +315,6 @@ class Engine:
         self.generated_tokens += appended
         return appended
 
-    # ------------------------------------------------------------------ rows
     def _enter_prefilling(self, request: Request) -> None:
         request.row = self.num_slots - len(self.prefilling) - 1
         request.prefilled = 0
@@ -335,8 +327,7 @@ class Engine:
         the region (``request``'s cache is still there, for ``_enter_decoding`` to copy)."""
         edge = self.prefilling[0]
         if edge is not request:
-            for cache in self.caches:
-                cache.swap_rows(edge.row, request.row)
+            self._copy_rows([edge.row, request.row], [request.row, edge.row])  # a swap
             self.prefilling[self.prefilling.index(request)] = edge
             edge.row, request.row = request.row, edge.row
         self.prefilling.pop(0)
@@ -345,7 +336,7 @@ class Engine:
         """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
         row = len(self.decoding)
         if src_row != row:
-            self._copy_row(src_row, row)
+            self._copy_rows([src_row], [row])
         request.row = row
         self.decoding.append(request)
 
@@ -353,12 +344,12 @@ class Engine:
         """Free ``request``'s row: the last decoding row moves into it."""
         edge = self.decoding[-1]
         if edge is not request:
-            self._copy_row(edge.row, request.row)
+            self._copy_rows([edge.row], [request.row])
             self.decoding[request.row] = edge
             edge.row = request.row
         self.decoding.pop()
 
-    def _copy_row(self, src: int, dst: int) -> None:
+    def _copy_rows(self, src: list[int], dst: list[int]) -> None:
         for cache in self.caches:
-            cache.copy_row(src, dst)
+            cache.copy_rows(src, dst)
         self.drafts[dst], self.draft_probs[dst] = self.drafts[src], self.draft_probs[src]

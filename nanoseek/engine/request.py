@@ -1,25 +1,55 @@
-"""One request's state as it moves through the engine: waiting -> prefilling -> decoding -> finished."""
+"""One request's state as it moves through the engine (waiting -> prefilling -> decoding -> finished), and the
+incremental detokenization that streams its text (the scheme of Hugging Face TGI and vLLM): a byte-level BPE token
+can hold part of a character, and a lone suffix of the ids can decode differently from the same ids in context, so
+each step decodes a short window twice, ``ids[prefix:read]`` (already emitted) and ``ids[prefix:]``, emits the
+difference, and waits while the window ends in U+FFFD (an incomplete character).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.detokenize import Detokenizer
 from nanoseek.engine.sampling import SamplingParams
+
+REPLACEMENT = "\ufffd"
+
+
+class Detokenizer:
+    """``add(token_id) -> new text`` for one sequence; ``flush()`` at the end returns whatever is still held."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: a few ids of context before the unread ones
+        self.read = 0  # ids[:read] are already emitted as text
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The text held back at the end (an incomplete character stays as U+FFFD, as a full decode gives it)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        done = self.decode(self.ids[self.prefix : self.read])
+        window = self.decode(self.ids[self.prefix :])
+        if len(window) <= len(done) or (window.endswith(REPLACEMENT) and not final):
+            return ""
+        delta = window[len(done) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        return delta
 
 
 @dataclass(eq=False)
 class Request:
-    """A prompt, how to sample it, and what has been generated so far.
-
-    The engine thread writes; other threads read ``output_ids``/``text`` only after ``on_output`` has told them,
-    and may set ``cancelled`` at any time (the engine frees the request's cache space at its next step).
-    ``on_output(request, text_delta)`` is called after every new token and once more when the request finishes.
-    """
+    """A prompt, how to sample it, and what has been generated so far. The engine thread writes and calls
+    ``on_output(request, text_delta)`` after every new token and at the finish; other threads read after that
+    call, and may set ``cancelled`` at any time (the engine frees the request's cache space at its next step)."""
 
     prompt: list[int]
     params: SamplingParams

@@ -1,8 +1,7 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
 
-Rows of a batch carry their own parameters and generators: rows that share both are drawn in one call, so a
-``generate()`` batch costs one call per step and a seeded request draws only from its own generator (its text does
-not depend on what else is in the batch)."""
+Rows of a batch carry their own parameters and generators; rows that share both are drawn in one call, and a seeded
+request draws only from its own generator (its text does not depend on the batch)."""
 
 from __future__ import annotations
 
@@ -96,12 +95,10 @@ def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators:
     return out
 
 
-def sample_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> tuple[list[int], list[float]]:
-    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, log-probs of those tokens
-    under the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain
-    softmax; a seeded request draws only from its own generator."""
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+                ) -> tuple[list[int], list[float]]:
+    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, their log-probs under
+    the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain softmax."""
     logp = log_probs_rows(logits, params)
     tokens = draw_rows(logp.exp(), params, generators, greedy=logits.float().argmax(-1))
     return tokens.tolist(), logp.gather(-1, tokens[:, None])[:, 0].tolist()

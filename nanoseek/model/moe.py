@@ -42,11 +42,9 @@ class Gate(nn.Module):
         self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
         self.norm_topk_prob, self.route_scale = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
-        if self.topk_method == "noaux_tc":
-            # b_i: used only to choose experts (aux-loss-free balancing); updated outside autograd
-            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32))
-        else:
-            self.e_score_correction_bias = None
+        # b_i: used only to choose experts (aux-loss-free balancing); updated outside autograd
+        bias = torch.zeros(self.n_experts, dtype=torch.float32) if self.topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, D) -> gate values (N, K), expert ids (N, K), raw affinities s (N, E)."""

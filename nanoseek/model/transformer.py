@@ -103,13 +103,8 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def num_parameters(self, include_mtp: bool = False) -> int:
-        seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if (not include_mtp and name.startswith("mtp.")) or id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        """Parameters counted once (tied weights are yielded once), the MTP modules' if ``include_mtp``."""
+        return sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
 
     def num_active_parameters(self) -> int:
         """Parameters one token touches (main model): all but the routed experts it is not sent to."""

@@ -1,8 +1,6 @@
 """The ASGI app: OpenAI-compatible routes over the engine, SSE streaming, health, Prometheus metrics, the chat page.
-
 Every client error is a 4xx with an OpenAI error object. A client that goes away (a closed stream, or a dropped
-connection while waiting) cancels its requests; the engine frees their cache rows at its next step.
-"""
+connection while waiting) cancels its requests; the engine frees their cache rows at its next step."""
 
 from __future__ import annotations
 
@@ -17,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from nanoseek.engine import Request as EngineRequest
@@ -83,10 +82,11 @@ class API:
             raise APIError(f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model", 404,
                            "model_not_found")
 
-    def start(self, prompts: list[list[int]], body, max_tokens: int | None, param: str
-              ) -> tuple[list[Choice], asyncio.Queue]:
-        """Queue ``n`` requests per prompt, all or none (the engine checks each prompt against the context and the
-        vocabulary). Without ``max_tokens`` a choice may fill the context, and a prompt that fills it is refused."""
+    async def respond(self, chat: bool, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
+                      param: str, with_logprobs: bool):
+        """Either endpoint's response: one object, or SSE chunks (one per engine output with text, a finish or
+        log-probs; usage if asked; ``[DONE]``). The ``n`` requests per prompt are queued all or none; without
+        ``max_tokens`` a choice may fill the context."""
         choices, queue = [], asyncio.Queue()
         for i, p in enumerate(prompts):
             for j in range(body.n):
@@ -95,17 +95,10 @@ class API:
                 try:
                     params = body.sampling(budget, self.tok.stop_ids, index)
                     choices.append(Choice(index, i, self.worker.submit(p, params, queue, index)))
-                except ValueError as e:
+                except ValueError as e:  # the engine checks each prompt against the context and the vocabulary
                     for c in choices:
                         c.request.cancelled = True
                     raise APIError(str(e), param) from None
-        return choices, queue
-
-    async def respond(self, chat: bool, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
-                      param: str, with_logprobs: bool):
-        """Either endpoint's response: one object, or SSE chunks (one per engine output with text, a finish or
-        log-probs; usage if asked; ``[DONE]``)."""
-        choices, queue = self.start(prompts, body, max_tokens, param)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -174,8 +167,7 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
 
     @app.get("/metrics")
     async def metrics():
-        text, content_type = worker.metrics()
-        return Response(text, media_type=content_type)
+        return Response(generate_latest(worker.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

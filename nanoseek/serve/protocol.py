@@ -1,8 +1,6 @@
-"""OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``), checked field by field.
-
-Unknown fields are refused (as OpenAI does), and so are known ones nanoseek does not implement with a value that
-would change the output (penalties, logit_bias, tools, top_logprobs): a setting either works or is refused.
-"""
+"""OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``), checked field by field. Unknown fields
+are refused (as OpenAI does), and so are known ones nanoseek does not implement with a value that would change the
+output (penalties, logit_bias, top_logprobs): a setting either works or is refused."""
 
 from __future__ import annotations
 

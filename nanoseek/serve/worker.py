@@ -1,8 +1,6 @@
 """The engine on its own thread, and the bridge to asyncio: requests' outputs arrive on an ``asyncio.Queue``.
-
-The thread steps the engine while there is work and sleeps on an event otherwise; torch releases the GIL inside
-its kernels, so the event loop keeps serving HTTP while a step runs.
-"""
+The thread steps the engine while there is work, else sleeps on an event; torch releases the GIL inside its
+kernels, so the event loop keeps serving HTTP while a step runs."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nanoseek.engine import Engine, Request, SamplingParams
@@ -108,7 +106,3 @@ class EngineWorker:
             for d, count in enumerate(counts):
                 family.add_metric([str(d + 1)], count)
             yield family
-
-    def metrics(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -13,12 +13,9 @@ import torch
 
 
 class KVCache:
-    """``buffers[name][layer]: (B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence.
-
-    One tensor per layer, so a forward under autograd (``nanoseek.policy``'s shared prompts) can write layer l + 1
-    without invalidating the views layer l saved for backward. ``layer_offset``: the first block served (the MTP
-    modules' own cache).
-    """
+    """``buffers[name][layer]: (B, T_max, width)``; ``lengths: (B,)`` tokens cached per sequence. One tensor per
+    layer, so a forward under autograd (``nanoseek.policy``'s shared prompts) can write layer l + 1 without
+    invalidating the views layer l saved for backward. ``layer_offset``: the first block served (MTP's own cache)."""
 
     def __init__(self, widths: dict[str, int], num_layers: int, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", layer_offset: int = 0):

@@ -43,14 +43,12 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023).
-
-    p: (B, D+1, V) target distributions at the verified positions; q: (B, D, V) the distributions the ``drafts``
-    (B, D) were drawn from; u: (B, D) uniform draws in [0, 1). Draft j is accepted with probability
-    min(1, p_j(x) / q_j(x)), up to the first rejection -> (accepted drafts per row (B,), the next token's
-    distribution (B, V): norm(max(0, p_j - q_j)) at the rejected position, p_D after D acceptances). A one-hot p
-    (greedy) accepts exactly while the draft is its argmax, and the next token is that argmax.
-    """
+    """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023). p: (B, D+1, V) target
+    distributions at the verified positions; q: (B, D, V) the distributions the ``drafts`` (B, D) were drawn from;
+    u: (B, D) uniform draws in [0, 1). Draft j is accepted with probability min(1, p_j(x) / q_j(x)), up to the first
+    rejection -> (accepted drafts per row (B,), the next token's distribution (B, V): norm(max(0, p_j - q_j)) at
+    the rejected position, p_D after D acceptances). A one-hot p (greedy) accepts exactly while the draft is its
+    argmax, and the next token is that argmax."""
     px = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
     qx = q.gather(-1, drafts[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
@@ -61,7 +59,6 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tens
 
 class Engine:
     """Continuous batching for ``model``: ``add`` requests (any thread), call ``step`` until ``has_work`` is False.
-
     ``num_slots`` sequences (cache rows) of ``max_len`` tokens each, prompt + output; ``prefill_tokens`` prompt
     tokens prefilled per step (None: all); ``decode``: token ids -> text, for requests that want text. With
     ``speculative``, ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted.
@@ -247,9 +244,8 @@ class Engine:
         self._record(rows, [[t] for t in tokens], [[lp] for lp in logps])
 
     def _decode(self) -> int:
-        """One batched forward of D + 1 tokens per decoding row, [last token, its D drafts] (absorbed MLA reads the
-        latent once): keep the accepted drafts and the next token, set both caches back over the rejected
-        positions, and draft again. Plain decoding (D = 0) samples the next token from p_0 directly."""
+        """One batched forward of [last token, its D drafts] per decoding row: keep the accepted drafts and the next
+        token, set both caches back over the rejected positions, draft again. D = 0 samples from p_0 directly."""
         rows, D = list(self.decoding), self.depth
         B, params = len(rows), [r.params for r in rows]
         generators = [r.generator for r in rows]
@@ -299,8 +295,7 @@ class Engine:
         self.draft_probs[start : start + len(rows)] = torch.stack(probs, 1)
 
     def _record(self, rows: list[Request], tokens: list[list[int]], logps: list[list[float]]) -> int:
-        """Append each row's new tokens up to its end, tell its listener, and retire the rows that finished.
-        -> the number of tokens appended."""
+        """Append each row's new tokens up to its end, tell its listener, retire finished rows. -> tokens appended."""
         appended = 0
         for r, ts, lps in zip(rows, tokens, logps):
             text = ""

@@ -49,18 +49,12 @@ class RMSNorm(nn.Module):
 class AttentionContext:
     """What every attention layer of one forward shares: RoPE tables and, with a cache, where to write/read."""
 
-    cos: torch.Tensor  # (T, d/2) or (B, T, d/2)
+    cos: torch.Tensor  # (T, d/2) or (B, 1, T, d/2): broadcast over heads
     sin: torch.Tensor
     cache: KVCache | None = None
     positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
     mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = may attend; None = plain causal
     kv_len: int = 0  # S: cached slots to read (max length after this write)
-
-    def rope_for_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin broadcastable over (B, H, T, d/2)."""
-        if self.cos.dim() == 3:
-            return self.cos[:, None], self.sin[:, None]
-        return self.cos, self.sin
 
 
 class MLA(nn.Module):
@@ -94,12 +88,11 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_h + d_R)
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-        cos_h, sin_h = ctx.rope_for_heads()
-        q_pe = apply_rope(q_pe, cos_h, sin_h, self.interleave)  # q_R (eq. 15)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleave)  # q_R (eq. 15)
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_c, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # c_KV: (B, T, d_c) (eq. 9)
-        k_pe = apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)  # k_R: (B, T, d_R), shared by heads (eq. 16)
+        k_pe = apply_rope(k_pe[:, None], ctx.cos, ctx.sin, self.interleave)[:, 0]  # k_R: (B, T, d_R), one for all heads
 
         if ctx.cache is not None:
             ctx.cache.write(layer_idx, ctx.positions, latent=torch.cat((c_kv, k_pe), dim=-1))
@@ -128,12 +121,10 @@ class MLA(nn.Module):
         return out[..., : self.d_v]
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask):
-        """Absorbed path: score and mix in latent space; the keys/values are never expanded. Returns (B, H, T, d_v).
-
+        """Absorbed path: score and mix in latent space, never expanding keys/values. Returns (B, H, T, d_v).
         q_C·k_C + q_R·k_R = [W_UKᵀ q_C | q_R]·[c_KV | k_R] (eq. 17 with W_UK absorbed into the query), so the H·T
         queries attend over one shared key/value head, the cached row itself: one fused attention call reads the
-        cache once for all heads (MQA-like traffic), and the first d_c columns of its output are Σ_j p_ij c_KV,j.
-        """
+        cache once for all heads (MQA-like traffic), and the first d_c columns of its output are Σ_j p_ij c_KV,j."""
         B, H, T, _ = q_nope.shape
         S = latent.shape[1]
         w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.d_c)
@@ -165,9 +156,8 @@ class MHA(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        cos_h, sin_h = ctx.rope_for_heads()
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2), cos_h, sin_h, False)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2), cos_h, sin_h, False)
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2), ctx.cos, ctx.sin, False)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2), ctx.cos, ctx.sin, False)
         v = self.v_proj(x)
         if ctx.cache is not None:
             ctx.cache.write(layer_idx, ctx.positions, k=k.transpose(1, 2).reshape(B, T, -1), v=v)

@@ -132,11 +132,9 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass
 class RouterStats:
-    """Router statistics of one forward, filled by every MoE layer it passes: ``model(ids, router_stats=stats)``.
-
+    """Router statistics of one forward, filled by every MoE layer it passes (``model(ids, router_stats=stats)``):
     load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20,
-    before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP).
-    """
+    before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP)."""
 
     balance: bool = False
     load: dict[int, torch.Tensor] = field(default_factory=dict)

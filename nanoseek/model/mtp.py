@@ -73,12 +73,10 @@ def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[i
 def draft(model: nn.Module, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache, counts: torch.Tensor,
           pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run the chain incrementally over the new positions of each sequence, with the MTP blocks' own ``cache``.
-
     h: (B, T, D) main states of positions ``cache.lengths + j`` (``counts`` (B,) of them real, the rest padding);
     tokens: (B, T + depth + 1), tokens[:, j] at position ``cache.lengths + j``; module k reads tokens[:, j + k].
     With ``pick``, module k's logits at the last real position give ``pick(logits) -> (B,)`` drafts, written to
-    tokens[:, counts + k] for the next module (drafts decide what is verified, never what is output).
-    """
+    tokens[:, counts + k] for the next module (drafts decide what is verified, never what is output)."""
     B, T = h.shape[:2]
     rows = torch.arange(B, device=h.device)
     ctx = model.context(T, cache, h.dtype)

@@ -55,7 +55,7 @@ class Transformer(nn.Module):
         kv_len = int(cache.lengths.max()) + seq_len
         if kv_len > cache.max_len:
             raise ValueError(f"cache overflow: {kv_len} tokens needed, cache holds {cache.max_len}")
-        cos, sin = self.rotary(positions, dtype)
+        cos, sin = self.rotary(positions[:, None], dtype)  # (B, 1, T, d/2)
         keys = torch.arange(kv_len, device=device)
         mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # causal in absolute positions
         return AttentionContext(cos, sin, cache, positions, mask, kv_len)
@@ -63,13 +63,11 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
                 input_lengths: torch.Tensor | None = None, return_mtp: bool = False, return_hidden: bool = False,
                 router_stats: RouterStats | None = None):
-        """input_ids: (B, T) -> logits (B, T, vocab).
-
-        With ``cache``, the tokens continue each sequence at ``cache.lengths``, which advance by ``input_lengths``
-        (B,) (default T; shorter rows are right-padded). ``return_mtp`` adds the MTP logits (``mtp_logits``).
-        ``return_hidden``: the final normed states (B, T, D) instead of logits (a caller applies ``lm_head`` in
-        chunks). ``router_stats`` collects every MoE layer's load (and balance loss), the MTP modules' included.
-        """
+        """input_ids: (B, T) -> logits (B, T, vocab). With ``cache``, the tokens continue each sequence at
+        ``cache.lengths``, which advance by ``input_lengths`` (B,) (default T; shorter rows are right-padded).
+        ``return_mtp`` adds the MTP logits (``mtp_logits``). ``return_hidden``: the final normed states (B, T, D)
+        instead of logits (a caller applies ``lm_head`` in chunks). ``router_stats`` collects every MoE layer's load
+        (and balance loss), the MTP modules' included."""
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         ctx = self.context(T, cache, x.dtype)
@@ -85,8 +83,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
                   ) -> KVCache:
-        """A cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks', for
-        ``mtp.draft``)."""
+        """A cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks')."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return KVCache(cache_widths(self.config), n_layers, batch_size, max_len,
                        dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,

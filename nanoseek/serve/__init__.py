@@ -71,23 +71,11 @@ def build(cfg: ServeConfig):
 
 
 def run(args: argparse.Namespace) -> int:
-    import contextlib
     import signal
 
     import uvicorn
 
     from nanoseek.serve.app import create_app
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            """SIGINT/SIGTERM start uvicorn's graceful shutdown without re-raising the signal: the command exits 0."""
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
     cfg = cli_args.from_args(ServeConfig, args)
     worker, tok, name, summary = build(cfg)
@@ -96,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
     worker.thread.start()
     config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=10)
+    # SIGINT/SIGTERM: uvicorn stops accepting and lets requests in flight finish (10 s), then raises the signal
+    # again under the handlers it found: ignored here, so the engine thread is stopped below and the command exits 0
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        Server(config).run()  # SIGINT/SIGTERM: stop accepting, let requests in flight finish (10 s)
+        uvicorn.Server(config).run()
     finally:
         worker.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print("server stopped", file=sys.stderr, flush=True)
     return 0

@@ -28,12 +28,11 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 @dataclass
 class Choice:
-    """One engine request of an HTTP request, and the text collected from it."""
+    """One engine request of an HTTP request, and its finish reason once delivered."""
 
     index: int
     prompt_index: int
     request: EngineRequest
-    text: str = ""
     finish_reason: str | None = None
 
 
@@ -57,7 +56,6 @@ async def outputs(choices: list[Choice], queue: asyncio.Queue, http: Request | N
                     return
                 continue
             c = choices[out.index]
-            c.text += out.text
             c.finish_reason = out.finish_reason
             left -= out.finish_reason is not None
             yield c, out
@@ -120,7 +118,7 @@ class API:
         if not body.stream:
             async for _ in outputs(choices, queue, http):
                 pass
-            return {**head, "choices": [choice(c, c.text, 0, len(c.request.output_ids), c.finish_reason, False)
+            return {**head, "choices": [choice(c, c.request.text, 0, len(c.request.output_ids), c.finish_reason, False)
                                         for c in choices], "usage": usage(choices)}
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 

@@ -48,8 +48,7 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
-        """Queue a request; its ``Output``s, tagged ``index``, are put on ``queue`` (from the engine thread,
-        thread-safely)."""
+        """Queue a request; the engine thread puts its ``Output``s, tagged ``index``, on ``queue`` (thread-safely)."""
         loop = asyncio.get_running_loop()
 
         def on_output(r: Request, text: str) -> None:
@@ -86,8 +85,7 @@ class EngineWorker:
         self.engine.abort("cancelled")
 
     def collect(self):
-        """The engine's gauges and totals, read at each scrape (with ``--speculative``, MTP drafts verified and
-        accepted per depth)."""
+        """The engine's gauges and totals (and MTP drafts verified and accepted per depth), read at each scrape."""
         e = self.engine
         for name, value, help_text in (
             ("nanoseek_requests_running", len(e.decoding) + len(e.prefilling), "requests prefilling or decoding"),

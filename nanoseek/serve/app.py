@@ -75,16 +75,18 @@ class API:
     tok: Tokenizer
     model_name: str
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model", 404,
-                           "model_not_found")
-
-    async def respond(self, chat: bool, body, http: Request, prompts: list[list[int]], max_tokens: int | None,
-                      param: str, with_logprobs: bool):
-        """Either endpoint's response: one object, or SSE chunks (one per engine output with text, a finish or
-        log-probs; usage if asked; ``[DONE]``). The ``n`` requests per prompt are queued all or none; without
-        ``max_tokens`` a choice may fill the context."""
+    async def respond(self, chat: bool, body, http: Request, prompts: list, max_tokens: int | None, param: str,
+                      with_logprobs: bool):
+        """Either endpoint's response to ``prompts`` (texts, token ids or chats): one object, or SSE chunks (one per
+        engine output with text, a finish or log-probs; usage if asked; ``[DONE]``). The ``n`` requests per prompt
+        are queued all or none; without ``max_tokens`` a choice may fill the context."""
+        if body.model != self.model_name:
+            raise APIError(f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", 404, "model_not_found")
+        try:
+            prompts = [list(p) if isinstance(p[0], int) else self.tok.encode_prompt(p) for p in prompts]
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e), param) from None
         choices, queue = [], asyncio.Queue()
         for i, p in enumerate(prompts):
             for j in range(body.n):
@@ -175,19 +177,13 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        api.check_model(body.model)
-        p = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
-        prompts = [tok.encode_prompt(x) if isinstance(x, str) else list(x) for x in p]
+        prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
         return await api.respond(False, body, http, prompts, body.max_tokens, "prompt", body.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
-        api.check_model(body.model)
-        try:
-            prompt = tok.encode_prompt([m.as_dict() for m in body.messages])
-        except (ValueError, TypeError) as e:
-            raise APIError(str(e), "messages") from None
+        chat = [m.as_dict() for m in body.messages]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await api.respond(True, body, http, [prompt], max_tokens, "messages", body.logprobs)
+        return await api.respond(True, body, http, [chat], max_tokens, "messages", body.logprobs)
 
     return app

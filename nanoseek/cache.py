@@ -19,12 +19,9 @@ class KVCache:
 
     def __init__(self, widths: dict[str, int], num_layers: int, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", layer_offset: int = 0):
-        self.max_len = max_len
-        self.layer_offset = layer_offset
-        self.buffers = {
-            name: [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) for _ in range(num_layers)]
-            for name, width in widths.items()
-        }
+        self.max_len, self.layer_offset = max_len, layer_offset
+        self.buffers = {name: [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device)
+                               for _ in range(num_layers)] for name, width in widths.items()}
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property

@@ -71,8 +71,7 @@ class Engine:
                              "(raise the cache memory or lower the maximum sequence length)")
         self.model = model
         self.num_slots, self.max_len = num_slots, max_len
-        self.prefill_tokens = prefill_tokens
-        self.decode = decode
+        self.prefill_tokens, self.decode = prefill_tokens, decode
         self.depth = len(model.mtp) if speculative else 0
         if speculative and not self.depth:
             raise ValueError("speculative decoding needs MTP modules: config.num_nextn_predict_layers >= 1")
@@ -83,8 +82,7 @@ class Engine:
             self.caches.append(model.new_cache(num_slots, max_len + self.depth, mtp=True))
         self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
         self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
-        self.spec_proposed = [0] * self.depth
-        self.spec_accepted = [0] * self.depth
+        self.spec_proposed, self.spec_accepted = [0] * self.depth, [0] * self.depth
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # prefilling[i] sits at row num_slots - len(prefilling) + i
         self.decoding: list[Request] = []  # decoding[i] sits at row i
@@ -139,7 +137,6 @@ class Engine:
                 self._emit(r, r.finish(reason))
 
     def run(self) -> None:
-        """Step until every request has finished."""
         while self.has_work():
             self.step()
 
@@ -280,8 +277,7 @@ class Engine:
 
     def _draft(self, rows: list[Request], h: torch.Tensor, ids: torch.Tensor, view: KVCache, counts: torch.Tensor
                ) -> None:
-        """MTP drafts for ``rows`` (contiguous decoding rows), sampled as each row samples: ``mtp.draft`` over
-        ``h`` and ``ids``, the drafts and their distributions kept at the rows for the next verify."""
+        """``mtp.draft`` for the contiguous decoding ``rows``, sampled as each row samples, kept for the next verify."""
         params, generators = [r.params for r in rows], [r.generator for r in rows]
         start, probs = rows[0].row, []
 

@@ -93,18 +93,14 @@ class Request:
 
     def finish(self, reason: str) -> str:
         """End the request (also early: ``cancelled``, or ``length`` when the budget is 0). -> the text held back."""
+        cut = reason == "stop" and self.output_ids[-1] not in self.params.stop_token_ids  # at a stop string
         self.finish_reason = reason
         self.finish_time = time.perf_counter()
-        if self.detokenizer is None:
+        if self.detokenizer is None or cut:
             return ""
-        stopped = self.finish_reason == "stop" and self.output_ids[-1] not in self.params.stop_token_ids
-        tail = "" if stopped else self.held + self.detokenizer.flush()
-        for s in self.params.stop:  # a stop string completed by the flushed tail
-            if s in tail:
-                tail = tail[: tail.index(s)]
-                self.finish_reason = "stop"
+        tail = self._release(self.detokenizer.flush()) + self.held  # a stop string may complete in the tail
+        self.text += self.held
         self.held = ""
-        self.text += tail
         return tail
 
     def _release(self, delta: str) -> str:

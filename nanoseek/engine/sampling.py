@@ -38,9 +38,8 @@ class SamplingParams:
 def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
               top_p: float = 1.0) -> torch.Tensor:
     """logits: (..., V) -> log-probs (..., V) of the distribution a row samples from: the logits divided by
-    ``temperature``, cut to the ``top_k`` largest, then to the smallest set whose probability reaches ``top_p``
-    (nucleus; the most likely token always stays), renormalized. Temperature 0: the plain softmax (greedy takes
-    its argmax)."""
+    ``temperature``, cut to the ``top_k`` largest, then to the smallest set reaching probability ``top_p`` (nucleus;
+    the most likely token stays), renormalized. Temperature 0: the plain softmax (greedy takes its argmax)."""
     logits = logits.float()
     if temperature == 0.0:
         return logits.log_softmax(-1)

@@ -42,9 +42,8 @@ class MTPModule(nn.Module):
 
 def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
                router_stats: RouterStats | None = None) -> list[torch.Tensor]:
-    """The training chain (eq. 21-23): depth k sees h^{k-1}_{1:T-k} and Emb(t_{k+1:T}) -> (B, T-k, vocab) logits,
-    row i predicting t_{i+k+1}. model: the Transformer (shared embedding and head, ``model.mtp``); h: (B, T, D)
-    its final normed states."""
+    """The training chain (eq. 21-23) over the Transformer ``model``'s final normed states h: (B, T, D): depth k sees
+    h^{k-1}_{1:T-k} and Emb(t_{k+1:T}) -> (B, T-k, vocab) logits, row i predicting t_{i+k+1}."""
     T = input_ids.shape[1]
     out = []
     for k, module in enumerate(model.mtp, start=1):
@@ -58,8 +57,8 @@ def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
 
 def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[int], lam: float, depth: int,
              ignore_index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """L_MTP = λ/D Σ_k L^k (eq. 24-25), each L^k a mean over its ``n_tokens[k]`` loss tokens of the global batch.
-    targets: (B, T) next-token targets (depth k, row i predicts t_{i+k+1} = targets[:, i+k]).
+    """L_MTP = λ/D Σ_k L^k (eq. 24-25), each L^k a mean over its ``n_tokens[k]`` loss tokens of the global batch;
+    targets: (B, T) next-token targets (depth k, row i predicts targets[:, i+k] = t_{i+k+1}).
     -> (the loss, each depth's summed cross-entropy for logging)."""
     loss, sums = torch.zeros((), device=targets.device), []
     for k, lk in enumerate(logits, start=1):

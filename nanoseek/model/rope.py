@@ -47,8 +47,7 @@ def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tens
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        dim = config.rope_dim
-        rs = config.rope_scaling
+        dim, rs = config.rope_dim, config.rope_scaling
         if rs and rs.get("rope_type", rs.get("type")) == "yarn":
             inv_freq, self.attention_factor = yarn_inv_freq(dim, config.rope_theta, rs)
         else:
@@ -59,9 +58,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) or (B, T) -> cos, sin: (..., T, dim/2), already times YaRN's attention factor."""
         angles = positions[..., None].float() * self.inv_freq.float()
-        cos = (angles.cos() * self.attention_factor).to(dtype)
-        sin = (angles.sin() * self.attention_factor).to(dtype)
-        return cos, sin
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -49,8 +49,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         steps = torch.arange(seq_len, device=device)
         if cache is None:
-            cos, sin = self.rotary(steps, dtype)
-            return AttentionContext(cos, sin)
+            return AttentionContext(*self.rotary(steps, dtype))
         positions = cache.lengths[:, None] + steps  # (B, T)
         kv_len = int(cache.lengths.max()) + seq_len
         if kv_len > cache.max_len:

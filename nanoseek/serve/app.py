@@ -28,12 +28,11 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 @dataclass
 class Choice:
-    """One engine request of an HTTP request, and its finish reason once delivered."""
+    """One engine request of an HTTP request."""
 
     index: int
     prompt_index: int
     request: EngineRequest
-    finish_reason: str | None = None
 
 
 def usage(choices: list[Choice]) -> dict:
@@ -55,13 +54,11 @@ async def outputs(choices: list[Choice], queue: asyncio.Queue, http: Request | N
                 if http is not None and await http.is_disconnected():
                     return
                 continue
-            c = choices[out.index]
-            c.finish_reason = out.finish_reason
             left -= out.finish_reason is not None
-            yield c, out
+            yield choices[out.index], out
     finally:
         for c in choices:
-            if c.finish_reason is None:
+            if not c.request.finished:
                 c.request.cancelled = True
 
 
@@ -77,9 +74,9 @@ class API:
 
     async def respond(self, chat: bool, body, http: Request, prompts: list, max_tokens: int | None, param: str,
                       with_logprobs: bool):
-        """Either endpoint's response to ``prompts`` (texts, token ids or chats): one object, or SSE chunks (one per
-        engine output with text, a finish or log-probs; usage if asked; ``[DONE]``). The ``n`` requests per prompt
-        are queued all or none; without ``max_tokens`` a choice may fill the context."""
+        """Either endpoint's response to ``prompts`` (texts, token ids or chats), its ``n`` requests per prompt queued
+        all or none: one object, or SSE chunks (one per engine output with text, a finish or log-probs; usage if
+        asked; ``[DONE]``). Without ``max_tokens`` a choice may fill the context."""
         if body.model != self.model_name:
             raise APIError(f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            "model", 404, "model_not_found")
@@ -120,8 +117,9 @@ class API:
         if not body.stream:
             async for _ in outputs(choices, queue, http):
                 pass
-            return {**head, "choices": [choice(c, c.request.text, 0, len(c.request.output_ids), c.finish_reason, False)
-                                        for c in choices], "usage": usage(choices)}
+            done = [choice(c, c.request.text, 0, len(c.request.output_ids), c.request.finish_reason, False)
+                    for c in choices]
+            return {**head, "choices": done, "usage": usage(choices)}
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         async def events():

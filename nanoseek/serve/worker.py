@@ -10,7 +10,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -65,7 +64,6 @@ class EngineWorker:
         return request
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while not self.stopping:
             if not self.engine.has_work():
                 self.wake.wait(0.1)

@@ -102,7 +102,7 @@ class API:
 
         def choice(c: Choice, text: str, start: int, stop: int, reason: str | None, streamed: bool) -> dict:
             ids, values = c.request.output_ids[start:stop], c.request.logprobs[start:stop]
-            tokens = [self.tok.decode([t]) for t in ids]
+            tokens = [self.tok.decode([t]) for t in ids] if with_logprobs else []
             if chat:
                 out = ({"delta": {"content": text} if text else {}} if streamed
                        else {"message": {"role": "assistant", "content": text}})

@@ -168,34 +168,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], strict: bool = False) -> ModelConfig:
-        """Build from a config.json dictionary (HF v4 ``rope_scaling`` or v5 ``rope_parameters``).
-
-        Unknown keys are kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they
-        raise instead, naming the key.
-        """
+        """Build from a config.json dictionary (HF v4 ``rope_scaling`` or v5 ``rope_parameters``). Unknown keys are
+        kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they raise, naming the key."""
         if not isinstance(d, dict):
-            raise ValueError(f"a model config must be a JSON object of fields, got {type(d).__name__}")
+            raise ValueError(f"a config.json must be a JSON object, got {type(d).__name__}")
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         for name in ("rope_parameters", "rope_scaling"):
             if d.get(name) is not None and not isinstance(d[name], dict):
                 raise ValueError(f"invalid ModelConfig.{name}={d[name]!r}: must be an object or null")
         if d.get("mlp_bias"):
             raise ValueError(f"invalid mlp_bias={d['mlp_bias']!r}: nanoseek's FFNs have no bias (use false)")
-        rope_params = d.pop("rope_parameters", None)
-        if rope_params:
-            rope_params = dict(rope_params)
-            d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
-            kind = rope_params.get("rope_type", rope_params.get("type", "default"))
-            if kind != "default" and not d.get("rope_scaling"):
-                d["rope_scaling"] = rope_params
-        if d.get("rope_scaling"):
-            rs = dict(d["rope_scaling"])
-            rs.setdefault("rope_type", rs.get("type"))
-            rs.pop("rope_theta", None)
-            if rs["rope_type"] in ("default", None):
-                rs = None
-            d["rope_scaling"] = rs
+        rope = dict(d.pop("rope_parameters", None) or {})
+        d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope = dict(d.get("rope_scaling") or rope)
+        rope.pop("rope_theta", None)
+        kind = rope.get("rope_type", rope.get("type"))
+        d["rope_scaling"] = None if kind in ("default", None) else {**rope, "rope_type": kind}
         if d.get("model_type") == "deepseek_v3" and "num_mtp_layers" in d:
             d.setdefault("num_nextn_predict_layers", d["num_mtp_layers"])
         for name, value in HF_DEFAULTS.get(d.get("model_type"), {}).items():
@@ -205,43 +193,39 @@ class ModelConfig:
         for name in ("n_group", "topk_group"):  # transformers writes null for "no groups"
             if name in d and d[name] is None:
                 d[name] = 1
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in d.items() if k not in known}
         if strict and unknown:
             names = ", ".join(sorted(unknown))
             raise ValueError(f"unknown ModelConfig field(s): {names}; valid fields: {', '.join(sorted(known))}")
         for k in ("architectures", "num_local_experts", "num_mtp_layers", "transformers_version", "dtype",
-                  "torch_dtype", "use_cache", "auto_map", "qk_head_dim"):
+                  "torch_dtype", "use_cache", "auto_map", "qk_head_dim"):  # written by transformers or derived
             unknown.pop(k, None)
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.extra = unknown
-        return cfg
+        return cls(**{k: v for k, v in d.items() if k in known}, extra=unknown)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         """A checkpoint's config.json: every field that changes the computation must be present (see
-        ``required_fields``), types and ranges are checked, and errors name the file, field and value."""
+        ``required_fields``); errors name the file, field and value."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a config.json must be a JSON object, got {type(raw).__name__}")
+            if raw.get("model_type") not in MODEL_TYPES:
+                raise ValueError(f"model_type {raw.get('model_type')!r} is not one of {MODEL_TYPES}; for other "
+                                 "Hugging Face causal LMs use transformers.AutoModelForCausalLM")
+            missing = [name for name in required_fields(raw) if name not in raw]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}; they change the computation, so a "
+                                 "checkpoint's config.json must state them (no default is assumed)")
+            return cls.from_dict(raw)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs its config.json") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config.json must be a JSON object, got {type(raw).__name__}")
-        if raw.get("model_type") not in MODEL_TYPES:
-            raise ValueError(
-                f"{path}: model_type {raw.get('model_type')!r} is not one of {MODEL_TYPES}; "
-                "for other Hugging Face causal LMs use transformers.AutoModelForCausalLM"
-            )
-        missing = [name for name in required_fields(raw) if name not in raw]
-        if missing:
-            raise ValueError(f"{path}: missing field(s) {', '.join(missing)}; they change the computation, so a "
-                             "checkpoint's config.json must state them (no default is assumed)")
-        try:
-            return cls.from_dict(raw)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 

@@ -9,7 +9,6 @@ directory, one of its parents, the home directory or a git checkout).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ def describe(path: Path) -> str:
 
     kind = recorded_kind(path)
     parts = [f"a run of `nanoseek {kind}`"] if kind else []
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path, verify=False)
     if latest is not None:
         parts.append(f"checkpoints up to {latest.name}")
     if any((path / f).exists() for f in MODEL_FILES):
@@ -71,6 +70,7 @@ class RunDirPlan:
         import torch
 
         from nanoseek.distributed import all_reduce_, barrier, is_main
+        from nanoseek.hf import atomic_write
 
         barrier()  # every rank has checked the directory before rank 0 changes it
         error = None
@@ -84,9 +84,7 @@ class RunDirPlan:
                             child.unlink()
                 self.path.mkdir(parents=True, exist_ok=True)
                 if not (self.resume and (self.path / MARKER).is_file()):
-                    tmp = self.path / f".{MARKER}.{os.getpid()}"
-                    tmp.write_text(json.dumps({"kind": self.kind}) + "\n")
-                    os.replace(tmp, self.path / MARKER)
+                    atomic_write(self.path / MARKER, json.dumps({"kind": self.kind}) + "\n")
             except OSError as e:
                 error = RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
                                     "--out")
@@ -130,8 +128,3 @@ def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrit
     allow = "--resume to continue it or " if found == kind else ""
     raise RunDirError(f"--out {path} already holds {holds}; pass {allow}--overwrite to delete it and start over, "
                       "or choose another --out")
-
-
-def prepare_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """``check_run_dir`` then ``create``: for commands with no input checks in between."""
-    return check_run_dir(path, kind, resume=resume, overwrite=overwrite).create()

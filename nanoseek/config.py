@@ -1,9 +1,7 @@
-"""Model configuration.
-
-Field names and meanings follow Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config`` so that a
-checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
-``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that
-baseline's head size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
+"""Model configuration, with the field names and meanings of Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config``
+so that a checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
+``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that baseline's head
+size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
 """
 
 from __future__ import annotations
@@ -93,7 +91,6 @@ class ModelConfig:
             self.rope_interleave = True  # V2 applies RoPE to interleaved channel pairs
         self.validate()
 
-    # ------------------------------------------------------------------ derived sizes
     @property
     def rope_dim(self) -> int:
         """Channels that carry RoPE: d_R for MLA, the whole head for the MHA baseline."""
@@ -112,7 +109,6 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """ValueError naming the field, its value and the rule: first each field's declared type and range, then
         the rules between fields."""
@@ -154,11 +150,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
 
-    # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """A Hugging Face-style config.json dictionary."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {**self.extra, **d}
+        d = {**self.extra, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}}
         if self.attention_type == "mla":
             del d["head_dim"]  # transformers derives head_dim (= qk_rope_head_dim) itself for MLA
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
@@ -232,7 +226,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """Named shapes: ``tiny`` (tests), ``small`` (the demo), and the published DeepSeek shapes."""
@@ -274,16 +267,12 @@ def _check_rope_scaling(rs: dict[str, Any]) -> None:
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """isinstance for the annotations ModelConfig uses; bools are not ints, floats must be finite."""
+    """isinstance for the annotations ModelConfig uses; bools are not numbers, floats must be finite."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         return any(_has_type(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, typing.get_origin(hint) or hint)
+    return isinstance(value, typing.get_origin(hint) or hint) and (hint is bool or not isinstance(value, bool))
 
 
 def _type_name(hint: Any) -> str:

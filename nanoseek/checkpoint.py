@@ -151,7 +151,15 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
     model = _unwrap(model)
     if isinstance(model, Transformer):
-        _check_same_config(ModelConfig.load(path / "config.json"), model.config, path)
+        # both configs as config.json holds them (so a round trip compares equal), field by field
+        configs = (ModelConfig.load(path / "config.json"), model.config)
+        saved, ours = (ModelConfig.from_dict(c.to_dict()) for c in configs)
+        diffs = [f"{name}: checkpoint {getattr(saved, name)!r} vs model {getattr(ours, name)!r}"
+                 for name in (f.name for f in dataclasses.fields(ModelConfig))
+                 if name not in NOT_THE_MODEL and getattr(saved, name) != getattr(ours, name)]
+        if diffs:
+            raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same "
+                             "model config, or start a new run directory")
         tensors = hf.read_state_dict(path, model.config)
         hf.check_state_dict(tensors, model.state_dict(), path)
         model.load_state_dict(tensors, strict=True)
@@ -176,14 +184,3 @@ def _load(file: Path):
         return torch.load(file, weights_only=False)
     except Exception as e:  # a damaged pickle can fail in many ways; the file is what the user needs to know
         raise ValueError(f"{file}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
-
-
-def _check_same_config(saved: ModelConfig, current: ModelConfig, path: Path) -> None:
-    """Both configs as config.json would hold them (so a round trip compares equal), field by field."""
-    a, b = ModelConfig.from_dict(saved.to_dict()), ModelConfig.from_dict(current.to_dict())
-    diffs = [f"{name}: checkpoint {getattr(a, name)!r} vs model {getattr(b, name)!r}"
-             for name in (f.name for f in dataclasses.fields(ModelConfig))
-             if name not in NOT_THE_MODEL and getattr(a, name) != getattr(b, name)]
-    if diffs:
-        raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same model "
-                         "config, or start a new run directory")

@@ -144,11 +144,8 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
     """Raise naming every missing, unexpected and mis-shaped tensor of ``state`` against the model's ``expected``."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     parts = [f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
              for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
     if parts:

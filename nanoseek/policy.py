@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -65,8 +65,7 @@ class Batch:
                      self.completion_mask[rows, :width])
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_lens, self.prompt_index,
-                                                self.completion_ids, self.completion_mask)))
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def sequences(self, pad_id: int) -> torch.Tensor:
         """(N, T) right-padded prompt_i + completion_i: what a forward without prompt sharing runs."""

@@ -88,11 +88,8 @@ class RunDirPlan:
             except OSError as e:
                 error = RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
                                     "--out")
-        failed = all_reduce_(torch.tensor([float(error is not None)]))
-        if error is not None:
-            raise error
-        if failed.item():
-            raise RunDirError(f"rank 0 could not prepare the run directory {self.path}")
+        if all_reduce_(torch.tensor([float(error is not None)])).item():
+            raise error or RunDirError(f"rank 0 could not prepare the run directory {self.path}")
         return self.path
 
 
@@ -104,11 +101,9 @@ def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrit
         raise RunDirError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} is a file, not a run directory; choose another --out")
-    empty = not path.exists() or not any(path.iterdir())
-    if empty:
+    if not path.exists() or not any(path.iterdir()):
         if resume:
-            print(f"note: --resume: {path} holds no run yet; starting a new `nanoseek {kind}` run",
-                  file=sys.stderr)
+            print(f"note: --resume: {path} holds no run yet; starting a new `nanoseek {kind}` run", file=sys.stderr)
         return RunDirPlan(path, kind, clear=False, resume=False)
     if overwrite:
         real, cwd = path.resolve(), Path.cwd().resolve()

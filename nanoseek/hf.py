@@ -72,9 +72,8 @@ def weight_files(directory: str | Path) -> list[Path]:
         return [directory / n for n in names]
     if (directory / "model.safetensors").exists():
         return [directory / "model.safetensors"]
-    raise FileNotFoundError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json (is this a checkpoint directory?)"
-    )
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json (is this a "
+                            "checkpoint directory?)")
 
 
 def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -178,12 +177,11 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + tensors[k].nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = tensors[k]
-        size += nbytes
+        size += tensors[k].nbytes
     stale = set(directory.glob("model*.safetensors*"))
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
@@ -192,8 +190,7 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
         stale.discard(directory / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
         atomic_write(directory / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
         stale.discard(directory / "model.safetensors.index.json")
     for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MARKER = "nanoseek_run.json"
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class RunDirError(ValueError):
@@ -47,7 +46,7 @@ def describe(path: Path) -> str:
     latest = latest_checkpoint(path, verify=False)
     if latest is not None:
         parts.append(f"checkpoints up to {latest.name}")
-    if any((path / f).exists() for f in MODEL_FILES):
+    if (path / "config.json").exists():  # what resolve_model_dir takes for a model directory
         parts.append("a model (config.json / weights)")
     if not parts:
         names = sorted(p.name for p in path.iterdir())

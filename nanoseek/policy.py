@@ -25,12 +25,9 @@ from nanoseek.engine.sampling import SamplingParams
 
 @dataclass(frozen=True)
 class Batch:
-    """N rows of prompt + completion tokens, grouped by prompt.
-
-    prompt_ids: (U, Tp) the distinct prompts, right-padded; prompt_lens: (U,); prompt_index: (N,) each row's
-    prompt; completion_ids: (N, L) right-padded; completion_mask: (N, L) 1 on real completion tokens (eos
-    included). A GRPO group is the G rows that share a prompt index.
-    """
+    """N rows of prompt + completion tokens, grouped by prompt: prompt_ids (U, Tp) the distinct prompts, right-padded;
+    prompt_lens (U,); prompt_index (N,) each row's prompt; completion_ids (N, L) right-padded; completion_mask (N, L)
+    1 on real completion tokens (eos included). A GRPO group is the G rows that share a prompt index."""
 
     prompt_ids: torch.Tensor
     prompt_lens: torch.Tensor
@@ -264,11 +261,9 @@ class Policy:
 
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) or None.
-
-        Only the real completion tokens reach the head, ``chunk_tokens`` at a time (each chunk recomputed in
-        backward); entropies carry no gradient.
-        """
+        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) without
+        gradient, or None. Only the real completion tokens reach the head, ``chunk_tokens`` at a time (each chunk
+        recomputed in backward)."""
         h = self.completion_states(batch)  # (N, L, D)
         N, L = batch.completion_ids.shape
         real = batch.completion_mask.bool()

@@ -110,26 +110,19 @@ def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
     return renamed
 
 
-def check_weight_files(directory: str | Path) -> None:
-    """Open every weight file's header (cheap: nothing is read): a missing, truncated or corrupt file raises an
-    error naming it."""
-    for f in weight_files(directory):
-        with _open_safetensors(f):
-            pass
-
-
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory under its stored names."""
     tensors = {}
     for f in weight_files(directory):
-        with _open_safetensors(f) as fh:
+        with open_safetensors(f) as fh:
             for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[k] = fh.get_tensor(k)
     return tensors
 
 
 @contextmanager
-def _open_safetensors(path: Path) -> Iterator:
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open`` (reads the header only), with a missing, truncated or corrupt file named in the error."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint's weights are incomplete")
     try:

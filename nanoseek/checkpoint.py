@@ -1,11 +1,7 @@
-"""Checkpoints: ``run_dir/checkpoints/step_{step:08d}/`` holds the model in Hugging Face format (config.json +
-safetensors, so ``Transformer.from_pretrained`` and transformers read it), ``optimizer.pt``, ``state.pt``
-(schedule position, RNG states, data position, step, ...) and the tokenizer files.
-
-Writes are atomic: everything goes into a temporary directory that is renamed into place, then the
-``latest`` pointer file is replaced (also by rename). A crash at any point leaves the previous checkpoint and
-pointer intact; only the newest ``keep`` checkpoints are kept. Resuming verifies the newest checkpoint and falls
-back to the newest intact one (``latest_checkpoint``).
+"""Checkpoints: ``run_dir/checkpoints/step_{step:08d}/`` holds the model in Hugging Face format, ``optimizer.pt``,
+``state.pt`` (step, RNG states, data position, ...) and the tokenizer files. A save is written to a temporary
+directory renamed into place, then the ``latest`` pointer is replaced: a crash leaves the previous checkpoint and
+pointer intact. Resuming falls back from a damaged checkpoint to the newest intact one (``latest_checkpoint``).
 """
 
 from __future__ import annotations
@@ -55,8 +51,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:08d}"
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _unwrap(model).save_pretrained(tmp)
     if optimizer is not None:
@@ -64,16 +59,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     torch.save({"step": step, **(state or {})}, tmp / "state.pt")
     if tokenizer is not None:
         tokenizer.save(tmp)
-    if final.exists():  # re-saving a step: move the old one aside first, delete it once the new one is in place
-        old = root / f".old_{final.name}_{os.getpid()}"
+    old = root / f".old_{final.name}_{os.getpid()}"
+    if final.exists():  # re-saving a step: the old one is deleted once the new one is in place
         final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    pointer = root / f".latest_{os.getpid()}"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    hf.atomic_write(root / "latest", final.name + "\n")
     _prune(root, keep, final)
     return final
 
@@ -95,12 +86,9 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
-    """The checkpoint ``latest`` points to, else the newest complete one, else None.
-
-    With ``verify`` (the default) the candidate's files are checked (config.json parses, every weight file's
-    header reads, state.pt loads, optimizer.pt is a whole archive); a damaged checkpoint is skipped for the next
-    newest intact one, with one line on stderr naming both. If every checkpoint is damaged, a ValueError lists them.
-    """
+    """The checkpoint ``latest`` points to, else the newest complete one, else None. With ``verify``, a damaged
+    one (``checkpoint_problem``) is skipped for the next newest intact one, with one line on stderr naming both;
+    if every checkpoint is damaged, a ValueError lists them."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
@@ -125,13 +113,16 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from, or None if its files are intact."""
+    """Why the checkpoint at ``path`` cannot be resumed from (config.json, a weight file's header, state.pt or the
+    optimizer.pt archive is damaged), or None."""
     try:
         try:
             json.loads((path / "config.json").read_text())
         except ValueError as e:
             return f"{path / 'config.json'}: malformed JSON ({e})"
-        hf.check_weight_files(path)
+        for f in hf.weight_files(path):
+            with hf.open_safetensors(f):  # the header only: nothing is read
+                pass
         state = _load(path / "state.pt")
         if not isinstance(state, dict) or "step" not in state:
             return f"{path / 'state.pt'} holds no training state"
@@ -155,17 +146,22 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
-    """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``.
-
-    A checkpoint of another model (config fields or tensor shapes differ) raises a ValueError naming each
-    difference with both values; a damaged file raises one naming the file.
-    """
+    """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``. A checkpoint
+    of another model raises a ValueError naming each difference with both values."""
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
     model = _unwrap(model)
     if isinstance(model, Transformer):
-        _check_same_config(ModelConfig.load(path / "config.json"), model.config, path)
+        # both configs as config.json holds them (so a round trip compares equal), field by field
+        configs = (ModelConfig.load(path / "config.json"), model.config)
+        saved, ours = (ModelConfig.from_dict(c.to_dict()) for c in configs)
+        diffs = [f"{name}: checkpoint {getattr(saved, name)!r} vs model {getattr(ours, name)!r}"
+                 for name in (f.name for f in dataclasses.fields(ModelConfig))
+                 if name not in NOT_THE_MODEL and getattr(saved, name) != getattr(ours, name)]
+        if diffs:
+            raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same "
+                             "model config, or start a new run directory")
         tensors = hf.read_state_dict(path, model.config)
         hf.check_state_dict(tensors, model.state_dict(), path)
         model.load_state_dict(tensors, strict=True)
@@ -190,14 +186,3 @@ def _load(file: Path):
         return torch.load(file, weights_only=False)
     except Exception as e:  # a damaged pickle can fail in many ways; the file is what the user needs to know
         raise ValueError(f"{file}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
-
-
-def _check_same_config(saved: ModelConfig, current: ModelConfig, path: Path) -> None:
-    """Both configs as config.json would hold them (so a round trip compares equal), field by field."""
-    a, b = ModelConfig.from_dict(saved.to_dict()), ModelConfig.from_dict(current.to_dict())
-    diffs = [f"{name}: checkpoint {getattr(a, name)!r} vs model {getattr(b, name)!r}"
-             for name in (f.name for f in dataclasses.fields(ModelConfig))
-             if name not in NOT_THE_MODEL and getattr(a, name) != getattr(b, name)]
-    if diffs:
-        raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same model "
-                         "config, or start a new run directory")

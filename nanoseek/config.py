@@ -1,9 +1,7 @@
-"""Model configuration.
-
-Field names and meanings follow Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config`` so that a
-checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
-``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that
-baseline's head size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
+"""Model configuration, with the field names and meanings of Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config``
+so that a checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
+``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that baseline's head
+size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
 """
 
 from __future__ import annotations
@@ -93,7 +91,6 @@ class ModelConfig:
             self.rope_interleave = True  # V2 applies RoPE to interleaved channel pairs
         self.validate()
 
-    # ------------------------------------------------------------------ derived sizes
     @property
     def rope_dim(self) -> int:
         """Channels that carry RoPE: d_R for MLA, the whole head for the MHA baseline."""
@@ -112,7 +109,6 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """ValueError naming the field, its value and the rule: first each field's declared type and range, then
         the rules between fields."""
@@ -154,11 +150,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
 
-    # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """A Hugging Face-style config.json dictionary."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {**self.extra, **d}
+        d = {**self.extra, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}}
         if self.attention_type == "mla":
             del d["head_dim"]  # transformers derives head_dim (= qk_rope_head_dim) itself for MLA
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
@@ -168,34 +162,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], strict: bool = False) -> ModelConfig:
-        """Build from a config.json dictionary (HF v4 ``rope_scaling`` or v5 ``rope_parameters``).
-
-        Unknown keys are kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they
-        raise instead, naming the key.
-        """
+        """Build from a config.json dictionary (HF v4 ``rope_scaling`` or v5 ``rope_parameters``). Unknown keys are
+        kept in ``extra`` (a Hugging Face config carries many); with ``strict=True`` they raise, naming the key."""
         if not isinstance(d, dict):
-            raise ValueError(f"a model config must be a JSON object of fields, got {type(d).__name__}")
+            raise ValueError(f"a config.json must be a JSON object, got {type(d).__name__}")
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         for name in ("rope_parameters", "rope_scaling"):
             if d.get(name) is not None and not isinstance(d[name], dict):
                 raise ValueError(f"invalid ModelConfig.{name}={d[name]!r}: must be an object or null")
         if d.get("mlp_bias"):
             raise ValueError(f"invalid mlp_bias={d['mlp_bias']!r}: nanoseek's FFNs have no bias (use false)")
-        rope_params = d.pop("rope_parameters", None)
-        if rope_params:
-            rope_params = dict(rope_params)
-            d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
-            kind = rope_params.get("rope_type", rope_params.get("type", "default"))
-            if kind != "default" and not d.get("rope_scaling"):
-                d["rope_scaling"] = rope_params
-        if d.get("rope_scaling"):
-            rs = dict(d["rope_scaling"])
-            rs.setdefault("rope_type", rs.get("type"))
-            rs.pop("rope_theta", None)
-            if rs["rope_type"] in ("default", None):
-                rs = None
-            d["rope_scaling"] = rs
+        rope = dict(d.pop("rope_parameters", None) or {})
+        d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope = dict(d.get("rope_scaling") or rope)
+        rope.pop("rope_theta", None)
+        kind = rope.get("rope_type", rope.get("type"))
+        d["rope_scaling"] = None if kind in ("default", None) else {**rope, "rope_type": kind}
         if d.get("model_type") == "deepseek_v3" and "num_mtp_layers" in d:
             d.setdefault("num_nextn_predict_layers", d["num_mtp_layers"])
         for name, value in HF_DEFAULTS.get(d.get("model_type"), {}).items():
@@ -205,50 +187,45 @@ class ModelConfig:
         for name in ("n_group", "topk_group"):  # transformers writes null for "no groups"
             if name in d and d[name] is None:
                 d[name] = 1
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in d.items() if k not in known}
         if strict and unknown:
             names = ", ".join(sorted(unknown))
             raise ValueError(f"unknown ModelConfig field(s): {names}; valid fields: {', '.join(sorted(known))}")
         for k in ("architectures", "num_local_experts", "num_mtp_layers", "transformers_version", "dtype",
-                  "torch_dtype", "use_cache", "auto_map", "qk_head_dim"):
+                  "torch_dtype", "use_cache", "auto_map", "qk_head_dim"):  # written by transformers or derived
             unknown.pop(k, None)
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.extra = unknown
-        return cfg
+        return cls(**{k: v for k, v in d.items() if k in known}, extra=unknown)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         """A checkpoint's config.json: every field that changes the computation must be present (see
-        ``required_fields``), types and ranges are checked, and errors name the file, field and value."""
+        ``required_fields``); errors name the file, field and value."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a config.json must be a JSON object, got {type(raw).__name__}")
+            if raw.get("model_type") not in MODEL_TYPES:
+                raise ValueError(f"model_type {raw.get('model_type')!r} is not one of {MODEL_TYPES}; for other "
+                                 "Hugging Face causal LMs use transformers.AutoModelForCausalLM")
+            missing = [name for name in required_fields(raw) if name not in raw]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}; they change the computation, so a "
+                                 "checkpoint's config.json must state them (no default is assumed)")
+            return cls.from_dict(raw)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs its config.json") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config.json must be a JSON object, got {type(raw).__name__}")
-        if raw.get("model_type") not in MODEL_TYPES:
-            raise ValueError(
-                f"{path}: model_type {raw.get('model_type')!r} is not one of {MODEL_TYPES}; "
-                "for other Hugging Face causal LMs use transformers.AutoModelForCausalLM"
-            )
-        missing = [name for name in required_fields(raw) if name not in raw]
-        if missing:
-            raise ValueError(f"{path}: missing field(s) {', '.join(missing)}; they change the computation, so a "
-                             "checkpoint's config.json must state them (no default is assumed)")
-        try:
-            return cls.from_dict(raw)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """Named shapes: ``tiny`` (tests), ``small`` (the demo), and the published DeepSeek shapes."""
@@ -290,16 +267,12 @@ def _check_rope_scaling(rs: dict[str, Any]) -> None:
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """isinstance for the annotations ModelConfig uses; bools are not ints, floats must be finite."""
+    """isinstance for the annotations ModelConfig uses; bools are not numbers, floats must be finite."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         return any(_has_type(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, typing.get_origin(hint) or hint)
+    return isinstance(value, typing.get_origin(hint) or hint) and (hint is bool or not isinstance(value, bool))
 
 
 def _type_name(hint: Any) -> str:

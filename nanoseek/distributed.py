@@ -1,7 +1,5 @@
-"""torch.distributed helpers for ``torchrun``: the same script runs as 1 or N processes.
-
-``init_distributed()`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins a gloo (CPU) or
-nccl (GPU) process group; without it everything here is a no-op on a single process.
+"""torch.distributed helpers for ``torchrun``: the same script runs as 1 or N processes. ``init_distributed()`` joins
+a gloo (CPU) or nccl (GPU) process group under torchrun; without one, everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -17,16 +15,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def device_of(name: str | None) -> torch.device:
@@ -49,7 +43,7 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
         torch.cuda.set_device(device)
     if world > 1 and not is_distributed():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank(), world_size(), device
+    return (dist.get_rank() if is_distributed() else 0), world_size(), device
 
 
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,9 +89,8 @@ def barrier() -> None:
 
 
 def cleanup(synchronize: bool = True) -> None:
-    """Leave the process group. ``synchronize`` (the normal exit) first waits for every rank, so no rank tears down
-    gloo while a peer's background thread still serves the last collective. After an error, leave without waiting:
-    the other ranks may never arrive."""
+    """Leave the process group, after waiting for every rank on a normal exit (so no rank tears down gloo while a
+    peer still serves the last collective); after an error the other ranks may never arrive."""
     if is_distributed():
         if synchronize:
             dist.barrier()

@@ -1,12 +1,9 @@
-"""Hugging Face interop, as pure functions on state dicts and configs (the model class is not imported here):
-names both ways, config.json both ways, sharded safetensors reading and writing with atomic file writes.
-``Transformer.from_pretrained`` / ``save_pretrained`` and ``nanoseek.checkpoint`` are built on them.
-
-nanoseek's module tree uses the Hugging Face names already, with two differences handled here:
-- routed experts are stacked (``mlp.experts.gate_proj: (E, I, D)``) where the checkpoint has one tensor per
-  expert (``mlp.experts.{e}.gate_proj.weight``);
-- MTP module k lives at ``model.layers.{L+k}`` in the released V3 weights (``enorm``, ``hnorm``, ``eh_proj``,
-  the block, ``shared_head.norm``, and copies of the shared ``embed_tokens`` / ``shared_head.head``).
+"""Hugging Face interop on state dicts (the model class is not imported here): names both ways, sharded
+safetensors reading and writing, atomic file writes. nanoseek's module tree uses the Hugging Face names, but for:
+- routed experts, stacked (``mlp.experts.gate_proj: (E, I, D)``) where the checkpoint has one tensor per expert
+  (``mlp.experts.{e}.gate_proj.weight``);
+- MTP module k, at ``model.layers.{L+k}`` in the released V3 weights (``enorm``, ``hnorm``, ``eh_proj``, the block,
+  ``shared_head.norm``, and copies of the shared ``embed_tokens`` / ``shared_head.head``).
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,45 +49,12 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
         else:
             out[name] = t
-    for k in range(config.num_nextn_predict_layers):
-        out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
-        out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
+    for k in range(config.num_nextn_predict_layers):  # copies, not views: safetensors stores no shared tensors
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"].clone()
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"].clone()
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face names -> nanoseek names (the inverse of ``to_hf_state_dict``); MTP copies are dropped."""
-    L = config.num_hidden_layers
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if m := _PER_EXPERT.match(name):
-            experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
-            continue
-        out[name] = t
-    for (prefix, kind), by_id in experts.items():
-        ids = sorted(by_id)
-        if ids != list(range(len(ids))):
-            raise ValueError(f"checkpoint experts under {prefix} are not numbered 0..E-1: {ids[:8]}...")
-        if len({by_id[e].shape for e in ids}) > 1:
-            raise ValueError(f"checkpoint experts under {prefix}.*.{kind} differ in shape: "
-                             f"{sorted({tuple(by_id[e].shape) for e in ids})}")
-        out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
-    renamed = {}
-    for name, t in out.items():
-        if name != "lm_head.weight":
-            name = name.removeprefix("model.")
-        if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
-            if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # copies of the shared embedding / head
-            rest = next(ours + m[2].removeprefix(theirs) for ours, theirs in _MTP_NAMES if m[2].startswith(theirs))
-            name = f"mtp.{int(m[1]) - L}.{rest}"
-        renamed[name] = t
-    if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
-        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
-    return renamed
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -107,40 +72,57 @@ def weight_files(directory: str | Path) -> list[Path]:
         return [directory / n for n in names]
     if (directory / "model.safetensors").exists():
         return [directory / "model.safetensors"]
-    raise FileNotFoundError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json (is this a checkpoint directory?)"
-    )
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json (is this a "
+                            "checkpoint directory?)")
 
 
 def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A checkpoint directory's weights under nanoseek's names; errors name the directory or file."""
-    tensors = read_safetensors(directory)
-    try:
-        return from_hf_state_dict(tensors, config)
-    except ValueError as e:
-        raise ValueError(f"{directory}: {e}") from None
-
-
-def check_weight_files(directory: str | Path) -> None:
-    """Open every weight file's header (cheap: nothing is read): a missing, truncated or corrupt file raises an
-    error naming it."""
-    for f in weight_files(directory):
-        with _open_safetensors(f):
-            pass
+    """A checkpoint directory's weights under nanoseek's names (the inverse of ``to_hf_state_dict``; MTP copies
+    are dropped); errors name the directory or file."""
+    L = config.num_hidden_layers
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in read_safetensors(directory).items():
+        if m := _PER_EXPERT.match(name):
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
+            continue
+        out[name] = t
+    for (prefix, kind), by_id in experts.items():
+        ids = sorted(by_id)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{directory}: checkpoint experts under {prefix} are not numbered 0..E-1: {ids[:8]}...")
+        if len({by_id[e].shape for e in ids}) > 1:
+            raise ValueError(f"{directory}: checkpoint experts under {prefix}.*.{kind} differ in shape: "
+                             f"{sorted({tuple(by_id[e].shape) for e in ids})}")
+        out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
+    renamed = {}
+    for name, t in out.items():
+        if name != "lm_head.weight":
+            name = name.removeprefix("model.")
+        if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
+            if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # copies of the shared embedding / head
+            rest = next(ours + m[2].removeprefix(theirs) for ours, theirs in _MTP_NAMES if m[2].startswith(theirs))
+            name = f"mtp.{int(m[1]) - L}.{rest}"
+        renamed[name] = t
+    if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
+        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
+    return renamed
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory under its stored names."""
     tensors = {}
     for f in weight_files(directory):
-        with _open_safetensors(f) as fh:
+        with open_safetensors(f) as fh:
             for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[k] = fh.get_tensor(k)
     return tensors
 
 
 @contextmanager
-def _open_safetensors(path: Path) -> Iterator:
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open`` (reads the header only), with a missing, truncated or corrupt file named in the error."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint's weights are incomplete")
     try:
@@ -154,31 +136,28 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
     """Raise naming every missing, unexpected and mis-shaped tensor of ``state`` against the model's ``expected``."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     parts = [f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
              for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
     if parts:
         raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
 
 
-def atomic_write_bytes(write: Callable[[str], None], path: Path) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
+    """Write ``data`` (text, or a function that writes the file it is given) to a temporary file next to ``path``,
+    then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        if isinstance(data, str):
+            Path(tmp).write_text(data)
+        else:
+            data(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write_bytes(lambda tmp: Path(tmp).write_text(text), path)
 
 
 def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
@@ -188,33 +167,27 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(state, config)
-    # a shared storage (MTP copies of embed/head) must be written as separate tensors
-    tensors = {k: v.clone() if k.endswith(("embed_tokens.weight", "shared_head.head.weight")) else v
-               for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + tensors[k].nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = tensors[k]
-        size += nbytes
+        size += tensors[k].nbytes
     stale = set(directory.glob("model*.safetensors*"))
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     for name, shard in zip(names, shards):
-        atomic_write_bytes(lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}),
-                           directory / name)
+        atomic_write(directory / name, partial(save_file, shard, metadata={"format": "pt"}))
         stale.discard(directory / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(json.dumps(index, indent=2, sort_keys=True), directory / "model.safetensors.index.json")
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+        atomic_write(directory / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
         stale.discard(directory / "model.safetensors.index.json")
     for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist
         old.unlink()
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")  # the weights' dtype, for transformers
-    atomic_write_text(json.dumps({**config.to_dict(), "torch_dtype": dtype}, indent=2, sort_keys=True) + "\n",
-                      directory / "config.json")
+    atomic_write(directory / "config.json",
+                 json.dumps({**config.to_dict(), "torch_dtype": dtype}, indent=2, sort_keys=True) + "\n")

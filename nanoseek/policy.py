@@ -1,17 +1,8 @@
-"""RL's view of a causal LM: rollouts with their sampler log-probs, and completion log-probs for the loss.
-
-Two backends with the same methods: a nanoseek ``Transformer`` (latent KV cache, sampling through
-``nanoseek.generate``) and any Hugging Face causal LM (its own cache, its own ``generate``). Each has ``head``,
-``hidden`` ((B, T) -> final normed states), ``can_share`` (whether ``shared_states`` works: prompts once, cache
-copied per row, completions after), ``sample`` (raw tokens and sampling log-probs, may run past eos) and
-``hidden_copy`` (a critic's backbone). ``Policy`` adds what is common to both:
-
-- ``sample``: completions of each prompt, each cut after its first eos (decided here, once), with per-row
-  truncation flags and each sampled token's log-prob under the distribution it was drawn from;
-- ``completion_logprobs``: per-token log-probs (and optionally entropies) of the completion tokens only. The
-  group structure travels in the ``Batch`` (``prompt_index``): each distinct prompt runs once into a cache that
-  is copied to its rows (gradients flow back through the copies), then only the completion tokens run per row;
-  the vocabulary head sees the real completion tokens only, in chunks (each chunk recomputed in backward).
+"""RL's view of a causal LM (a nanoseek ``Transformer`` or any Hugging Face one): rollouts with their sampler
+log-probs, and completion log-probs for the loss. EOS and truncation are decided once, in ``Policy.sample``. The group
+structure travels in the ``Batch`` (``prompt_index``): each distinct prompt runs once into a cache that is copied to
+its rows (gradients flow back through the copies), then only the completion tokens run per row; the vocabulary head
+sees the real completion tokens only, in chunks.
 """
 
 from __future__ import annotations
@@ -19,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -28,17 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nanoseek.config import MODEL_TYPES
 from nanoseek.engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
 class Batch:
-    """N rows of prompt + completion tokens, grouped by prompt.
-
-    prompt_ids: (U, Tp) the distinct prompts, right-padded; prompt_lens: (U,); prompt_index: (N,) each row's
-    prompt; completion_ids: (N, L) right-padded; completion_mask: (N, L) 1 on real completion tokens (eos
-    included). A GRPO group is the G rows that share a prompt index.
-    """
+    """N rows of prompt + completion tokens, grouped by prompt: prompt_ids (U, Tp) the distinct prompts, right-padded;
+    prompt_lens (U,); prompt_index (N,) each row's prompt; completion_ids (N, L) right-padded; completion_mask (N, L)
+    1 on real completion tokens (eos included). A GRPO group is the G rows that share a prompt index."""
 
     prompt_ids: torch.Tensor
     prompt_lens: torch.Tensor
@@ -73,8 +62,7 @@ class Batch:
                      self.completion_mask[rows, :width])
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_lens, self.prompt_index,
-                                                self.completion_ids, self.completion_mask)))
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def sequences(self, pad_id: int) -> torch.Tensor:
         """(N, T) right-padded prompt_i + completion_i: what a forward without prompt sharing runs."""
@@ -114,108 +102,6 @@ class Samples:
     truncated: list[bool]
 
 
-class NanoseekBackend:
-    """A nanoseek ``Transformer``: latent KV cache, absorbed decode, ``nanoseek.generate``."""
-
-    can_share = True
-
-    def __init__(self, model: nn.Module, pad_id: int):
-        self.model, self.pad_id = model, pad_id
-
-    def head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, return_hidden=True)
-
-    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        plen, L = batch.prompt_lens, batch.completion_ids.shape[1]
-        rows_plen = plen[batch.prompt_index]
-        cache = self.model.new_cache(len(plen), batch.prompt_ids.shape[1] + L)
-        h_prompt = self.model(batch.prompt_ids, cache, input_lengths=plen, return_hidden=True)  # (U, Tp, D)
-        first = h_prompt[batch.prompt_index, rows_plen - 1]  # (N, D): the last prompt token predicts o_1
-        if L == 1:
-            return first, None
-        cache.select(batch.prompt_index)  # (N, ·): a copy of its prompt's cache per row
-        return first, self.model(batch.completion_ids[:, : L - 1], cache, return_hidden=True)  # (N, L - 1, D)
-
-    def hidden_copy(self) -> nn.Module:
-        model = copy.deepcopy(self.model)
-        model.lm_head, model.mtp = nn.Identity(), nn.ModuleList()  # hidden states only: no head, no MTP modules
-        return model
-
-    def sample(self, prompts, params, eos_id, seed):
-        from nanoseek.generate import generate
-
-        return generate(self.model, prompts, params.max_tokens, temperature=params.temperature,
-                        top_k=params.top_k, top_p=params.top_p, stop_token_ids=() if eos_id is None else (eos_id,),
-                        seed=seed, return_logprobs=True)
-
-
-class HFBackend:
-    """Any Hugging Face causal LM: its decoder, its cache (left-padded prompts, positions from the mask), its
-    ``generate``."""
-
-    def __init__(self, model: nn.Module, pad_id: int):
-        self.model, self.pad_id = model, pad_id
-        params = inspect.signature(model.get_decoder().forward).parameters
-        # the decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
-        # "past_key_values"); None when its forward cannot continue a cache at given positions
-        self.cache_kwarg = None if "position_ids" not in params else next(
-            (name for name in ("cache", "past_key_values") if name in params), None)
-        self.can_share = self.cache_kwarg is not None
-
-    def head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
-
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
-
-    def shared_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
-        ids, mask = _left_pad(batch.prompt_ids, plen, self.pad_id)
-        decoder = self.model.get_decoder()
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                      use_cache=True)
-        first = out.last_hidden_state[rows, -1]  # (N, D)
-        if L == 1:
-            return first, None
-        cache = getattr(out, self.cache_kwarg)  # the output field has the argument's name
-        cache.reorder_cache(rows)
-        mask = torch.cat((mask[rows], mask.new_ones(len(rows), L - 1)), dim=1)
-        pos = plen[rows][:, None] + torch.arange(L - 1, device=plen.device)
-        rest = decoder(input_ids=batch.completion_ids[:, : L - 1], attention_mask=mask, position_ids=pos,
-                       use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state  # (N, L - 1, D)
-        return first, rest
-
-    def hidden_copy(self) -> nn.Module:
-        model = copy.deepcopy(self.model)
-        if model.get_output_embeddings() is not model.get_input_embeddings():  # untied: the head is not needed
-            model.set_output_embeddings(nn.Identity())
-        return model
-
-    def sample(self, prompts, params, eos_id, seed):
-        pad_id, device = self.pad_id, next(self.model.parameters()).device
-        lens = torch.tensor([len(p) for p in prompts])
-        ids, attn = _left_pad(_right_pad(prompts, pad_id), lens, pad_id)
-        if seed is not None:
-            torch.manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
-        sample = params.temperature > 0
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=params.max_tokens,
-            do_sample=sample, temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None, top_k=(params.top_k or 0) if sample else None,
-            eos_token_id=eos_id, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
-        )
-        self.model.train(was_training)
-        tokens = out.sequences[:, ids.shape[1] :]  # (B, steps)
-        # scores are the processed logits each token was drawn from (temperature, top-k/p applied)
-        logp = [s.float().log_softmax(-1).gather(-1, tokens[:, t, None])[:, 0] for t, s in enumerate(out.scores)]
-        return tokens.tolist(), torch.stack(logp, 1).tolist()
-
-
 def _left_pad(right_padded: torch.Tensor, lens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) right-padded rows of ``lens`` tokens -> left-padded ids and attention mask (N, T) (1 on real tokens)."""
     T = right_padded.shape[1]
@@ -236,13 +122,20 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
 
 
 class Policy:
-    """A causal LM with the two things RL needs from it: rollouts and completion log-probs."""
+    """A causal LM with the two things RL needs from it: rollouts and completion log-probs. The model is a nanoseek
+    ``Transformer`` (latent KV cache, ``nanoseek.generate``) or any Hugging Face causal LM (its decoder, its cache
+    with left-padded prompts, its ``generate``); ``self.nanoseek`` tells which where they differ."""
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
         from nanoseek.model.transformer import Transformer
 
         self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
-        self.backend = (NanoseekBackend if isinstance(model, Transformer) else HFBackend)(model, pad_id)
+        self.nanoseek = isinstance(model, Transformer)
+        # a Hugging Face decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
+        # "past_key_values"); None when its forward cannot continue a cache at given positions
+        params = {} if self.nanoseek else inspect.signature(model.get_decoder().forward).parameters
+        self.cache_kwarg = None if "position_ids" not in params else next(
+            (name for name in ("cache", "past_key_values") if name in params), None)
 
     @classmethod
     def load(cls, directory: str | Path, pad_id: int, eos_id: int | None, dtype: torch.dtype | None = None,
@@ -252,8 +145,7 @@ class Policy:
         if not config_file.is_file():
             raise FileNotFoundError(f"--model {directory}: no config.json; expected a nanoseek or Hugging Face "
                                     "checkpoint directory")
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type in ("deepseek_v2", "deepseek_v3"):
+        if json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES:
             from nanoseek.model.transformer import Transformer
 
             model = Transformer.from_pretrained(directory, dtype=dtype)
@@ -273,46 +165,112 @@ class Policy:
         ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         return Policy(ref, self.pad_id, self.eos_id, self.share_prompts)
 
+    def hidden_copy(self) -> nn.Module:
+        """A copy of the model without its vocabulary head (nor MTP modules): a critic's backbone."""
+        model = copy.deepcopy(self.model)
+        if self.nanoseek:
+            model.lm_head, model.mtp = nn.Identity(), nn.ModuleList()
+        elif model.get_output_embeddings() is not model.get_input_embeddings():  # untied: the head is not needed
+            model.set_output_embeddings(nn.Identity())
+        return model
+
     def shares(self, batch: Batch) -> bool:
         """Whether ``completion_states`` runs each distinct prompt once for this batch."""
-        return self.share_prompts and self.backend.can_share and batch.prompt_index.unique().numel() < len(batch)
+        can_share = self.nanoseek or self.cache_kwarg is not None
+        return self.share_prompts and can_share and batch.prompt_index.unique().numel() < len(batch)
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Samples:
         """One completion per prompt (repeat a prompt for several), cut after its first eos; ``params``' stop fields
         are the policy's eos, and ``seed`` seeds the whole batch."""
-        tokens, logps = self.backend.sample(prompts, params, self.eos_id, seed)
+        tokens, logps = self._generate(prompts, params, seed)
         n, eos = params.max_tokens, self.eos_id
         ends = [t.index(eos) + 1 if eos is not None and eos in t[:n] else min(len(t), n) for t in tokens]
         truncated = [not (eos is not None and eos in t[:n]) and len(t) >= n for t in tokens]
         return Samples([t[:e] for t, e in zip(tokens, ends)], [lp[:e] for lp, e in zip(logps, ends)], truncated)
 
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+        """Raw sampled tokens (possibly past eos) and each one's log-prob under the distribution it was drawn from."""
+        if self.nanoseek:
+            from nanoseek.generate import generate
+
+            return generate(self.model, prompts, params.max_tokens, temperature=params.temperature,
+                            top_k=params.top_k, top_p=params.top_p, seed=seed, return_logprobs=True,
+                            stop_token_ids=() if self.eos_id is None else (self.eos_id,))
+        ids, attn = _left_pad(_right_pad(prompts, self.pad_id), torch.tensor([len(p) for p in prompts]), self.pad_id)
+        if seed is not None:
+            torch.manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        sample = params.temperature > 0
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=params.max_tokens,
+            do_sample=sample, temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None, top_k=(params.top_k or 0) if sample else None,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
+        )
+        self.model.train(was_training)
+        tokens = out.sequences[:, ids.shape[1] :]  # (B, steps)
+        # scores are the processed logits each token was drawn from (temperature, top-k/p applied)
+        logp = [s.float().log_softmax(-1).gather(-1, tokens[:, t, None])[:, 0] for t, s in enumerate(out.scores)]
+        return tokens.tolist(), torch.stack(logp, 1).tolist()
+
     # ------------------------------------------------------------------ log-probs
     def completion_states(self, batch: Batch) -> torch.Tensor:
         """The final hidden state that predicts each completion token: (N, L, D); row i, column t predicts o_t."""
         if self.shares(batch):
-            first, rest = self.backend.shared_states(batch)
-            return first[:, None] if rest is None else torch.cat((first[:, None], rest), dim=1)
-        h = self.backend.hidden(batch.sequences(self.pad_id))  # (N, T, D)
+            return self._shared_states(batch)
+        ids = batch.sequences(self.pad_id)
+        h = (self.model(ids, return_hidden=True) if self.nanoseek
+             else self.model.get_decoder()(input_ids=ids).last_hidden_state)  # (N, T, D)
         L = batch.completion_ids.shape[1]
         plen = batch.prompt_lens[batch.prompt_index]
         pos = (plen[:, None] - 1 + torch.arange(L, device=h.device)).clamp(max=h.shape[1] - 1)
         return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (N, L, D)
 
+    def _shared_states(self, batch: Batch) -> torch.Tensor:
+        """``completion_states`` with each distinct prompt run once into a cache that is copied to its rows, then
+        every row's completion tokens but the last."""
+        plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
+        completions = batch.completion_ids[:, : L - 1]
+        if self.nanoseek:
+            cache = self.model.new_cache(len(plen), batch.prompt_ids.shape[1] + L)
+            h = self.model(batch.prompt_ids, cache, input_lengths=plen, return_hidden=True)  # (U, Tp, D)
+            first = h[rows, plen[rows] - 1]  # (N, D): the last prompt token predicts o_1
+            if L == 1:
+                return first[:, None]
+            cache.select(rows)  # (N, ·): a copy of its prompt's cache per row
+            rest = self.model(completions, cache, return_hidden=True)  # (N, L - 1, D)
+        else:
+            ids, mask = _left_pad(batch.prompt_ids, plen, self.pad_id)
+            decoder = self.model.get_decoder()
+            out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                          use_cache=True)
+            first = out.last_hidden_state[rows, -1]  # (N, D)
+            if L == 1:
+                return first[:, None]
+            cache = getattr(out, self.cache_kwarg)  # the output field has the argument's name
+            cache.reorder_cache(rows)
+            mask = torch.cat((mask[rows], mask.new_ones(len(rows), L - 1)), dim=1)
+            pos = plen[rows][:, None] + torch.arange(L - 1, device=plen.device)
+            rest = decoder(input_ids=completions, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{self.cache_kwarg: cache}).last_hidden_state  # (N, L - 1, D)
+        return torch.cat((first[:, None], rest), dim=1)
+
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) or None.
-
-        Only the real completion tokens reach the head, ``chunk_tokens`` at a time; entropies carry no gradient.
-        """
+        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) without
+        gradient, or None. Only the real completion tokens reach the head, ``chunk_tokens`` at a time (each chunk
+        recomputed in backward)."""
         h = self.completion_states(batch)  # (N, L, D)
         N, L = batch.completion_ids.shape
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
-        head = self.backend.head()
+        head = self.model.lm_head if self.nanoseek else self.model.get_output_embeddings()
         fn = _token_logprobs
-        if torch.is_grad_enabled() and hs.requires_grad:  # recompute each chunk's logits in backward
+        if torch.is_grad_enabled() and hs.requires_grad:
             fn = partial(checkpoint, _token_logprobs, use_reentrant=False)
         parts = [fn(hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
                     entropy) for s in range(0, hs.shape[0], chunk_tokens)]

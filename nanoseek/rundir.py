@@ -9,14 +9,12 @@ directory, one of its parents, the home directory or a git checkout).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 MARKER = "nanoseek_run.json"
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class RunDirError(ValueError):
@@ -45,10 +43,10 @@ def describe(path: Path) -> str:
 
     kind = recorded_kind(path)
     parts = [f"a run of `nanoseek {kind}`"] if kind else []
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path, verify=False)
     if latest is not None:
         parts.append(f"checkpoints up to {latest.name}")
-    if any((path / f).exists() for f in MODEL_FILES):
+    if (path / "config.json").exists():  # what resolve_model_dir takes for a model directory
         parts.append("a model (config.json / weights)")
     if not parts:
         names = sorted(p.name for p in path.iterdir())
@@ -71,6 +69,7 @@ class RunDirPlan:
         import torch
 
         from nanoseek.distributed import all_reduce_, barrier, is_main
+        from nanoseek.hf import atomic_write
 
         barrier()  # every rank has checked the directory before rank 0 changes it
         error = None
@@ -84,17 +83,12 @@ class RunDirPlan:
                             child.unlink()
                 self.path.mkdir(parents=True, exist_ok=True)
                 if not (self.resume and (self.path / MARKER).is_file()):
-                    tmp = self.path / f".{MARKER}.{os.getpid()}"
-                    tmp.write_text(json.dumps({"kind": self.kind}) + "\n")
-                    os.replace(tmp, self.path / MARKER)
+                    atomic_write(self.path / MARKER, json.dumps({"kind": self.kind}) + "\n")
             except OSError as e:
                 error = RunDirError(f"run directory {self.path} is not writable ({e.strerror or e}); choose another "
                                     "--out")
-        failed = all_reduce_(torch.tensor([float(error is not None)]))
-        if error is not None:
-            raise error
-        if failed.item():
-            raise RunDirError(f"rank 0 could not prepare the run directory {self.path}")
+        if all_reduce_(torch.tensor([float(error is not None)])).item():
+            raise error or RunDirError(f"rank 0 could not prepare the run directory {self.path}")
         return self.path
 
 
@@ -106,11 +100,9 @@ def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrit
         raise RunDirError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} is a file, not a run directory; choose another --out")
-    empty = not path.exists() or not any(path.iterdir())
-    if empty:
+    if not path.exists() or not any(path.iterdir()):
         if resume:
-            print(f"note: --resume: {path} holds no run yet; starting a new `nanoseek {kind}` run",
-                  file=sys.stderr)
+            print(f"note: --resume: {path} holds no run yet; starting a new `nanoseek {kind}` run", file=sys.stderr)
         return RunDirPlan(path, kind, clear=False, resume=False)
     if overwrite:
         real, cwd = path.resolve(), Path.cwd().resolve()
@@ -130,8 +122,3 @@ def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrit
     allow = "--resume to continue it or " if found == kind else ""
     raise RunDirError(f"--out {path} already holds {holds}; pass {allow}--overwrite to delete it and start over, "
                       "or choose another --out")
-
-
-def prepare_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """``check_run_dir`` then ``create``: for commands with no input checks in between."""
-    return check_run_dir(path, kind, resume=resume, overwrite=overwrite).create()

@@ -35,11 +35,11 @@ def start(cls: type, args: argparse.Namespace, kind: str):
     import torch
 
     from nanoseek.distributed import device_of
-    from nanoseek.rundir import prepare_run_dir
+    from nanoseek.rundir import check_run_dir
 
     flags = from_args(cls, args)
     check_ranges(flags)
-    out = prepare_run_dir(flags.out, kind, resume=flags.resume, overwrite=flags.overwrite)
+    out = check_run_dir(flags.out, kind, resume=flags.resume, overwrite=flags.overwrite).create()
     torch.set_num_threads(flags.threads)
     device_of(flags.device)  # an unusable --device fails here, before any stage
     return flags, out

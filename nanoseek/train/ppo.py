@@ -57,7 +57,7 @@ class Critic(nn.Module):
 
     def __init__(self, policy: Policy):
         super().__init__()
-        self.backbone = policy.backend.hidden_copy()
+        self.backbone = policy.hidden_copy()
         self.states = Policy(self.backbone, policy.pad_id, policy.eos_id, policy.share_prompts)
         self.value_head = nn.Linear(policy.model.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)

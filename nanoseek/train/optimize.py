@@ -1,8 +1,7 @@
-"""One optimisation loop for every RL algorithm (GRPO, PPO): μ passes over a rollout, each shuffled into
-mini-batches (one optimizer step each) run as length-planned micro-batches (``plan_micro_batches``). Losses are
-normalised by the whole mini-batch, so any split gives the same gradient; gradients are averaged over ranks, clipped
-and stepped for every ``Trainable`` (the policy; PPO adds its critic).
-"""
+"""The optimisation loop of every RL algorithm: μ passes over a rollout, each shuffled into mini-batches (one
+optimizer step each) of length-planned micro-batches. Losses are normalised by the whole mini-batch, so any split gives
+the same gradient; gradients are averaged over ranks, clipped and stepped for every ``Trainable`` (PPO adds its
+critic)."""
 
 from __future__ import annotations
 
@@ -50,8 +49,13 @@ class MicroBatch:
     num_tokens: float
     global_tokens: float
 
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's rows of a rollout tensor, (N,) or (N, L) cut to its width, on its device."""
+        x = x[self.rows]
+        return (x if x.dim() == 1 else x[:, : self.batch.completion_ids.shape[1]]).to(self.batch.completion_ids.device)
 
-LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -61,10 +65,13 @@ class TokenCounter:
     processed: int = 0
     real: int = 0
 
-    def add(self, batch: Batch, shared: bool) -> None:
-        processed, real = batch.token_counts(shared)
+    def select(self, policy: Policy, batch: Batch, rows: torch.Tensor) -> Batch:
+        """``batch.select(rows)`` on ``policy``'s device, counted."""
+        sub = batch.select(rows).to(policy.device)
+        processed, real = sub.token_counts(policy.shares(sub))
         self.processed += processed
         self.real += real
+        return sub
 
 
 @dataclass
@@ -110,9 +117,7 @@ def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch,
     device: (N, L) on the CPU."""
     out = torch.zeros(batch.completion_ids.shape)
     for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
-        sub = batch.select(rows).to(policy.device)
-        counter.add(sub, policy.shares(sub))
-        v = fn(sub).cpu()
+        v = fn(counter.select(policy, batch, rows)).cpu()
         out[rows, : v.shape[1]] = v
     return out
 
@@ -128,38 +133,32 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
              cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter) -> OptimizeStats:
     """μ passes of mini-batch optimizer steps over ``rollout`` (see the module docstring); every rank takes the
     same number of optimizer steps, an empty rank contributing zero gradients."""
-    n = len(rollout)
-    mask = rollout.mask
+    n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
-    stats = OptimizeStats()
     single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
-    if single_step:
-        stats.first_pass_logp = torch.zeros(mask.shape)
+    stats = OptimizeStats(first_pass_logp=torch.zeros(mask.shape) if single_step else None)
     shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
-    for module in (t.module for t in trainables):
-        module.train()
+    for t in trainables:
+        t.module.train()
     for _ in range(cfg.num_iterations):
         order = torch.randperm(n, generator=generator)
         for mini in order.tensor_split(cfg.num_minibatches):
             for t in trainables:
                 t.optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
-            plans = plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared) if len(mini) else []
-            for rows in plans:
-                sub = rollout.batch.select(rows).to(policy.device)
-                counter.add(sub, policy.shares(sub))
+            for rows in plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared):
+                sub = counter.select(policy, rollout.batch, rows)
                 mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
                 logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
                                                        chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
-                width = logp.shape[1]
-                stats.entropy += float((ent * mask[rows, :width].to(ent.device)).sum())
+                stats.entropy += float((ent * mb.take(mask)).sum())
                 stats.loss += float(loss.detach()) * len(mini) / max(n, 1)
                 for k, v in st.items():
-                    stats.sums[k] = stats.sums.get(k, 0.0) + v
+                    stats.sums[k] = stats.sums.get(k, 0.0) + float(v)
                 if stats.first_pass_logp is not None:
-                    stats.first_pass_logp[rows, :width] = logp.detach().cpu()
+                    stats.first_pass_logp[rows, : logp.shape[1]] = logp.detach().cpu()
             for i, t in enumerate(trainables):
                 average_gradients(t.module)
                 norm = clip_grad_norm(t.module, t.max_grad_norm)

@@ -1,10 +1,8 @@
-"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2), for side-by-side measurement.
+"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2), run by the same RL loop.
 
-A critic of the policy's size (a copy of its transformer with a scalar value head, own optimizer) estimates
-V(s_t); the per-token reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token;
-advantages come from GAE(γ, λ), whitened over the batch; the policy takes the clipped token surrogate and the
-critic the clipped value loss. Rollouts, the optimisation loop and checkpoints are the ones GRPO uses
-(``nanoseek.train.rl``); the critic joins the loop as a second ``Trainable``.
+A critic (a copy of the policy's transformer with a scalar value head, own optimizer) estimates V(s_t); the per-token
+reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token; advantages come from GAE(γ, λ),
+whitened over the batch; the policy takes the clipped token surrogate and the critic the clipped value loss.
 """
 
 from __future__ import annotations
@@ -21,14 +19,7 @@ from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
-from nanoseek.train.optimize import (
-    MicroBatch,
-    OptimizeConfig,
-    OptimizeStats,
-    TokenCounter,
-    per_token,
-    rollout_logprobs,
-)
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, per_token, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
 
 
@@ -52,8 +43,7 @@ class PPOConfig(RLConfig, PPOParams):
 
 
 class Critic(nn.Module):
-    """V(s_t): a copy of the policy's transformer (its vocabulary head and MTP modules dropped) with a scalar value
-    head."""
+    """V(s_t): a copy of the policy's transformer (no vocabulary head, no MTP) with a scalar value head."""
 
     def __init__(self, policy: Policy):
         super().__init__()
@@ -97,16 +87,15 @@ class PPO:
         self.value_loss_sum = 0.0
         return replace(rollout, advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
 
-    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        rows, width, dev, mask = mb.rows, logp.shape[1], logp.device, mb.batch.completion_mask
-        loss, st = grpo_loss(logp, rollout.old_logp[rows, :width].to(dev), rollout.advantages[rows, :width].to(dev),
-                             mask, epsilon_low=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
-                             loss_type="bnpo", num_items=mb.num_tokens)
-        v_loss = value_loss(self.critic(mb.batch), rollout.extras["values"][rows, :width].to(dev),
-                            rollout.extras["returns"][rows, :width].to(dev), mask, self.cfg.cliprange_value)
-        v_loss = v_loss * float(mask.sum()) / max(mb.num_tokens, 1.0)  # token mean over the mini-batch
+    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mask = mb.batch.completion_mask
+        loss, st = grpo_loss(logp, mb.take(rollout.old_logp), mb.take(rollout.advantages), mask,
+                             epsilon_low=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, loss_type="bnpo",
+                             num_items=mb.num_tokens)
+        v_loss = value_loss(self.critic(mb.batch), mb.take(rollout.extras["values"]),
+                            mb.take(rollout.extras["returns"]), mask, self.cfg.cliprange_value, mb.num_tokens)
         self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
-        return loss + v_loss, {k: float(v) for k, v in st.items()}
+        return loss + v_loss, st
 
     def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
         return [(self.critic, self.critic_optimizer)]
@@ -124,7 +113,6 @@ class PPO:
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
-    """The PPO baseline, run by the shared RL loop (metrics.jsonl, checkpoints with the critic, exact resume)."""
     return train_rl(cfg, PPO)
 
 

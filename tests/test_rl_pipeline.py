@@ -18,7 +18,6 @@ from nanoseek.train.optimize import (
     PAD_TOLERANCE,
     OptimizeConfig,
     TokenCounter,
-    Trainable,
     optimize,
     plan_micro_batches,
     rollout_logprobs,
@@ -107,8 +106,8 @@ def test_optimize_gradient_equals_full_batch_reference(variant):
         model.load_state_dict(start)
         model.zero_grad(set_to_none=True)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        optimize(policy, rollout, algo.loss, [Trainable(model, opt, 1e9)],
-                 OptimizeConfig(micro_batch_size=micro), torch.Generator().manual_seed(0), TokenCounter())
+        optimize(policy, rollout, algo.loss, [(model, opt)], OptimizeConfig(micro_batch_size=micro),
+                 torch.Generator().manual_seed(0), TokenCounter(), max_grad_norm=1e9)
         moved = dict(model.named_parameters())
         assert want.keys() <= moved.keys() and len(want) > 10
         for n in want:

@@ -17,35 +17,9 @@ from nanoseek.cli_args import option
 from nanoseek.distributed import global_std
 from nanoseek.policy import Policy
 from nanoseek.rollout import Rollout, Sampling
-from nanoseek.train.losses import (
-    ALIASES,
-    LOSS_TYPES,
-    Clip,
-    group_advantages,
-    grpo_loss,
-    process_advantages,
-    soft_overlong_penalty,
-)
+from nanoseek.train.losses import GRPOParams, group_advantages, grpo_loss, process_advantages, soft_overlong_penalty
 from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
-
-
-@dataclass(frozen=True, kw_only=True)
-class GRPOParams(Clip):
-    """Every setting that changes GRPO's advantages and loss (with the sampling's G and length cap)."""
-
-    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
-    ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
-    loss_type: str = option("grpo", "loss aggregation", choices=tuple(LOSS_TYPES) + tuple(ALIASES))
-    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
-                                choices=("group", "batch", "none"))
-    rloo: bool = option(False, "leave-one-out baseline")
-    advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
-    importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
-                                            choices=("token", "sequence"))
-    mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
-    overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
-    overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +63,6 @@ class GRPO:
     def __init__(self, cfg: GRPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
         self.cfg, self.sampling, self.optim, self.policy = cfg, sampling, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
-        self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
 
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         cfg, G = self.cfg, self.sampling.num_generations
@@ -126,10 +99,10 @@ class GRPO:
             logp, logp.detach() if rollout.old_logp is None else mb.take(rollout.old_logp),
             mb.take(rollout.advantages), mb.take(rollout.mask),
             ref_logp=None if rollout.ref_logp is None else mb.take(rollout.ref_logp), beta=cfg.beta,
-            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=self.loss_type,
+            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.aggregation,
             importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=self.sampling.max_completion_length,
-            num_rows=mb.num_rows, num_items=mb.global_tokens if self.loss_type == "dapo" else mb.num_tokens,
+            num_rows=mb.num_rows, num_items=mb.global_tokens if cfg.aggregation == "dapo" else mb.num_tokens,
         )
 
     def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:

@@ -1,4 +1,4 @@
-"""The RL math as pure functions (no model, optimizer or process group).
+"""The RL math as pure functions (no model, optimizer or process group), and GRPO's flags that parametrize it.
 
 - GRPO (DeepSeekMath arXiv:2402.03300): outcome advantages Â_i = (r_i − mean(r)) / std(r) over a group of G (§4.1.2),
   RLOO's leave-one-out baseline, Dr. GRPO's unscaled advantages, process supervision (§4.1.3); the clipped surrogate
@@ -15,8 +15,8 @@ import torch
 
 from nanoseek.cli_args import option
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 ALIASES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", *ALIASES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +25,29 @@ class Clip:
 
     epsilon: float = option(0.2, "clip range ε (ε_low)", gt=0)
     epsilon_high: float | None = option(None, "clip-higher ε_high (default ε)", gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRPOParams(Clip):
+    """Every setting that changes GRPO's advantages and loss (with the sampling's G and length cap)."""
+
+    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
+    ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
+    loss_type: str = option("grpo", "loss aggregation", choices=LOSS_TYPES)
+    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
+                                choices=("group", "batch", "none"))
+    rloo: bool = option(False, "leave-one-out baseline")
+    advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
+    importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
+                                            choices=("token", "sequence"))
+    mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
+    overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
+    overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
+
+    @property
+    def aggregation(self) -> str:
+        """``loss_type`` with TRL's older names resolved."""
+        return ALIASES.get(self.loss_type, self.loss_type)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group", rloo: bool = False,
@@ -97,9 +120,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     "dr_grpo", ``num_items`` (default the active tokens) for "bnpo" and "dapo", ``max_completion_length`` (default
     L) for "dr_grpo". Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
     """
-    loss_type = ALIASES.get(loss_type, loss_type)
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES) + sorted(ALIASES)}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    loss_type = ALIASES.get(loss_type, loss_type)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = logp - old_logp

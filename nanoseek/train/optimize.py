@@ -1,7 +1,6 @@
 """The optimisation loop of every RL algorithm: μ passes over a rollout, each shuffled into mini-batches (one
 optimizer step each) of length-planned micro-batches. Losses are normalised by the whole mini-batch, so any split gives
-the same gradient; gradients are averaged over ranks, clipped and stepped for every ``Trainable`` (PPO adds its
-critic)."""
+the same gradient; gradients are averaged over ranks, clipped and stepped for the policy and PPO's critic."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
@@ -29,13 +29,6 @@ class OptimizeConfig:
     micro_batch_size: int = option(0, "most rows per forward/backward (0: only the padding rule splits)", min=0)
     temperature: float = option(1.0, "sampling temperature (the log-probs are taken at it too)", gt=0)
     logp_chunk_tokens: int = option(1024, "completion tokens per vocabulary-head matmul", min=1)
-
-
-@dataclass(frozen=True)
-class Trainable:
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    max_grad_norm: float
 
 
 @dataclass(frozen=True)
@@ -129,22 +122,23 @@ def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter:
                      policy, batch, cfg.micro_batch_size, counter)
 
 
-def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[Trainable],
-             cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter) -> OptimizeStats:
-    """μ passes of mini-batch optimizer steps over ``rollout`` (see the module docstring); every rank takes the
-    same number of optimizer steps, an empty rank contributing zero gradients."""
+def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[tuple[nn.Module, Optimizer]],
+             cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter,
+             max_grad_norm: float) -> OptimizeStats:
+    """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), gradients clipped to
+    ``max_grad_norm``; every rank takes the same number of steps, an empty rank contributing zero gradients."""
     n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
     single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
     stats = OptimizeStats(first_pass_logp=torch.zeros(mask.shape) if single_step else None)
     shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
-    for t in trainables:
-        t.module.train()
+    for module, _ in trainables:
+        module.train()
     for _ in range(cfg.num_iterations):
         order = torch.randperm(n, generator=generator)
         for mini in order.tensor_split(cfg.num_minibatches):
-            for t in trainables:
-                t.optimizer.zero_grad(set_to_none=True)
+            for _, optimizer in trainables:
+                optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
             for rows in plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared):
                 sub = counter.select(policy, rollout.batch, rows)
@@ -159,10 +153,10 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                     stats.sums[k] = stats.sums.get(k, 0.0) + float(v)
                 if stats.first_pass_logp is not None:
                     stats.first_pass_logp[rows, : logp.shape[1]] = logp.detach().cpu()
-            for i, t in enumerate(trainables):
-                average_gradients(t.module)
-                norm = clip_grad_norm(t.module, t.max_grad_norm)
+            for i, (module, optimizer) in enumerate(trainables):
+                average_gradients(module)
+                norm = clip_grad_norm(module, max_grad_norm)
                 if i == 0:
                     stats.grad_norms.append(norm)
-                t.optimizer.step()
+                optimizer.step()
     return stats

@@ -67,8 +67,6 @@ class PPO:
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
-        self.value_loss_sum = 0.0
-        self.kl = 0.0
 
     def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
         cfg, batch = self.cfg, rollout.batch
@@ -83,9 +81,8 @@ class PPO:
         adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = whiten(adv, mask)
-        self.kl = float(kl.sum()) / max(float(mask.sum()), 1.0)
-        self.value_loss_sum = 0.0
-        return replace(rollout, advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
+        extras = {"values": old_values, "returns": returns, "kl": kl}
+        return replace(rollout, advantages=adv, old_logp=old, extras=extras)
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mask = mb.batch.completion_mask
@@ -94,7 +91,8 @@ class PPO:
                              num_items=mb.num_tokens)
         v_loss = value_loss(self.critic(mb.batch), mb.take(rollout.extras["values"]),
                             mb.take(rollout.extras["returns"]), mask, self.cfg.cliprange_value, mb.num_tokens)
-        self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
+        # the statistics the trainer sums: the reward's KL term per token, and the value loss weighted by rows
+        st.update(kl=mb.take(rollout.extras["kl"]).sum(), value_loss=v_loss.detach() * mb.num_rows / len(rollout))
         return loss + v_loss, st
 
     def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
@@ -108,8 +106,8 @@ class PPO:
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
-        value, kl = reduce_floats([self.value_loss_sum, self.kl])
-        return {"value_loss": value / world_size() / self.optim.num_iterations, "kl": kl / world_size()}
+        value = reduce_floats([stats.sums.get("value_loss", 0.0)])[0]
+        return {"value_loss": value / world_size() / self.optim.num_iterations}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

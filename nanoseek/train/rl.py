@@ -25,7 +25,7 @@ from nanoseek.rewards import get_process_reward_fn, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
-from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
+from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
 from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
 
@@ -112,10 +112,10 @@ class RLTrainer:
         t_gen = time.perf_counter() - t0
         counter = TokenCounter()
         rollout = self.algorithm.prepare(rollout, step, counter)
-        trainables = [Trainable(m, o, cfg.max_grad_norm)
-                      for m, o in [(self.policy.model, self.optimizer), *self.algorithm.trainables()]]
+        trainables = [(self.policy.model, self.optimizer), *self.algorithm.trainables()]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
-        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter)
+        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter,
+                         cfg.max_grad_norm)
         m = self.metrics(rollout, seen, stats, counter, time.perf_counter() - t0)
         return {**m, "generation_time": t_gen, **self.algorithm.metrics(rollout, stats)}, rollout
 

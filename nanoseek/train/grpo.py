@@ -1,8 +1,5 @@
-"""GRPO (DeepSeekMath arXiv:2402.03300 §4, eq. 3) and its variants, each switch independent of the others:
-advantages from the group mean or leave-one-out (RLOO), scaled by group std, batch std or not at all (Dr. GRPO), or
-per token from process rewards (§4.1.3); TRL's loss aggregations; clip-higher and GSPO's sequence-level ratio; a k3
-KL to a reference model (β > 0), optionally reset to the policy; DAPO's dynamic sampling and overlong handling.
-"""
+"""GRPO (DeepSeekMath arXiv:2402.03300 §4, eq. 3) and its variants (``GRPOParams``, each switch independent of the
+others: RLOO, Dr. GRPO, process supervision, BNPO / DAPO aggregation, clip-higher, GSPO, DAPO's dynamic sampling)."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ from nanoseek.distributed import global_std
 from nanoseek.policy import Policy
 from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import GRPOParams, group_advantages, grpo_loss, process_advantages, soft_overlong_penalty
-from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
 
 
@@ -64,7 +61,7 @@ class GRPO:
         self.cfg, self.sampling, self.optim, self.policy = cfg, sampling, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
 
-    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
+    def prepare(self, rollout: Rollout, step: int, stats: OptimizeStats) -> Rollout:
         cfg, G = self.cfg, self.sampling.num_generations
         if self.ref is not None and cfg.ref_reset_every and step > 1 and (step - 1) % cfg.ref_reset_every == 0:
             self.ref.model.load_state_dict(self.policy.model.state_dict())
@@ -89,8 +86,8 @@ class GRPO:
             mask = mask * (~rollout.truncated)[:, None]
         opt = self.optim
         old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
-            rollout_logprobs(self.policy, rollout.batch, opt, counter)  # else π_old = π: ratio 1, no pass
-        ref = rollout_logprobs(self.ref, rollout.batch, opt, counter) if self.ref is not None else None
+            rollout_logprobs(self.policy, rollout.batch, opt, stats)  # else π_old = π: ratio 1, no pass
+        ref = rollout_logprobs(self.ref, rollout.batch, opt, stats) if self.ref is not None else None
         return replace(rollout, rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:

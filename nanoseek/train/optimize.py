@@ -52,28 +52,24 @@ LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[
 
 
 @dataclass
-class TokenCounter:
-    """Tokens the forwards processed (padding included) and the real ones among them."""
-
-    processed: int = 0
-    real: int = 0
-
-    def select(self, policy: Policy, batch: Batch, rows: torch.Tensor) -> Batch:
-        """``batch.select(rows)`` on ``policy``'s device, counted."""
-        sub = batch.select(rows).to(policy.device)
-        processed, real = sub.token_counts(policy.shares(sub))
-        self.processed += processed
-        self.real += real
-        return sub
-
-
-@dataclass
 class OptimizeStats:
+    """What one RL step's forwards (log-prob passes and ``optimize``) measured."""
+
     loss: float = 0.0  # mean mini-batch loss (weighted by rows), summed over passes
     grad_norms: list[float] = field(default_factory=list)  # the first trainable's, per optimizer step
     sums: dict[str, float] = field(default_factory=dict)  # loss statistics summed over micro-batches
     entropy: float = 0.0  # Σ entropy over loss tokens, every pass
     first_pass_logp: torch.Tensor | None = None  # (N, L) π before any update (only with a single mini-batch)
+    processed: int = 0  # tokens the forwards processed, padding included
+    real: int = 0  # the real tokens among them
+
+    def select(self, policy: Policy, batch: Batch, rows: torch.Tensor) -> Batch:
+        """``batch.select(rows)`` on ``policy``'s device, its tokens counted."""
+        sub = batch.select(rows).to(policy.device)
+        processed, real = sub.token_counts(policy.shares(sub))
+        self.processed += processed
+        self.real += real
+        return sub
 
 
 def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
@@ -105,32 +101,32 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
 
 @torch.no_grad()
 def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch, max_rows: int,
-              counter: TokenCounter) -> torch.Tensor:
+              stats: OptimizeStats) -> torch.Tensor:
     """``fn`` (a (n, L) value per completion token) over ``batch`` in length-planned micro-batches on ``policy``'s
     device: (N, L) on the CPU."""
     out = torch.zeros(batch.completion_ids.shape)
     for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
-        v = fn(counter.select(policy, batch, rows)).cpu()
+        v = fn(stats.select(policy, batch, rows)).cpu()
         out[rows, : v.shape[1]] = v
     return out
 
 
-def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
+def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, stats: OptimizeStats) -> torch.Tensor:
     """log π(o_t | ·) of every completion token of ``batch`` (N, L), on the CPU."""
     return per_token(lambda sub: policy.completion_logprobs(sub, temperature=cfg.temperature,
                                                             chunk_tokens=cfg.logp_chunk_tokens)[0],
-                     policy, batch, cfg.micro_batch_size, counter)
+                     policy, batch, cfg.micro_batch_size, stats)
 
 
 def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[tuple[nn.Module, Optimizer]],
-             cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter,
-             max_grad_norm: float) -> OptimizeStats:
+             cfg: OptimizeConfig, generator: torch.Generator, stats: OptimizeStats, max_grad_norm: float) -> None:
     """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), gradients clipped to
-    ``max_grad_norm``; every rank takes the same number of steps, an empty rank contributing zero gradients."""
+    ``max_grad_norm``, measured into ``stats``; every rank takes the same number of steps (an empty one contributing
+    zero gradients)."""
     n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
     single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
-    stats = OptimizeStats(first_pass_logp=torch.zeros(mask.shape) if single_step else None)
+    stats.first_pass_logp = torch.zeros(mask.shape) if single_step else None
     shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
     for module, _ in trainables:
         module.train()
@@ -141,7 +137,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                 optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
             for rows in plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared):
-                sub = counter.select(policy, rollout.batch, rows)
+                sub = stats.select(policy, rollout.batch, rows)
                 mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
                 logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
                                                        chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
@@ -159,4 +155,3 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                 if i == 0:
                     stats.grad_norms.append(norm)
                 optimizer.step()
-    return stats

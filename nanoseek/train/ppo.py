@@ -1,9 +1,6 @@
-"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2), run by the same RL loop.
-
-A critic (a copy of the policy's transformer with a scalar value head, own optimizer) estimates V(s_t); the per-token
-reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token; advantages come from GAE(γ, λ),
-whitened over the batch; the policy takes the clipped token surrogate and the critic the clipped value loss.
-"""
+"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2): a critic estimates V(s_t); the
+per-token reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token; advantages come from
+GAE(γ, λ), whitened; the policy takes the clipped token surrogate and the critic the clipped value loss."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
-from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, per_token, rollout_logprobs
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, per_token, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
 
 
@@ -68,21 +65,19 @@ class PPO:
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
 
-    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
-        cfg, batch = self.cfg, rollout.batch
-        n, mask = len(rollout), batch.completion_mask
-        old = rollout_logprobs(self.policy, batch, self.optim, counter)
-        ref = rollout_logprobs(self.ref, batch, self.optim, counter) if self.ref is not None else old
-        old_values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, counter)
+    def prepare(self, rollout: Rollout, step: int, stats: OptimizeStats) -> Rollout:
+        cfg, batch, mask = self.cfg, rollout.batch, rollout.batch.completion_mask
+        old = rollout_logprobs(self.policy, batch, self.optim, stats)
+        ref = rollout_logprobs(self.ref, batch, self.optim, stats) if self.ref is not None else old
+        values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, stats)
         kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
         token_rewards = -cfg.beta * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(n), last] += rollout.rewards * (mask.sum(1) > 0)
-        adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        token_rewards[torch.arange(len(rollout)), last] += rollout.rewards * (mask.sum(1) > 0)
+        adv, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = whiten(adv, mask)
-        extras = {"values": old_values, "returns": returns, "kl": kl}
-        return replace(rollout, advantages=adv, old_logp=old, extras=extras)
+        return replace(rollout, advantages=adv, old_logp=old, extras={"values": values, "returns": returns, "kl": kl})
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mask = mb.batch.completion_mask

@@ -25,7 +25,7 @@ from nanoseek.rewards import get_process_reward_fn, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
-from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, optimize
+from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
 from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
 
@@ -89,8 +89,7 @@ class RLTrainer:
         """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
         from nanoseek.evaluate import evaluate_prompts
 
-        cfg = self.cfg
-        held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
+        cfg, held_out = self.cfg, self.data.held_out  # held_out's own columns: an --eval-dataset's may differ
         m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
                              replace(self.scorer, columns=held_out.columns),
                              [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
@@ -110,17 +109,15 @@ class RLTrainer:
         set_lr(self.optimizer, lr_at(step - 1, cfg, cfg.steps))
         rollout, seen = self.collect(step)
         t_gen = time.perf_counter() - t0
-        counter = TokenCounter()
-        rollout = self.algorithm.prepare(rollout, step, counter)
+        stats = OptimizeStats()
+        rollout = self.algorithm.prepare(rollout, step, stats)
         trainables = [(self.policy.model, self.optimizer), *self.algorithm.trainables()]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
-        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter,
-                         cfg.max_grad_norm)
-        m = self.metrics(rollout, seen, stats, counter, time.perf_counter() - t0)
+        optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, stats, cfg.max_grad_norm)
+        m = self.metrics(rollout, seen, stats, time.perf_counter() - t0)
         return {**m, "generation_time": t_gen, **self.algorithm.metrics(rollout, stats)}, rollout
 
-    def metrics(self, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, counter: TokenCounter,
-                dt: float) -> dict:
+    def metrics(self, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, dt: float) -> dict:
         """TRL's metric names where TRL has the quantity, over every rank."""
         passes, sums = self.cfg.num_iterations, stats.sums
         r = torch.tensor(seen.seen_rewards, dtype=torch.float64)
@@ -137,7 +134,7 @@ class RLTrainer:
             "loss": (stats.loss / passes, 1.0),
             "num_tokens": (tok / passes, 0.0),
             "tokens_per_s": (float(lengths.sum()) / dt, 0.0),
-            "tokens/processed_over_real": (float(counter.processed), float(counter.real)),
+            "tokens/processed_over_real": (float(stats.processed), float(stats.real)),
         }
         if self.algorithm.cfg.beta > 0:
             ratios["kl"] = (sums.get("kl", 0.0), tok)
@@ -214,8 +211,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
 
 
 def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None:
-    """The first ``rows`` samples of a step: prompt, completion, reward, advantage (per token under process
-    supervision), gold answer."""
+    """The first ``rows`` samples of a step: prompt, completion, reward, advantage (per token or not), gold answer."""
     G = len(rollout) // max(len(rollout.examples), 1)
     with open(path, "a") as f:
         for i in range(min(rows, len(rollout))):

@@ -52,9 +52,8 @@ class RLDataConfig(DatasetConfig):
 
 @dataclass(frozen=True)
 class RLData:
-    """train: a step's prompts (``batch(step, n, seed, round_)``); held_out: the evaluation prompts (or None);
-    reward_fns: the outcome rewards in weight order; correct: the functions that decide whether a completion is
-    correct in evaluation (a task's own reward, else every reward function)."""
+    """reward_fns: the outcome rewards in weight order; correct: the functions that decide in evaluation whether a
+    completion is correct (a task's own reward, else every reward function)."""
 
     train: PromptDataset | TaskPrompts
     held_out: PromptDataset | None

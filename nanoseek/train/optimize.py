@@ -94,9 +94,7 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
             plans.append(cur)
             cand = [i]
         cur = cand
-    if cur:
-        plans.append(cur)
-    return [rows[torch.tensor(p, dtype=torch.long)] for p in plans]
+    return [rows[torch.tensor(p, dtype=torch.long)] for p in [*plans, cur] if p]
 
 
 @torch.no_grad()

@@ -36,8 +36,7 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory with tokenizer.json, or a run directory")
     eval_num_generations: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
-    save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best (accuracy, "
-                                   "pass@k, sample_accuracy, reward)",
+    save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best",
                                    choices=("accuracy", "pass@k", "sample_accuracy", "reward"))
     num_generations: int = option(8, "G completions per prompt", min=1)
     prompts_per_step: int = option(8, "P prompts per step (global: split over ranks)", min=1)
@@ -54,11 +53,6 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
             raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per "
                              "held-out prompt)")
-
-    @property
-    def best_metric(self) -> str:
-        """The metrics.jsonl key ``--save-best`` compares (e.g. ``eval/pass@4``)."""
-        return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_num_generations}")
 
 
 class RLTrainer:
@@ -138,10 +132,9 @@ class RLTrainer:
         }
         if self.algorithm.cfg.beta > 0:
             ratios["kl"] = (sums.get("kl", 0.0), tok)
-        for name, vals in seen.seen_per_fn.items():
-            v = torch.tensor(vals, dtype=torch.float64)
-            v = v[~v.isnan()]
-            ratios[f"rewards/{name}/mean"] = (float(v.sum()), float(v.numel()))
+        for name, vals in seen.seen_per_fn.items():  # NaN: the function gave no value
+            given = [v for v in vals if not math.isnan(v)]
+            ratios[f"rewards/{name}/mean"] = (float(sum(given)), float(len(given)))
         if self.scorer.process_fn is not None:  # mean step reward, and the completions that got no step
             ratios["rewards/process/mean"] = (float(sum(seen.seen_steps)), float(len(seen.seen_steps)))
             ratios["rewards/process/frac_no_steps"] = (float(seen.no_steps), float(r.numel()))
@@ -186,6 +179,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         start = int(state["step"])
         trainer.algorithm.load_state_dict(state)
     best_json = run.dir / "best" / "best.json"
+    best_metric = "eval/" + (cfg.save_best or "").replace("pass@k", f"pass@{cfg.eval_num_generations}")
     best = json.loads(best_json.read_text()) if run.resume_from is not None and best_json.is_file() else None
     rewards: list[float] = []
 
@@ -195,8 +189,8 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         rewards.append(m["reward"])
         if is_main() and cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.steps):
             m.update(trainer.evaluate(n))
-            if cfg.save_best and (best is None or m[cfg.best_metric] > best["value"]):
-                best = {"metric": cfg.best_metric, "value": m[cfg.best_metric], "step": n}
+            if cfg.save_best and (best is None or m[best_metric] > best["value"]):
+                best = {"metric": best_metric, "value": m[best_metric], "step": n}
                 save_checkpoint(best_json.parent, n, model, state={"best": best}, keep=1, tokenizer=trainer.tokenizer)
                 atomic_write_text(json.dumps(best, indent=2), best_json)
         if is_main() and cfg.log_completions_every and (n - 1) % cfg.log_completions_every == 0:

@@ -81,9 +81,7 @@ class GRPO:
             std = global_std(rewards) if by_batch else None
             adv = group_advantages(rewards, G, cfg.scale_rewards, cfg.rloo, cfg.advantage_eps, std) \
                 if len(rewards) else torch.zeros(0)
-        mask = rollout.batch.completion_mask
-        if cfg.mask_truncated_completions:
-            mask = mask * (~rollout.truncated)[:, None]
+        mask = rollout.batch.completion_mask * (~rollout.truncated)[:, None] if cfg.mask_truncated_completions else None
         opt = self.optim
         old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
             rollout_logprobs(self.policy, rollout.batch, opt, stats)  # else π_old = π: ratio 1, no pass

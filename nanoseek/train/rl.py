@@ -206,10 +206,9 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
 
 def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None:
     """The first ``rows`` samples of a step: prompt, completion, reward, advantage (per token or not), gold answer."""
-    G = len(rollout) // max(len(rollout.examples), 1)
     with open(path, "a") as f:
         for i in range(min(rows, len(rollout))):
-            ex = rollout.examples[i // G]
+            ex = rollout.examples[int(rollout.batch.prompt_index[i])]
             adv = rollout.advantages[i]
             adv = adv[: int(rollout.batch.completion_lens[i])].tolist() if adv.dim() else float(adv)
             f.write(json.dumps({"step": step, "prompt": ex.prompt, "completion": rollout.texts[i],

@@ -177,7 +177,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     from nanoseek.rewards import RewardResult
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import GRPO, GRPOConfig
-    from nanoseek.train.optimize import TokenCounter
+    from nanoseek.train.optimize import OptimizeStats
     from nanoseek.train.rl import RLTrainer
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
@@ -197,7 +197,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     assert rollout.rewards.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     assert rollout.batch.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert (seen.zero_std_groups, seen.groups) == (5, 9)
-    rollout = trainer.algorithm.prepare(rollout, 1, TokenCounter())
+    rollout = trainer.algorithm.prepare(rollout, 1, OptimizeStats())
     assert (rollout.advantages.view(-1, 2).std(1) > 0).all()
 
 

@@ -17,8 +17,7 @@ from nanoseek.train.losses import grpo_loss
 from nanoseek.train.optimize import (
     PAD_TOLERANCE,
     OptimizeConfig,
-    TokenCounter,
-    Trainable,
+    OptimizeStats,
     optimize,
     plan_micro_batches,
     rollout_logprobs,
@@ -107,8 +106,8 @@ def test_optimize_gradient_equals_full_batch_reference(variant):
         model.load_state_dict(start)
         model.zero_grad(set_to_none=True)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        optimize(policy, rollout, algo.loss, [Trainable(model, opt, 1e9)],
-                 OptimizeConfig(micro_batch_size=micro), torch.Generator().manual_seed(0), TokenCounter())
+        optimize(policy, rollout, algo.loss, [(model, opt)], OptimizeConfig(micro_batch_size=micro),
+                 torch.Generator().manual_seed(0), OptimizeStats(), max_grad_norm=1e9)
         moved = dict(model.named_parameters())
         assert want.keys() <= moved.keys() and len(want) > 10
         for n in want:
@@ -130,7 +129,7 @@ def test_sampler_logprobs_match_trainer(kind):
     sampler = torch.zeros(batch.completion_ids.shape)
     for i, lp in enumerate(samples.logprobs):
         sampler[i, : len(lp)] = torch.tensor(lp)
-    trainer = rollout_logprobs(policy, batch, OptimizeConfig(temperature=0.8), TokenCounter())
+    trainer = rollout_logprobs(policy, batch, OptimizeConfig(temperature=0.8), OptimizeStats())
     assert (trainer - sampler).abs().max() <= 1e-4
 
 

@@ -1,19 +1,5 @@
-"""GRPO (DeepSeekMath arXiv:2402.03300 §4, eq. 3) and its variants: Dr. GRPO, DAPO, GSPO, RLOO, process supervision.
-
-Per step: P prompts × G completions from π_old, rewards, group-relative advantages, then μ passes over the
-rollout in mini-batches with the clipped surrogate and the k3 KL to π_ref (``nanoseek.train.losses``). Every
-switch is independent of the others:
-
-- advantage: baseline group mean or leave-one-out (``rloo``); scale by group std, batch std or not at all
-  (``scale_rewards`` "group" | "batch" | "none" = Dr. GRPO). Process supervision (``process_reward``): per-step
-  rewards at token positions give per-token advantages.
-- aggregation (``loss_type``, TRL's names): "grpo" = seq-mean-token-mean, "bnpo" = token-mean over the mini-batch,
-  "dapo" = token-mean over the whole rollout's tokens, "dr_grpo" = constant sum / (B · max_completion_length).
-- clip range ``epsilon`` / ``epsilon_high`` (clip-higher); ``importance_sampling_level`` "token" | "sequence" (GSPO).
-- ``beta`` > 0 keeps a reference model; ``ref_reset_every`` N copies the policy into it every N steps.
-- DAPO dynamic sampling (drop all-equal groups, resample up to a cap) and overlong handling (mask truncated
-  completions, or the soft length penalty of DAPO eq. 13).
-"""
+"""GRPO (DeepSeekMath arXiv:2402.03300 §4, eq. 3) and its variants (``GRPOParams``, each switch independent of the
+others: RLOO, Dr. GRPO, process supervision, BNPO / DAPO aggregation, clip-higher, GSPO, DAPO's dynamic sampling)."""
 
 from __future__ import annotations
 
@@ -28,35 +14,9 @@ from nanoseek.cli_args import option
 from nanoseek.distributed import global_std
 from nanoseek.policy import Policy
 from nanoseek.rollout import Rollout, Sampling
-from nanoseek.train.losses import (
-    ALIASES,
-    LOSS_TYPES,
-    Clip,
-    group_advantages,
-    grpo_loss,
-    process_advantages,
-    soft_overlong_penalty,
-)
-from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, TokenCounter, rollout_logprobs
+from nanoseek.train.losses import GRPOParams, group_advantages, grpo_loss, process_advantages, soft_overlong_penalty
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
-
-
-@dataclass(frozen=True, kw_only=True)
-class GRPOParams(Clip):
-    """Every setting that changes GRPO's advantages and loss (with the sampling's G and length cap)."""
-
-    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
-    ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
-    loss_type: str = option("grpo", "loss aggregation", choices=tuple(LOSS_TYPES) + tuple(ALIASES))
-    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
-                                choices=("group", "batch", "none"))
-    rloo: bool = option(False, "leave-one-out baseline")
-    advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
-    importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
-                                            choices=("token", "sequence"))
-    mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
-    overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
-    overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,58 +60,50 @@ class GRPO:
     def __init__(self, cfg: GRPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
         self.cfg, self.sampling, self.optim, self.policy = cfg, sampling, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
-        self.loss_type = ALIASES.get(cfg.loss_type, cfg.loss_type)
 
-    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
-        cfg, G, max_len = self.cfg, self.sampling.num_generations, self.sampling.max_completion_length
+    def prepare(self, rollout: Rollout, step: int, stats: OptimizeStats) -> Rollout:
+        cfg, G = self.cfg, self.sampling.num_generations
         if self.ref is not None and cfg.ref_reset_every and step > 1 and (step - 1) % cfg.ref_reset_every == 0:
             self.ref.model.load_state_dict(self.policy.model.state_dict())
         rewards = rollout.rewards
         if cfg.overlong_buffer and len(rollout):
-            rewards = rewards + soft_overlong_penalty(rollout.batch.completion_lens, max_len,
-                                                      cfg.overlong_buffer, cfg.overlong_penalty)
-        batch_std = None
+            rewards = rewards + soft_overlong_penalty(rollout.batch.completion_lens,
+                                                      self.sampling.max_completion_length, cfg.overlong_buffer,
+                                                      cfg.overlong_penalty)
+        by_batch = cfg.scale_rewards == "batch"  # the std over every rank's rewards (or step rewards)
         if rollout.steps is not None:
             rs = [s.rewards if s is not None else [] for s in rollout.steps]
             es = [s.ends if s is not None else [] for s in rollout.steps]
-            if cfg.scale_rewards == "batch":
-                batch_std = global_std(torch.tensor([x for xs in rs for x in xs], dtype=torch.float64))
+            std = global_std(torch.tensor([x for xs in rs for x in xs], dtype=torch.float64)) if by_batch else None
             adv = process_advantages(rs, es, G, rollout.batch.completion_ids.shape[1], cfg.advantage_eps,
-                                     cfg.scale_rewards, batch_std)
+                                     cfg.scale_rewards, std)
         else:
-            if cfg.scale_rewards == "batch":
-                batch_std = global_std(rewards)
-            adv = group_advantages(rewards, G, cfg.scale_rewards, cfg.rloo, cfg.advantage_eps, batch_std) \
+            std = global_std(rewards) if by_batch else None
+            adv = group_advantages(rewards, G, cfg.scale_rewards, cfg.rloo, cfg.advantage_eps, std) \
                 if len(rewards) else torch.zeros(0)
-        mask = rollout.batch.completion_mask
-        if cfg.mask_truncated_completions:
-            mask = mask * (~rollout.truncated)[:, None]
+        mask = rollout.batch.completion_mask * (~rollout.truncated)[:, None] if cfg.mask_truncated_completions else None
         opt = self.optim
         old = None if opt.num_iterations == 1 and opt.num_minibatches == 1 else \
-            rollout_logprobs(self.policy, rollout.batch, opt, counter)  # else π_old = π: ratio 1, no pass
-        ref = rollout_logprobs(self.ref, rollout.batch, opt, counter) if self.ref is not None else None
+            rollout_logprobs(self.policy, rollout.batch, opt, stats)  # else π_old = π: ratio 1, no pass
+        ref = rollout_logprobs(self.ref, rollout.batch, opt, stats) if self.ref is not None else None
         return replace(rollout, rewards=rewards, advantages=adv, loss_mask=mask, old_logp=old, ref_logp=ref)
 
-    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, rows, width, dev = self.cfg, mb.rows, logp.shape[1], logp.device
-        old = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows, :width].to(dev)
-        ref = None if rollout.ref_logp is None else rollout.ref_logp[rows, :width].to(dev)
-        adv = rollout.advantages[rows]
-        adv = (adv if adv.dim() == 1 else adv[:, :width]).to(dev)
-        loss, st = grpo_loss(
-            logp, old, adv, rollout.mask[rows, :width].to(dev), ref_logp=ref, beta=cfg.beta,
-            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=self.loss_type,
+    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        return grpo_loss(
+            logp, logp.detach() if rollout.old_logp is None else mb.take(rollout.old_logp),
+            mb.take(rollout.advantages), mb.take(rollout.mask),
+            ref_logp=None if rollout.ref_logp is None else mb.take(rollout.ref_logp), beta=cfg.beta,
+            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.aggregation,
             importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=self.sampling.max_completion_length,
-            num_rows=mb.num_rows, num_items=mb.global_tokens if self.loss_type == "dapo" else mb.num_tokens,
+            num_rows=mb.num_rows, num_items=mb.global_tokens if cfg.aggregation == "dapo" else mb.num_tokens,
         )
-        return loss, {k: float(v) for k, v in st.items()}
 
     def trainables(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
         return []
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs beyond the policy and its optimizer for an exact resume."""
         return {"ref": self.ref.model.state_dict()} if self.ref is not None and self.cfg.ref_reset_every else {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,11 +115,9 @@ class GRPO:
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:
-    """Run GRPO (see ``nanoseek.train.rl.train_rl``)."""
     return train_rl(cfg, GRPO)
 
 
-# ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_arguments(parser, GRPOConfig)
 

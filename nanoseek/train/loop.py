@@ -1,8 +1,6 @@
-"""The run loop of every trainer (pretrain, SFT, GRPO, PPO): a trainer hands ``run_loop`` its step
-(``step(n, stop) -> (metrics, stop)``, n from 1; the step agrees on ``stop`` across ranks) and its save; the loop
-logs, saves every ``save_every`` steps, at the end, at ``stop_at`` and after a first Ctrl-C (a second interrupts at
-once), and returns one summary schema.
-"""
+"""The run loop of every trainer (pretrain, SFT, GRPO, PPO): ``run_loop`` runs a trainer's step (``step(n, stop)
+-> (metrics, stop)``, n from 1, ``stop`` agreed across ranks), logs, and saves every ``save_every`` steps, at the end,
+at ``stop_at`` and after a first Ctrl-C (a second interrupts at once)."""
 
 from __future__ import annotations
 
@@ -49,9 +47,8 @@ def narrow(cls: type, cfg: object):
 class StopFlag:
     """``stop.requested`` after the first SIGINT inside ``with StopFlag() as stop``."""
 
-    def __init__(self):
-        self.requested = False
-        self.previous = None
+    requested = False
+    previous = None
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -89,13 +86,11 @@ def start_run(cfg: RunConfig, kind: str, check_inputs: Callable[[], object]) -> 
 
 def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, bool]],
              save: Callable[[int], Path | None], config: dict) -> dict:
-    """Steps ``start + 1 .. steps`` (see the module docstring). Returns {"steps", "wall_time_s", "interrupted",
-    "run_dir", "checkpoint", "resumed_from"}."""
+    """Steps ``start + 1 .. steps``; returns the run's summary."""
     cfg, t0 = run.config, time.perf_counter()
     if is_main():
         (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start,
-                           progress=cfg.progress)
+    logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start, progress=cfg.progress)
     done, interrupted, saved = start, False, run.resume_from
     with StopFlag() as stop:
         for n in range(start + 1, cfg.steps + 1):
@@ -116,8 +111,8 @@ def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, b
 
 
 def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bool = False) -> Path | None:
-    """Rank 0 writes checkpoint ``step`` with the RNG state and ``state`` (under FSDP every rank first helps gather
-    the full model and optimizer state); every rank waits for it."""
+    """Rank 0 writes checkpoint ``step`` with the RNG state and ``state`` (under FSDP every rank helps gather the full
+    state first); every rank waits for it."""
     state, path = {"rng": rng_state(), **state}, None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

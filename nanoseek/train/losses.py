@@ -1,12 +1,10 @@
-"""The RL math as pure functions: advantages, the clipped policy loss, PPO's GAE and value loss.
+"""The RL math as pure functions (no model, optimizer or process group), and GRPO's flags that parametrize it.
 
-- GRPO outcome supervision (DeepSeekMath arXiv:2402.03300 §4.1.2): Â_i = (r_i − mean(r)) / std(r) over a group of
-  G completions; RLOO's leave-one-out baseline; Dr. GRPO's unscaled advantages; process supervision (§4.1.3).
-- The clipped surrogate with the k3 KL (DeepSeekMath eq. 3–4), aggregated as GRPO, BNPO, DAPO or Dr. GRPO; GSPO's
-  sequence-level ratio (arXiv:2507.18071); DAPO's soft overlong penalty (arXiv:2503.14476 eq. 13).
+- GRPO (DeepSeekMath arXiv:2402.03300): outcome advantages Â_i = (r_i − mean(r)) / std(r) over a group of G (§4.1.2),
+  RLOO's leave-one-out baseline, Dr. GRPO's unscaled advantages, process supervision (§4.1.3); the clipped surrogate
+  with the k3 KL (eq. 3–4) aggregated as GRPO, BNPO, DAPO or Dr. GRPO; GSPO's sequence-level ratio
+  (arXiv:2507.18071); DAPO's soft overlong penalty (arXiv:2503.14476 eq. 13).
 - PPO (eq. 1–2): GAE(γ, λ), whitening, the clipped value loss.
-
-Nothing here touches a model, an optimizer or a process group; ``Clip`` is the flags of the clip range.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ import torch
 
 from nanoseek.cli_args import option
 
-LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 ALIASES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", *ALIASES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,22 +27,41 @@ class Clip:
     epsilon_high: float | None = option(None, "clip-higher ε_high (default ε)", gt=0)
 
 
-# ---------------------------------------------------------------------- advantages
+@dataclass(frozen=True, kw_only=True)
+class GRPOParams(Clip):
+    """Every setting that changes GRPO's advantages and loss (with the sampling's G and length cap)."""
+
+    beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
+    ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
+    loss_type: str = option("grpo", "loss aggregation", choices=LOSS_TYPES)
+    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
+                                choices=("group", "batch", "none"))
+    rloo: bool = option(False, "leave-one-out baseline")
+    advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
+    importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
+                                            choices=("token", "sequence"))
+    mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
+    overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
+    overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
+
+    @property
+    def aggregation(self) -> str:
+        """``loss_type`` with TRL's older names resolved."""
+        return ALIASES.get(self.loss_type, self.loss_type)
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group", rloo: bool = False,
                      eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
-    """rewards: (N,) grouped contiguously by G -> advantages (N,).
+    """rewards (N,) in contiguous groups of G -> Â_i = (r_i − b_i) / (σ + eps), (N,).
 
-    Â_i = (r_i − b_i) / (σ + eps): b_i the group mean (DeepSeekMath outcome supervision) or, with ``rloo``, the mean
-    of the other G−1 rewards; σ the group std, the batch std (``batch_std`` when given: e.g. over every rank's
-    rewards), or 1 for ``scale="none"`` (Dr. GRPO). Std is the unbiased one, as in TRL. An all-equal group gets
-    exactly 0.
+    b_i: the group mean, or with ``rloo`` the mean of the other G−1; σ: the unbiased group std, the batch std
+    (``batch_std``, e.g. over every rank, else this batch's) or 1 for ``scale="none"`` (Dr. GRPO).
     """
     G = num_generations
     if rewards.numel() % G:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={G}")
     r = rewards.view(-1, G).double()
-    baseline = (r.sum(1, keepdim=True) - r) / (G - 1) if rloo else r.mean(1, keepdim=True)
-    adv = r - baseline
+    adv = r - ((r.sum(1, keepdim=True) - r) / (G - 1) if rloo else r.mean(1, keepdim=True))
     if scale == "group":
         adv = adv / (r.std(1, keepdim=True) + eps)
     elif scale == "batch":
@@ -55,7 +72,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
 
 
 def _std(x: torch.Tensor) -> float:
-    """The unbiased std; 0 for fewer than two values."""
     return float(x.std()) if x.numel() > 1 else 0.0
 
 
@@ -64,11 +80,9 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
                        batch_std: float | None = None) -> torch.Tensor:
     """Process supervision (DeepSeekMath §4.1.3) -> per-token advantages (N, length).
 
-    ``step_rewards[i][j]`` scores step j of completion i, whose last token is completion position
-    ``step_ends[i][j]``. Rewards are normalized over all steps R of all G outputs of a group,
-    r̃ = (r − mean(R)) / (std(R) + eps), and Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}. ``scale`` "batch" takes
-    the std over every step given (or ``batch_std``), "none" (Dr. GRPO) divides by nothing. A completion without
-    steps gets 0.
+    Step j of completion i scores ``step_rewards[i][j]`` and ends at completion position ``step_ends[i][j]``;
+    r̃ = (r − mean(R)) / (std(R) + eps) over the steps R of a group (``scale`` as in ``group_advantages``), and
+    Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}. A completion without steps gets 0.
     """
     G = num_generations
     adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
@@ -83,13 +97,12 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
                 if not 0 <= end < length:
                     raise ValueError(f"completion {i}: step end {end} outside the completion (length {length})")
                 adv[i, end] += (r - mean) / std
-    return adv.flip(1).cumsum(1).flip(1).float()  # Â_t = Σ over steps ending at or after t
+    return adv.flip(1).cumsum(1).flip(1).float()
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
     """DAPO eq. 13: 0 up to max_len − buffer, then linear down to −factor at max_len (and −factor beyond)."""
-    start = max_len - buffer
-    return -factor * ((lengths.float() - start) / buffer).clamp(0.0, 1.0)
+    return -factor * ((lengths.float() - (max_len - buffer)) / buffer).clamp(0.0, 1.0)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -97,25 +110,19 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
               max_completion_length: int | None = None, num_items: float | None = None,
               num_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + β·k3 KL, aggregated by ``loss_type``. Returns (loss, statistics).
+    """Clipped surrogate + β·k3 KL (DeepSeekMath eq. 3–4), aggregated by ``loss_type``. Returns (loss, statistics).
 
-    logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision).
-    Per token: ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), with ρ the token
-    ratio π/π_old or, at the sequence level, GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t],
-    s_i = exp of the masked mean token log-ratio: the value s_i on every token, the gradient of the token's own
-    log-prob. With one advantage per sequence this is GSPO exactly (same loss and gradient); with per-token
-    advantages each token keeps its own (a bare (B, 1) ratio would credit every token with the sequence's mean
-    advantage instead).
-
-    Normalizers, so that a mini-batch split into micro-batches of any sizes sums to the same loss: ``num_rows``
-    (default B) divides "grpo" and "dr_grpo", ``num_items`` (default this batch's active tokens) divides "bnpo" and
-    "dapo" (the caller passes the mini-batch's tokens for "bnpo" and the whole rollout's over every rank, per
-    optimizer step, for "dapo"), and ``max_completion_length`` is the "dr_grpo" constant (default L).
-    Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
+    logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision). Per token:
+    ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), ρ = π/π_old, or at the sequence
+    level GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t], s_i = exp(masked mean token log-ratio):
+    GSPO exactly for one advantage per sequence, and each token keeps its own advantage otherwise.
+    Normalizers (micro-batches of any split sum to the mini-batch's loss): ``num_rows`` (default B) for "grpo" and
+    "dr_grpo", ``num_items`` (default the active tokens) for "bnpo" and "dapo", ``max_completion_length`` (default
+    L) for "dr_grpo". Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
     """
-    loss_type = ALIASES.get(loss_type, loss_type)
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES) + sorted(ALIASES)}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    loss_type = ALIASES.get(loss_type, loss_type)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = logp - old_logp
@@ -127,8 +134,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_w)
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, L)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)  # (B, L)
     kl = None
     if beta != 0.0:
         if ref_logp is None:
@@ -154,18 +160,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over completion tokens (right-padded; V after the last token is 0).
-
-    rewards, values, mask: (B, L) -> (advantages, returns) (B, L): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
-    """
-    B, L = rewards.shape
+    """GAE over right-padded completion tokens (V after the last is 0): rewards, values, mask (B, L) -> (advantages,
+    returns) (B, L), δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}."""
     values = values * mask
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(L)):
-        next_v = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
+    delta = rewards + gamma * torch.cat((values[:, 1:], torch.zeros_like(values[:, :1])), 1) - values
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        last = (delta[:, t] + gamma * lam * last) * mask[:, t]
         adv[:, t] = last
     return adv, (adv + values) * mask
 
@@ -178,10 +179,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> torch.Tensor:
-    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²), token mean."""
+               clip: float, num_items: float | None = None) -> torch.Tensor:
+    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²), summed over tokens / ``num_items`` (default
+    the active tokens)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return 0.5 * (loss * mask).sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)
 
 

@@ -1,8 +1,6 @@
-"""One optimisation loop for every RL algorithm (GRPO, PPO): μ passes over a rollout, each shuffled into
-mini-batches (one optimizer step each) run as length-planned micro-batches (``plan_micro_batches``). Losses are
-normalised by the whole mini-batch, so any split gives the same gradient; gradients are averaged over ranks, clipped
-and stepped for every ``Trainable`` (the policy; PPO adds its critic).
-"""
+"""The optimisation loop of every RL algorithm: μ passes over a rollout, each shuffled into mini-batches (one
+optimizer step each) of length-planned micro-batches. Losses are normalised by the whole mini-batch, so any split gives
+the same gradient; gradients are averaged over ranks, clipped and stepped for the policy and PPO's critic."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from nanoseek.cli_args import option
 from nanoseek.distributed import average_gradients, reduce_floats, world_size
@@ -33,13 +32,6 @@ class OptimizeConfig:
 
 
 @dataclass(frozen=True)
-class Trainable:
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    max_grad_norm: float
-
-
-@dataclass(frozen=True)
 class MicroBatch:
     """Rows of one forward/backward, their tokens on the device, and their mini-batch's normalizers: rows and loss
     tokens on this rank, and loss tokens over every rank / ranks (DAPO's token mean)."""
@@ -50,30 +42,34 @@ class MicroBatch:
     num_tokens: float
     global_tokens: float
 
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's rows of a rollout tensor, (N,) or (N, L) cut to its width, on its device."""
+        x = x[self.rows]
+        return (x if x.dim() == 1 else x[:, : self.batch.completion_ids.shape[1]]).to(self.batch.completion_ids.device)
 
-LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
-
-@dataclass
-class TokenCounter:
-    """Tokens the forwards processed (padding included) and the real ones among them."""
-
-    processed: int = 0
-    real: int = 0
-
-    def add(self, batch: Batch, shared: bool) -> None:
-        processed, real = batch.token_counts(shared)
-        self.processed += processed
-        self.real += real
+LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
 class OptimizeStats:
+    """What one RL step's forwards (log-prob passes and ``optimize``) measured."""
+
     loss: float = 0.0  # mean mini-batch loss (weighted by rows), summed over passes
     grad_norms: list[float] = field(default_factory=list)  # the first trainable's, per optimizer step
     sums: dict[str, float] = field(default_factory=dict)  # loss statistics summed over micro-batches
     entropy: float = 0.0  # Σ entropy over loss tokens, every pass
     first_pass_logp: torch.Tensor | None = None  # (N, L) π before any update (only with a single mini-batch)
+    processed: int = 0  # tokens the forwards processed, padding included
+    real: int = 0  # the real tokens among them
+
+    def select(self, policy: Policy, batch: Batch, rows: torch.Tensor) -> Batch:
+        """``batch.select(rows)`` on ``policy``'s device, its tokens counted."""
+        sub = batch.select(rows).to(policy.device)
+        processed, real = sub.token_counts(policy.shares(sub))
+        self.processed += processed
+        self.real += real
+        return sub
 
 
 def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
@@ -98,72 +94,62 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
             plans.append(cur)
             cand = [i]
         cur = cand
-    if cur:
-        plans.append(cur)
-    return [rows[torch.tensor(p, dtype=torch.long)] for p in plans]
+    return [rows[torch.tensor(p, dtype=torch.long)] for p in [*plans, cur] if p]
 
 
 @torch.no_grad()
 def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch, max_rows: int,
-              counter: TokenCounter) -> torch.Tensor:
+              stats: OptimizeStats) -> torch.Tensor:
     """``fn`` (a (n, L) value per completion token) over ``batch`` in length-planned micro-batches on ``policy``'s
     device: (N, L) on the CPU."""
     out = torch.zeros(batch.completion_ids.shape)
     for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
-        sub = batch.select(rows).to(policy.device)
-        counter.add(sub, policy.shares(sub))
-        v = fn(sub).cpu()
+        v = fn(stats.select(policy, batch, rows)).cpu()
         out[rows, : v.shape[1]] = v
     return out
 
 
-def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, counter: TokenCounter) -> torch.Tensor:
+def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, stats: OptimizeStats) -> torch.Tensor:
     """log π(o_t | ·) of every completion token of ``batch`` (N, L), on the CPU."""
     return per_token(lambda sub: policy.completion_logprobs(sub, temperature=cfg.temperature,
                                                             chunk_tokens=cfg.logp_chunk_tokens)[0],
-                     policy, batch, cfg.micro_batch_size, counter)
+                     policy, batch, cfg.micro_batch_size, stats)
 
 
-def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[Trainable],
-             cfg: OptimizeConfig, generator: torch.Generator, counter: TokenCounter) -> OptimizeStats:
-    """μ passes of mini-batch optimizer steps over ``rollout`` (see the module docstring); every rank takes the
-    same number of optimizer steps, an empty rank contributing zero gradients."""
-    n = len(rollout)
-    mask = rollout.mask
+def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[tuple[nn.Module, Optimizer]],
+             cfg: OptimizeConfig, generator: torch.Generator, stats: OptimizeStats, max_grad_norm: float) -> None:
+    """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), gradients clipped to
+    ``max_grad_norm``, measured into ``stats``; every rank takes the same number of steps (an empty one contributing
+    zero gradients)."""
+    n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
-    stats = OptimizeStats()
     single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
-    if single_step:
-        stats.first_pass_logp = torch.zeros(mask.shape)
+    stats.first_pass_logp = torch.zeros(mask.shape) if single_step else None
     shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
-    for module in (t.module for t in trainables):
+    for module, _ in trainables:
         module.train()
     for _ in range(cfg.num_iterations):
         order = torch.randperm(n, generator=generator)
         for mini in order.tensor_split(cfg.num_minibatches):
-            for t in trainables:
-                t.optimizer.zero_grad(set_to_none=True)
+            for _, optimizer in trainables:
+                optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
-            plans = plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared) if len(mini) else []
-            for rows in plans:
-                sub = rollout.batch.select(rows).to(policy.device)
-                counter.add(sub, policy.shares(sub))
+            for rows in plan_micro_batches(rollout.batch, mini, cfg.micro_batch_size, shared):
+                sub = stats.select(policy, rollout.batch, rows)
                 mb = MicroBatch(rows, sub, len(mini), num_tokens, tokens_global / cfg.num_minibatches / world_size())
                 logp, ent = policy.completion_logprobs(sub, temperature=cfg.temperature,
                                                        chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
-                width = logp.shape[1]
-                stats.entropy += float((ent * mask[rows, :width].to(ent.device)).sum())
+                stats.entropy += float((ent * mb.take(mask)).sum())
                 stats.loss += float(loss.detach()) * len(mini) / max(n, 1)
                 for k, v in st.items():
-                    stats.sums[k] = stats.sums.get(k, 0.0) + v
+                    stats.sums[k] = stats.sums.get(k, 0.0) + float(v)
                 if stats.first_pass_logp is not None:
-                    stats.first_pass_logp[rows, :width] = logp.detach().cpu()
-            for i, t in enumerate(trainables):
-                average_gradients(t.module)
-                norm = clip_grad_norm(t.module, t.max_grad_norm)
+                    stats.first_pass_logp[rows, : logp.shape[1]] = logp.detach().cpu()
+            for i, (module, optimizer) in enumerate(trainables):
+                average_gradients(module)
+                norm = clip_grad_norm(module, max_grad_norm)
                 if i == 0:
                     stats.grad_norms.append(norm)
-                t.optimizer.step()
-    return stats
+                optimizer.step()

@@ -1,11 +1,6 @@
-"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2), for side-by-side measurement.
-
-A critic of the policy's size (a copy of its transformer with a scalar value head, own optimizer) estimates
-V(s_t); the per-token reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token;
-advantages come from GAE(γ, λ), whitened over the batch; the policy takes the clipped token surrogate and the
-critic the clipped value loss. Rollouts, the optimisation loop and checkpoints are the ones GRPO uses
-(``nanoseek.train.rl``); the critic joins the loop as a second ``Trainable``.
-"""
+"""The PPO baseline GRPO replaces (DeepSeekMath arXiv:2402.03300 §4.1, eq. 1–2): a critic estimates V(s_t); the
+per-token reward is the KL penalty −β log(π_old/π_ref) plus the task reward on the last token; advantages come from
+GAE(γ, λ), whitened; the policy takes the clipped token surrogate and the critic the clipped value loss."""
 
 from __future__ import annotations
 
@@ -21,14 +16,7 @@ from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
-from nanoseek.train.optimize import (
-    MicroBatch,
-    OptimizeConfig,
-    OptimizeStats,
-    TokenCounter,
-    per_token,
-    rollout_logprobs,
-)
+from nanoseek.train.optimize import MicroBatch, OptimizeConfig, OptimizeStats, per_token, rollout_logprobs
 from nanoseek.train.rl import RLConfig, train_rl
 
 
@@ -52,8 +40,7 @@ class PPOConfig(RLConfig, PPOParams):
 
 
 class Critic(nn.Module):
-    """V(s_t): a copy of the policy's transformer (its vocabulary head and MTP modules dropped) with a scalar value
-    head."""
+    """V(s_t): a copy of the policy's transformer (no vocabulary head, no MTP) with a scalar value head."""
 
     def __init__(self, policy: Policy):
         super().__init__()
@@ -77,36 +64,31 @@ class PPO:
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
-        self.value_loss_sum = 0.0
-        self.kl = 0.0
 
-    def prepare(self, rollout: Rollout, step: int, counter: TokenCounter) -> Rollout:
-        cfg, batch = self.cfg, rollout.batch
-        n, mask = len(rollout), batch.completion_mask
-        old = rollout_logprobs(self.policy, batch, self.optim, counter)
-        ref = rollout_logprobs(self.ref, batch, self.optim, counter) if self.ref is not None else old
-        old_values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, counter)
+    def prepare(self, rollout: Rollout, step: int, stats: OptimizeStats) -> Rollout:
+        cfg, batch, mask = self.cfg, rollout.batch, rollout.batch.completion_mask
+        old = rollout_logprobs(self.policy, batch, self.optim, stats)
+        ref = rollout_logprobs(self.ref, batch, self.optim, stats) if self.ref is not None else old
+        values = per_token(self.critic, self.critic.states, batch, self.optim.micro_batch_size, stats)
         kl = (old - ref) * mask  # k1 estimate in the reward (eq. 2)
         token_rewards = -cfg.beta * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(n), last] += rollout.rewards * (mask.sum(1) > 0)
-        adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        token_rewards[torch.arange(len(rollout)), last] += rollout.rewards * (mask.sum(1) > 0)
+        adv, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = whiten(adv, mask)
-        self.kl = float(kl.sum()) / max(float(mask.sum()), 1.0)
-        self.value_loss_sum = 0.0
-        return replace(rollout, advantages=adv, old_logp=old, extras={"values": old_values, "returns": returns})
+        return replace(rollout, advantages=adv, old_logp=old, extras={"values": values, "returns": returns, "kl": kl})
 
-    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        rows, width, dev, mask = mb.rows, logp.shape[1], logp.device, mb.batch.completion_mask
-        loss, st = grpo_loss(logp, rollout.old_logp[rows, :width].to(dev), rollout.advantages[rows, :width].to(dev),
-                             mask, epsilon_low=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high,
-                             loss_type="bnpo", num_items=mb.num_tokens)
-        v_loss = value_loss(self.critic(mb.batch), rollout.extras["values"][rows, :width].to(dev),
-                            rollout.extras["returns"][rows, :width].to(dev), mask, self.cfg.cliprange_value)
-        v_loss = v_loss * float(mask.sum()) / max(mb.num_tokens, 1.0)  # token mean over the mini-batch
-        self.value_loss_sum += float(v_loss.detach()) * mb.num_rows / max(len(rollout), 1)
-        return loss + v_loss, {k: float(v) for k, v in st.items()}
+    def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mask = mb.batch.completion_mask
+        loss, st = grpo_loss(logp, mb.take(rollout.old_logp), mb.take(rollout.advantages), mask,
+                             epsilon_low=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, loss_type="bnpo",
+                             num_items=mb.num_tokens)
+        v_loss = value_loss(self.critic(mb.batch), mb.take(rollout.extras["values"]),
+                            mb.take(rollout.extras["returns"]), mask, self.cfg.cliprange_value, mb.num_tokens)
+        # the statistics the trainer sums: the reward's KL term per token, and the value loss weighted by rows
+        st.update(kl=mb.take(rollout.extras["kl"]).sum(), value_loss=v_loss.detach() * mb.num_rows / len(rollout))
+        return loss + v_loss, st
 
     def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
         return [(self.critic, self.critic_optimizer)]
@@ -119,12 +101,11 @@ class PPO:
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
-        value, kl = reduce_floats([self.value_loss_sum, self.kl])
-        return {"value_loss": value / world_size() / self.optim.num_iterations, "kl": kl / world_size()}
+        value = reduce_floats([stats.sums.get("value_loss", 0.0)])[0]
+        return {"value_loss": value / world_size() / self.optim.num_iterations}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
-    """The PPO baseline, run by the shared RL loop (metrics.jsonl, checkpoints with the critic, exact resume)."""
     return train_rl(cfg, PPO)
 
 

@@ -1,11 +1,7 @@
-"""The RL run shared by GRPO and PPO: one step is ``collect -> algorithm.prepare -> optimize``; ``train_rl`` runs
-steps in the shared run loop (``nanoseek.train.loop``: checkpoints, exact resume, metrics, Ctrl-C).
-
-An algorithm (GRPO in grpo.py, PPO in ppo.py), built from its ``Params``, the ``Sampling``, the ``OptimizeConfig``
-and the policy, supplies only what differs: ``prepare`` (advantages, old / reference log-probs), ``loss`` (one
-micro-batch's loss and statistic sums), ``trainables`` (PPO's critic and its optimizer), ``state_dict`` /
-``load_state_dict`` (checkpoint state), ``metrics`` and ``cfg.beta``. Each stage gets the small frozen config it
-reads, cut once from the command's flags (``nanoseek.train.loop.narrow``). Steps count from 1 everywhere.
+"""The RL run shared by GRPO and PPO: step n is ``collect -> algorithm.prepare -> optimize``, run by the shared
+loop (``nanoseek.train.loop``). An algorithm (grpo.py, ppo.py), built from its ``Params``, the ``Sampling``, the
+``OptimizeConfig`` and the policy, supplies ``prepare`` (advantages, old / reference log-probs), ``loss`` (one
+micro-batch), ``trainables`` (PPO's critic), ``state_dict`` / ``load_state_dict``, ``metrics`` and ``cfg.beta``.
 """
 
 from __future__ import annotations
@@ -22,15 +18,16 @@ import torch
 from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, save_checkpoint
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.datasets import Row
-from nanoseek.distributed import init_distributed, is_main, reduce_floats
+from nanoseek.distributed import global_std, init_distributed, is_main, reduce_floats
+from nanoseek.hf import atomic_write_text
 from nanoseek.policy import Policy
 from nanoseek.rewards import get_process_reward_fn, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
-from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, TokenCounter, Trainable, optimize
+from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
-from nanoseek.train.schedule import OptimConfig, lr_at, set_lr
+from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,8 +36,7 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory with tokenizer.json, or a run directory")
     eval_num_generations: int = option(4, "samples per held-out prompt for pass@k (0: greedy only)", min=0)
-    save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best (accuracy, "
-                                   "pass@k, sample_accuracy, reward)",
+    save_best: str | None = option(None, "keep the best checkpoint by this eval metric in OUT/best",
                                    choices=("accuracy", "pass@k", "sample_accuracy", "reward"))
     num_generations: int = option(8, "G completions per prompt", min=1)
     prompts_per_step: int = option(8, "P prompts per step (global: split over ranks)", min=1)
@@ -58,11 +54,6 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
             raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per "
                              "held-out prompt)")
 
-    @property
-    def best_metric(self) -> str:
-        """The metrics.jsonl key ``--save-best`` compares (``eval/pass@4`` for pass@k with --eval-num-generations 4)."""
-        return "eval/" + (self.save_best or "").replace("pass@k", f"pass@{self.eval_num_generations}")
-
 
 class RLTrainer:
     """The policy, its optimizer, the reward functions and one algorithm; ``step(n)`` runs RL step n (1-based)."""
@@ -76,12 +67,9 @@ class RLTrainer:
         self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, process,
                              cfg.reward_timeout_s, self.data.train.columns)
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
-        self.opt = narrow(OptimConfig, cfg)
-        params = [p for p in policy.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(policy.model, cfg)
         self.algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
 
-    # -------------------------------------------------------------- data
     def prompts(self, step: int, round_: int = 0) -> list[Row]:
         """This rank's share of step ``step``'s P prompts (deterministic in seed, step and round: exact on resume)."""
         P = self.cfg.prompts_per_step
@@ -95,8 +83,7 @@ class RLTrainer:
         """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
         from nanoseek.evaluate import evaluate_prompts
 
-        cfg = self.cfg
-        held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
+        cfg, held_out = self.cfg, self.data.held_out  # held_out's own columns: an --eval-dataset's may differ
         m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
                              replace(self.scorer, columns=held_out.columns),
                              [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
@@ -109,76 +96,69 @@ class RLTrainer:
         return collect(self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
                        self.sampling, seed=lambda r: (base + r) * 64 + self.rank)
 
-    # -------------------------------------------------------------- one step
     def step(self, step: int) -> tuple[dict, Rollout]:
         """RL step ``step`` (1-based): sample and score, prepare, optimize. Returns (metrics, the rollout)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        set_lr(self.optimizer, lr_at(step - 1, self.opt, cfg.steps))
+        set_lr(self.optimizer, lr_at(step - 1, cfg, cfg.steps))
         rollout, seen = self.collect(step)
         t_gen = time.perf_counter() - t0
-        counter = TokenCounter()
-        rollout = self.algorithm.prepare(rollout, step, counter)
-        trainables = [Trainable(m, o, cfg.max_grad_norm)
-                      for m, o in [(self.policy.model, self.optimizer), *self.algorithm.trainables()]]
+        stats = OptimizeStats()
+        rollout = self.algorithm.prepare(rollout, step, stats)
+        trainables = [(self.policy.model, self.optimizer), *self.algorithm.trainables()]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
-        stats = optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, counter)
-        m = self.metrics(step, rollout, seen, stats, counter, time.perf_counter() - t0, t_gen)
-        return {**m, **self.algorithm.metrics(rollout, stats)}, rollout
+        optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, stats, cfg.max_grad_norm)
+        m = self.metrics(rollout, seen, stats, time.perf_counter() - t0)
+        return {**m, "generation_time": t_gen, **self.algorithm.metrics(rollout, stats)}, rollout
 
-    def metrics(self, step: int, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, counter: TokenCounter,
-                dt: float, t_gen: float) -> dict:
-        """TRL's metric names where TRL has the quantity; sums gathered over ranks."""
-        passes = self.cfg.num_iterations
+    def metrics(self, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, dt: float) -> dict:
+        """TRL's metric names where TRL has the quantity, over every rank."""
+        passes, sums = self.cfg.num_iterations, stats.sums
         r = torch.tensor(seen.seen_rewards, dtype=torch.float64)
         lengths = rollout.batch.completion_lens.double()
-        tok = stats.sums.get("tokens", 0.0)
-        s, s2, n, zero, groups, tok, kl, lo, hi, ent, ln, n_c, trunc, processed, real = reduce_floats([
-            float(r.sum()), float((r**2).sum()), float(r.numel()), float(seen.zero_std_groups), float(seen.groups),
-            tok, stats.sums.get("kl", 0.0), stats.sums.get("clip_low", 0.0), stats.sums.get("clip_high", 0.0),
-            stats.entropy, float(lengths.sum()), float(len(lengths)), float(rollout.truncated.sum()),
-            float(counter.processed), float(counter.real),
-        ])
-        lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
-        lmax = reduce_floats([float(lengths.max()) if len(lengths) else 0.0], "max")[0]
-        mean = s / max(n, 1)
-        m = {
-            "reward": mean, "reward_std": math.sqrt(max(s2 - n * mean * mean, 0.0) / max(n - 1, 1)),
-            "frac_reward_zero_std": zero / max(groups, 1),
-            "completions/mean_length": ln / max(n_c, 1), "completions/min_length": lmin if n_c else 0.0,
-            "completions/max_length": lmax, "completions/clipped_ratio": trunc / max(n_c, 1),
-            "entropy": ent / max(tok, 1), "clip_ratio/low_mean": lo / max(tok, 1),
-            "clip_ratio/high_mean": hi / max(tok, 1), "loss": reduce_floats([stats.loss])[0] / self.world / passes,
-            "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1), "num_tokens": tok / passes,
-            "tokens/processed_over_real": processed / max(real, 1),
-            "step_time": dt, "generation_time": t_gen, "tokens_per_s": ln / dt,
-            "lr": self.optimizer.param_groups[0]["lr"],
+        tok, n_c = sums.get("tokens", 0.0), float(len(lengths))
+        ratios = {  # metric: (numerator, denominator), each summed over ranks; the metric is num / max(den, 1)
+            "reward": (float(r.sum()), float(r.numel())),
+            "frac_reward_zero_std": (float(seen.zero_std_groups), float(seen.groups)),
+            "completions/mean_length": (float(lengths.sum()), n_c),
+            "completions/clipped_ratio": (float(rollout.truncated.sum()), n_c),
+            "entropy": (stats.entropy, tok),
+            "clip_ratio/low_mean": (sums.get("clip_low", 0.0), tok),
+            "clip_ratio/high_mean": (sums.get("clip_high", 0.0), tok),
+            "loss": (stats.loss / passes, 1.0),
+            "num_tokens": (tok / passes, 0.0),
+            "tokens_per_s": (float(lengths.sum()) / dt, 0.0),
+            "tokens/processed_over_real": (float(stats.processed), float(stats.real)),
         }
         if self.algorithm.cfg.beta > 0:
-            m["kl"] = kl / max(tok, 1)
-        for name, vals in seen.seen_per_fn.items():
-            v = torch.tensor(vals, dtype=torch.float64)
-            v = v[~v.isnan()]
-            total, count = reduce_floats([float(v.sum()), float(v.numel())])
-            m[f"rewards/{name}/mean"] = total / max(count, 1)
+            ratios["kl"] = (sums.get("kl", 0.0), tok)
+        for name, vals in seen.seen_per_fn.items():  # NaN: the function gave no value
+            given = [v for v in vals if not math.isnan(v)]
+            ratios[f"rewards/{name}/mean"] = (float(sum(given)), float(len(given)))
         if self.scorer.process_fn is not None:  # mean step reward, and the completions that got no step
-            total, count, none = reduce_floats([float(sum(seen.seen_steps)), float(len(seen.seen_steps)),
-                                                float(seen.no_steps)])
-            m["rewards/process/mean"] = total / max(count, 1)
-            m["rewards/process/frac_no_steps"] = none / max(n, 1)
+            ratios["rewards/process/mean"] = (float(sum(seen.seen_steps)), float(len(seen.seen_steps)))
+            ratios["rewards/process/frac_no_steps"] = (float(seen.no_steps), float(r.numel()))
         old = rollout.old_logp if rollout.old_logp is not None else stats.first_pass_logp
-        if old is not None:  # the sampler's log-probs against the trainer's recomputed π_old
-            gap = (old - rollout.sampler_logp).abs() * rollout.batch.completion_mask
-            total, count = reduce_floats([float(gap.sum()), float(rollout.batch.completion_mask.sum())])
-            m["sampling/logprob_diff/mean"] = total / max(count, 1)
-            m["sampling/logprob_diff/max"] = reduce_floats([float(gap.max()) if gap.numel() else 0.0], "max")[0]
+        gap = None if old is None else (old - rollout.sampler_logp).abs() * rollout.batch.completion_mask
+        if gap is not None:  # the sampler's log-probs against the trainer's recomputed π_old
+            ratios["sampling/logprob_diff/mean"] = (float(gap.sum()), float(rollout.batch.completion_mask.sum()))
+        totals = reduce_floats([x for pair in ratios.values() for x in pair])
+        m = {k: num / max(den, 1) for k, num, den in zip(ratios, totals[::2], totals[1::2])}
+        lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
+        lmax, gap_max = reduce_floats([float(lengths.max()) if len(lengths) else 0.0,
+                                       float(gap.max()) if gap is not None and gap.numel() else 0.0], "max")
+        m.update({"reward_std": global_std(r), "completions/min_length": lmin if math.isfinite(lmin) else 0.0,
+                  "completions/max_length": lmax, "step_time": dt, "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1)})
+        if gap is not None:
+            m["sampling/logprob_diff/max"] = gap_max
         return m
 
 
-
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
-    """Run an RL algorithm as configured; returns the run's summary (``nanoseek.train.loop.run_loop``) with the
-    first and final reward (and the best checkpoint's record with ``save_best``)."""
+    """Run an RL algorithm; returns the run's summary (``nanoseek.train.loop.run_loop``) with the first and final
+    reward and, with ``save_best``, the record of OUT/best: the checkpoint of the step with the best eval metric so
+    far (ties: the earlier step; kept on resume), loadable with ``--model OUT/best``."""
     cfg.validate()
     rank, world, device = init_distributed(cfg.device)
 
@@ -198,16 +178,21 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         state = load_checkpoint(run.resume_from, model, trainer.optimizer)
         start = int(state["step"])
         trainer.algorithm.load_state_dict(state)
-    best = BestCheckpoint(run.dir, cfg.best_metric, run.resume_from is not None) if cfg.save_best else None
+    best_json = run.dir / "best" / "best.json"
+    best_metric = "eval/" + (cfg.save_best or "").replace("pass@k", f"pass@{cfg.eval_num_generations}")
+    best = json.loads(best_json.read_text()) if run.resume_from is not None and best_json.is_file() else None
     rewards: list[float] = []
 
     def step(n: int, stop: StopFlag) -> tuple[dict, bool]:
+        nonlocal best
         m, rollout = trainer.step(n)
         rewards.append(m["reward"])
         if is_main() and cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.steps):
             m.update(trainer.evaluate(n))
-            if best is not None:
-                best.update(n, m[cfg.best_metric], model, trainer.tokenizer)
+            if cfg.save_best and (best is None or m[best_metric] > best["value"]):
+                best = {"metric": best_metric, "value": m[best_metric], "step": n}
+                save_checkpoint(best_json.parent, n, model, state={"best": best}, keep=1, tokenizer=trainer.tokenizer)
+                atomic_write_text(json.dumps(best, indent=2), best_json)
         if is_main() and cfg.log_completions_every and (n - 1) % cfg.log_completions_every == 0:
             _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
         return m, reduce_floats([float(stop.requested)], "max")[0] > 0
@@ -216,37 +201,14 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
     summary = run_loop(run, start, step, lambda n: save(run, n, model, trainer.optimizer, trainer.tokenizer,
                                                         {"config": config, **trainer.algorithm.state_dict()}), config)
     return {**summary, "first_reward": rewards[0] if rewards else None,
-            "final_reward": rewards[-1] if rewards else None, **({"best": best.record} if best is not None else {})}
-
-
-class BestCheckpoint:
-    """OUT/best: the checkpoint of the step with the highest eval metric so far (ties: the earlier step), saved
-    atomically with ``save_checkpoint`` (``--model OUT/best`` loads it); OUT/best/best.json records the metric,
-    its value and the step. On resume the record of the interrupted run is kept."""
-
-    def __init__(self, out: Path, metric: str, resume: bool):
-        self.dir, self.metric = out / "best", metric
-        path = self.dir / "best.json"
-        self.record: dict | None = json.loads(path.read_text()) if resume and path.is_file() else None
-
-    def update(self, step: int, value: float, model, tokenizer) -> None:
-        """Save the model if ``value`` beats the best so far."""
-        if self.record is not None and value <= self.record["value"]:
-            return
-        self.record = {"metric": self.metric, "value": value, "step": step}
-        save_checkpoint(self.dir, step, model, state={"best": self.record}, keep=1, tokenizer=tokenizer)
-        tmp = self.dir / "best.json.tmp"
-        tmp.write_text(json.dumps(self.record, indent=2))
-        tmp.replace(self.dir / "best.json")
+            "final_reward": rewards[-1] if rewards else None, **({"best": best} if cfg.save_best else {})}
 
 
 def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None:
-    """The first ``rows`` samples of a step: prompt, completion, reward, advantage (per token under process
-    supervision), gold answer."""
-    G = len(rollout) // max(len(rollout.examples), 1)
+    """The first ``rows`` samples of a step: prompt, completion, reward, advantage (per token or not), gold answer."""
     with open(path, "a") as f:
         for i in range(min(rows, len(rollout))):
-            ex = rollout.examples[i // G]
+            ex = rollout.examples[int(rollout.batch.prompt_index[i])]
             adv = rollout.advantages[i]
             adv = adv[: int(rollout.batch.completion_lens[i])].tolist() if adv.dim() else float(adv)
             f.write(json.dumps({"step": step, "prompt": ex.prompt, "completion": rollout.texts[i],

@@ -1,15 +1,11 @@
 """Where an RL run's prompts, rewards and held-out prompts come from: a built-in task (fresh problems every step,
-the task's own reward first) or a dataset (``--dataset``: its rows in seeded epochs, ``--reward-funcs`` only),
-behind one interface (``batch``, ``columns``), so the trainer has one code path for both.
-
-A dataset's extra columns reach the reward functions row-aligned; a reward function that needs a column the
-prompts lack is refused here, at start. Conversational prompts and ``--system-prompt`` are rendered with the
-tokenizer's chat template.
-"""
+the task's own reward first) or a dataset (``--dataset``: seeded epochs, ``--reward-funcs`` only), behind one
+interface (``batch``, ``columns``). A reward function that needs a column the prompts lack is refused at start."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from nanoseek.chat import chat_template
@@ -56,9 +52,8 @@ class RLDataConfig(DatasetConfig):
 
 @dataclass(frozen=True)
 class RLData:
-    """train: a step's prompts (``batch(step, n, seed, round_)``); held_out: the evaluation prompts (or None);
-    reward_fns: the outcome rewards in weight order; correct: the functions that decide whether a completion is
-    correct in evaluation (a task's own reward, else every reward function)."""
+    """reward_fns: the outcome rewards in weight order; correct: the functions that decide in evaluation whether a
+    completion is correct (a task's own reward, else every reward function)."""
 
     train: PromptDataset | TaskPrompts
     held_out: PromptDataset | None
@@ -66,23 +61,20 @@ class RLData:
     correct: list[RewardFn]
 
 
-def _load(cfg: RLDataConfig, source: str, split: str) -> PromptDataset:
-    return load_prompts(source, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
-                        answer_column=cfg.answer_column, completion_column=cfg.completion_column,
-                        messages_column=cfg.messages_column)
-
-
 def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     """The prompts, held-out prompts and reward functions a run's data flags describe."""
     from nanoseek.tasks import get_task, task_reward
 
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]
+    load = partial(load_prompts, config=cfg.dataset_config, prompt_column=cfg.prompt_column,
+                   answer_column=cfg.answer_column, completion_column=cfg.completion_column,
+                   messages_column=cfg.messages_column)
     held_out = None
-    if cfg.dataset and not extra:
-        raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
-                         "package.module:function); a dataset has no task reward")
     if cfg.dataset:
-        train = _load(cfg, cfg.dataset, cfg.dataset_split)
+        if not extra:
+            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
+                             "package.module:function); a dataset has no task reward")
+        train = load(cfg.dataset, split=cfg.dataset_split)
         fns, correct = extra, extra
         if cfg.eval_every and not cfg.eval_dataset:
             train, held_out = train.split(10)  # one prompt in 10 held out of training
@@ -95,7 +87,7 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
             held_out = task_dataset(task, cfg.eval_n, "eval", seed=0)
     if cfg.eval_every and cfg.eval_dataset:
         split = cfg.eval_split or ("train" if Path(cfg.eval_dataset).expanduser().is_file() else "test")
-        held_out = _load(cfg, cfg.eval_dataset, split)
+        held_out = load(cfg.eval_dataset, split=split)
         check_reward_columns(fns, held_out.columns, f"--eval-dataset {cfg.eval_dataset}")
     if held_out is not None and len(held_out) > cfg.eval_n:
         held_out = PromptDataset(held_out.name, held_out.rows[: cfg.eval_n], held_out.columns)

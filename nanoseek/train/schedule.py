@@ -1,6 +1,5 @@
-"""The optimizer of every trainer (pretrain, SFT, GRPO, PPO): AdamW, gradient clipping and the learning-rate
-schedule: linear warm-up, then constant, or a linear / cosine decay to ``min_lr_ratio`` × lr at the last step, or
-WSD (warmup-stable-decay: constant, then a linear decay over the last ``decay_frac`` of the steps)."""
+"""AdamW, gradient clipping and the learning-rate schedule of every trainer: linear warm-up, then constant, a linear /
+cosine decay to ``min_lr_ratio`` × lr at the last step, or WSD (constant, then linear over the last ``decay_frac``)."""
 
 from __future__ import annotations
 
@@ -32,12 +31,9 @@ class OptimConfig:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices (linear weights, experts, gate); none on norms, biases, embeddings."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    params = [p for p in model.parameters() if p.requires_grad]  # each shared parameter once
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -53,10 +49,8 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.lr_schedule == "constant":
         return lr
     if cfg.lr_schedule == "wsd":
-        decay_start = total_steps - max(1, round(cfg.decay_frac * total_steps))
-        if step < decay_start:
-            return lr
-        return lr + (lo - lr) * (step - decay_start + 1) / (total_steps - decay_start)
+        start = total_steps - max(1, round(cfg.decay_frac * total_steps))
+        return lr if step < start else lr + (lo - lr) * (step - start + 1) / (total_steps - start)
     progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
     if cfg.lr_schedule == "linear":
         return lo + (lr - lo) * (1 - progress)

@@ -92,17 +92,16 @@ class RLTrainer:
         return self.tokenizer.encode_prompt(prompt, self.cfg.system_prompt)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
-        from nanoseek.evaluate import evaluate_prompts
+        """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate``)."""
+        from nanoseek.evaluate import evaluate, scalar_metrics
 
         cfg = self.cfg
         held_out = self.data.held_out  # its own columns: an --eval-dataset's may differ from the training prompts'
-        m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
-                             replace(self.scorer, columns=held_out.columns),
-                             [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
-                             temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                             seed=cfg.seed)
-        return {f"eval/{k}": v for k, v in m.items()}
+        m = evaluate(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
+                     replace(self.scorer, columns=held_out.columns), [reward_name(f) for f in self.data.correct],
+                     k=cfg.eval_num_generations, temperature=cfg.temperature,
+                     max_completion_length=cfg.max_completion_length, seed=cfg.seed)
+        return {f"eval/{k}": v for k, v in scalar_metrics(m).items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
         base = (self.sampling.seed * 1_000_003 + step - 1) * 101

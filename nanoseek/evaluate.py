@@ -1,9 +1,6 @@
-"""Held-out evaluation: greedy accuracy, maj@k and pass@k of a policy on dataset prompts.
-
-One evaluator for every caller (``nanoseek eval``, the recipes, GRPO/PPO's ``--eval-every``): each prompt is
-completed greedily once and sampled k times at temperature τ through ``nanoseek.rollout.sample_and_score``;
-a completion is correct when every function named in ``correct`` gives at least ``min_reward`` and it ended by
-itself. A built-in task is a dataset too (``nanoseek.datasets.task_dataset``), verified by the task's reward.
+"""Held-out evaluation of a policy on dataset prompts (``nanoseek eval``, the recipes, ``--eval-every``): each
+prompt is completed greedily once and sampled k times at temperature τ; a completion is correct when it is
+verified (``nanoseek.rollout.Scored.verified``) by every function named in ``correct``.
 - ``accuracy``: the greedy completion is correct;
 - ``pass@k``: at least one of the k samples is correct (the unbiased estimator of Chen et al. 2021 with n = k);
 - ``maj@k``: the most frequent of the k sampled final answers (ties: the earliest) is correct;
@@ -40,10 +37,8 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
              rows: list[Row], scorer: Scorer, correct: list[str], *, k: int = 8, temperature: float = 1.0,
              max_completion_length: int = 16, batch_size: int = 512, seed: int = 0, min_reward: float = 1.0,
              progress: bool = False) -> dict:
-    """Greedy ``accuracy``, ``reward`` (mean weighted reward of the greedy completions), ``mean_length`` (greedy
-    completion tokens) and, with k > 0, ``pass@k``, ``maj@k`` and ``sample_accuracy`` over ``rows`` (fractions
-    0–1); with the per-problem ``greedy_correct`` / ``sample_correct`` (for paired comparisons of two checkpoints)
-    and the first 20 greedy completions."""
+    """The metrics (fractions 0–1; ``reward`` and ``mean_length`` of the greedy completions) with the per-problem
+    ``greedy_correct`` / ``sample_correct`` (for paired comparisons) and the first 20 greedy completions."""
     if not rows:
         raise ValueError("evaluate: no examples given")
     if k < 0 or (k and temperature <= 0):
@@ -87,8 +82,7 @@ def scalar_metrics(result: dict) -> dict[str, float]:
 
 
 def evaluate_task(policy, tokenizer, task, rows: list[Row], **kwargs) -> dict:
-    """``evaluate`` on rows of a built-in task (``nanoseek.datasets.task_dataset``), verified by the task's
-    reward (``task.score``); prompts are encoded as the trainers encode them."""
+    """``evaluate`` on rows of a built-in task (``nanoseek.datasets.task_dataset``), verified by its reward."""
     from nanoseek.rewards import reward_name
     from nanoseek.tasks import task_reward
 
@@ -117,9 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recorded_task(model_dir: Path) -> str | None:
-    """The built-in task the run that wrote ``model_dir`` trained on, from the config file of its run directory
-    (``<kind>_config.json`` beside ``checkpoints/``); None when the run trained on data files or nothing was
-    recorded."""
+    """The built-in task the run that wrote ``model_dir`` trained on (its run directory's ``<kind>_config.json``);
+    None when it trained on data files or nothing was recorded."""
     run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
     for path in (d / f"{kind}_config.json" for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")):
         if path.is_file():

@@ -1,18 +1,11 @@
 """``nanoseek sample``: K completions per prompt from a checkpoint, scored by reward functions, written as JSONL:
 DeepSeek-R1's rejection sampling (arXiv 2501.12948 §2.3.3) and the teacher half of distillation (§2.4).
 
-Every prompt of ``--dataset`` (or ``--num-prompts`` distinct problems of a built-in ``--task``) is sampled
-``--num-generations`` times, in batches through the policy's sampler (``nanoseek.rollout.sample_and_score``;
-the latent KV cache for nanoseek models). Conversational prompts (and ``--system-prompt``) are rendered with the
-checkpoint's chat template. Each output line holds ``prompt``, ``completion``, ``reward`` (the sum over functions),
-``rewards`` (each function's value), ``truncated`` and the dataset's other columns, so the file is at once an SFT
-dataset (``prompt`` + ``completion``: a string, or ``[{"role": "assistant", ...}]`` for a conversational prompt) and
-an RL dataset.
-
-``--keep correct`` keeps only verified completions: every reward function gave a value of at least ``--min-reward``
-(default 1.0, the full score of the built-ins: right answer, right format, all tests pass; None, "no verdict", never
-passes), and the completion ended by itself (one cut off at ``--max-completion-length`` would teach the student not
-to stop). ``--keep all`` keeps everything.
+Each output line holds ``prompt``, ``completion`` (a string, or ``[{"role": "assistant", ...}]`` after a
+conversational prompt), ``reward`` (the sum over functions), ``rewards`` (each function's value), ``truncated`` and
+the dataset's other columns: at once an SFT and an RL dataset. ``--keep correct`` keeps only verified completions
+(``nanoseek.rollout.Scored.verified``: every function gave at least ``--min-reward`` and the completion ended by
+itself, as one cut off would teach the student not to stop).
 """
 
 from __future__ import annotations
@@ -29,12 +22,11 @@ from nanoseek.datasets import PromptDataset, load_prompts, task_dataset
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
-from nanoseek.train.rl_data import DatasetConfig
 
 
 def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
-    """The prompt as it was rendered, for the output row: with ``--system-prompt`` a conversation starting with
-    it (unless it has its own), so that the file trains on exactly what was sampled."""
+    """The prompt as it was rendered: with ``--system-prompt`` a conversation starting with it (unless it has its
+    own), so that the file trains on exactly what was sampled."""
     if system_prompt is None:
         return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -46,8 +38,8 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
                    top_k: int | None = None, seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
                    keep: str = "correct", min_reward: float = 1.0, reward_timeout_s: float | None = 60.0,
                    progress: bool = False) -> tuple[list[dict], dict]:
-    """-> (output rows, summary). Rows of each prompt's ``num_generations`` completions, in dataset order, filtered
-    by ``keep`` ("correct" | "all"); see the module docstring."""
+    """-> (output rows, summary): each prompt's ``num_generations`` completions, in order, filtered by ``keep``
+    ("correct" | "all")."""
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")
@@ -88,14 +80,19 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
 
 # ---------------------------------------------------------------------- CLI
 @dataclass(frozen=True, kw_only=True)
-class PromptsConfig(DatasetConfig):
+class PromptsConfig:
     """``nanoseek sample`` and ``nanoseek eval``: the checkpoint, its prompts (a built-in task, or a dataset) and
     the reward functions that verify a completion."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json), or a run "
                         "directory (its latest checkpoint)")
     task: str | None = option(None, "a built-in task (arithmetic, countdown, gsm8k)")
+    dataset: str | None = option(None, "a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset")
+    dataset_config: str | None = option(None, "the hub dataset's configuration")
+    dataset_split: str | None = option("train", "the split to read (hub datasets; folders of split-named files)")
+    prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
     answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     reward_funcs: list[str] = option(help="built-in names (math, format, format_gsm8k, code, ...) or import paths "
                                      "(package.module:function); with --task the task's own reward comes first",
                                      default_factory=list)
@@ -117,8 +114,7 @@ def load_prompts_of(cfg: PromptsConfig, n: int | None, task_split: str) -> tuple
         return task_dataset(task, n, task_split, seed=cfg.seed), [task_reward(task), *fns]
     split = cfg.dataset_split or ("train" if Path(cfg.dataset).expanduser().is_file() else "test")
     ds = load_prompts(cfg.dataset, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
-                      answer_column=cfg.answer_column, completion_column=cfg.completion_column,
-                      messages_column=cfg.messages_column)
+                      answer_column=cfg.answer_column)
     return PromptDataset(ds.name, ds.rows[:n], ds.columns), fns
 
 

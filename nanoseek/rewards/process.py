@@ -96,9 +96,3 @@ def arithmetic_process_reward(prompts, completions, completion_ids, example=None
 
 
 PROCESS_REWARD_FNS: dict[str, Callable[..., list]] = {"arithmetic": arithmetic_process_reward}
-
-
-def get_process_reward_fn(name: str) -> Callable[..., list]:
-    if name not in PROCESS_REWARD_FNS:
-        raise ValueError(f"unknown process reward {name!r}; built-in: {', '.join(sorted(PROCESS_REWARD_FNS))}")
-    return PROCESS_REWARD_FNS[name]

@@ -24,7 +24,7 @@ from nanoseek.cli_args import check_ranges, option
 from nanoseek.datasets import Row
 from nanoseek.distributed import init_distributed, is_main, reduce_floats
 from nanoseek.policy import Policy
-from nanoseek.rewards import get_process_reward_fn, reward_name
+from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
@@ -72,7 +72,7 @@ class RLTrainer:
         self.data = rl_data(narrow(RLDataConfig, cfg), tokenizer)
         fns = self.data.reward_fns
         process = getattr(cfg, "process_reward", None)  # GRPO's process supervision: a built-in name or a callable
-        process = get_process_reward_fn(process) if isinstance(process, str) else process
+        process = PROCESS_REWARD_FNS[process] if isinstance(process, str) else process  # validated by GRPO.Params
         self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, process,
                              cfg.reward_timeout_s, self.data.train.columns)
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)

@@ -110,20 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, EvalConfig)
 
 
-def recorded_task(model_dir: Path) -> str | None:
-    """The built-in task the run that wrote ``model_dir`` trained on (its run directory's ``<kind>_config.json``);
-    None when it trained on data files or nothing was recorded."""
-    run_dirs = [model_dir] + ([model_dir.parent.parent] if model_dir.parent.name == "checkpoints" else [])
-    for path in (d / f"{kind}_config.json" for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")):
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
-            return None if config.get("data") else config.get("task")
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
@@ -139,8 +125,17 @@ def run(args: argparse.Namespace) -> int:
     if cfg.dataset and not cfg.reward_funcs:
         raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
     directory = resolve_model_dir(cfg.model)
-    if not cfg.dataset:
-        trained_on = recorded_task(directory)
+    if not cfg.dataset:  # the task its run trained on, from the run directory's <kind>_config.json
+        trained_on = None
+        run_dirs = [directory] + ([directory.parent.parent] if directory.parent.name == "checkpoints" else [])
+        path = next((p for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")
+                     if (p := d / f"{kind}_config.json").is_file()), None)
+        if path is not None:
+            try:
+                recorded = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
+            trained_on = None if recorded.get("data") else recorded.get("task")
         if trained_on is None and cfg.task is None:
             raise ValueError(f"--model {directory} does not record a built-in task it trained on; pass --task NAME "
                              "(a built-in task such as arithmetic or countdown)")

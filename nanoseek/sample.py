@@ -24,15 +24,6 @@ from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
 
 
-def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
-    """The prompt as it was rendered: with ``--system-prompt`` a conversation starting with it (unless it has its
-    own), so that the file trains on exactly what was sampled."""
-    if system_prompt is None:
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *messages]
-
-
 def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[RewardFn], *, num_generations: int,
                    max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int | None = None, seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
@@ -57,7 +48,11 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
     for j, row in enumerate(rows):
         if keep == "correct" and not ok[j]:
             continue
-        prompt = output_prompt(row.prompt, system_prompt)
+        prompt = row.prompt
+        if system_prompt is not None:  # the prompt as rendered, so that the file trains on exactly what was sampled
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": system_prompt}, *prompt]
         completion = scored.texts[j] if isinstance(prompt, str) else [{"role": "assistant", "content": scored.texts[j]}]
         extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
         out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],

@@ -7,6 +7,7 @@ included when sampled) of its last token; None means no steps (the completion ge
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,16 +45,10 @@ def check_steps(steps, n_tokens: int, sample: int, name: str = "process reward")
 
 
 def token_of_char(ids: Sequence[int], decode: Callable[[list[int]], str], c: int) -> int | None:
-    """Index of the token of ``ids`` that emits character ``c`` of ``decode(ids)`` (binary search over prefix
-    decodes), or None past the end."""
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(decode(list(ids[: mid + 1]))) > c:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo if lo < len(ids) else None
+    """Index of the token of ``ids`` that emits character ``c`` of ``decode(ids)`` (the first k with
+    len(decode(ids[:k+1])) > c, by binary search), or None past the end."""
+    k = bisect.bisect_right(range(len(ids)), c, key=lambda k: len(decode(list(ids[: k + 1]))))
+    return k if k < len(ids) else None
 
 
 def arithmetic_process_reward(prompts, completions, completion_ids, example=None, answer=None, tokenizer=None,

@@ -34,11 +34,12 @@ def vote_key(text: str) -> str:
 
 
 def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Callable[[list[int]], str],
-             rows: list[Row], scorer: Scorer, correct: list[str], *, k: int = 8, temperature: float = 1.0,
+             rows: list[Row], scorer: Scorer, correct: list[str] | None = None, *, k: int = 8, temperature: float = 1.0,
              max_completion_length: int = 16, batch_size: int = 512, seed: int = 0, min_reward: float = 1.0,
              progress: bool = False) -> dict:
     """The metrics (fractions 0–1; ``reward`` and ``mean_length`` of the greedy completions) with the per-problem
-    ``greedy_correct`` / ``sample_correct`` (for paired comparisons) and the first 20 greedy completions."""
+    ``greedy_correct`` / ``sample_correct`` (for paired comparisons) and the first 20 greedy completions.
+    ``correct``: the names of the functions that verify (None: all of the scorer's)."""
     if not rows:
         raise ValueError("evaluate: no examples given")
     if k < 0 or (k and temperature <= 0):
@@ -51,7 +52,7 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
         scored = sample_and_score(policy, encode, decode, rows_, scorer,
                                   SamplingParams(max_tokens=max_completion_length, temperature=temp),
                                   seed_ * 100_003, batch_size=batch_size, desc=desc if progress else None)
-        return scored, [float(ok) for ok in scored.verified(correct, min_reward)]
+        return scored, [float(ok) for ok in scored.verified(scorer.names if correct is None else correct, min_reward)]
 
     greedy, ok = run(list(rows), 0.0, seed, "eval greedy")
     n = len(rows)
@@ -81,16 +82,6 @@ def scalar_metrics(result: dict) -> dict[str, float]:
     return {key: v for key, v in result.items() if isinstance(v, float) and key != "temperature"}
 
 
-def evaluate_task(policy, tokenizer, task, rows: list[Row], **kwargs) -> dict:
-    """``evaluate`` on rows of a built-in task (``nanoseek.datasets.task_dataset``), verified by its reward."""
-    from nanoseek.rewards import reward_name
-    from nanoseek.tasks import task_reward
-
-    fn = task_reward(task)
-    return evaluate(policy, tokenizer.encode_prompt, tokenizer.decode, rows,
-                    Scorer([fn], [1.0], tokenizer), [reward_name(fn)], **kwargs)
-
-
 # ---------------------------------------------------------------------- CLI
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(PromptsConfig):
@@ -100,7 +91,7 @@ class EvalConfig(PromptsConfig):
     dataset_split: str | None = option(None, "the split (None: train for a single file, else test)")
     n: int = option(1000, "distinct held-out problems (fewer when the held-out split is smaller)", min=1)
     num_generations: int = option(8, "samples per problem for pass@k and maj@k (0: greedy only)", min=0)
-    temperature: float = option(1.0, "sampling temperature of the samples")
+    temperature: float = option(1.0, "sampling temperature of the samples", gt=0)
     max_completion_length: int = option(16, "tokens generated per completion, at most", min=1)
     batch_size: int = option(512, "sequences per sampler call", min=1)
     json: str | None = option(None, "also write the result (with per-problem results) to this file")
@@ -114,14 +105,11 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
-    from nanoseek.rewards import check_reward_columns, reward_name
+    from nanoseek.rewards import check_reward_columns
     from nanoseek.tokenizer import encode_checked, load_tokenizer
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
-    if cfg.num_generations and not cfg.temperature > 0:  # checked before anything is loaded
-        raise ValueError(f"--temperature {cfg.temperature}: must be > 0 for the --num-generations "
-                         f"{cfg.num_generations} samples")
     if cfg.dataset and not cfg.reward_funcs:
         raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
     directory = resolve_model_dir(cfg.model)
@@ -154,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
             encode_checked(tok, r.prompt, f"task {cfg.task!r} prompt {r.prompt!r}",
                            max_tokens=policy.model.config.max_position_embeddings)
     result = evaluate(policy, lambda p: tok.encode_prompt(p, cfg.system_prompt),
-                      tok.decode, list(ds.rows), Scorer(fns, [1.0] * len(fns), tok, columns=ds.columns),
-                      [reward_name(f) for f in fns], k=cfg.num_generations, temperature=cfg.temperature,
+                      tok.decode, list(ds.rows), Scorer(fns, tokenizer=tok, columns=ds.columns),
+                      k=cfg.num_generations, temperature=cfg.temperature,
                       max_completion_length=cfg.max_completion_length, batch_size=cfg.batch_size, seed=cfg.seed,
                       min_reward=cfg.min_reward, progress=True)
     head = {"task": cfg.task} if cfg.task else {"dataset": cfg.dataset, "reward_funcs": cfg.reward_funcs}

@@ -28,8 +28,8 @@ class Scorer:
     given the rows' prompts, the completions as TRL passes them, the completion ids and the dataset ``columns``."""
 
     reward_fns: Sequence[Callable]
-    weights: Sequence[float]
-    tokenizer: object
+    weights: Sequence[float] | None = None  # None: all 1
+    tokenizer: object = None
     process_fn: Callable | None = None
     timeout_s: float | None = None
     columns: frozenset[str] = frozenset({"answer", "example"})

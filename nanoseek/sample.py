@@ -34,8 +34,7 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")
-    scorer = Scorer(reward_fns, [1.0] * len(reward_fns), tokenizer, timeout_s=reward_timeout_s,
-                    columns=dataset.columns)
+    scorer = Scorer(reward_fns, tokenizer=tokenizer, timeout_s=reward_timeout_s, columns=dataset.columns)
     rows = [r for r in dataset.rows for _ in range(num_generations)]
     scored = sample_and_score(
         policy, lambda p: tokenizer.encode_prompt(p, system_prompt),

@@ -55,18 +55,16 @@ def get_reward_fn(name: str) -> RewardFn:
     what, path = f"reward function {name!r}", Path(module_name)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
+    if module_name.endswith(".py") and not path.is_file():
+        raise ValueError(f"{what}: no file {path}")
     try:
         if not module_name.endswith(".py"):
             module = importlib.import_module(module_name)
-        elif not path.is_file():
-            raise ValueError(f"{what}: no file {path}")
         else:
             spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
             spec.loader.exec_module(module)
-    except ValueError:
-        raise
     except ModuleNotFoundError as e:
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ValueError(f"{what}: no module {module_name!r} on PYTHONPATH or in the current directory "

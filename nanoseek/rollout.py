@@ -1,6 +1,5 @@
-"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout`` (later stages
-attach advantages and log-probs with ``dataclasses.replace``). ``sample_and_score`` is the one sample -> score ->
-verify step, shared by ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``.
+"""Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``. ``sample_and_score``
+is the one sample -> score -> verify step of ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``.
 """
 
 from __future__ import annotations
@@ -25,14 +24,12 @@ from nanoseek.rewards import (
 
 @dataclass(frozen=True)
 class Scorer:
-    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward.
-    Rows are dataset rows (``nanoseek.datasets.Row``, a built-in task's included): each function gets the rows'
-    prompts, the completions as TRL passes them (a message list for a conversational prompt), the completion ids
-    and the dataset's ``columns`` as keyword lists aligned with the completions."""
+    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward,
+    given the rows' prompts, the completions as TRL passes them, the completion ids and the dataset ``columns``."""
 
     reward_fns: Sequence[Callable]
-    weights: Sequence[float]
-    tokenizer: object
+    weights: Sequence[float] | None = None  # None: all 1
+    tokenizer: object = None
     process_fn: Callable | None = None
     timeout_s: float | None = None
     columns: frozenset[str] = frozenset({"answer", "example"})
@@ -48,7 +45,6 @@ class Scorer:
                                completion_ids=completion_ids)
 
     def steps(self, rows: list[Row], texts: list[str], completions: list[list[int]]):
-        """Each completion's StepRewards (or None), failures contained and logged."""
         prompts = [r.prompt for r in rows]
         columns = {**columns_of(rows, self.columns), "tokenizer": self.tokenizer}
         return compute_process_rewards(self.process_fn, prompts, trl_completions(prompts, texts), completions,
@@ -76,8 +72,8 @@ class Scored:
 def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[int]],
                      decode: Callable[[list[int]], str], rows: list[Row], scorer: Scorer, params: SamplingParams,
                      seed: int, *, batch_size: int | None = None, desc: str | None = None) -> Scored:
-    """Sample one completion per row (repeat a row for several), in batches of ``batch_size`` (batch b seeded
-    with ``seed + b``), then score them all with ``scorer.outcome``; ``desc`` shows a progress bar (batches)."""
+    """One completion per row, in batches of ``batch_size`` (batch b seeded with ``seed + b``), scored by
+    ``scorer.outcome``; ``desc`` shows a progress bar."""
     prompt_ids = [encode(r.prompt) for r in rows]
     size = batch_size or max(len(rows), 1)
     starts = tqdm(range(0, len(rows), size), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)

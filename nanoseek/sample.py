@@ -1,18 +1,11 @@
 """``nanoseek sample``: K completions per prompt from a checkpoint, scored by reward functions, written as JSONL:
 DeepSeek-R1's rejection sampling (arXiv 2501.12948 §2.3.3) and the teacher half of distillation (§2.4).
 
-Every prompt of ``--dataset`` (or ``--num-prompts`` distinct problems of a built-in ``--task``) is sampled
-``--num-generations`` times, in batches through the policy's sampler (``nanoseek.rollout.sample_and_score``;
-the latent KV cache for nanoseek models). Conversational prompts (and ``--system-prompt``) are rendered with the
-checkpoint's chat template. Each output line holds ``prompt``, ``completion``, ``reward`` (the sum over functions),
-``rewards`` (each function's value), ``truncated`` and the dataset's other columns, so the file is at once an SFT
-dataset (``prompt`` + ``completion``: a string, or ``[{"role": "assistant", ...}]`` for a conversational prompt) and
-an RL dataset.
-
-``--keep correct`` keeps only verified completions: every reward function gave a value of at least ``--min-reward``
-(default 1.0, the full score of the built-ins: right answer, right format, all tests pass; None, "no verdict", never
-passes), and the completion ended by itself (one cut off at ``--max-completion-length`` would teach the student not
-to stop). ``--keep all`` keeps everything.
+Each output line holds ``prompt``, ``completion`` (a string, or ``[{"role": "assistant", ...}]`` after a
+conversational prompt), ``reward`` (the sum over functions), ``rewards`` (each function's value), ``truncated`` and
+the dataset's other columns: at once an SFT and an RL dataset. ``--keep correct`` keeps only verified completions
+(``nanoseek.rollout.Scored.verified``: every function gave at least ``--min-reward`` and the completion ended by
+itself, as one cut off would teach the student not to stop).
 """
 
 from __future__ import annotations
@@ -31,27 +24,17 @@ from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
 
 
-def output_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
-    """The prompt as it was rendered, for the output row: with ``--system-prompt`` a conversation starting with
-    it (unless it has its own), so that the file trains on exactly what was sampled."""
-    if system_prompt is None:
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *messages]
-
-
 def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[RewardFn], *, num_generations: int,
                    max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int | None = None, seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
                    keep: str = "correct", min_reward: float = 1.0, reward_timeout_s: float | None = 60.0,
                    progress: bool = False) -> tuple[list[dict], dict]:
-    """-> (output rows, summary). Rows of each prompt's ``num_generations`` completions, in dataset order, filtered
-    by ``keep`` ("correct" | "all"); see the module docstring."""
+    """-> (output rows, summary): each prompt's ``num_generations`` completions, in order, filtered by ``keep``
+    ("correct" | "all")."""
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")
-    scorer = Scorer(reward_fns, [1.0] * len(reward_fns), tokenizer, timeout_s=reward_timeout_s,
-                    columns=dataset.columns)
+    scorer = Scorer(reward_fns, tokenizer=tokenizer, timeout_s=reward_timeout_s, columns=dataset.columns)
     rows = [r for r in dataset.rows for _ in range(num_generations)]
     scored = sample_and_score(
         policy, lambda p: tokenizer.encode_prompt(p, system_prompt),
@@ -64,7 +47,11 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
     for j, row in enumerate(rows):
         if keep == "correct" and not ok[j]:
             continue
-        prompt = output_prompt(row.prompt, system_prompt)
+        prompt = row.prompt
+        if system_prompt is not None:  # the prompt as rendered, so that the file trains on exactly what was sampled
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": system_prompt}, *prompt]
         completion = scored.texts[j] if isinstance(prompt, str) else [{"role": "assistant", "content": scored.texts[j]}]
         extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
         out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],
@@ -86,39 +73,62 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
 
 
 # ---------------------------------------------------------------------- CLI
-@dataclass
-class SampleConfig:
-    """``nanoseek sample``: what to sample from, how, and which completions to keep."""
+@dataclass(frozen=True, kw_only=True)
+class PromptsConfig:
+    """``nanoseek sample`` and ``nanoseek eval``: the checkpoint, its prompts (a built-in task, or a dataset) and
+    the reward functions that verify a completion."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json), or a run "
                         "directory (its latest checkpoint)")
-    out: str = option(help="output .jsonl file")
-    dataset: str | None = option(None, "local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset name "
-                                 "(give --dataset or --task)")
     task: str | None = option(None, "a built-in task (arithmetic, countdown, gsm8k)")
+    dataset: str | None = option(None, "a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset")
     dataset_config: str | None = option(None, "the hub dataset's configuration")
-    dataset_split: str = option("train", "the split to read (hub datasets; folders with split-named files)")
+    dataset_split: str | None = option("train", "the split to read (hub datasets; folders of split-named files)")
     prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
     answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
+    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
+    reward_funcs: list[str] = option(help="built-in names (math, format, format_gsm8k, code, ...) or import paths "
+                                     "(package.module:function); with --task the task's own reward comes first",
+                                     default_factory=list)
+    min_reward: float = option(1.0, "the value each reward function must reach to verify a completion")
+    seed: int = option(0, "sampling seed (and --task's problems)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+
+
+def load_prompts_of(cfg: PromptsConfig, n: int | None, task_split: str) -> tuple[PromptDataset, list[RewardFn]]:
+    """The first ``n`` prompts of ``--dataset`` (None: all), or ``n`` distinct problems of ``--task``'s
+    ``task_split``; with the reward functions (the task's own first, then ``--reward-funcs``)."""
+    from nanoseek.tasks import get_task, task_reward
+
+    if (cfg.dataset is None) == (cfg.task is None):
+        raise ValueError("give one of --dataset or --task")
+    fns = [get_reward_fn(name) for name in cfg.reward_funcs]
+    if cfg.task is not None:
+        task = get_task(cfg.task)
+        return task_dataset(task, n, task_split, seed=cfg.seed), [task_reward(task), *fns]
+    split = cfg.dataset_split or ("train" if Path(cfg.dataset).expanduser().is_file() else "test")
+    ds = load_prompts(cfg.dataset, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
+                      answer_column=cfg.answer_column)
+    return PromptDataset(ds.name, ds.rows[:n], ds.columns), fns
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(PromptsConfig):
+    """``nanoseek sample``: what to sample from, how, and which completions to keep."""
+
+    out: str = option(help="output .jsonl file")
     task_split: str = option("train", "which split of --task to sample", choices=("train", "eval"))
     num_prompts: int | None = option(None, "sample the first N prompts of --dataset (default all), or N distinct "
                                      "problems of --task (default 256)", min=1)
     num_generations: int = option(4, "completions per prompt (K)", min=1)
-    reward_funcs: list[str] = option(help="built-in names (math, format, format_gsm8k, code, ...) or import paths "
-                                     "(package.module:function); with --task the task's own reward comes first",
-                                     default_factory=list)
     keep: str = option("correct", "correct: only completions every reward function scores >= --min-reward that "
                        "ended by themselves", choices=("correct", "all"))
-    min_reward: float = option(1.0, "the value each reward function must reach for --keep correct")
     max_completion_length: int = option(64, "tokens generated per completion, at most", min=1)
     temperature: float = option(1.0, "sampling temperature (K greedy samples would repeat one K times)", gt=0)
     top_p: float = option(1.0, "nucleus sampling", gt=0, max=1)
     top_k: int | None = option(None, "sample among the k most likely tokens", min=1)
-    seed: int = option(0, "sampling seed (and --task's problems)")
     batch_size: int = option(64, "sequences per sampler call", min=1)
-    system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     reward_timeout_s: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
-    device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,25 +139,12 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
-    from nanoseek.tokenizer import load_tokenizer  # nanoseek's or transformers' tokenizer, as the trainers load it
+    from nanoseek.tokenizer import load_tokenizer
 
     cfg = from_args(SampleConfig, args)
     check_ranges(cfg)
-    if (cfg.dataset is None) == (cfg.task is None):
-        raise ValueError("give one of --dataset or --task")
-    fns = [get_reward_fn(n) for n in cfg.reward_funcs]
-    if cfg.task is not None:
-        from nanoseek.tasks import get_task, task_reward
-
-        task = get_task(cfg.task)
-        dataset = task_dataset(task, cfg.num_prompts or 256, cfg.task_split, seed=cfg.seed)
-        fns = [task_reward(task), *fns]
-    else:
-        dataset = load_prompts(cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split,
-                               prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
-        if cfg.num_prompts is not None:
-            dataset = PromptDataset(dataset.name, dataset.rows[: cfg.num_prompts], dataset.columns)
-    model_dir = resolve_model_dir(cfg.model)  # a model directory, or a run directory's latest checkpoint
+    dataset, fns = load_prompts_of(cfg, cfg.num_prompts or (256 if cfg.task else None), cfg.task_split)
+    model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(

@@ -8,9 +8,10 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.datasets import Row
-from nanoseek.evaluate import evaluate_task
+from nanoseek.evaluate import evaluate as evaluate_rows
 from nanoseek.policy import Policy
-from nanoseek.tasks import Example, examples, get_task
+from nanoseek.rollout import Scorer
+from nanoseek.tasks import Example, examples, get_task, task_reward
 from nanoseek.tokenizer import Tokenizer
 
 TOK = Tokenizer.char()
@@ -22,10 +23,11 @@ def rows_of(exs: list[Example]) -> list[Row]:
 
 
 def evaluate(model, tok, exs, task, **kwargs):
-    """``evaluate_task`` of a tiny policy (its model only runs where ``generate`` is not scripted)."""
+    """``evaluate`` of a tiny policy on a task's rows (its model only runs where ``generate`` is not scripted)."""
     torch.manual_seed(0)
     model = model or Transformer(ModelConfig.preset("tiny", vocab_size=TOK.vocab_size))
-    return evaluate_task(Policy(model, tok.pad_id, tok.eos_id), tok, task, rows_of(exs), **kwargs)
+    return evaluate_rows(Policy(model, tok.pad_id, tok.eos_id), tok.encode_prompt, tok.decode, rows_of(exs),
+                         Scorer([task_reward(task)], tokenizer=tok), **kwargs)
 
 
 def _scripted(monkeypatch, greedy: dict[str, str], samples: dict[str, list[str]]):

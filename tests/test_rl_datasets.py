@@ -12,7 +12,7 @@ from test_grpo_process import make_trainer, random_checkpoint, scripted_samples
 
 from nanoseek.cli import main as cli_main
 from nanoseek.datasets import Row
-from nanoseek.evaluate import evaluate_prompts
+from nanoseek.evaluate import evaluate, scalar_metrics
 from nanoseek.policy import Samples
 from nanoseek.rewards import RewardResult
 from nanoseek.tasks import examples, get_task
@@ -123,7 +123,7 @@ class ScriptedPolicy:
         return Samples([self.tok.encode(t) + [self.eos] for t in texts], [[0.0]] * len(texts), [False] * len(texts))
 
 
-def test_evaluate_prompts_by_hand():
+def test_evaluate_metrics_by_hand():
     from nanoseek.tokenizer import Tokenizer
 
     tok = Tokenizer.char()
@@ -138,11 +138,12 @@ def test_evaluate_prompts_by_hand():
     greedy = ["1", "0", "3"]
     samples = ["0", "1", "0", "0", "3", "3"]  # k = 2: row a has one right sample, b none, c two
     policy = ScriptedPolicy(tok, [greedy, samples], 2)
-    m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right"], k=2, max_completion_length=4)
+    m = scalar_metrics(evaluate(policy, tok.encode, tok.decode, rows, Scorer(), ["right"], k=2,
+                                max_completion_length=4))
     assert m == {"accuracy": 2 / 3, "reward": (1.5 + 0.5 + 1.0) / 3, "mean_length": 2.0, "pass@2": 2 / 3,
                  "sample_accuracy": 3 / 6, "maj@2": 1 / 3}  # majority: a ties "0"/"1" -> "0" wrong, b wrong, c right
     policy = ScriptedPolicy(tok, [greedy], 2)  # both functions must verify: row c fails "other"
-    m = evaluate_prompts(policy, tok.encode, tok.decode, rows, Scorer(), ["right", "other"], k=0)
+    m = scalar_metrics(evaluate(policy, tok.encode, tok.decode, rows, Scorer(), ["right", "other"], k=0))
     assert m["accuracy"] == 1 / 3 and "pass@0" not in m
 
 

@@ -86,15 +86,17 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
     """Held-out greedy / sampled accuracy, pass@k and maj@k of a checkpoint (``nanoseek.evaluate``), with the
     per-problem results and the model's parameter counts."""
     from nanoseek.distributed import device_of
-    from nanoseek.evaluate import evaluate_task
+    from nanoseek.evaluate import evaluate
     from nanoseek.policy import Policy
-    from nanoseek.tasks import get_task
+    from nanoseek.rollout import Scorer
+    from nanoseek.tasks import get_task, task_reward
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint)
     policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
-    r = evaluate_task(policy, tok, get_task(task), list(held_out(task, n)), k=k,
-                      max_completion_length=max_completion_length, seed=seed)
+    r = evaluate(policy, tok.encode_prompt, tok.decode, list(held_out(task, n)),
+                 Scorer([task_reward(get_task(task))], tokenizer=tok), k=k,
+                 max_completion_length=max_completion_length, seed=seed)
     model = policy.model
     return {**{key: v for key, v in r.items() if key != "greedy_completions"}, "checkpoint": checkpoint,
             "params": model.num_parameters(), "active_params": model.num_active_parameters(),

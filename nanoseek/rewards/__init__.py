@@ -1,11 +1,7 @@
-"""Verifiable reward functions with TRL's signature
-``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, a registry, and
-``compute_rewards`` / ``compute_process_rewards`` (per-step, ``nanoseek.rewards.process``), which contain failing
-or hanging functions.
-
-As in TRL: ``prompts[i]`` is the dataset's prompt (a string or chat messages), ``completions[i]`` the sampled text
-(``trl_completions``), ``completion_ids[i]`` its token ids, and every other dataset column arrives as a keyword
-list aligned with the completions. None means "no reward for this sample": 0 in the total, left out of the mean.
+"""Verifiable reward functions with TRL's signature ``fn(prompts, completions, completion_ids, **columns) ->
+list[float | None]`` (each dataset column a keyword list aligned with the completions; None: no reward for that
+sample, 0 in the total, left out of the mean), a registry, and ``compute_rewards`` / ``compute_process_rewards``,
+which contain failing or hanging functions.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from nanoseek.rewards.code import code_reward
 from nanoseek.rewards.countdown import countdown_reward
 from nanoseek.rewards.format import format_reward, gsm8k_format_reward, lenient_format_reward
 from nanoseek.rewards.math import equations_reward, math_reward
-from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps, get_process_reward_fn
+from nanoseek.rewards.process import PROCESS_REWARD_FNS, StepRewards, check_steps
 from nanoseek.rewards.sandbox import require_bwrap
 
 log = logging.getLogger(__name__)
@@ -42,23 +38,40 @@ REWARD_FNS: dict[str, RewardFn] = {
     "countdown": countdown_reward,
     "code": code_reward,
 }
-# built-ins: fast, or (code) bounded by their own sandbox timeout
 _IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.values())
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """A reward function by name: a built-in (``REWARD_FNS``), or an import path, ``package.module:function``,
-    ``package.module.function`` or ``path/to/file.py:function``, imported from ``sys.path`` and the current
-    directory, as ``python -m`` would."""
+    """A built-in (``REWARD_FNS``), or an import path (``package.module:function``, ``package.module.function``,
+    ``path/to/file.py:function``) from ``sys.path`` and the current directory."""
     if name == "code":
-        require_bwrap()  # refuse now, at the start of a run: compute_rewards would turn each step's error into None
+        require_bwrap()  # refuse at the start of a run, not with a None reward at every step
     if name in REWARD_FNS:
         return REWARD_FNS[name]
     if ":" not in name and "." not in name:
         raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}; or give "
                          "an import path, package.module:function")
     module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
-    module = _import(module_name, f"reward function {name!r}")
+    what, path = f"reward function {name!r}", Path(module_name)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    if module_name.endswith(".py") and not path.is_file():
+        raise ValueError(f"{what}: no file {path}")
+    try:
+        if not module_name.endswith(".py"):
+            module = importlib.import_module(module_name)
+        else:
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
+            spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(f"{what}: no module {module_name!r} on PYTHONPATH or in the current directory "
+                             f"{os.getcwd()}") from None
+        raise ValueError(f"{what}: importing {module_name!r} failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise ValueError(f"{what}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if fn is None:
         public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
@@ -69,35 +82,9 @@ def get_reward_fn(name: str) -> RewardFn:
     return fn
 
 
-def _import(module_name: str, what: str):
-    path = Path(module_name)
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        if not module_name.endswith(".py"):
-            return importlib.import_module(module_name)
-        if not path.is_file():
-            raise ValueError(f"{what}: no file {path}")
-        loader = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
-        loader.loader.exec_module(module)
-        return module
-    except ValueError:
-        raise
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ValueError(f"{what}: no module {module_name!r} on PYTHONPATH or in the current directory "
-                             f"{os.getcwd()}") from None
-        raise ValueError(f"{what}: importing {module_name!r} failed: {e}") from None
-    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise ValueError(f"{what}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
-
-
 def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
     """The dataset columns ``fn`` needs, as groups of which one must be present: its ``required_columns``
-    attribute (``math_reward``: ``(("answer", "solution"),)``), else its keyword parameters without a default after
-    ``prompts, completions`` (``completion_ids`` is always given)."""
+    attribute, else its parameters without a default after ``prompts, completions`` (but ``completion_ids``)."""
     declared = getattr(fn, "required_columns", None)
     if declared is not None:
         return tuple((g,) if isinstance(g, str) else tuple(g) for g in declared)
@@ -111,8 +98,7 @@ def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
 
 
 def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the dataset") -> None:
-    """Before training: raise ValueError if a reward function needs a column (``required_columns``) that
-    ``columns`` lacks."""
+    """ValueError if a reward function needs a column (``required_columns``) that ``columns`` lacks."""
     have = set(columns)
     for fn in fns:
         for group in required_columns(fn):
@@ -124,8 +110,8 @@ def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the d
 
 
 def trl_completions(prompts: list, texts: list[str]) -> list:
-    """Completions as TRL passes them: the text for a string prompt, ``[{"role": "assistant", "content": text}]``
-    for a conversational one."""
+    """Completions as TRL passes them: the text, or ``[{"role": "assistant", "content": text}]`` after a
+    conversational prompt."""
     return [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
 
 
@@ -156,8 +142,8 @@ def _child(conn, fn, prompts, completions, columns) -> None:
 
 
 def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
-    """Run ``fn`` in a forked process; abandon (kill) it after ``timeout_s``. Raises TimeoutError / RuntimeError."""
-    ctx = multiprocessing.get_context("fork")  # fork: closures and lambdas work, no re-import
+    """Run ``fn`` in a forked process (closures work, nothing is re-imported); kill it after ``timeout_s``."""
+    ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, prompts, completions, columns), daemon=True)
     proc.start()
@@ -178,9 +164,8 @@ def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
 
 
 def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float | None, kind: str, cast=None):
-    """(fn's values, one per completion, each through ``cast``; None) -- or (None, why) if it raised, hung past
-    ``timeout_s`` or returned the wrong number, logged as a warning. Built-ins run in process, others in a killable
-    forked worker (a thread cannot be stopped)."""
+    """(fn's values through ``cast``, None), or (None, why) logged as a warning if it raised, hung past
+    ``timeout_s`` or returned the wrong number. Built-ins run in process, others in a killable forked worker."""
     try:
         if timeout_s is None or fn in _IN_PROCESS:
             values = list(fn(prompts, completions, **columns))
@@ -198,7 +183,7 @@ def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | N
                     completions: list, columns: dict | None = None, timeout_s: float | None = 60.0,
                     completion_ids: list[list[int]] | None = None) -> RewardResult:
     """Weighted rewards of N completions: a function that fails (see ``_call``) gives None for all its samples;
-    the others still count. ``columns`` are the dataset columns, with ``completion_ids`` when given."""
+    the others still count."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"compute_rewards: {len(reward_fns)} reward functions but {len(weights)} weights")
@@ -221,9 +206,8 @@ def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | N
 def compute_process_rewards(fn: Callable[..., list], prompts: list, completions: list,
                             completion_ids: list[list[int]], columns: dict | None = None,
                             timeout_s: float | None = 60.0) -> tuple[list[StepRewards | None], list[str]]:
-    """Step rewards of N completions from one process reward function, contained like ``compute_rewards``:
-    -> (steps (N,), errors). A failing function gives None (no steps) for every sample, an invalid value (see
-    ``check_steps``) None for that sample; each failure is logged and listed in ``errors``."""
+    """-> (steps (N,), errors): step rewards of one process reward function, contained like ``compute_rewards``;
+    an invalid value (``check_steps``) gives None for its sample, logged and listed in ``errors``."""
     name = reward_name(fn)
     values, error = _call(fn, prompts, completions, {**(columns or {}), "completion_ids": completion_ids},
                           timeout_s, "process reward")
@@ -242,5 +226,5 @@ def compute_process_rewards(fn: Callable[..., list], prompts: list, completions:
 
 
 __all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "check_reward_columns",
-           "compute_process_rewards", "compute_rewards", "get_process_reward_fn", "get_reward_fn", "required_columns",
-           "reward_name", "trl_completions"]
+           "compute_process_rewards", "compute_rewards", "get_reward_fn", "required_columns", "reward_name",
+           "trl_completions"]

@@ -34,7 +34,7 @@ for _i, _t in enumerate(_tests):
 
 
 def extract_code(completion: str) -> str:
-    """The last fenced ```python block of a completion (a bare ``` fence counts too), else the whole text."""
+    """The last fenced ```python (or bare ```) block of a completion, else the whole text."""
     blocks = _FENCE.findall(completion)
     return blocks[-1] if blocks else completion
 
@@ -68,7 +68,7 @@ def run_tests(program: str, tests: list, timeout_s: float = 5.0, **limits) -> fl
 
 
 def code_reward(prompts, completions, tests, timeout_s: float = 5.0, **kwargs) -> list[float | None]:
-    """TRL-style reward: fraction of the sample's ``tests`` passed by the completion's code (module docstring)."""
+    """Fraction of the sample's ``tests`` passed by the completion's code."""
     rewards: list[float | None] = []
     for completion, cases in zip(completions, tests):
         program = extract_code(completion_text(completion))

@@ -1,16 +1,14 @@
 """Countdown reward (TinyZero-style): the answer is an arithmetic expression that uses each given number exactly
-once and evaluates to the target. Parsed with a small recursive-descent parser over exact ``Fraction``s —
-never ``eval``.
-
-Grammar (only + - * /, parentheses, non-negative integer literals, unary minus is rejected):
-
-    expr   := term (('+' | '-') term)*
-    term   := factor (('*' | '/') factor)*
-    factor := INT | '(' expr ')'
+once and evaluates to the target. Only + - * / over non-negative integer literals and parentheses are accepted:
+the characters are checked, then Python's ``ast`` parses the expression and it is evaluated over exact
+``Fraction``s, never with ``eval``.
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
+import operator
 import re
 from collections import Counter
 from fractions import Fraction
@@ -21,72 +19,21 @@ MAX_EXPRESSION_CHARS = 200  # countdown answers are short; anything longer is re
 MAX_DIGITS = 12  # per integer literal: keeps every intermediate value small
 MAX_DEPTH = 32  # parenthesis nesting
 
-_TOKEN = re.compile(r"\s*(?:(\d+)|(.))")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def _tokenize(text: str) -> list[str]:
-    tokens = []
-    for number, op in _TOKEN.findall(text):
-        if number:
-            if len(number) > MAX_DIGITS:
-                raise ValueError(f"number {number[:20]}... has more than {MAX_DIGITS} digits")
-            tokens.append(number)
-        elif op.strip():
-            if op not in "+-*/()":
-                raise ValueError(f"unexpected character {op!r}; only digits, + - * / and parentheses are allowed")
-            tokens.append(op)
-    return tokens
-
-
-class _Parser:
-    def __init__(self, tokens: list[str]):
-        self.tokens, self.pos = tokens, 0
-
-    def peek(self) -> str | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self) -> str:
-        tok = self.peek()
-        if tok is None:
-            raise ValueError("unexpected end of expression")
-        self.pos += 1
-        return tok
-
-    def expr(self, depth: int) -> Fraction:
-        value = self.term(depth)
-        while self.peek() in ("+", "-"):
-            sign = 1 if self.take() == "+" else -1
-            value += sign * self.term(depth)
-        return value
-
-    def term(self, depth: int) -> Fraction:
-        value = self.factor(depth)
-        while self.peek() in ("*", "/"):
-            op = self.take()
-            if op == "*" and self.peek() == "*":
-                raise ValueError("'**' (power) is not allowed")
-            rhs = self.factor(depth)
-            if op == "*":
-                value *= rhs
-            elif rhs == 0:
-                raise ValueError("division by zero")
-            else:
-                value /= rhs
-        return value
-
-    def factor(self, depth: int) -> Fraction:
-        tok = self.take()
-        if tok == "(":
-            if depth >= MAX_DEPTH:
-                raise ValueError(f"parentheses nested deeper than {MAX_DEPTH}")
-            value = self.expr(depth + 1)
-            if self.take() != ")":
-                raise ValueError("missing ')'")
-            return value
-        if tok.isdigit():
-            return Fraction(int(tok))
-        raise ValueError(f"expected a number or '(', got {tok!r}")
+def _value(node: ast.expr) -> Fraction:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        raise ValueError("'**' (power) is not allowed")
+    if not (isinstance(node, ast.BinOp) and type(node.op) in _OPS):
+        raise ValueError(f"expected a number or a binary + - * /, got {ast.unparse(node)!r}")
+    left, right = _value(node.left), _value(node.right)
+    if isinstance(node.op, ast.Div) and right == 0:
+        raise ValueError("division by zero")
+    return _OPS[type(node.op)](left, right)
 
 
 def parse_expression(text: str) -> Fraction:
@@ -94,11 +41,18 @@ def parse_expression(text: str) -> Fraction:
     (other characters, '**', unary minus, division by zero, too long or too deeply nested)."""
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
-    parser = _Parser(_tokenize(text))
-    value = parser.expr(0)
-    if parser.peek() is not None:
-        raise ValueError(f"unexpected {parser.peek()!r} after the end of the expression")
-    return value
+    bad = re.search(r"[^\d\s+\-*/()]", text)
+    if bad is not None:
+        raise ValueError(f"unexpected character {bad.group()!r}; only digits, + - * / and parentheses are allowed")
+    if re.search(rf"\d{{{MAX_DIGITS + 1}}}", text):
+        raise ValueError(f"a number has more than {MAX_DIGITS} digits")
+    if max(itertools.accumulate({"(": 1, ")": -1}.get(c, 0) for c in text), default=0) > MAX_DEPTH:
+        raise ValueError(f"parentheses nested deeper than {MAX_DEPTH}")
+    try:  # one line, and no leading zeros (Python rejects "07")
+        tree = ast.parse(re.sub(r"\b0+(?=\d)", "", " ".join(text.split())), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"not an expression: {e.msg}") from None
+    return _value(tree.body)
 
 
 def check_equation(expression: str, numbers: list[int], target: int) -> bool:

@@ -17,8 +17,7 @@ _EQUATION = re.compile(r"\s*(-?\d+)\s*([-+*/])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces balanced; None if absent or
-    unclosed."""
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces balanced; None if absent."""
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
@@ -32,8 +31,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The final answer of a completion, in order of precedence: the last ``<answer>…</answer>`` (narrowed to a
-    ``\\boxed{}`` inside it, if any), else the last ``\\boxed{…}``, else GSM8K's last ``#### 42``; None if none."""
+    """The last ``<answer>…</answer>`` (narrowed to a ``\\boxed{}`` inside it), else the last ``\\boxed{…}``, else
+    GSM8K's last ``#### 42``; None if none."""
     answer = extract_answer(text)
     if answer is not None:
         boxed = last_boxed(answer)
@@ -46,12 +45,11 @@ def extract_final_answer(text: str) -> str | None:
 
 
 def _timeout() -> int | None:
-    """math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere run without."""
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    return 5 if threading.current_thread() is threading.main_thread() else None  # math-verify uses signal.alarm
 
 
 def _parse_answer(answer: str) -> list:
-    """math-verify's parse of an extracted answer read as LaTeX math; [] if it is not math."""
+    """math-verify's parse of an answer read as LaTeX math; [] if it is not math."""
     answer = answer.strip()
     if not answer:
         return []
@@ -60,8 +58,8 @@ def _parse_answer(answer: str) -> list:
 
 
 def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
-    """1.0 if the completion's final answer (``extract_final_answer``) equals the gold (column ``answer``, else
-    the final answer of ``solution``), else 0.0; None where math-verify cannot parse the gold (a broken example)."""
+    """1.0 if the completion's final answer equals the gold (column ``answer``, else the final answer of
+    ``solution``), else 0.0; None where math-verify cannot parse the gold."""
     gold_col = answer if answer is not None else solution
     if gold_col is None:
         raise ValueError("math_reward needs a dataset column 'answer' or 'solution' with the gold answers")
@@ -79,8 +77,7 @@ def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> l
 
 
 def equations_hold(text: str) -> bool:
-    """Every line with an ``=`` is one true step ``a op b = c`` (integers, op in + - * /), and there is one at
-    least: the worked solution checks, not only its final answer."""
+    """Every line with an ``=`` is one true step ``a op b = c`` (integers, op in + - * /), and there is one."""
     lines = [line for line in text.split("\n") if "=" in line]
     if not lines:
         return False
@@ -95,8 +92,7 @@ def equations_hold(text: str) -> bool:
 
 
 def equations_reward(prompts, completions, **kwargs) -> list[float]:
-    """1.0 if the completion's worked steps are all true arithmetic (see ``equations_hold``), else 0.0: with
-    ``math`` under ``nanoseek sample --keep correct``, a lucky final answer after wrong work is not kept."""
+    """1.0 if the completion's worked steps are all true arithmetic (``equations_hold``), else 0.0."""
     return [1.0 if equations_hold(completion_text(c)) else 0.0 for c in completions]
 
 

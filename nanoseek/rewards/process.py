@@ -7,6 +7,7 @@ included when sampled) of its last token; None means no steps (the completion ge
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +20,8 @@ class StepRewards:
 
 
 def check_steps(steps, n_tokens: int, sample: int, name: str = "process reward") -> StepRewards | None:
-    """Validate what a process reward returned for completion ``sample`` (``n_tokens`` long): a ``StepRewards``
-    with as many finite rewards as ends, ends non-decreasing (several steps may end on one token) and inside the
-    completion. Returns it with plain float / int lists; raises ValueError naming the sample otherwise."""
+    """A process reward's value for completion ``sample`` (``n_tokens`` long) with plain float / int lists:
+    finite rewards, one non-decreasing end inside the completion per step; else ValueError naming the sample."""
     if steps is None:
         return None
     where = f"{name}: sample {sample}"
@@ -46,24 +46,17 @@ def check_steps(steps, n_tokens: int, sample: int, name: str = "process reward")
 
 def token_of_char(ids: Sequence[int], decode: Callable[[list[int]], str], c: int) -> int | None:
     """Index of the token of ``ids`` that emits character ``c`` of ``decode(ids)`` (the first k with
-    len(decode(ids[:k+1])) > c, by binary search; assumes prefix decodes grow monotonically), or None past the end."""
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(decode(list(ids[: mid + 1]))) > c:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo if lo < len(ids) else None
+    len(decode(ids[:k+1])) > c, by binary search), or None past the end."""
+    k = bisect.bisect_right(range(len(ids)), c, key=lambda k: len(decode(list(ids[: k + 1]))))
+    return k if k < len(ids) else None
 
 
 def arithmetic_process_reward(prompts, completions, completion_ids, example=None, answer=None, tokenizer=None,
                               **kwargs) -> list[StepRewards]:
-    """Per-character steps for the ``arithmetic`` task (``"37+48="`` -> ``"85"``): step j < len(gold) scores
-    answer character j (after leading whitespace) against the gold's, a last step the end of the number (a
-    non-digit or the end of the text). Each step ends on the token that decided it (for the end of the text, the
-    eos after it); scoring stops at the first wrong step and at a step no token decided (truncated). So the
-    advantage of a wrong answer falls on the token where it went wrong."""
+    """Per-character steps for ``arithmetic`` (``"37+48="`` -> ``"85"``): step j < len(gold) scores answer character j
+    (after leading whitespace), a last step the end of the number; each ends on the token that decided it (the
+    eos for the end of the text), stopping at the first wrong or undecided step: a wrong answer's advantage falls
+    on the token where it went wrong."""
     if tokenizer is None:
         raise ValueError("arithmetic process reward needs the 'tokenizer' column to map characters to tokens")
     if answer is None:
@@ -96,9 +89,3 @@ def arithmetic_process_reward(prompts, completions, completion_ids, example=None
 
 
 PROCESS_REWARD_FNS: dict[str, Callable[..., list]] = {"arithmetic": arithmetic_process_reward}
-
-
-def get_process_reward_fn(name: str) -> Callable[..., list]:
-    if name not in PROCESS_REWARD_FNS:
-        raise ValueError(f"unknown process reward {name!r}; built-in: {', '.join(sorted(PROCESS_REWARD_FNS))}")
-    return PROCESS_REWARD_FNS[name]

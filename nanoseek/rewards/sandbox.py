@@ -1,21 +1,17 @@
 """Run untrusted code (model completions) in a bubblewrap sandbox (``bwrap``, Debian package ``bubblewrap``).
 
 Isolation, all from the kernel, none from Python:
-- namespaces: new user, PID, mount, network (only its own loopback), IPC, UTS and cgroup; an unprivileged uid (65534)
-  with no capabilities and no way to create further user namespaces (``--disable-userns``);
-- files: a new root holding only read-only binds of the interpreter's install (``sys.base_prefix``) and the system
-  libraries (``/usr``, ``/lib*``), a fresh ``/proc`` of the sandbox's own PID namespace, a minimal ``/dev``, and one
-  private size-capped tmpfs ``/tmp`` as cwd and HOME; no ``/etc``, home dir, project or virtualenv;
-- processes: a seccomp filter refuses creating processes (fork, vfork, clone without CLONE_THREAD; clone3 answers
-  ENOSYS so threads fall back to clone; other syscall ABIs are killed), so nothing can be spawned, daemonized or
-  fork-bombed (RLIMIT_NPROC alone does not bind when the caller is root); ``--new-session``; ``--die-with-parent``
-  and the PID namespace end every process with the call: bwrap is killed at the wall-clock timeout and its namespace
-  with it;
+- namespaces: new user, PID, mount, network (only its own loopback), IPC, UTS and cgroup; uid 65534 with no
+  capabilities and no further user namespaces (``--disable-userns``);
+- files: a new root with only read-only binds of the interpreter's install and the system libraries, a fresh
+  ``/proc``, a minimal ``/dev`` and a private size-capped tmpfs ``/tmp`` (cwd and HOME); no ``/etc``, home or venv;
+- processes: a seccomp filter refuses fork, vfork and clone without CLONE_THREAD (RLIMIT_NPROC does not bind a root
+  caller); ``--new-session``; ``--die-with-parent`` and the PID namespace end every process at the timeout;
 - rlimits (set by a bootstrap before the program runs): CPU seconds, address space, file size (which also caps
   stdout/stderr, written to files), processes/threads, open files, no core dumps; an empty environment.
 
-Without a working bubblewrap, ``run_code`` (and ``get_reward_fn("code")``, via ``require_bwrap``) raises
-``SandboxUnavailable`` saying how to install it; there is no weaker fallback.
+Without a working bubblewrap, ``run_code`` and ``get_reward_fn("code")`` raise ``SandboxUnavailable``; there is
+no weaker fallback.
 """
 
 from __future__ import annotations
@@ -54,10 +50,9 @@ class SandboxUnavailable(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits of one sandboxed run. ``cpu_s`` defaults to ``ceil(timeout_s) + 1``, so the wall-time limit normally
-    fires first; ``disk_mb`` caps the private /tmp; ``max_processes`` bounds threads (new processes are refused
-    outright; for a root caller, whom RLIMIT_NPROC does not bind, the address-space limit bounds threads through
-    their stacks); ``max_output`` truncates stdout and stderr (characters)."""
+    """Limits of one sandboxed run. ``cpu_s`` defaults to ``ceil(timeout_s) + 1`` (the wall-time limit fires
+    first); ``disk_mb`` caps the private /tmp; ``max_processes`` bounds threads; ``max_output`` truncates stdout and
+    stderr (characters)."""
 
     timeout_s: float = 5.0
     cpu_s: int | None = None
@@ -111,7 +106,7 @@ def _seccomp_no_new_processes() -> bytes:
 
 def _binds() -> list[str]:
     """bwrap arguments for the new root: the interpreter's install and the system libraries, read-only."""
-    args = []
+    args: list[str] = []
     for path in ("/usr", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(path):  # merged /usr: /lib -> usr/lib
             args += ["--symlink", os.readlink(path), path]
@@ -128,15 +123,6 @@ def _binds() -> list[str]:
 
 def _interpreter() -> str:
     return os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's; the venv stays out
-
-
-def _bwrap_argv(bwrap: str, seccomp_fd: int, disk_mb: int) -> list[str]:
-    return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(_UID), "--gid", str(_UID),
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
-            *_binds(), "--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb << 20), "--tmpfs", "/tmp",
-            "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
-            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/dev",
-            "--remount-ro", "/", "--seccomp", str(seccomp_fd)]
 
 
 @functools.cache
@@ -156,12 +142,6 @@ def require_bwrap() -> str:
     return bwrap
 
 
-def _read(f, limit: int) -> str:
-    f.seek(0)
-    data = f.read(limit + 1).decode("utf-8", errors="replace")
-    return data if len(data) <= limit else data[:limit] + "\n...[truncated]"
-
-
 def run_code(code: str, *, stdin: str = "", **limits) -> SandboxResult:
     """Run Python ``code`` in the sandbox (see the module docstring) under ``Limits(**limits)``; its outcome."""
     lim = Limits(**limits)
@@ -179,8 +159,13 @@ def _run(bwrap: str, code: str, stdin: str, lim: Limits) -> SandboxResult:
         cpu_s = lim.cpu_s if lim.cpu_s is not None else int(-(-lim.timeout_s // 1)) + 1
         limits = (cpu_s, lim.memory_mb << 20, lim.file_size_mb << 20, lim.max_processes, lim.max_open_files,
                   program.fileno())
-        argv = [*_bwrap_argv(bwrap, seccomp.fileno(), lim.disk_mb), "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP,
-                *map(str, limits)]
+        argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(_UID), "--gid", str(_UID),
+                "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv", *_binds(),
+                "--proc", "/proc", "--dev", "/dev", "--size", str(lim.disk_mb << 20), "--tmpfs", "/tmp",
+                "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
+                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/dev",
+                "--remount-ro", "/", "--seccomp", str(seccomp.fileno()),
+                "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP, *map(str, limits)]
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, env={}, cwd="/",
                                 pass_fds=(program.fileno(), seccomp.fileno()))
@@ -195,4 +180,9 @@ def _run(bwrap: str, code: str, stdin: str, lim: Limits) -> SandboxResult:
         rc = proc.returncode
         if 128 < rc < 128 + 65:  # bwrap reports a child killed by signal N as exit status 128 + N
             rc = 128 - rc
-        return SandboxResult(rc, timed_out, _read(out, lim.max_output), _read(err, lim.max_output), duration)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            data = f.read(lim.max_output + 1).decode("utf-8", errors="replace")
+            texts.append(data if len(data) <= lim.max_output else data[:lim.max_output] + "\n...[truncated]")
+        return SandboxResult(rc, timed_out, *texts, duration)

@@ -1,7 +1,5 @@
-"""Built-in tasks with verifiable answers: each makes (prompt, reference completion, gold answer) examples
-and scores a completion (with the verifiers of ``nanoseek.rewards``); ``task_reward`` is that score as a TRL-style
-reward function. Train and held-out splits are disjoint by construction (a hash of the prompt decides the split),
-so evaluation never sees a training prompt.
+"""Built-in tasks with verifiable answers: (prompt, reference completion, gold answer) examples and a score;
+train and held-out splits are disjoint (a hash of the prompt decides the split).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Examples of the built-in tasks: ``Example``, the ``Task`` protocol, the held-out split, draws, and a task's
-reward (``task_reward``, the task's score as a TRL-style reward function)."""
+"""``Example``, the ``Task`` protocol, the held-out split, draws, and ``task_reward`` (a task's score as a
+TRL-style reward function)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ class Task(Protocol):
 
 
 def in_eval_split(prompt: str, task: Task | None = None, fraction: int | None = None) -> bool:
-    """Whether ``prompt`` is held out: a hash of the prompt, one in ``fraction`` (default ``task.eval_fraction``,
-    else 10)."""
+    """Whether ``prompt`` is held out: by its hash, one in ``fraction`` (default ``task.eval_fraction``, else 10)."""
     fraction = fraction or getattr(task, "eval_fraction", 10)
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % fraction == 0
 
@@ -47,8 +46,8 @@ def _draws(task: Task, split: str, seed: int | str) -> Iterator[tuple[Example, b
 
 
 def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) -> Iterator[Example]:
-    """Endless examples of ``split`` ("train" or "eval"), deterministic in (task, split, seed); a common problem
-    can come more than once. RuntimeError after ``patience`` draws in a row outside the split."""
+    """Endless examples of ``split``, deterministic in (task, split, seed), repeats included; RuntimeError after
+    ``patience`` draws in a row outside the split."""
     misses = 0
     for ex, in_split in _draws(task, split, seed):
         if in_split:
@@ -64,9 +63,8 @@ def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Exampl
 
 
 def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
-    """Up to n examples of ``split`` with distinct prompts, in draw order (``examples`` repeats the common
-    problems of a small split); stops once ``patience`` draws in a row bring no new prompt, so ``len(result)`` is
-    the real count."""
+    """Up to n examples of ``split`` with distinct prompts, in draw order; stops once ``patience`` draws in a row
+    bring no new prompt (a small split has fewer)."""
     seen: dict[str, Example] = {}
     since_new = 0
     for ex, in_split in _draws(task, split, seed):
@@ -82,8 +80,8 @@ def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: i
 
 
 def task_reward(task: Task) -> Callable[..., list[float]]:
-    """A TRL-style reward scoring each completion with ``task.score(completion, example)``. The dataset column
-    ``example`` holds ``Example``s; else an ``answer`` column builds them from prompt and answer."""
+    """A TRL-style reward: ``task.score`` of each completion against the column ``example``, else of an
+    ``Example`` built from the prompt and the ``answer`` column."""
 
     def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
         if example is None:

@@ -1,10 +1,8 @@
 """Countdown, short character-level form: reach a target from given numbers with + - * (each number once).
 
-Prompt ``"3,5,7:26="`` (numbers sorted, so the prompt does not reveal an order), completion ``"7*5-9"``.
-The reference completion is the random expression the target was made from: ONE valid solution, while the
-verifier (``nanoseek.rewards.countdown.check_equation``, a safe parser, never ``eval``) accepts any expression
-over the same multiset of numbers that hits the target (other orders, other operators, ``/`` and parentheses
-included). That gap between what imitation sees and what the reward accepts is where RL can beat SFT.
+Prompt ``"3,5,7:26="`` (numbers sorted), completion ``"7*5-9"``: the reference is ONE solution, while the verifier
+(``nanoseek.rewards.countdown.check_equation``) accepts any expression over the numbers that hits the target
+(other orders and operators, ``/`` and parentheses): the gap where RL can beat SFT.
 """
 
 from __future__ import annotations
@@ -43,8 +41,7 @@ class CountdownTask:
         return Example(prompt, expression, str(target), {"numbers": sorted(numbers), "target": target})
 
     def score(self, completion: str, example: Example) -> float:
-        """1.0 iff the completion (up to the first newline) is an equation over the prompt's numbers, each used
-        once, equal to the target."""
+        """1.0 iff the completion's first line is an equation over the prompt's numbers that hits the target."""
         m = _PROMPT.match(example.prompt)
         if m is None:
             raise ValueError(f"countdown prompt {example.prompt!r} is not of the form 'a,b,c:target='")

@@ -1,12 +1,6 @@
-"""GSM8K-style word problems made by the code: templates filled with names, items and small numbers, two or three
-steps of arithmetic, answers in GSM8K's format (arXiv 2110.14168): a short worked solution, one step per line,
-then ``#### N``::
-
-    prompt:     "Tom has 5 apples, buys 3 more and gives away 2. How many does he have now?"
-    completion: "5+3=8\\n8-2=6\\n#### 6"
-
-Prompts are short and numbers small (operands up to ``max_number``, values non-negative integers), so a tiny
-character-level model learns it in minutes. The score (and the ``math`` reward) reads only the final ``#### N``.
+"""GSM8K-style word problems (arXiv 2110.14168) from templates with small numbers, two or three steps, answers
+in GSM8K's format, one step per line then ``#### N``; prompt ``"Tom has 5 apples, buys 3 more and gives away 2.
+How many does he have now?"``, completion ``"5+3=8\\n8-2=6\\n#### 6"``. The score reads only the final ``#### N``.
 """
 
 from __future__ import annotations
@@ -69,7 +63,6 @@ class GSM8KTask:
         return Example(prompt, completion, answer, {"template": template, "numbers": tuple(v[z] for z in numbers)})
 
     def score(self, completion: str, example: Example) -> float:
-        """1.0 iff the completion's final answer (its last ``#### N``, as the ``math`` reward reads it) is the
-        gold number."""
+        """1.0 iff the completion's final answer (``extract_final_answer``) is the gold number."""
         pred = extract_final_answer(completion)
         return float(pred is not None and pred.strip() == example.answer)

@@ -21,7 +21,7 @@ from nanoseek.datasets import Row
 from nanoseek.distributed import global_std, init_distributed, is_main, reduce_floats
 from nanoseek.hf import atomic_write_text
 from nanoseek.policy import Policy
-from nanoseek.rewards import get_process_reward_fn, reward_name
+from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
@@ -63,7 +63,7 @@ class RLTrainer:
         self.data = rl_data(narrow(RLDataConfig, cfg), tokenizer)
         fns = self.data.reward_fns
         process = getattr(cfg, "process_reward", None)  # GRPO's process supervision: a built-in name or a callable
-        process = get_process_reward_fn(process) if isinstance(process, str) else process
+        process = PROCESS_REWARD_FNS[process] if isinstance(process, str) else process  # validated by GRPO.Params
         self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, process,
                              cfg.reward_timeout_s, self.data.train.columns)
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
@@ -80,16 +80,15 @@ class RLTrainer:
         return self.tokenizer.encode_prompt(prompt, self.cfg.system_prompt)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate.evaluate_prompts``)."""
-        from nanoseek.evaluate import evaluate_prompts
+        """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate``)."""
+        from nanoseek.evaluate import evaluate, scalar_metrics
 
         cfg, held_out = self.cfg, self.data.held_out  # held_out's own columns: an --eval-dataset's may differ
-        m = evaluate_prompts(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
-                             replace(self.scorer, columns=held_out.columns),
-                             [reward_name(f) for f in self.data.correct], k=cfg.eval_num_generations,
-                             temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                             seed=cfg.seed)
-        return {f"eval/{k}": v for k, v in m.items()}
+        m = evaluate(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
+                     replace(self.scorer, columns=held_out.columns), [reward_name(f) for f in self.data.correct],
+                     k=cfg.eval_num_generations, temperature=cfg.temperature,
+                     max_completion_length=cfg.max_completion_length, seed=cfg.seed)
+        return {f"eval/{k}": v for k, v in scalar_metrics(m).items()}
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
         base = (self.sampling.seed * 1_000_003 + step - 1) * 101

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
     from nanoseek.rewards import reward_name
-    from nanoseek.tokenizer import encode_checked, load_tokenizer
+    from nanoseek.tokenizer import Tokenizer, encode_checked
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_model_dir(cfg.model)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])
-    tok = load_tokenizer(directory)
+    tok = Tokenizer.load(directory)
     policy = Policy.load(directory, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
     if not cfg.dataset:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
         for r in rows:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
-    from nanoseek.tokenizer import load_tokenizer  # nanoseek's or transformers' tokenizer, as the trainers load it
+    from nanoseek.tokenizer import Tokenizer
 
     cfg = from_args(SampleConfig, args)
     check_ranges(cfg)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.num_prompts is not None:
             dataset = PromptDataset(dataset.name, dataset.rows[: cfg.num_prompts], dataset.columns)
     model_dir = resolve_model_dir(cfg.model)  # a model directory, or a run directory's latest checkpoint
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = Tokenizer.load(model_dir)
     policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(
         policy, tokenizer, dataset, fns, num_generations=cfg.num_generations,

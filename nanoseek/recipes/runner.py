@@ -89,9 +89,9 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
     from nanoseek.evaluate import evaluate_task
     from nanoseek.policy import Policy
     from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
 
-    tok = load_tokenizer(checkpoint)
+    tok = Tokenizer.load(checkpoint)
     policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
     r = evaluate_task(policy, tok, get_task(task), list(held_out(task, n)), k=k,
                       max_completion_length=max_completion_length, seed=seed)

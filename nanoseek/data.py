@@ -43,8 +43,7 @@ def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: s
     out = []
     for r in rows:
         prompt, completion, add_eos = tok.sft_texts(r.prompt, r.completion, system_prompt)
-        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=tok.adds_bos(prompt),
-                           allow_unknown=allow_unknown_chars)
+        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=True, allow_unknown=allow_unknown_chars)
         toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=add_eos,
                                   allow_unknown=allow_unknown_chars)
         if len(toks) - 1 > seq_len:

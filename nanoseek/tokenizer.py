@@ -66,18 +66,16 @@ class Tokenizer:
         return () if self.eos_id is None else (self.eos_id,)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """``text``'s ids; ``add_bos`` puts BOS first when the tokenizer has one, unless ``text`` already starts with
+        the BOS token (Llama's chat templates write it), so BOS is never doubled."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
-        return bos + ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
+        if add_bos and self.bos_id is not None and not text.startswith(self.specials["bos_token"]):
+            ids = [self.bos_id, *ids]
+        return ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``, special tokens left out."""
         return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def adds_bos(self, text: str) -> bool:
-        """Whether a prompt's ids start with BOS: when the tokenizer has one, unless ``text`` already starts with the
-        BOS token (Llama's chat templates write it), so BOS is never doubled."""
-        return self.bos_id is not None and not text.startswith(self.specials["bos_token"])
 
     def prompt_text(self, prompt: str | list[dict], system_prompt: str | None = None) -> str:
         """The text a policy continues for one dataset prompt, as TRL does: a plain string as is; messages (and,
@@ -88,9 +86,8 @@ class Tokenizer:
         return self.template().render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
     def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
-        """A prompt's ids: ``prompt_text``'s, after BOS (see ``adds_bos``)."""
-        text = self.prompt_text(prompt, system_prompt)
-        return self.encode(text, add_bos=self.adds_bos(text))
+        """A prompt's ids: ``prompt_text``'s, after BOS."""
+        return self.encode(self.prompt_text(prompt, system_prompt), add_bos=True)
 
     def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
                   system_prompt: str | None = None) -> tuple[str, str, bool]:

@@ -175,7 +175,6 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     from types import SimpleNamespace
 
     from nanoseek.rewards import RewardResult
-    from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.grpo import GRPO, GRPOConfig
     from nanoseek.train.optimize import TokenCounter
     from nanoseek.train.rl import RLTrainer
@@ -268,7 +267,6 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "?"] + [chr(i) for i in range(32, 127)])}

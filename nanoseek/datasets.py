@@ -132,8 +132,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
-        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path} row {n}", obj
+        yield from ((f"{path} row {n}", obj) for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1))
         return
     raw = path.read_bytes()
     try:
@@ -145,8 +144,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
     if not text.strip():
         raise ValueError(f"data file {path} is empty: it has no rows or text to read")
     if fmt == "csv":
-        for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
-            yield f"{path} row {n}", obj
+        yield from ((f"{path} row {n}", obj) for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), 1))
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
     if fmt == "text":

@@ -25,13 +25,13 @@ def worker(a: argparse.Namespace) -> None:
     from grpo_step import peak_rss_mb
 
     from nanoseek.policy import Policy
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.grpo import GRPO, GRPOConfig
     from nanoseek.train.ppo import PPO, PPOConfig
     from nanoseek.train.rl import RLTrainer
 
     torch.set_num_threads(a.threads)
-    tok = load_tokenizer(a.model)
+    tok = Tokenizer.load(a.model)
     policy = Policy.load(a.model, tok.pad_id, tok.eos_id)
     kw = dict(model=a.model, num_generations=a.G, prompts_per_step=a.P, max_completion_length=a.L, lr=1e-5,
               beta=a.beta, seed=0)

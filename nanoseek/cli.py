@@ -49,42 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; the exit status says how it ended, for every command alike: 0 done, 2 a usage error
     (bad flags, input files or config: one line on stderr naming the flag, file or field), 1 a failure (the
-    traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work)."""
+    traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work).
+    Only rank 0 of a torchrun job (or a single process) reports errors."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    main_rank, name = os.environ.get("RANK", "0") == "0", "nanoseek"
     try:
         cli_args.check_renamed(argv)
-    except ValueError as err:
-        _error(f"nanoseek: error: {err}")
-        return 2
-    args = parser.parse_args(argv)  # bad flags: argparse prints usage to stderr and exits 2
-    if args.command is None:
-        parser.print_help()
-        return 0
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
+        args = parser.parse_args(argv)  # bad flags: argparse prints usage to stderr and exits 2
+        if args.command is None:
+            parser.print_help()
+            return 0
+        name = f"nanoseek {args.command}"
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
     except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        status, message = 130, "interrupted"
     except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file/field and the fix
-        _error(f"nanoseek {args.command}: error: {err}")
-        return 2
+        status, message = 2, f"{name}: error: {err}"
     except Exception as err:  # a bug or a failure of the system: the traceback says where
-        if _main_rank():
+        if main_rank:
             traceback.print_exc()
-        _error(f"nanoseek {args.command}: failed: {type(err).__name__}: {err} (traceback above)")
-        return 1
-
-
-def _main_rank() -> bool:
-    """Rank 0 of a torchrun job (or a single process): the one that reports errors."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _error(message: str) -> None:
-    if _main_rank():
+        status, message = 1, f"{name}: failed: {type(err).__name__}: {err} (traceback above)"
+    if main_rank:
         print(message, file=sys.stderr)
+    return status
 
 
 # ---------------------------------------------------------------------- `nanoseek info`

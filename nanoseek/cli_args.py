@@ -90,38 +90,29 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     field (a subclass redeclares a field to give its command another default)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        m = f.metadata
-        if m and not m.get("cli", True):
+        m = f.metadata or {}
+        if not m.get("cli", True):
             continue
-        default = f.default if f.default is not MISSING else \
-            f.default_factory() if f.default_factory is not MISSING else None
-        kw: dict[str, Any] = {"default": default, "dest": f.name}
-        help_text = m.get("help", "") if m else ""
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
-        origin = typing.get_origin(base)
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else f.default if f.default is not MISSING else f.default_factory()
+        kw: dict[str, Any] = {"default": default, "dest": f.name, "required": required}
+        args = typing.get_args(hints[f.name])
+        base = next(a for a in args if a is not type(None)) if type(None) in args else hints[f.name]  # X | None: X
+        origin, item = typing.get_origin(base), typing.get_args(base)
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is list:
-            kw.update(nargs="*", type=typing.get_args(base)[0])
+            kw.update(nargs="*", type=item[0])
         elif origin is tuple:
-            item = typing.get_args(base)
             kw.update(nargs=len(item), type=item[0])
         elif base is dict or origin is dict:
             kw.update(type=_json_object, metavar="JSON")
-        elif base in (int, float):
-            kw["type"] = base
-        else:  # str, and str-or-callable fields (given by name on the command line)
-            kw["type"] = str
-        if m and m.get("choices") is not None:
+        else:  # int, float, str, and str-or-callable fields (given by name on the command line)
+            kw["type"] = base if base in (int, float) else str
+        if m.get("choices") is not None:
             kw["choices"] = m["choices"]
-        if f.default is MISSING and f.default_factory is MISSING:
-            kw.update(required=True, default=None)
-        else:
-            help_text += " (default: %(default)s)"
-        kw.update(m.get("argparse", {}) if m else {})
-        parser.add_argument(flag(f.name), help=help_text, **kw)
+        help_text = m.get("help", "") + ("" if required else " (default: %(default)s)")
+        parser.add_argument(flag(f.name), help=help_text, **{**kw, **m.get("argparse", {})})
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

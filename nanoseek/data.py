@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.chat import chat_template, sft_texts
 from nanoseek.datasets import Row, TaskPrompts, epoch_indices, load_prompts, read_file
 from nanoseek.tasks import draw, get_task
 from nanoseek.tokenizer import Tokenizer, encode_checked
@@ -39,15 +38,12 @@ def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: s
              allow_unknown_chars: bool = False) -> list[tuple[list[int], int]]:
     """SFT rows as (tokens, n_prompt): the loss covers tokens[n_prompt:]. String rows are ``bos + prompt +
     completion + eos``; conversational rows (all rows, given a ``system_prompt``) go through the chat template
-    (``nanoseek.chat.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
+    (``Tokenizer.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
     ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
-    chat = system_prompt is not None or any(r.conversational or not isinstance(r.completion, str) for r in rows)
-    template = chat_template(tok) if chat else None
     out = []
     for r in rows:
-        prompt, completion, add_eos = sft_texts(template, r.prompt, r.completion, system_prompt)
-        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=tok.adds_bos(prompt),
-                           allow_unknown=allow_unknown_chars)
+        prompt, completion, add_eos = tok.sft_texts(r.prompt, r.completion, system_prompt)
+        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=True, allow_unknown=allow_unknown_chars)
         toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=add_eos,
                                   allow_unknown=allow_unknown_chars)
         if len(toks) - 1 > seq_len:

@@ -1,11 +1,7 @@
-"""Records from files and the hub, and prompt datasets for RL, SFT, evaluation and sampling (TRL's conventions).
-
-``read_file`` reads the records of ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files (or a text file as one
-``{"text"}`` record). A prompt row has a ``prompt`` (a string or ``{"role", "content"}`` chat messages), optionally
-a ``completion`` (the SFT target) and other columns (``answer``, ``tests``, ...), which reward functions receive as
-keyword lists; or the whole conversation in ``messages`` (the prompt is everything before the final assistant
-reply). Sources: local files, folders of them, or a hub dataset (``datasets.load_dataset``). Built-in tasks become
-datasets with ``task_dataset`` (fixed distinct problems) or ``TaskPrompts`` (fresh problems every step).
+"""Prompt datasets for RL, SFT, evaluation and sampling, in TRL's conventions: a row has a ``prompt`` (a string or
+``{"role", "content"}`` messages), optionally a ``completion`` (the SFT target) and other columns (``answer``,
+``tests``, ...) that reward functions receive as keyword lists; or the whole conversation in ``messages``. Sources:
+local files (``read_file``), folders of them, a hub dataset, or a built-in task (``task_dataset``, ``TaskPrompts``).
 ``batch(step, n, seed)`` is a pure function of (seed, step), so a resumed run sees the same data.
 """
 
@@ -136,8 +132,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'nanoseek[data]'") from None
-        for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path} row {n}", obj
+        yield from ((f"{path} row {n}", obj) for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1))
         return
     raw = path.read_bytes()
     try:
@@ -149,34 +144,25 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
     if not text.strip():
         raise ValueError(f"data file {path} is empty: it has no rows or text to read")
     if fmt == "csv":
-        for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
-            yield f"{path} row {n}", obj
+        yield from ((f"{path} row {n}", obj) for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), 1))
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
     if fmt == "text":
         yield str(path), {"text": text}
-    elif path.suffix == ".json" and text.lstrip().startswith("["):
+        return
+    array = path.suffix == ".json" and text.lstrip().startswith("[")  # else JSON lines (in .json too, as `datasets`)
+    chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    for n, chunk in chunks:
         try:
-            data = json.loads(text)
+            value = json.loads(chunk)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        for n, obj in enumerate(data, start=1):
-            yield _columns(obj, f"{path} row {n}")
-    else:  # JSON lines (also accepted in .json, as `datasets` does)
-        for n, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
-                                     "one JSON object of columns") from None
-                yield _columns(obj, f"{path}:{n}")
-
-
-def _columns(obj, where: str) -> tuple[str, dict]:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
-    return where, obj
+            raise ValueError(f"{path}:{n + e.lineno - 1}: malformed JSON ({e.msg} at column {e.colno}); give "
+                             "one JSON object of columns per line, or a JSON list of them") from None
+        for m, obj in enumerate(value if array else [value], start=1):
+            where = f"{path} row {m}" if array else f"{path}:{n}"
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: a {type(obj).__name__}, expected a JSON object of columns")
+            yield where, obj
 
 
 def _split_of(path: Path) -> str:
@@ -222,9 +208,11 @@ def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
         yield f"{name}[{split}] row {n}", obj
 
 
-def _check_text_or_messages(value, where: str, column: str, assistant_only: bool = False, csv_cell: bool = False):
-    at = f"{where} column {column!r}"
-    if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):  # a conversation in a CSV cell
+def _cell(obj: dict, column: str, where: str, csv_cell: bool, completion: bool = False) -> str | list[dict]:
+    """A prompt, completion or messages cell: a string (only a completion may be empty: stop at once) or messages
+    (only assistant ones in a completion). In a CSV file (only strings) a cell holding a JSON list is messages."""
+    at, value = f"{where} column {column!r}", obj[column]
+    if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
@@ -232,36 +220,30 @@ def _check_text_or_messages(value, where: str, column: str, assistant_only: bool
     if value is None:
         raise ValueError(f"{at}: missing value (null)")
     if isinstance(value, str):
-        if not value.strip() and not assistant_only:  # an empty completion is a target: stop at once
+        if not value.strip() and not completion:
             raise ValueError(f"{at}: empty")
         return value
     if not isinstance(value, list):
         raise ValueError(f"{at}: a {type(value).__name__}; give a string or a list of {{'role', 'content'}} messages")
     check_messages(value, at)
-    if assistant_only and any(m["role"] != "assistant" for m in value):
+    if completion and any(m["role"] != "assistant" for m in value):
         raise ValueError(f"{at}: a completion holds assistant messages only")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str, messages_column: str,
               answer_column: str | None, csv_cells: bool = False) -> Row:
-    """One validated row; ``csv_cells``: string cells holding JSON lists are conversations (a CSV file has only
-    strings; elsewhere a string is text, even one that starts with "[")."""
-
-    def cell(column: str, assistant_only: bool = False):
-        return _check_text_or_messages(obj[column], where, column, assistant_only, csv_cells)
-
     if prompt_column in obj:
-        prompt = cell(prompt_column)
-        completion = None if obj.get(completion_column) is None else cell(completion_column, assistant_only=True)
+        prompt = _cell(obj, prompt_column, where, csv_cells)
+        has_completion = obj.get(completion_column) is not None
+        completion = _cell(obj, completion_column, where, csv_cells, completion=True) if has_completion else None
         used = {prompt_column, completion_column}
     elif messages_column in obj:
-        messages = cell(messages_column)
-        if isinstance(messages, str):
-            raise ValueError(f"{where} column {messages_column!r}: a string; give a list of messages")
-        last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
-        if last_user < 0:
-            raise ValueError(f"{where} column {messages_column!r}: no user or system message before the reply")
+        messages = _cell(obj, messages_column, where, csv_cells)
+        if isinstance(messages, str) or all(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where} column {messages_column!r}: give a list of messages with a user or system "
+                             "message before the reply")
+        last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
         prompt, completion = messages[: last_user + 1], messages[last_user + 1 :] or None
         used = {messages_column}
     else:
@@ -271,8 +253,7 @@ def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str,
     if answer_column is not None:
         if answer_column not in obj:
             raise ValueError(f"{where}: no answer column {answer_column!r}; the row has {', '.join(map(repr, obj))}")
-        columns.pop(answer_column)
-        columns["answer"] = obj[answer_column]
+        columns["answer"] = columns.pop(answer_column)
     return Row(prompt, completion, columns, where)
 
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
     from nanoseek.rewards import check_reward_columns
-    from nanoseek.tokenizer import encode_checked, load_tokenizer
+    from nanoseek.tokenizer import Tokenizer, encode_checked
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.task and len(ds.rows) < cfg.n:
         print(f"the held-out split of {cfg.task!r} has {len(ds.rows)} distinct problems; evaluating all of them",
               file=sys.stderr)
-    tok = load_tokenizer(directory)
+    tok = Tokenizer.load(directory)
     policy = Policy.load(directory, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
     if cfg.task:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
         for r in ds.rows:

@@ -63,8 +63,6 @@ def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tok
 # ---------------------------------------------------------------------- `nanoseek generate`
 @dataclass
 class GenerateConfig:
-    """``nanoseek generate``'s flags."""
-
     model: str = option(help="Hugging Face format model directory, or a run directory")
     prompt: list[str] = option(default_factory=list, action="append", nargs=None, required=True,
                                help="text (through the model's tokenizer) or, with --ids, space-separated token ids; "

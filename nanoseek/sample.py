@@ -139,13 +139,13 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
     from nanoseek.policy import Policy
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
 
     cfg = from_args(SampleConfig, args)
     check_ranges(cfg)
     dataset, fns = load_prompts_of(cfg, cfg.num_prompts or (256 if cfg.task else None), cfg.task_split)
     model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = Tokenizer.load(model_dir)
     policy = Policy.load(model_dir, tokenizer.pad_id, tokenizer.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(
         policy, tokenizer, dataset, fns, num_generations=cfg.num_generations,

@@ -16,25 +16,30 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import cli_args
-from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, prompt_text, saved_config, special_tokens
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, check_messages
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 NANOSEEK_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
                    "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: each one present is a template variable
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
     """Text to token ids and back, prompts (plain text or messages) to ids with the chat template and the BOS rule,
     and the stop ids. ``config`` is tokenizer_config.json's contents (nanoseek's own by default): the special tokens
-    (the ids ``pad_id`` (else EOS), ``bos_id``, ``eos_id``, ``unk_id``; None when absent) and ``add_bos_token``."""
+    (a string, or an AddedToken dict with ``content``; the ids ``pad_id`` (else EOS), ``bos_id``, ``eos_id``,
+    ``unk_id`` are None when absent) and ``add_bos_token``."""
 
     def __init__(self, tok: HFTokenizer, config: dict | None = None,
                  chat_template: str | None = DEFAULT_CHAT_TEMPLATE):
         self.tok, self.chat_template = tok, chat_template
         self.config = dict(NANOSEEK_CONFIG if config is None else config)
-        self.specials = special_tokens(self.config)
+        named = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.config.items()
+                 if k in SPECIAL_TOKEN_NAMES}
+        self.specials = {k: v for k, v in named.items() if v}
         missing = [t for t in self.specials.values() if tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer.json lacks the special token(s) {missing} that tokenizer_config.json names")
@@ -47,9 +52,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    @property
-    def template(self) -> ChatTemplate | None:
-        return None if self.chat_template is None else ChatTemplate(self.chat_template, tuple(self.specials.items()))
+    def template(self) -> ChatTemplate:
+        """The chat template, with the special tokens as its variables; a ValueError when the tokenizer has none."""
+        if self.chat_template is None:
+            raise ValueError("no chat template (neither chat_template.jinja nor a 'chat_template' in "
+                             "tokenizer_config.json): conversational prompts, SFT rows and --system-prompt need a "
+                             "chat template; give the prompts as plain strings or add a template")
+        return ChatTemplate(self.chat_template, tuple(self.specials.items()))
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -57,26 +66,50 @@ class Tokenizer:
         return () if self.eos_id is None else (self.eos_id,)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """``text``'s ids; ``add_bos`` puts BOS first when the tokenizer has one, unless ``text`` already starts with
+        the BOS token (Llama's chat templates write it), so BOS is never doubled."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
-        return bos + ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
+        if add_bos and self.bos_id is not None and not text.startswith(self.specials["bos_token"]):
+            ids = [self.bos_id, *ids]
+        return ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``, special tokens left out."""
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    def adds_bos(self, text: str) -> bool:
-        """Whether a prompt's ids start with BOS: when the tokenizer has one, unless ``text`` already starts with the
-        BOS token (Llama's chat templates write it), so BOS is never doubled."""
-        return self.bos_id is not None and not text.startswith(self.specials["bos_token"])
+    def prompt_text(self, prompt: str | list[dict], system_prompt: str | None = None) -> str:
+        """The text a policy continues for one dataset prompt, as TRL does: a plain string as is; messages (and,
+        given ``system_prompt``, a string as a user message) rendered with the chat template and generation prompt."""
+        if isinstance(prompt, str) and system_prompt is None:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.template().render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
     def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
-        """A prompt's ids: a string as is, messages rendered with the chat template and the generation prompt
-        (``nanoseek.chat.prompt_text``), then BOS (see ``adds_bos``)."""
-        text = prompt_text(self.template, prompt, system_prompt)
-        return self.encode(text, add_bos=self.adds_bos(text))
+        """A prompt's ids: ``prompt_text``'s, after BOS."""
+        return self.encode(self.prompt_text(prompt, system_prompt), add_bos=True)
 
-    # ------------------------------------------------------------------ builders
+    def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
+                  system_prompt: str | None = None) -> tuple[str, str, bool]:
+        """(prompt text, completion text, whether to append EOS) of one SFT row; the loss goes on the completion.
+
+        Plain strings (without ``system_prompt``) are used as they are, and the trainer appends EOS (True). Else the
+        row is a conversation (a string on either side becomes a user / assistant message) rendered whole, and the
+        completion text is what it adds after the prompt rendered with the generation prompt. That ends with the
+        template's own end of turn (``<eos>`` with the default template), so no EOS is appended (False), as TRL does."""
+        if isinstance(prompt, str) and isinstance(completion, str) and system_prompt is None:
+            return prompt, completion, True
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        template = self.template()
+        head = template.render(messages, add_generation_prompt=True, system_prompt=system_prompt)
+        full = template.render([*messages, *check_messages(reply, "completion")], add_generation_prompt=False,
+                               system_prompt=system_prompt)
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the prompt differently inside the whole conversation, so "
+                             f"the completion cannot be cut off: {head[-60:]!r} vs {full[:len(head)][-60:]!r}")
+        return head, full[len(head):], False
+
     @classmethod
     def char(cls) -> Tokenizer:
         vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
@@ -89,22 +122,18 @@ class Tokenizer:
     @classmethod
     def train_bpe(cls, files: list[str | Path], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
         """Byte-level BPE (GPT-2 style) trained on local text files; nothing is downloaded."""
-        for f in files:
-            p = Path(f)
+        for p in map(Path, files):
             if not p.is_file() or p.stat().st_size == 0:
                 raise ValueError(f"tokenizer training file {p} is missing or empty")
         tok = HFTokenizer(models.BPE(unk_token=None))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train([str(f) for f in files], trainer)
         return cls(tok)
 
-    # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -114,28 +143,28 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """``directory``'s tokenizer.json with tokenizer_config.json. A tokenizer with nanoseek's special tokens and
-        no saved config or template gets nanoseek's (``DEFAULT_CHAT_TEMPLATE``)."""
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: save one with Tokenizer.save or `nanoseek tokenizer train`")
-        tok = HFTokenizer.from_file(str(path))
-        config, template = saved_config(directory)
+        """``directory``'s tokenizer.json with tokenizer_config.json and the chat template: chat_template.jinja
+        (transformers 5 saves it apart) wins over the config's ``chat_template``; of named templates, ``default``.
+        A tokenizer with nanoseek's special tokens and no saved config or template gets nanoseek's."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{directory / 'tokenizer.json'} not found: save one with Tokenizer.save or "
+                                    "`nanoseek tokenizer train`")
+        tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = config.get("chat_template")
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # [{"name", "template"}]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        template = template if isinstance(template, str) else None
         if all(tok.token_to_id(s) is not None for s in SPECIALS):
             config, template = config or NANOSEEK_CONFIG, template or DEFAULT_CHAT_TEMPLATE
         return cls(tok, config, template)
 
 
-load_tokenizer = Tokenizer.load  # the name the trainers and evaluators use
-
-
 # ---------------------------------------------------------------------- input checks
-def unknown_characters(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
-    """(offset, text) of every piece of ``text`` the tokenizer maps to ``<unk>`` (a byte-level BPE has none)."""
-    enc = tok.tok.encode(text, add_special_tokens=False)
-    return [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
-
-
 def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = False, add_eos: bool = False,
                    allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False) -> list[int]:
     """``tok.encode`` that refuses what would silently change the input: text that is not valid Unicode,
@@ -147,7 +176,9 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
     except UnicodeEncodeError as e:
         raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at character {e.start})"
                          ) from None
-    if not allow_unknown and (unknown := unknown_characters(tok, text)):
+    enc = tok.tok.encode(text, add_special_tokens=False)
+    unknown = [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
+    if unknown and not allow_unknown:
         line = text.count("\n", 0, unknown[0][0]) + 1
         at = f"{where}:{line}" if is_file else f"{where} (line {line} of its text)" if "\n" in text else where
         distinct = sorted({c for _, c in unknown})

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, chat_template, prompt_text, sft_texts
+from nanoseek.chat import DEFAULT_CHAT_TEMPLATE
 from nanoseek.tokenizer import Tokenizer
 
 CONVERSATION = [
@@ -17,7 +17,7 @@ CONVERSATION = [
 
 
 def render_chat(source, messages, **kw) -> str:
-    return chat_template(source).render(messages, **kw)
+    return (source if isinstance(source, Tokenizer) else Tokenizer.load(source)).template().render(messages, **kw)
 
 LLAMA_TEMPLATE = (  # Llama-2-chat's template, as shipped in its tokenizer_config.json
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -127,12 +127,14 @@ def test_bad_messages(messages, match):
 
 
 def test_no_template_and_bad_template(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text("{}")
+    _, directory = _llama_style_dir(tmp_path)  # not nanoseek's special tokens: no default template
+    (directory / "chat_template.jinja").unlink()
+    (directory / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no chat template"):
-        render_chat(tmp_path, [{"role": "user", "content": "hi"}])
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+        render_chat(directory, [{"role": "user", "content": "hi"}])
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
     with pytest.raises(ValueError, match="does not parse"):
-        render_chat(tmp_path, [{"role": "user", "content": "hi"}])
+        render_chat(directory, [{"role": "user", "content": "hi"}])
 
 
 def test_nanoseek_tokenizer_saved_without_template_gets_the_default(tmp_path):
@@ -148,19 +150,19 @@ def test_nanoseek_tokenizer_saved_without_template_gets_the_default(tmp_path):
 
 
 def test_prompt_and_sft_texts():
-    t = chat_template(Tokenizer.char())
-    assert prompt_text(t, "37+48=") == "37+48="  # plain strings as they are (TRL's standard format)
-    assert prompt_text(t, "37+48=", system_prompt="Add.") == "System: Add.\n\nUser: 37+48=\nAssistant: "
-    assert prompt_text(t, CONVERSATION[1:2]) == "User: What is 2+3?\nAssistant: "
-    assert sft_texts(t, "2+3=", "5") == ("2+3=", "5", True)
-    row = sft_texts(t, CONVERSATION[1:2], [{"role": "assistant", "content": "5"}])
+    t = Tokenizer.char()
+    assert t.prompt_text("37+48=") == "37+48="  # plain strings as they are (TRL's standard format)
+    assert t.prompt_text("37+48=", system_prompt="Add.") == "System: Add.\n\nUser: 37+48=\nAssistant: "
+    assert t.prompt_text(CONVERSATION[1:2]) == "User: What is 2+3?\nAssistant: "
+    assert t.sft_texts("2+3=", "5") == ("2+3=", "5", True)
+    row = t.sft_texts(CONVERSATION[1:2], [{"role": "assistant", "content": "5"}])
     assert row == ("User: What is 2+3?\nAssistant: ", "5<eos>", False)
-    assert sft_texts(t, "What is 2+3?", [{"role": "assistant", "content": "5"}]) == row
-    assert sft_texts(t, "What is 2+3?", "5", system_prompt="Be brief.") == \
+    assert t.sft_texts("What is 2+3?", [{"role": "assistant", "content": "5"}]) == row
+    assert t.sft_texts("What is 2+3?", "5", system_prompt="Be brief.") == \
         ("System: Be brief.\n\nUser: What is 2+3?\nAssistant: ", "5<eos>", False)
     with pytest.raises(ValueError, match="need a chat template"):
-        prompt_text(None, CONVERSATION)
+        Tokenizer(t.tok, chat_template=None).prompt_text(CONVERSATION)
     tok = Tokenizer.char()
     assert tok.encode_prompt("User: hi") == tok.encode("User: hi", add_bos=True)
-    assert tok.encode_prompt(CONVERSATION[1:2], "Add.") == tok.encode(prompt_text(t, "What is 2+3?", "Add."), True)
+    assert tok.encode_prompt(CONVERSATION[1:2], "Add.") == tok.encode(t.prompt_text("What is 2+3?", "Add."), True)
     assert tok.stop_ids == (tok.eos_id,)

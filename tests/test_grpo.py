@@ -175,13 +175,12 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     from types import SimpleNamespace
 
     from nanoseek.rewards import RewardResult
-    from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import GRPO, GRPOConfig
     from nanoseek.train.optimize import OptimizeStats
     from nanoseek.train.rl import RLTrainer
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     cfg = GRPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=3,
                      max_completion_length=2, dynamic_sampling=True, max_resample_rounds=2)
     trainer = RLTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, GRPO)
@@ -205,13 +204,13 @@ DIST_HEADER = """
 import sys, torch
 from nanoseek.distributed import init_distributed
 from nanoseek.policy import Policy
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig
 from nanoseek.train.rl import RLTrainer
 torch.set_num_threads(1)
 rank, world, _ = init_distributed()
 model_dir, out = sys.argv[1], sys.argv[2]
-tok = load_tokenizer(model_dir)
+tok = Tokenizer.load(model_dir)
 """  # a torchrun script's common start (run by run_two_ranks); each test appends its config and what it saves
 
 DIST_SCRIPT = DIST_HEADER + """
@@ -268,7 +267,6 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from nanoseek.tokenizer import Tokenizer, load_tokenizer
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "?"] + [chr(i) for i in range(32, 127)])}
@@ -278,7 +276,7 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     model_dir = tmp_path / "llama"
     PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
     tiny_llama(len(vocab)).save_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     assert isinstance(tok, Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)
     assert tok.encode("1+2=", add_bos=True) == [0, vocab["1"], vocab["+"], vocab["2"], vocab["="]]
     train_grpo(GRPOConfig(model=str(model_dir), out=str(tmp_path / "run"), num_generations=2, prompts_per_step=2,

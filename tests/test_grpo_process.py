@@ -14,7 +14,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.policy import Policy, Samples
 from nanoseek.rewards import StepRewards, compute_process_rewards
 from nanoseek.rewards.process import arithmetic_process_reward, check_steps
-from nanoseek.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig
 from nanoseek.train.loop import config_dict
 from nanoseek.train.losses import grpo_loss
@@ -32,7 +32,7 @@ def random_checkpoint(directory):
 
 
 def make_trainer(model_dir, **kw) -> RLTrainer:
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     cfg = GRPOConfig(model=str(model_dir), task_kwargs=TASK, progress=False, **kw)
     return RLTrainer(cfg, Policy.load(model_dir, tok.pad_id, tok.eos_id), tok, GRPO)
 

@@ -62,11 +62,11 @@ def test_trainer_step_fits_the_critic(tmp_path):
     from dataclasses import replace
 
     from nanoseek.policy import Policy
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.rl import RLTrainer
 
     model_dir = sft_checkpoint(tmp_path / "sft", steps=5)
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     policy = Policy.load(model_dir, tok.pad_id, tok.eos_id)
     cfg = PPOConfig(model=str(model_dir), task_kwargs=TASK, num_generations=2, prompts_per_step=4,
                     max_completion_length=3, lr=1e-3, critic_lr=1e-3, num_iterations=2)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.chat import chat_template, sft_texts
 from nanoseek.cli import main
 from nanoseek.datasets import load_prompts, task_dataset
 from nanoseek.policy import Samples
@@ -87,9 +86,9 @@ def test_sample_cli_keep_all_and_correct(tmp_path, checkpoint, monkeypatch):
     assert 0 < len(kept) < 24
 
     sft = load_prompts(tmp_path / "correct.jsonl", require_completion=True)  # the output is an SFT dataset
-    template = chat_template(checkpoint)
+    tok = Tokenizer.load(checkpoint)
     for row, out in zip(sft.rows, kept):
-        prompt, completion, add_eos = sft_texts(template, row.prompt, row.completion)
+        prompt, completion, add_eos = tok.sft_texts(row.prompt, row.completion)
         if isinstance(out["prompt"], str):
             assert (prompt, completion, add_eos) == (out["prompt"], out["completion"], True)
         else:
@@ -119,7 +118,7 @@ def test_keep_correct_with_math_and_format_on_gsm8k():
     ds = task_dataset(task, 3, "eval", seed=0)
     a, b, c = ds.rows
     system = "Solve it."
-    render = chat_template(tok).render
+    render = tok.template().render
     texts = [render([{"role": "user", "content": r.prompt}], system_prompt=system) for r in ds.rows]
     script = {texts[0]: a.completion,  # right answer, right format: kept
               texts[1]: f"#### {b.answer}",  # right answer, no worked lines: format fails

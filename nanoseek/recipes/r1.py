@@ -94,10 +94,10 @@ def _sample_verified(cfg: R1Config, model_dir: str, path: Path, n_prompts: int, 
     from nanoseek.rewards import get_reward_fn
     from nanoseek.sample import sample_dataset, write_rows
     from nanoseek.tasks import get_task, task_reward
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
 
     task = get_task(TASK)
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     policy = Policy.load(model_dir, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
     rows, summary = sample_dataset(policy, tok, task_dataset(task, n_prompts, "train", seed=seed),
                                    [task_reward(task), *map(get_reward_fn, VERIFY)], num_generations=n_samples,

@@ -90,9 +90,9 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
     from nanoseek.policy import Policy
     from nanoseek.rollout import Scorer
     from nanoseek.tasks import get_task, task_reward
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.tokenizer import Tokenizer
 
-    tok = load_tokenizer(checkpoint)
+    tok = Tokenizer.load(checkpoint)
     policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
     r = evaluate(policy, tok.encode_prompt, tok.decode, list(held_out(task, n)),
                  Scorer([task_reward(get_task(task))], tokenizer=tok), k=k,

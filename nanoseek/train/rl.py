@@ -23,7 +23,7 @@ from nanoseek.hf import atomic_write_text
 from nanoseek.policy import Policy
 from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
@@ -165,7 +165,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         model = str(resolve_model_dir(cfg.model))
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
-        tokenizer = load_tokenizer(model)
+        tokenizer = Tokenizer.load(model)
         policy = Policy.load(model, tokenizer.pad_id, tokenizer.eos_id, device=device)
         policy.share_prompts = cfg.share_prompts
         return RLTrainer(replace(cfg, model=model), policy, tokenizer, algorithm_cls, rank, world)

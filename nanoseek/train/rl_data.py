@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from nanoseek.chat import chat_template
 from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
@@ -97,5 +96,5 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     check_reward_columns(fns, train.columns, train.name if cfg.dataset is None else f"--dataset {cfg.dataset}")
     rows = [*getattr(train, "rows", ()), *(held_out.rows if held_out is not None else ())]
     if cfg.system_prompt is not None or any(r.conversational for r in rows):
-        chat_template(tokenizer)  # a ValueError now, at start, when the tokenizer has no template
+        tokenizer.template()  # a ValueError now, at start, when the tokenizer has no template
     return RLData(train, held_out, fns, correct)

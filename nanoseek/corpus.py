@@ -169,9 +169,9 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
     return out
 
 
-def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None) -> dict:
+def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = True) -> dict:
     """Tokenize the corpus into ``cfg.out`` (see the module docstring) with ``tok``, ``cfg.tokenizer`` or a BPE
-    trained on the corpus, the FIM sentinels added; returns the index."""
+    trained on the corpus, the FIM sentinels added (unless not ``sentinels``); returns the index."""
     cli_args.check_ranges(cfg)
     out = Path(cfg.out)
     if (out / "index.json").exists() and not cfg.overwrite:
@@ -185,7 +185,7 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None) -> dict:
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)
     tok = Tokenizer.load(out)  # a copy: the caller's tokenizer keeps its vocabulary
-    tok.tok.add_special_tokens([s for s in SENTINELS if tok.tok.token_to_id(s) is None])
+    tok.tok.add_special_tokens([s for s in SENTINELS if sentinels and tok.tok.token_to_id(s) is None])
     tok.save(out)
     skipped = {"empty": [], "not_utf8": []}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}

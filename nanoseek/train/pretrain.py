@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
             if is_main():
                 prepare(PrepareConfig(data=cfg.data, out=str(staging), allow_unknown_chars=cfg.allow_unknown_chars,
                                       val_per_mille=20 if cfg.eval_every else 0, workers=1, overwrite=True,
-                                      progress=False), tok)
+                                      progress=False), tok, sentinels=False)
             barrier()
         if shards and not (cfg.data_dir and given):
             tok = Tokenizer.load(shards)  # the shards' tokenizer; a given one must match it (read_index)
@@ -293,7 +293,7 @@ def validate(model: Transformer, val: LMBatch, token_bytes: torch.Tensor, rows: 
         for lo in range(0, len(mine.input_ids), rows):
             mb = mine.rows(slice(lo, lo + rows)).to(device)
             logits = _fp32(model(mb.input_ids))
-            nats = F.cross_entropy(logits.view(-1, logits.shape[-1]), mb.targets.view(-1), reduction="sum")
+            nats = F.cross_entropy(logits.flatten(0, 1), mb.targets.reshape(-1), reduction="sum")
             sums += torch.stack([nats.double(), torch.tensor(mb.targets.numel(), device=device, dtype=torch.float64),
                                  token_bytes.to(device)[mb.targets].sum().double()])
     model.train()

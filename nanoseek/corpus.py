@@ -52,7 +52,6 @@ class PrepareConfig:
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk>")
     workers: int = option(0, "tokenizing processes (0: one per CPU)", min=0)
     overwrite: bool = option(False, "replace the shards --out holds")
-    progress: bool = option(True, "show progress bars")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
@@ -192,23 +191,22 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     files = {s: (out / f".{s}.bin.tmp").open("wb") for s in SPLITS}
     batches = _batches(documents(cfg, skipped), 64)
     workers = cfg.workers or os.cpu_count() or 1
-    with multiprocessing.Pool(workers, _start_worker, (str(out), cfg)) if workers > 1 else _Inline(out, cfg) as pool:
-        bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
-        for encoded in pool.imap(_encode, batches):
-            for split, ids, n_bytes in encoded:
-                files[split].write(ids.tobytes())
-                stats[split]["documents"] += 1
-                stats[split]["tokens"] += len(ids)
-                stats[split]["bytes"] += n_bytes
-            bar.update(len(encoded))
-        bar.close()
+    _start_worker(str(out), cfg)
+    pool = multiprocessing.Pool(workers, _start_worker, (str(out), cfg)) if workers > 1 else None
+    for encoded in tqdm(pool.imap(_encode, batches) if pool else map(_encode, batches), "tokenizing", unit="batch",
+                        disable=None):  # a bar on a terminal only
+        for split, ids, n_bytes in encoded:
+            files[split].write(ids.tobytes())
+            stats[split]["documents"] += 1
+            stats[split]["tokens"] += len(ids)
+            stats[split]["bytes"] += n_bytes
+    if pool:
+        pool.close()
     for f in files.values():
         f.close()
-    if skipped["empty"]:
-        print(f"note: skipped {len(skipped['empty'])} empty file(s), e.g. {skipped['empty'][0]}", file=sys.stderr)
-    if skipped["not_utf8"]:
-        print(f"note: skipped {len(skipped['not_utf8'])} non-UTF-8 file(s), e.g. {skipped['not_utf8'][0]}",
-              file=sys.stderr)
+    for kind, names in skipped.items():
+        if names:
+            print(f"note: skipped {len(names)} {kind.replace('_', '-')} file(s), e.g. {names[0]}", file=sys.stderr)
     if not stats["train"]["documents"] + stats["val"]["documents"]:
         first = skipped["empty"][0] if skipped["empty"] else "the source"
         raise ValueError(f"no text to prepare: {first} is empty, and so is every other document")
@@ -231,22 +229,6 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
     while batch := list(islice(items, size)):
         yield batch
-
-
-class _Inline:
-    """The Pool interface, in this process (one worker)."""
-
-    def __init__(self, directory: Path, cfg: PrepareConfig):
-        _start_worker(str(directory), cfg)
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _worker.clear()
-
-    def imap(self, fn, items):
-        return map(fn, items)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -23,7 +23,7 @@ from nanoseek.fim import SENTINELS
 from nanoseek.metrics import read_metrics
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.pretrain import validate
+from nanoseek.train.pretrain import TrainConfig, validate
 
 TOK = Tokenizer.char()
 TRAIN = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "4", "--warmup-steps", "2", "--no-progress"]
@@ -40,7 +40,7 @@ def corpus(folder, n=12):
 
 def shards(tmp_path, data, name="shards", tok=TOK, **kw):
     out = tmp_path / name
-    kw = {"val_per_mille": 500, "workers": 1, "progress": False, **kw}
+    kw = {"val_per_mille": 500, "workers": 1, **kw}
     return out, prepare(PrepareConfig(data=[str(d) for d in data], out=str(out), **kw), tok)
 
 
@@ -113,7 +113,7 @@ def test_bits_per_byte_against_a_hand_computation(tmp_path):
     model = Transformer(ModelConfig.preset("tiny").replace(vocab_size=bpe.vocab_size))
     ids = torch.tensor([bpe.encode("héllo wörld héllo", add_bos=True)])
     val = LMBatch(ids[:, :-1], ids[:, 1:])
-    got = validate(model, val, table, rows=1, bf16=False, rank=0, world=1)
+    got = validate(model, val, table, 1, TrainConfig(), rank=0, world=1)
     with torch.no_grad():
         logp = torch.log_softmax(model(val.input_ids)[0], -1)
     nats = -sum(logp[i, t].item() for i, t in enumerate(val.targets[0].tolist()))
@@ -167,7 +167,7 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, capsys):
 def test_pretrain_on_stdlib_shards_lowers_val_bpb(tmp_path, capsys):
     out = tmp_path / "stdlib"
     assert cli.main(["prepare", "--corpus", "python-stdlib", "--limit", "60", "--vocab-size", "512",
-                     "--val-per-mille", "100", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+                     "--val-per-mille", "100", "--out", str(out), "--workers", "1"]) == 0
     index = read_index(out)
     assert index["python"] == sys.version and index["splits"]["val"]["documents"] > 0
     run = tmp_path / "run"

@@ -74,10 +74,6 @@ def read_index(directory: str | Path, tok: Tokenizer | None = None) -> dict:
     return index
 
 
-def _split(name: str, val_per_mille: int) -> str:
-    return "val" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 1000 < val_per_mille else "train"
-
-
 def _document(obj: dict, where: str) -> str:
     if isinstance(obj.get("text"), str):
         return obj["text"]
@@ -158,8 +154,9 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out = []
     for name, text, is_file in batch:
-        split = _split(name, cfg.val_per_mille)
-        rng = random.Random(hashlib.sha1(name.encode()).hexdigest())
+        digest = hashlib.sha1(name.encode()).hexdigest()
+        split = "val" if int(digest, 16) % 1000 < cfg.val_per_mille else "train"
+        rng = random.Random(digest)
         ids = encode_document(text, tok, rng, cfg.fim_rate if split == "train" else 0.0, cfg.fim_mode)
         if not cfg.allow_unknown_chars and tok.unk_id in ids:
             encode_checked(tok, text, name, is_file=is_file)  # raises, naming the file and line
@@ -179,19 +176,20 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif tok is None:
-        tok = Tokenizer.train_bpe((text for _, text, _ in documents(cfg, skipped)), cfg.vocab_size)
+        tok = Tokenizer.train_bpe((text for _, text, _ in documents(cfg, {"empty": [], "not_utf8": []})),
+                                  cfg.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)
     tok = Tokenizer.load(out)  # a copy: the caller's tokenizer keeps its vocabulary
     tok.tok.add_special_tokens([s for s in SENTINELS if sentinels and tok.tok.token_to_id(s) is None])
     tok.save(out)
-    skipped = {"empty": [], "not_utf8": []}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     files = {s: (out / f".{s}.bin.tmp").open("wb") for s in SPLITS}
     batches = _batches(documents(cfg, skipped), 64)
     workers = cfg.workers or os.cpu_count() or 1
     _start_worker(str(out), cfg)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (and no warning at fork)
     pool = multiprocessing.Pool(workers, _start_worker, (str(out), cfg)) if workers > 1 else None
     for encoded in tqdm(pool.imap(_encode, batches) if pool else map(_encode, batches), "tokenizing", unit="batch",
                         disable=None):  # a bar on a terminal only

@@ -210,8 +210,8 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
         raise ValueError(f"no text to prepare: {first} is empty, and so is every other document")
     for split, fix in (("train", "lower"), ("val", "raise")):
         if not stats[split]["documents"] and (split == "train" or cfg.val_per_mille):
-            raise ValueError(f"the {split} split has no documents: {fix} --val-per-mille ({cfg.val_per_mille}) "
-                             "or add documents")
+            raise ValueError(f"the {split} split has no documents: {fix} --val-per-mille ({cfg.val_per_mille}) of "
+                             "`nanoseek prepare`, or add documents")
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     index = {"splits": stats, "dtype": dtype, "vocab_size": tok.vocab_size, "tokenizer_sha1": tokenizer_hash(tok),
              "source": {k: v for k, v in asdict(cfg).items() if k in ("data", "corpus", "dataset", "limit")},

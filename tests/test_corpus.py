@@ -236,3 +236,11 @@ def test_torchrun_two_ranks_equal_one(tmp_path):
     for key in ("loss", "val/loss", "val/bpb"):
         x, y = [r[key] for r in a if key in r], [r[key] for r in b if key in r]
         assert len(x) == len(y) > 0 and max(abs(p - q) for p, q in zip(x, y)) < 1e-5, (key, x, y)
+
+
+def test_a_hub_dataset_is_streamed(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20)))
+    _, index = shards(tmp_path, [], dataset=str(tmp_path / "hub"), limit=12)
+    assert sum(s["documents"] for s in index["splits"].values()) == 12 and index["source"]["dataset"]

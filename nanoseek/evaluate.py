@@ -130,6 +130,9 @@ class EvalConfig:
     min_reward: float = option(1.0, "the value each reward function must reach to verify")
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+    fim: bool = option(False, "fill-in-the-middle: exact match of one masked line per --data-dir val document")
+    data_dir: str | None = option(None, "--fim: the shards of `nanoseek prepare` (their val split)")
+    fim_mode: str = option("psm", "--fim: the infill prompt order", choices=("psm", "spm"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature {cfg.temperature}: must be > 0 for the --num-generations "
                          f"{cfg.num_generations} samples")
     directory = resolve_model_dir(cfg.model)
+    if cfg.fim:
+        from nanoseek.fim import run_eval
+
+        return run_eval(cfg, directory)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])
     tok = load_tokenizer(directory)

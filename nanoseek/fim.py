@@ -7,9 +7,18 @@ so the model learns to write the middle given both sides.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from nanoseek.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from nanoseek.evaluate import EvalConfig
+    from nanoseek.model.transformer import Transformer
 
 SENTINELS: tuple[str, str, str] = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 MODES = ("psm", "spm")
@@ -33,14 +42,22 @@ def encode_text(tok: Tokenizer, text: str) -> list[int]:
         tok.tok.encode_special_tokens = False
 
 
-def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm") -> list[int]:
-    """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle)."""
+def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", max_tokens: int | None = None
+                  ) -> list[int]:
+    """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle); with
+    ``max_tokens``, the prefix's start and the suffix's end are cut so that the prompt fits."""
     if mode not in MODES:
         raise ValueError(f"FIM mode {mode!r}: expected one of {MODES}")
     begin, hole, end = sentinel_ids(tok)
+    before, after = encode_text(tok, prefix), encode_text(tok, suffix)
+    if max_tokens is not None:  # the suffix gets half the budget, or what the prefix leaves
+        budget = max(max_tokens - 3, 0)
+        keep_after = min(len(after), max(budget // 2, budget - len(before)))
+        keep_before = min(len(before), budget - keep_after)
+        before, after = before[len(before) - keep_before:], after[:keep_after]
     if mode == "psm":
-        return [begin, *encode_text(tok, prefix), hole, *encode_text(tok, suffix), end]
-    return [begin, hole, *encode_text(tok, suffix), end, *encode_text(tok, prefix)]
+        return [begin, *before, hole, *after, end]
+    return [begin, hole, *after, end, *before]
 
 
 def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, mode: str) -> list[int]:
@@ -50,3 +67,58 @@ def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, 
         return encode_text(tok, text)
     start, stop = sorted(rng.randint(0, len(text)) for _ in range(2))
     return infill_prompt(text[:start], text[stop:], tok, mode) + encode_text(tok, text[start:stop])
+
+
+def val_documents(data_dir: str | Path, tok: Tokenizer) -> list[str]:
+    """The text of every document in the val split of ``nanoseek prepare``'s shards (``bos ids eos`` each)."""
+    index = json.loads((Path(data_dir) / "index.json").read_text())
+    ids = np.fromfile(Path(data_dir) / "val.bin", dtype=index["dtype"])
+    ends = np.flatnonzero(ids == tok.eos_id)
+    return [tok.decode(ids[start:stop].tolist()) for start, stop in zip(np.r_[0, ends[:-1] + 1], ends)]
+
+
+def line_infill_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mode: str, seed: int,
+                            max_new: int, batch_size: int) -> dict:
+    """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
+    ``seed``ed rng, is the hole; the greedy middle up to the end sentinel, EOS or a newline is exact when it equals
+    the line (surrounding spaces ignored). -> {"exact_match", "n", "results": [{line, infilled, exact}]}."""
+    from nanoseek.generate import generate
+
+    rng, cases = random.Random(seed), []
+    for doc in documents:
+        lines = doc.splitlines(keepends=True)
+        filled = [i for i, line in enumerate(lines) if line.strip()]
+        if filled:
+            i = rng.choice(filled)
+            line = lines[i].rstrip("\n")
+            cases.append((line, "".join(lines[:i]), lines[i][len(line):] + "".join(lines[i + 1:])))
+    budget = model.config.max_position_embeddings - max_new
+    prompts = [infill_prompt(prefix, suffix, tok, mode, budget) for _, prefix, suffix in cases]
+    stops = (*tok.stop_ids, sentinel_ids(tok)[2])
+    outputs = [out for start in range(0, len(prompts), batch_size)
+               for out in generate(model, prompts[start:start + batch_size], max_new, stop_token_ids=stops)]
+    results = []
+    for (line, _, _), out in zip(cases, outputs):
+        infilled = tok.decode(out).split("\n", 1)[0]
+        results.append({"line": line, "infilled": infilled, "exact": infilled.strip() == line.strip()})
+    return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1), "n": len(results),
+            "results": results}
+
+
+def run_eval(cfg: EvalConfig, directory: Path) -> int:
+    """``nanoseek eval --fim --data-dir SHARDS``: ``line_infill_exact_match`` on the first ``--n`` val documents."""
+    from nanoseek.distributed import device_of
+    from nanoseek.model.transformer import Transformer
+
+    if not cfg.data_dir:
+        raise ValueError("--fim needs --data-dir: the shards of `nanoseek prepare` whose val split to infill")
+    tok = Tokenizer.load(directory)
+    model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
+    documents = val_documents(cfg.data_dir, tok)[: cfg.n]
+    result = line_infill_exact_match(model, tok, documents, cfg.fim_mode, cfg.seed, cfg.max_completion_length,
+                                     cfg.batch_size)
+    print(json.dumps({"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode,
+                      "exact_match": result["exact_match"], "n": result["n"]}, indent=2))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -69,14 +69,6 @@ def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, 
     return infill_prompt(text[:start], text[stop:], tok, mode) + encode_text(tok, text[start:stop])
 
 
-def val_documents(data_dir: str | Path, tok: Tokenizer) -> list[str]:
-    """The text of every document in the val split of ``nanoseek prepare``'s shards (``bos ids eos`` each)."""
-    index = json.loads((Path(data_dir) / "index.json").read_text())
-    ids = np.fromfile(Path(data_dir) / "val.bin", dtype=index["dtype"])
-    ends = np.flatnonzero(ids == tok.eos_id)
-    return [tok.decode(ids[start:stop].tolist()) for start, stop in zip(np.r_[0, ends[:-1] + 1], ends)]
-
-
 def line_infill_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mode: str, seed: int,
                             max_new: int, batch_size: int) -> dict:
     """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
@@ -106,19 +98,22 @@ def line_infill_exact_match(model: Transformer, tok: Tokenizer, documents: list[
 
 
 def run_eval(cfg: EvalConfig, directory: Path) -> int:
-    """``nanoseek eval --fim --data-dir SHARDS``: ``line_infill_exact_match`` on the first ``--n`` val documents."""
+    """``nanoseek eval --fim --data-dir SHARDS``: ``line_infill_exact_match`` on the first ``--n`` documents of the
+    shards' val split (``bos ids eos`` each)."""
     from nanoseek.distributed import device_of
     from nanoseek.model.transformer import Transformer
 
     if not cfg.data_dir:
         raise ValueError("--fim needs --data-dir: the shards of `nanoseek prepare` whose val split to infill")
     tok = Tokenizer.load(directory)
+    shards = Path(cfg.data_dir)
+    ids = np.fromfile(shards / "val.bin", dtype=json.loads((shards / "index.json").read_text())["dtype"])
+    ends = np.flatnonzero(ids == tok.eos_id)[: cfg.n]
+    documents = [tok.decode(ids[start:stop].tolist()) for start, stop in zip(np.r_[0, ends[:-1] + 1], ends)]
     model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
-    documents = val_documents(cfg.data_dir, tok)[: cfg.n]
-    result = line_infill_exact_match(model, tok, documents, cfg.fim_mode, cfg.seed, cfg.max_completion_length,
-                                     cfg.batch_size)
-    print(json.dumps({"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode,
-                      "exact_match": result["exact_match"], "n": result["n"]}, indent=2))
+    result = {"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode, **line_infill_exact_match(
+        model, tok, documents, cfg.fim_mode, cfg.seed, cfg.max_completion_length, cfg.batch_size)}
+    print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -77,6 +77,8 @@ def _clean(v):
 
 
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl")  # a run directory's per-step logs, rewound on resume
+LOG_LINE = (("loss", "loss", ".4g"), ("val_bpb", "val/bpb", ".4g"), ("tok/s", "train/tokens_per_s", ",.0f"),
+            ("tok/s", "tokens_per_s", ",.0f"), ("mfu", "train/mfu", ".2%"))  # (label, key, format) without a terminal
 
 
 class MetricsLogger:
@@ -127,26 +129,16 @@ class MetricsLogger:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.log_every and (step % self.log_every == 0 or step == self.total_steps):
-            eta = elapsed / (step - self.start_step) * (self.total_steps - step)
-            print(log_line(step, self.total_steps, scalars, eta), file=sys.stderr, flush=True)
+            eta = round(elapsed / (step - self.start_step) * (self.total_steps - step))
+            shown = [f"{label} {scalars[key]:{fmt}}" for label, key, fmt in LOG_LINE if key in scalars]
+            print(f"step {step}/{self.total_steps}", *shown, f"eta {eta // 60}m{eta % 60:02d}s", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         for handle in (self.file, self.bar, self.writer):
             if handle is not None:
                 handle.close()
         self.file = self.bar = self.writer = None
-
-
-def log_line(step: int, total_steps: int, scalars: dict[str, float], eta_s: float) -> str:
-    """``step 40/200 loss 2.31 val_bpb 1.87 tok/s 2,050 mfu 3.1% eta 5m12s`` (the figures the record has)."""
-    parts = [f"step {step}/{total_steps}"]
-    for label, keys, fmt in (("loss", ("loss",), ".4g"), ("val_bpb", ("val/bpb",), ".4g"),
-                             ("tok/s", ("train/tokens_per_s", "tokens_per_s"), ",.0f"), ("mfu", ("train/mfu",), ".2%")):
-        found = [k for k in keys if k in scalars]
-        if found:
-            parts.append(f"{label} {scalars[found[0]]:{fmt}}")
-    minutes, seconds = divmod(round(eta_s), 60)
-    return " ".join(parts + [f"eta {minutes}m{seconds:02d}s"])
 
 
 def greedy_samples(model: Transformer, tok: Tokenizer, prompts: list[str], max_new: int) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 
 from nanoseek import cli
 from nanoseek.config import ModelConfig
-from nanoseek.fim import SENTINELS, encode_document, infill_prompt, line_infill_exact_match, sentinel_ids, val_documents
+from nanoseek.fim import SENTINELS, encode_document, infill_prompt, line_infill_exact_match, sentinel_ids
 from nanoseek.generate import generate
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
@@ -132,9 +132,9 @@ def test_cli_infill_and_fim_eval(tmp_path, capsys: pytest.CaptureFixture) -> Non
     ids = [i for doc in (DOC, "y = 2\nz = 3\n") for i in tok.encode(doc, add_bos=True, add_eos=True)]
     np.array(ids, dtype=np.uint16).tofile(shards / "val.bin")
     (shards / "index.json").write_text(json.dumps({"dtype": "uint16"}))
-    assert val_documents(shards, tok) == [DOC, "y = 2\nz = 3\n"]
     assert cli.main(["eval", "--model", str(directory), "--fim", "--data-dir", str(shards), "--fim-mode", "spm",
                      "--max-completion-length", "4", "--json", str(tmp_path / "fim.json")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and 0 <= summary["exact_match"] <= 1 and summary["mode"] == "spm"
-    assert len(json.loads((tmp_path / "fim.json").read_text())["results"]) == 2
+    results = json.loads((tmp_path / "fim.json").read_text())["results"]
+    assert [r["line"] for r in results][1] in ("y = 2", "z = 3") and results[0]["line"] in DOC.splitlines()

@@ -11,7 +11,7 @@ from nanoseek.flops import flops_per_token, measure_peak_flops, mfu
 from nanoseek.metrics import MetricsLogger, greedy_samples, read_metrics
 from nanoseek.model import moe
 from nanoseek.model.transformer import Transformer
-from nanoseek.report import plot_curves, series
+from nanoseek.report import series
 
 
 def counted_flops_per_token(cfg: ModelConfig, batch: int, seq_len: int) -> float:
@@ -81,17 +81,18 @@ def test_tensorboard_scalars_or_a_clear_error(tmp_path) -> None:
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_plot_curves_against_tokens_and_time(tmp_path) -> None:
+def test_plot_curves_against_tokens_and_time(tmp_path, capsys: pytest.CaptureFixture) -> None:
     records = [{"step": s, "loss": 3.0 / s, "tokens": 512 * s, "time": 0.5 * s, "lr": 1e-3} for s in range(1, 9)]
     for r in records[1::4]:
         r.update({"val/loss": r["loss"] + 0.1, "val/bpb": 1.2})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert cli.main(["plot", str(tmp_path)]) == 0
-    assert (tmp_path / "metrics.png").stat().st_size > 1000 and (tmp_path / "curves.png").stat().st_size > 1000
-    assert set(series(records, "tokens")["val/bpb"][0]) == {1024, 3072}
-    assert "time" not in series(records) and plot_curves(tmp_path, tmp_path / "c.png") == tmp_path / "c.png"
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-    assert plot_curves(tmp_path) is None  # no tokens/time: only metrics.png
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"metrics{s}.png") for s in ("", "_tokens", "_time")]
+    assert all((tmp_path / f"metrics{s}.png").stat().st_size > 1000 for s in ("", "_tokens", "_time"))
+    assert set(series(records, "tokens")["val/bpb"][0]) == {1024, 3072} and "time" not in series(records)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "time": 0.1}) + "\n")
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "p.png")]  # no tokens: only the per-step plot
 
 
 def test_greedy_samples_are_text_continuations() -> None:

@@ -17,6 +17,7 @@ import torch
 from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.engine import Engine, Request, SamplingParams
+from nanoseek.fim import infill_prompt
 from nanoseek.model.transformer import Transformer
 
 
@@ -70,8 +71,7 @@ class GenerateConfig:
     prompt: list[str] = option(default_factory=list, action="append", nargs=None,
                                help="text (through the model's tokenizer) or, with --ids, space-separated token ids; "
                                     "repeat for a batch")
-    prefix_file: str | None = option(None, "infill (FIM-trained models): the text before the hole, instead of "
-                                     "--prompt")
+    prefix_file: str | None = option(None, "infill (FIM-trained models): the text before the hole, not --prompt")
     suffix_file: str | None = option(None, "infill: the text after the hole")
     fim_mode: str = option("psm", "infill prompt order", choices=("psm", "spm"))
     ids: bool = option(False, "prompts are token ids, output is printed as ids")
@@ -101,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
     model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
     if cfg.prefix_file or cfg.suffix_file:
-        from nanoseek.fim import infill_prompt
-
         if cfg.prompt or cfg.ids or tokenizer is None or not (cfg.prefix_file and cfg.suffix_file):
             raise ValueError("infilling takes --prefix-file and --suffix-file (no --prompt or --ids) and a model "
                              "with a tokenizer")

@@ -9,7 +9,8 @@ import torch
 
 from nanoseek import cli
 from nanoseek.config import ModelConfig
-from nanoseek.fim import SENTINELS, encode_document, infill_prompt, line_infill_exact_match, sentinel_ids
+from nanoseek.evaluate import fim_exact_match
+from nanoseek.fim import SENTINELS, encode_document, infill_prompt, sentinel_ids, val_documents
 from nanoseek.generate import generate
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
@@ -95,7 +96,7 @@ def fim_checkpoint(tmp_path: Path) -> tuple[Path, Tokenizer, Transformer]:
     return tmp_path / "model", tok, model
 
 
-def test_line_infill_exact_match_masks_one_line_per_document(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fim_exact_match_masks_one_line_per_document(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, tok, model = fim_checkpoint(tmp_path)
     docs = [DOC, "\n\nx = 1\n", "   \n"]  # the last has no non-empty line: skipped
     begin, hole, end = sentinel_ids(tok)
@@ -110,7 +111,7 @@ def test_line_infill_exact_match_masks_one_line_per_document(tmp_path, monkeypat
         return outs
 
     monkeypatch.setattr(importlib.import_module("nanoseek.generate"), "generate", oracle)
-    result = line_infill_exact_match(model, tok, docs, "psm", seed=0, max_new=8, batch_size=1)
+    result = fim_exact_match(model, tok, docs, "psm", seed=0, max_new=8, batch_size=1)
     assert result["n"] == 2 and result["exact_match"] == 1.0
     assert [r["line"] for r in result["results"]][1] == "x = 1"
 
@@ -132,6 +133,7 @@ def test_cli_infill_and_fim_eval(tmp_path, capsys: pytest.CaptureFixture) -> Non
     ids = [i for doc in (DOC, "y = 2\nz = 3\n") for i in tok.encode(doc, add_bos=True, add_eos=True)]
     np.array(ids, dtype=np.uint16).tofile(shards / "val.bin")
     (shards / "index.json").write_text(json.dumps({"dtype": "uint16"}))
+    assert val_documents(shards, tok) == [DOC, "y = 2\nz = 3\n"] and val_documents(shards, tok, 1) == [DOC]
     assert cli.main(["eval", "--model", str(directory), "--fim", "--data-dir", str(shards), "--fim-mode", "spm",
                      "--max-completion-length", "4", "--json", str(tmp_path / "fim.json")]) == 0
     summary = json.loads(capsys.readouterr().out)

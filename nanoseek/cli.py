@@ -17,6 +17,7 @@ from nanoseek import cli_args
 from nanoseek.cache import elements_per_token
 from nanoseek.cli_args import option
 from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.flops import flops_per_token, measure_peak_flops
 from nanoseek.model.transformer import Transformer
 
 # subcommand -> (module, one-line help)
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 class InfoConfig:
     preset: str = option("small", "the model shape", choices=tuple(PRESETS))
     seq_len: int = option(16, "tokens in the forward pass (presets up to 1024 wide)", min=1)
+    peak: bool = option(False, "time a large matmul: the device's peak FLOP/s, the MFU denominator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             logits = model.eval()(ids)
         print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(logits.shape)}")
+    print(f"  train FLOPs/token     {flops_per_token(config, cfg.seq_len):>16,.0f}  (seq_len {cfg.seq_len})")
+    if cfg.peak:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        print(f"  peak {device} {dtype}: {measure_peak_flops(device, dtype) / 1e12:.2f} TFLOP/s (a timed matmul)")
     return 0
 
 

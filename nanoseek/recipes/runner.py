@@ -52,12 +52,12 @@ class Stages:
         self.path, self.tag, self.resumed, self.t0 = out / "stages.json", tag, resume, time.perf_counter()
         self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
 
-    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+    def run(self, name: str, fn: Callable[..., dict], *args, **kwargs) -> dict:
         if name in self.done:
             print(f"[{self.tag}] {name}: done earlier, reusing its result")
             return self.done[name]
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*args, **kwargs)
         result["wall_time_s"] = time.perf_counter() - t0
         self.done[name] = result
         tmp = self.path.with_suffix(".tmp")

@@ -17,6 +17,7 @@ from nanoseek import cli_args
 from nanoseek.cache import elements_per_token
 from nanoseek.cli_args import option
 from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.flops import flops_per_token, measure_peak_flops
 from nanoseek.model.transformer import Transformer
 
 # subcommand -> (module, one-line help)
@@ -24,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.recipes.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
     "r1": ("nanoseek.recipes.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
     "info": ("nanoseek.cli", "build a preset model; print parameters, active parameters and KV-cache sizes"),
+    "prepare": ("nanoseek.corpus", "tokenize a corpus once into memory-mapped train/val shards for pretrain"),
     "pretrain": ("nanoseek.train.pretrain", "next-token (+MTP) pretraining on a built-in task or local text"),
     "sft": ("nanoseek.train.pretrain", "supervised fine-tuning on (prompt, completion) pairs"),
     "grpo": ("nanoseek.train.grpo", "GRPO reinforcement learning with verifiable rewards"),
@@ -92,6 +94,7 @@ def _error(message: str) -> None:
 class InfoConfig:
     preset: str = option("small", "the model shape", choices=tuple(PRESETS))
     seq_len: int = option(16, "tokens in the forward pass (presets up to 1024 wide)", min=1)
+    peak: bool = option(False, "time a large matmul: the device's peak FLOP/s, the MFU denominator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             logits = model.eval()(ids)
         print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(logits.shape)}")
+    print(f"  train FLOPs/token     {flops_per_token(config, cfg.seq_len):>16,.0f}  (seq_len {cfg.seq_len})")
+    if cfg.peak:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        print(f"  peak {device} {dtype}: {measure_peak_flops(device, dtype) / 1e12:.2f} TFLOP/s (a timed matmul)")
     return 0
 
 

@@ -1,19 +1,26 @@
-"""Token batches from built-in tasks or records (``nanoseek.datasets``): pretraining packs a stream of
-``bos ... eos`` documents into rows of T+1 tokens; SFT right-pads one ``bos + prompt + completion + eos`` row per
-example with the loss on completion and eos (targets are -100 where no loss is taken). Every batch is a pure
-function of (seed, step), so a resumed run continues at its step and each rank takes its rows of the same batch.
+"""Token batches from built-in tasks, records (``nanoseek.datasets``) or shards (``nanoseek prepare``): pretraining
+reads rows of T+1 tokens from a stream of ``bos ... eos`` documents; SFT right-pads one ``bos + prompt + completion +
+eos`` row per example with the loss on completion and eos (targets are -100 where no loss is taken). Every batch
+is a pure function of (seed, step), so a resumed run continues at its step and each rank takes its rows of the same
+batch.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
+from tokenizers import decoders
 
 from nanoseek.chat import chat_template, sft_texts
-from nanoseek.datasets import Row, TaskPrompts, epoch_indices, load_prompts, read_file
+from nanoseek.corpus import read_index
+from nanoseek.datasets import Row, TaskPrompts, epoch_indices, load_prompts
 from nanoseek.tasks import draw, get_task
 from nanoseek.tokenizer import Tokenizer, encode_checked
 
@@ -104,36 +111,71 @@ def _paths(paths: list[str | Path]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-class TextData:
-    """Pretraining on files: their records' text (``text``, or ``prompt`` + ``completion``) joined into one stream
-    of ``bos ... eos`` documents, served as chunks of seq_len + 1 tokens, reshuffled each epoch."""
+class ShardData:
+    """Pretraining on ``nanoseek prepare`` shards, memory-mapped: chunk i is train tokens [i·T, i·T + T]; every
+    epoch visits each chunk once in a seeded affine order (i -> a·i + b mod n), a pure function of (seed, step)
+    that holds nothing per chunk, so memory does not grow with the corpus."""
 
-    def __init__(self, paths: list[str | Path], tok: Tokenizer, seq_len: int, seed: int = 0,
-                 allow_unknown_chars: bool = False):
-        self.seq_len, self.seed = seq_len, seed
-        stream: list[int] = []
-        for p in _paths(paths):
-            for where, obj in read_file(p):
-                stream += encode_checked(tok, _document(obj, where), where, add_bos=True, add_eos=True,
-                                         allow_unknown=allow_unknown_chars, is_file=where == str(p))
-        self.stream = stream
-        self.n = (len(stream) - 1) // seq_len  # chunk i: tokens [i·T, i·T + T]
+    def __init__(self, directory: str | Path, tok: Tokenizer, seq_len: int, seed: int = 0):
+        self.directory, self.seq_len, self.seed = Path(directory), seq_len, seed
+        self.dtype = read_index(directory, tok)["dtype"]
+        self.train = np.memmap(self.directory / "train.bin", dtype=self.dtype, mode="r")
+        self.n = (len(self.train) - 1) // seq_len
         if self.n < 1:
-            raise ValueError(f"data {', '.join(map(str, paths))} has {len(stream)} tokens, too few for one "
-                             f"sequence of --seq-len {seq_len}; add text or lower --seq-len")
+            raise ValueError(f"shards {directory} have {len(self.train)} train tokens, too few for one sequence of "
+                             f"--seq-len {seq_len}; add text or lower --seq-len")
+        self.token_bytes = token_bytes(tok)
 
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        T, items = self.seq_len, epoch_indices(self.n, step, batch_size, self.seed)
-        stream = [t for i in items for t in self.stream[i * T : i * T + T + 1]]
-        return pack_rows(stream, batch_size, T)
+        T = self.seq_len
+        starts = [self.chunk(step * batch_size + i) * T for i in range(batch_size)]
+        return _rows(np.stack([self.train[s : s + T + 1] for s in starts]))
+
+    def chunk(self, i: int) -> int:
+        """The chunk at position ``i`` of the seeded order (epoch i // n)."""
+        epoch, i = divmod(i, self.n)
+        a, b = _affine(f"{self.seed}/{epoch}", self.n)
+        return (a * i + b) % self.n
+
+    def validation(self, n_tokens: int) -> LMBatch:
+        """The first ``n_tokens`` of the val split (at least one row) as rows of seq_len + 1 tokens."""
+        val = np.memmap(self.directory / "val.bin", dtype=self.dtype, mode="r")
+        rows = min(max(n_tokens, self.seq_len + 1), len(val)) // (self.seq_len + 1)
+        if rows < 1:
+            raise ValueError(f"the val split of {self.directory} has {len(val)} tokens, fewer than one row of "
+                             f"--seq-len {self.seq_len} + 1; lower --seq-len or prepare with a higher --val-per-mille")
+        return _rows(val[: rows * (self.seq_len + 1)].reshape(rows, -1))
 
 
-def _document(obj: dict, where: str) -> str:
-    if isinstance(obj.get("text"), str):
-        return obj["text"]
-    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-        return obj["prompt"] + obj["completion"]
-    raise ValueError(f'{where}: expected a "text" string or "prompt" and "completion" strings, got {sorted(obj)}')
+def _rows(tokens: np.ndarray) -> LMBatch:
+    rows = torch.from_numpy(tokens.astype(np.int64))
+    return LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+
+
+@lru_cache(maxsize=4)
+def _affine(key: str, n: int) -> tuple[int, int]:
+    rng = random.Random(key)
+    a = 1
+    while n > 2 and (a == 1 or math.gcd(a, n) != 1):
+        a = rng.randrange(2, n)
+    return a, rng.randrange(n)
+
+
+def token_bytes(tok: Tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of each token id's text, 0 for special tokens (a byte-level BPE piece has one byte a character)."""
+    byte_level = isinstance(tok.tok.decoder, decoders.ByteLevel)
+    specials = {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
+    table = torch.zeros(tok.vocab_size, dtype=torch.long)
+    for piece, i in tok.tok.get_vocab().items():
+        if i not in specials:
+            table[i] = len(piece) if byte_level else len(piece.encode())
+    return table
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    """Summed next-token loss in nats over the UTF-8 bytes it predicts, in bits per byte (comparable across
+    tokenizers)."""
+    return nats / math.log(2) / n_bytes
 
 
 class SFTData:
@@ -154,11 +196,14 @@ class SFTData:
 
 
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,
-              files: list[str] | None = None, allow_unknown_chars: bool = False) -> TaskData | TextData | SFTData:
-    """The batches of ``nanoseek pretrain`` / ``nanoseek sft``: local files (``--data``) or a built-in task."""
-    if files:
-        data = SFTData if mode == "sft" else TextData
-        return data(files, tok, seq_len, seed, allow_unknown_chars=allow_unknown_chars)
+              files: list[str] | None = None, allow_unknown_chars: bool = False,
+              data_dir: str | Path | None = None) -> TaskData | ShardData | SFTData:
+    """The batches of ``nanoseek pretrain`` / ``nanoseek sft``: prepared shards (``--data-dir``; pretraining on
+    ``--data`` files prepares them first), SFT files (``--data``) or a built-in task."""
+    if data_dir:
+        return ShardData(data_dir, tok, seq_len, seed)
+    if files and mode == "sft":
+        return SFTData(files, tok, seq_len, seed, allow_unknown_chars=allow_unknown_chars)
     if task:
         return TaskData(task, tok, mode, seq_len, seed)
-    raise ValueError("no training data: pass --task NAME (a built-in task) or --data FILE")
+    raise ValueError("no training data: pass --task NAME (a built-in task), --data FILE or --data-dir SHARDS")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +87,10 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def train_bpe(cls, files: list[str | Path], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
-        """Byte-level BPE (GPT-2 style) trained on local text files; nothing is downloaded."""
-        for f in files:
+    def train_bpe(cls, files: list[str | Path] | Iterator[str], vocab_size: int = 4096, min_frequency: int = 2
+                  ) -> Tokenizer:
+        """Byte-level BPE (GPT-2 style) trained on local text files or an iterator of texts; nothing is downloaded."""
+        for f in files if isinstance(files, list) else []:
             p = Path(f)
             if not p.is_file() or p.stat().st_size == 0:
                 raise ValueError(f"tokenizer training file {p} is missing or empty")
@@ -101,7 +102,10 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        tok.train([str(f) for f in files], trainer)
+        if isinstance(files, list):
+            tok.train([str(f) for f in files], trainer)
+        else:
+            tok.train_from_iterator(files, trainer)
         return cls(tok)
 
     # ------------------------------------------------------------------ files

@@ -5,12 +5,21 @@ import json
 import pytest
 import torch
 
-from nanoseek.data import IGNORE, SFTData, TaskData, TextData, make_data, pad_rows, sft_rows
-from nanoseek.datasets import Row, epoch_indices
+from nanoseek.corpus import PrepareConfig, prepare
+from nanoseek.data import IGNORE, SFTData, ShardData, TaskData, make_data, pad_rows, sft_rows
+from nanoseek.datasets import Row
 from nanoseek.tasks import in_eval_split
 from nanoseek.tokenizer import Tokenizer
 
 TOK = Tokenizer.char()
+
+
+def text_data(files, seq_len, tmp_path, seed=0):
+    """Pretraining on files: prepared into shards (`nanoseek prepare`), read memory-mapped."""
+    out = tmp_path / "shards"
+    prepare(PrepareConfig(data=[str(f) for f in files], out=str(out), val_per_mille=0, workers=1, overwrite=True,
+                          progress=False), TOK)
+    return ShardData(out, Tokenizer.load(out), seq_len, seed)
 
 
 def test_sft_rows_mask_the_prompt():
@@ -40,11 +49,12 @@ def test_task_batches_are_deterministic_and_train_split_only():
 def test_file_data_epochs_cover_every_chunk(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("abcdefghij" * 10)
-    data = TextData([f], TOK, seq_len=10, seed=0)
+    data = text_data([f], 10, tmp_path)
     assert data.n == (102 - 1) // 10  # bos + 100 chars + eos
     firsts = [data.batch(step, 2).input_ids[:, 0].tolist() for step in range(data.n // 2)]
-    seen = sorted(epoch_indices(data.n, 0, data.n, seed=0))  # the chunks of the first epoch
-    assert seen == list(range(data.n)) and len(firsts) == data.n // 2
+    for epoch in range(3):
+        seen = sorted(data.chunk(epoch * data.n + i) for i in range(data.n))  # the chunks of one epoch
+        assert seen == list(range(data.n)) and len(firsts) == data.n // 2
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"{i}*2=", "completion": str(2 * i)}) for i in range(5)) + "\n")
     sft = SFTData([pairs], TOK, seq_len=16)
@@ -54,17 +64,17 @@ def test_file_data_epochs_cover_every_chunk(tmp_path):
 
 def test_readers_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="missing.txt not found"):
-        TextData([tmp_path / "missing.txt"], TOK, 16)
+        text_data([tmp_path / "missing.txt"], 16, tmp_path)
     with pytest.raises(ValueError, match="no data files"):
-        TextData([], TOK, 16)
+        text_data([], 16, tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1=", "completion": "1"}\n\n{"text": oops}\n')
-    for mode in ("pretrain", "sft"):
+    for read in (lambda: text_data([bad], 16, tmp_path), lambda: make_data("sft", TOK, 16, 0, files=[bad])):
         with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
-            make_data(mode, TOK, 16, 0, files=[bad])
+            read()
     bad.write_text('{"text": "ok"}\n{"prompt": "only a prompt"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a \"text\" string.*\['prompt'\]"):
-        TextData([bad], TOK, 16)
+        text_data([bad], 16, tmp_path)
     bad.write_text('{"text": "a document"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: no column 'prompt'"):
         SFTData([bad], TOK, 16)
@@ -74,7 +84,7 @@ def test_readers_name_the_file_and_line(tmp_path):
         SFTData([doc], TOK, 16)
     bad.write_bytes(b'{"text": "ok"}\n\xff\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8"):
-        TextData([bad], TOK, 16)
+        text_data([bad], 16, tmp_path)
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "x" * 40, "completion": "y"}) + "\n")
     with pytest.raises(ValueError, match=r"long.jsonl:1: example has 42 tokens, more than --seq-len 16"):
@@ -82,6 +92,6 @@ def test_readers_name_the_file_and_line(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("abc")
     with pytest.raises(ValueError, match="too few for one sequence"):
-        TextData([short], TOK, 64)
+        text_data([short], 64, tmp_path)
     with pytest.raises(ValueError, match="raise --seq-len"):
         TaskData("arithmetic", TOK, "sft", 4)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,8 +30,9 @@ from nanoseek import cli_args
 from nanoseek.checkpoint import load_checkpoint, set_rng_state
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.config import ModelConfig
-from nanoseek.data import IGNORE, LMBatch, SFTData, make_data
-from nanoseek.distributed import all_reduce_, init_distributed, wrap_model
+from nanoseek.corpus import PrepareConfig, prepare
+from nanoseek.data import IGNORE, LMBatch, SFTData, ShardData, bits_per_byte, make_data
+from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import Transformer
@@ -52,7 +55,12 @@ class TrainConfig(RunConfig, OptimConfig):
     model: str | None = option(None, "checkpoint directory to start from (fine-tuning)")
     # data
     task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
-    data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
+    data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task); "
+                             "pretraining prepares them once into the run directory's data/")
+    data_dir: str | None = option(None, "shards made by `nanoseek prepare`, memory-mapped, with their tokenizer "
+                                  "(take precedence over --data and --task)")
+    eval_every: int = option(0, "validation loss and bits per byte every N steps (0: never; needs shards)", min=0)
+    eval_tokens: int = option(32768, "validation tokens: the first of the val split", min=1)
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
                                        "listing them)")
@@ -168,11 +176,25 @@ def train(cfg: TrainConfig) -> dict:
                          f"{cfg.grad_accum} equal micro-batches")
     micro = per_rank // cfg.grad_accum
 
+    out = Path(cfg.out or f"runs/{cfg.mode}")
+    staging = out.with_name(f".{out.name}.data")  # --data files prepared before the run directory is claimed
+    shards = Path(cfg.data_dir) if cfg.data_dir else None
+    if cfg.data and cfg.mode == "pretrain" and not shards:
+        shards = out / "data" if cfg.resume and (out / "data" / "index.json").exists() else staging
+
     def inputs() -> tuple[Tokenizer, ModelConfig, object]:
-        if cfg.tokenizer or (cfg.model and (Path(cfg.model) / "tokenizer.json").exists()):
-            tok = Tokenizer.load(cfg.tokenizer or cfg.model)
-        else:
-            tok = Tokenizer.char()
+        given = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
+        tok = Tokenizer.load(given) if given else Tokenizer.char()
+        if shards == staging:
+            if is_main():
+                prepare(PrepareConfig(data=cfg.data, out=str(staging), allow_unknown_chars=cfg.allow_unknown_chars,
+                                      val_per_mille=20 if cfg.eval_every else 0, workers=1, overwrite=True,
+                                      progress=False), tok)
+            barrier()
+        if shards and not (cfg.data_dir and given):
+            tok = Tokenizer.load(shards)  # the shards' tokenizer; a given one must match it (read_index)
+        if cfg.eval_every and not shards:
+            raise ValueError("--eval-every needs validation shards: pass --data-dir (nanoseek prepare) or --data")
         config = build_model_config(cfg, tok)
         if isinstance(cfg, SFTConfig) and cfg.dataset:
             return tok, config, SFTData(
@@ -181,9 +203,16 @@ def train(cfg: TrainConfig) -> dict:
                 messages_column=cfg.messages_column, system_prompt=cfg.system_prompt,
                 allow_unknown_chars=cfg.allow_unknown_chars)
         return tok, config, make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
-                                      allow_unknown_chars=cfg.allow_unknown_chars)
+                                      allow_unknown_chars=cfg.allow_unknown_chars, data_dir=shards)
 
     run, (tok, config, data) = start_run(narrow(RunConfig, cfg), cfg.mode, inputs)
+    if shards == staging:
+        if is_main():
+            shutil.rmtree(run.dir / "data", ignore_errors=True)
+            os.replace(staging, run.dir / "data")
+        barrier()
+        data = ShardData(run.dir / "data", tok, cfg.seq_len, cfg.seed)
+    val = data.validation(cfg.eval_tokens) if cfg.eval_every else None
     torch.manual_seed(cfg.seed)
     model = Transformer.from_pretrained(cfg.model) if cfg.model else Transformer(config)
     model.to(device).train()
@@ -239,6 +268,8 @@ def train(cfg: TrainConfig) -> dict:
         record = dict(loss=last_loss, lr=lr, grad_norm=grad_norm,
                       tokens_per_s=cfg.batch_size * batch.input_ids.shape[1] / dt,
                       balance_loss=sums[depths + 1].item())
+        if val is not None and (n % cfg.eval_every == 0 or n == cfg.steps):
+            record.update(validate(model, val, data.token_bytes, micro, cfg.bf16, rank, world))
         if depths:
             record["mtp_loss"] = sum(sums[k].item() / max(n_tokens[k], 1) for k in range(1, depths + 1)) / depths
         record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
@@ -248,6 +279,26 @@ def train(cfg: TrainConfig) -> dict:
     summary = run_loop(run, start, step, lambda n: save(run, n, model, optimizer, tok, {"config": config}, fsdp),
                        config)
     return {**summary, "final_loss": last_loss}
+
+
+def validate(model: Transformer, val: LMBatch, token_bytes: torch.Tensor, rows: int, bf16: bool, rank: int,
+             world: int) -> dict:
+    """val/loss (nats per token) and val/bpb (``nanoseek.data.bits_per_byte``) of the validation rows, each rank
+    taking every world-th row, ``rows`` at a time."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        mine = val.rows(slice(rank, None, world))
+        for lo in range(0, len(mine.input_ids), rows):
+            mb = mine.rows(slice(lo, lo + rows)).to(device)
+            logits = _fp32(model(mb.input_ids))
+            nats = F.cross_entropy(logits.view(-1, logits.shape[-1]), mb.targets.view(-1), reduction="sum")
+            sums += torch.stack([nats.double(), torch.tensor(mb.targets.numel(), device=device, dtype=torch.float64),
+                                 token_bytes.to(device)[mb.targets].sum().double()])
+    model.train()
+    all_reduce_(sums)
+    return {"val/loss": (sums[0] / sums[1]).item(), "val/bpb": bits_per_byte(sums[0].item(), sums[2].item())}
 
 
 def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:

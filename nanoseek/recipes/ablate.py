@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     corpus = Path(flags.data_dir or out / "corpus")
     if not flags.data_dir and flags.study != "rl":
         stages.run("corpus", prepare, PrepareConfig(corpus=flags.corpus, out=str(corpus), vocab_size=s["vocab"],
-                                                    limit=s["documents"], overwrite=True, progress=False))
+                                                    limit=s["documents"], val_per_mille=50, overwrite=True,
+                                                    progress=False))
     results = {st: run_study(st, stages, out, s, corpus, seeds, flags.device)
                for st in (STUDIES if flags.study == "all" else (flags.study,))}
     report, text = build_report(results, s, seeds)

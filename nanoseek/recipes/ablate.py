@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,7 @@ CLAIMS = (*(("moe", "deepseekmoe", b, "val_bpb", True) for b in ("gshard", "dens
           ("balance", "aux-free", "aux-loss", "val_bpb", True), ("balance", "aux-free", "aux-loss", "maxvio", True),
           ("mtp", "D=1", "D=0", "val_bpb", True), ("mtp", "D=2", "D=0", "val_bpb", True),
           ("rl", "grpo", "ppo", "accuracy", False), ("rl", "grpo", "ppo", "train_peak_mb", True))
-BALANCE = {"aux-free": {"bias_gamma": 1e-3, "balance_alpha": 1e-4},
-           "aux-loss": {"bias_gamma": 0.0, "balance_alpha": 0.01}}  # TrainConfig fields
+BALANCE = {"aux-free": dict(bias_gamma=1e-3, balance_alpha=1e-4), "aux-loss": dict(bias_gamma=0.0, balance_alpha=0.01)}
 # every run's size and budgets (lr: for every variant; decode_context: attention's decode at batch 8 x this context)
 FULL = dict(hidden=128, layers=4, expert=32, vocab=4096, documents=None, seq_len=256, batch=16, steps=400, lr=3e-3,
             eval_every=50, eval_tokens=32768, decode_context=2048, rl_sft_steps=300, rl_steps=40, eval_n=200)
@@ -45,7 +45,7 @@ QUICK = {**FULL, **dict(hidden=32, layers=2, expert=8, vocab=512, documents=120,
                         eval_every=5, eval_tokens=512, decode_context=64, rl_sft_steps=10, rl_steps=2, eval_n=8)}
 
 
-def solve(base: dict, key: str, measure, target: float, hi: int, unit: int = 1) -> dict:
+def solve(base: dict, key: str, measure: Callable[[dict], float], target: float, hi: int, unit: int = 1) -> dict:
     """``base`` with ``key`` = unit·n for the n in [1, hi] whose ``measure`` (increasing) is closest to ``target``."""
     lo = 1
     while hi - lo > 1:

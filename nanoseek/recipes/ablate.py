@@ -39,8 +39,8 @@ CLAIMS = (*(("moe", "deepseekmoe", b, "val_bpb", True) for b in ("gshard", "dens
           ("rl", "grpo", "ppo", "accuracy", False), ("rl", "grpo", "ppo", "train_peak_mb", True))
 BALANCE = {"aux-free": dict(bias_gamma=1e-3, balance_alpha=1e-4), "aux-loss": dict(bias_gamma=0.0, balance_alpha=0.01)}
 # every run's size and budgets (lr: for every variant; decode_context: attention's decode at batch 8 x this context)
-FULL = dict(hidden=128, layers=4, expert=32, vocab=4096, documents=None, seq_len=256, batch=16, steps=400, lr=3e-3,
-            eval_every=50, eval_tokens=32768, decode_context=2048, rl_sft_steps=300, rl_steps=40, eval_n=200)
+FULL = dict(hidden=128, layers=4, expert=32, vocab=4096, documents=None, seq_len=256, batch=16, steps=100, lr=3e-3,
+            eval_every=25, eval_tokens=16384, decode_context=2048, rl_sft_steps=300, rl_steps=30, eval_n=200)
 QUICK = {**FULL, **dict(hidden=32, layers=2, expert=8, vocab=512, documents=120, seq_len=64, batch=4, steps=10,
                         eval_every=5, eval_tokens=512, decode_context=64, rl_sft_steps=10, rl_steps=2, eval_n=8)}
 

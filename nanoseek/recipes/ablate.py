@@ -6,6 +6,7 @@ skips finished runs: ``--seeds 5`` reuses seeds 0-2); figures are means over see
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +32,11 @@ from nanoseek.train.pretrain import TrainConfig, train
 
 STUDIES = ("moe", "attention", "balance", "mtp", "rl")
 TASK = "countdown"  # the rl study's task (the demo's)
-# (study, a, b, figure, lower is better): the claim "a beats b on figure"
 CLAIMS = (*(("moe", "deepseekmoe", b, "val_bpb", True) for b in ("gshard", "dense-active", "dense-total")),
           ("attention", "mla", "mha", "val_bpb", True), ("attention", "mla", "gqa", "val_bpb", True),
           ("balance", "aux-free", "aux-loss", "val_bpb", True), ("balance", "aux-free", "aux-loss", "maxvio", True),
           ("mtp", "D=1", "D=0", "val_bpb", True), ("mtp", "D=2", "D=0", "val_bpb", True),
-          ("rl", "grpo", "ppo", "accuracy", False), ("rl", "grpo", "ppo", "train_peak_mb", True))
+          ("rl", "grpo", "ppo", "accuracy", False), ("rl", "grpo", "ppo", "peak_rss_mb", True))
 BALANCE = {"aux-free": dict(bias_gamma=1e-3, balance_alpha=1e-4), "aux-loss": dict(bias_gamma=0.0, balance_alpha=0.01)}
 # every run's size and budgets (lr: for every variant; decode_context: attention's decode at batch 8 x this context)
 FULL = dict(hidden=128, layers=4, expert=32, vocab=4096, documents=None, seq_len=256, batch=16, steps=100, lr=3e-3,
@@ -135,22 +135,24 @@ def pretrain(study: str, variant: str, out: Path, corpus: Path, overrides: dict,
     return {"figures": figures, "curves": curves, "overrides": overrides}
 
 
-def rl_run(algo: str, out: Path, sft_checkpoint: str, *, s: dict, seed: int, device: str | None) -> dict:
-    """GRPO or PPO from the SFT checkpoint: the peak resident memory training added, held-out greedy accuracy."""
-    def proc_status_mb(field: str) -> float:  # Linux
-        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM) to the current one
-    before = proc_status_mb("VmRSS")
+def rl_train(algo: str, out: Path, sft_checkpoint: str, s: dict, seed: int, device: str | None) -> float:
+    """GRPO or PPO from the SFT checkpoint; the process's peak resident memory (MiB, Linux: VmHWM)."""
     common = dict(model=sft_checkpoint, task=TASK, num_generations=4, prompts_per_step=8, max_completion_length=10,
                   steps=s["rl_steps"], lr=3e-4, seed=seed, keep=1, progress=False, device=device)
     if algo == "grpo":
         runner.grpo(out, True, **common)
     else:
         runner.finished(train_ppo(PPOConfig(out=str(out), resume=True, **common)), "PPO")
-    peak = proc_status_mb("VmHWM") - before
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
+
+
+def rl_run(algo: str, out: Path, sft_checkpoint: str, *, s: dict, seed: int, device: str | None) -> dict:
+    """``rl_train`` in a fresh process (every run's peak memory from one start), then held-out greedy accuracy."""
+    with multiprocessing.get_context("spawn").Pool(1, torch.set_num_threads, (torch.get_num_threads(),)) as pool:
+        peak = pool.apply(rl_train, (algo, out, sft_checkpoint, s, seed, device))
     ev = runner.evaluate_checkpoint(str(resolve_model_dir(out)), TASK, s["eval_n"], k=1, max_completion_length=10,
                                     seed=seed, device=device)
-    return {"figures": {"train_peak_mb": peak, "accuracy": ev["accuracy"]}, "curves": {}}
+    return {"figures": {"peak_rss_mb": peak, "accuracy": ev["accuracy"]}, "curves": {}}
 
 
 def build_report(results: dict[str, dict[str, list[dict]]], s: dict, seeds: list[int]) -> tuple[dict, str]:
@@ -174,7 +176,7 @@ def build_report(results: dict[str, dict[str, list[dict]]], s: dict, seeds: list
              "learning rate for every variant (no per-variant tuning). FLOPs/token: `nanoseek.flops` (training, "
              "active experts only); dense widths and MHA/GQA head sizes are solved to match it or the parameters. "
              "maxvio[i]: MoE layer i (MTP's last), mean over the last quarter of training. wall_time_s: a run's, "
-             "with its measurements. rl: train_peak_mb: the peak resident memory training added (VmHWM)."]
+             "with its measurements. rl: peak_rss_mb: the training process's peak RSS (fresh; with torch)."]
     for study, by_variant in figures.items():
         keys = list(dict.fromkeys(k for f in by_variant.values() for k in f))
         parts += [f"## {study}", runner.table(["variant", *keys], [
@@ -188,9 +190,8 @@ def write_plots(out: Path, results: dict[str, dict[str, list[dict]]]) -> list[st
     from matplotlib.figure import Figure
 
     (out / "plots").mkdir(exist_ok=True)
-    studies = [study for study in results if study != "rl"]
-    for study in studies:
-        by_variant = results[study]
+    pretraining = {study: by_variant for study, by_variant in results.items() if study != "rl"}
+    for study, by_variant in pretraining.items():
         panels = list(dict.fromkeys(c for runs in by_variant.values() for c in runs[0]["curves"]))
         fig = Figure(figsize=(5 * len(panels), 4), layout="tight")
         axes = fig.subplots(1, len(panels), squeeze=False)
@@ -201,7 +202,7 @@ def write_plots(out: Path, results: dict[str, dict[str, list[dict]]]) -> list[st
             ax.set(title=f"{study}: {panel}", xscale="log" if "FLOPs" in panel else "linear")
             ax.legend()
         fig.savefig(out / "plots" / f"{study}.png", dpi=100)
-    return [f"plots/{study}.png" for study in studies]
+    return [f"plots/{study}.png" for study in pretraining]
 
 
 @dataclass
@@ -225,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
     corpus, studies = Path(flags.data_dir or out / "corpus"), STUDIES if flags.study == "all" else (flags.study,)
     if not flags.data_dir and flags.study != "rl":
         stages.run("corpus", prepare, PrepareConfig(corpus=flags.corpus, out=str(corpus), vocab_size=s["vocab"],
-                                                    limit=s["documents"], val_per_mille=50, overwrite=True,
-                                                    progress=False))
+                                                    limit=s["documents"], val_per_mille=50, progress=False))
     results: dict[str, dict[str, list[dict]]] = {study: {} for study in studies}
     for study, seed in ((study, seed) for study in studies for seed in seeds):  # a run: stage "study/variant/seed"
         if study == "rl":

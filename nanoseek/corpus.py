@@ -52,7 +52,6 @@ class PrepareConfig:
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk>")
     workers: int = option(0, "tokenizing processes (0: one per CPU)", min=0)
     overwrite: bool = option(False, "replace the shards --out holds")
-    progress: bool = option(True, "show progress bars")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
@@ -73,10 +72,6 @@ def read_index(directory: str | Path, tok: Tokenizer | None = None) -> dict:
         raise ValueError(f"shards {directory} store {index['dtype']}, too narrow for {tok.vocab_size} tokens; "
                          "prepare again")
     return index
-
-
-def _split(name: str, val_per_mille: int) -> str:
-    return "val" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 1000 < val_per_mille else "train"
 
 
 def _document(obj: dict, where: str) -> str:
@@ -159,8 +154,9 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out = []
     for name, text, is_file in batch:
-        split = _split(name, cfg.val_per_mille)
-        rng = random.Random(hashlib.sha1(name.encode()).hexdigest())
+        digest = hashlib.sha1(name.encode()).hexdigest()
+        split = "val" if int(digest, 16) % 1000 < cfg.val_per_mille else "train"
+        rng = random.Random(digest)
         ids = encode_document(text, tok, rng, cfg.fim_rate if split == "train" else 0.0, cfg.fim_mode)
         if not cfg.allow_unknown_chars and tok.unk_id in ids:
             encode_checked(tok, text, name, is_file=is_file)  # raises, naming the file and line
@@ -169,9 +165,9 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
     return out
 
 
-def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None) -> dict:
+def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = True) -> dict:
     """Tokenize the corpus into ``cfg.out`` (see the module docstring) with ``tok``, ``cfg.tokenizer`` or a BPE
-    trained on the corpus, the FIM sentinels added; returns the index."""
+    trained on the corpus, the FIM sentinels added (unless not ``sentinels``); returns the index."""
     cli_args.check_ranges(cfg)
     out = Path(cfg.out)
     if (out / "index.json").exists() and not cfg.overwrite:
@@ -180,42 +176,42 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None) -> dict:
     if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif tok is None:
-        tok = Tokenizer.train_bpe((text for _, text, _ in documents(cfg, skipped)), cfg.vocab_size)
+        tok = Tokenizer.train_bpe((text for _, text, _ in documents(cfg, {"empty": [], "not_utf8": []})),
+                                  cfg.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)
     tok = Tokenizer.load(out)  # a copy: the caller's tokenizer keeps its vocabulary
-    tok.tok.add_special_tokens([s for s in SENTINELS if tok.tok.token_to_id(s) is None])
+    tok.tok.add_special_tokens([s for s in SENTINELS if sentinels and tok.tok.token_to_id(s) is None])
     tok.save(out)
-    skipped = {"empty": [], "not_utf8": []}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     files = {s: (out / f".{s}.bin.tmp").open("wb") for s in SPLITS}
     batches = _batches(documents(cfg, skipped), 64)
     workers = cfg.workers or os.cpu_count() or 1
-    with multiprocessing.Pool(workers, _start_worker, (str(out), cfg)) if workers > 1 else _Inline(out, cfg) as pool:
-        bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
-        for encoded in pool.imap(_encode, batches):
-            for split, ids, n_bytes in encoded:
-                files[split].write(ids.tobytes())
-                stats[split]["documents"] += 1
-                stats[split]["tokens"] += len(ids)
-                stats[split]["bytes"] += n_bytes
-            bar.update(len(encoded))
-        bar.close()
+    _start_worker(str(out), cfg)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (and no warning at fork)
+    pool = multiprocessing.Pool(workers, _start_worker, (str(out), cfg)) if workers > 1 else None
+    for encoded in tqdm(pool.imap(_encode, batches) if pool else map(_encode, batches), "tokenizing", unit="batch",
+                        disable=None):  # a bar on a terminal only
+        for split, ids, n_bytes in encoded:
+            files[split].write(ids.tobytes())
+            stats[split]["documents"] += 1
+            stats[split]["tokens"] += len(ids)
+            stats[split]["bytes"] += n_bytes
+    if pool:
+        pool.close()
     for f in files.values():
         f.close()
-    if skipped["empty"]:
-        print(f"note: skipped {len(skipped['empty'])} empty file(s), e.g. {skipped['empty'][0]}", file=sys.stderr)
-    if skipped["not_utf8"]:
-        print(f"note: skipped {len(skipped['not_utf8'])} non-UTF-8 file(s), e.g. {skipped['not_utf8'][0]}",
-              file=sys.stderr)
+    for kind, names in skipped.items():
+        if names:
+            print(f"note: skipped {len(names)} {kind.replace('_', '-')} file(s), e.g. {names[0]}", file=sys.stderr)
     if not stats["train"]["documents"] + stats["val"]["documents"]:
         first = skipped["empty"][0] if skipped["empty"] else "the source"
         raise ValueError(f"no text to prepare: {first} is empty, and so is every other document")
     for split, fix in (("train", "lower"), ("val", "raise")):
         if not stats[split]["documents"] and (split == "train" or cfg.val_per_mille):
-            raise ValueError(f"the {split} split has no documents: {fix} --val-per-mille ({cfg.val_per_mille}) "
-                             "or add documents")
+            raise ValueError(f"the {split} split has no documents: {fix} --val-per-mille ({cfg.val_per_mille}) of "
+                             "`nanoseek prepare`, or add documents")
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     index = {"splits": stats, "dtype": dtype, "vocab_size": tok.vocab_size, "tokenizer_sha1": tokenizer_hash(tok),
              "source": {k: v for k, v in asdict(cfg).items() if k in ("data", "corpus", "dataset", "limit")},
@@ -231,22 +227,6 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None) -> dict:
 def _batches(items: Iterator, size: int) -> Iterator[list]:
     while batch := list(islice(items, size)):
         yield batch
-
-
-class _Inline:
-    """The Pool interface, in this process (one worker)."""
-
-    def __init__(self, directory: Path, cfg: PrepareConfig):
-        _start_worker(str(directory), cfg)
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _worker.clear()
-
-    def imap(self, fn, items):
-        return map(fn, items)
 
 
 # ---------------------------------------------------------------------- CLI

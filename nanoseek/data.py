@@ -76,9 +76,9 @@ def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> LMBatch:
     return LMBatch(inputs, targets)
 
 
-def pack_rows(stream: list[int], batch_size: int, seq_len: int) -> LMBatch:
-    """The first batch_size·(seq_len+1) tokens of ``stream`` as rows: inputs t[:-1], targets t[1:]."""
-    rows = torch.tensor(stream[: batch_size * (seq_len + 1)], dtype=torch.long).view(batch_size, seq_len + 1)
+def pack_rows(rows: torch.Tensor | np.ndarray) -> LMBatch:
+    """Rows of seq_len + 1 tokens as inputs t[:-1] and targets t[1:]."""
+    rows = torch.as_tensor(rows.astype(np.int64) if isinstance(rows, np.ndarray) else rows)
     return LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
 
@@ -102,7 +102,7 @@ class TaskData:
         for e in draw(self.task, "train", seed=f"{self.seed}/{step}"):
             stream += self.tok.encode(e.prompt + e.completion, add_bos=True, add_eos=True)
             if len(stream) >= batch_size * (self.seq_len + 1):
-                return pack_rows(stream, batch_size, self.seq_len)
+                return pack_rows(torch.tensor(stream[: batch_size * (self.seq_len + 1)]).view(batch_size, -1))
 
 
 def _paths(paths: list[str | Path]) -> list[Path]:
@@ -129,7 +129,7 @@ class ShardData:
     def batch(self, step: int, batch_size: int) -> LMBatch:
         T = self.seq_len
         starts = [self.chunk(step * batch_size + i) * T for i in range(batch_size)]
-        return _rows(np.stack([self.train[s : s + T + 1] for s in starts]))
+        return pack_rows(np.stack([self.train[s : s + T + 1] for s in starts]))
 
     def chunk(self, i: int) -> int:
         """The chunk at position ``i`` of the seeded order (epoch i // n)."""
@@ -144,12 +144,7 @@ class ShardData:
         if rows < 1:
             raise ValueError(f"the val split of {self.directory} has {len(val)} tokens, fewer than one row of "
                              f"--seq-len {self.seq_len} + 1; lower --seq-len or prepare with a higher --val-per-mille")
-        return _rows(val[: rows * (self.seq_len + 1)].reshape(rows, -1))
-
-
-def _rows(tokens: np.ndarray) -> LMBatch:
-    rows = torch.from_numpy(tokens.astype(np.int64))
-    return LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        return pack_rows(val[: rows * (self.seq_len + 1)].reshape(rows, -1))
 
 
 @lru_cache(maxsize=4)
@@ -200,6 +195,8 @@ def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | No
               data_dir: str | Path | None = None) -> TaskData | ShardData | SFTData:
     """The batches of ``nanoseek pretrain`` / ``nanoseek sft``: prepared shards (``--data-dir``; pretraining on
     ``--data`` files prepares them first), SFT files (``--data``) or a built-in task."""
+    if data_dir and mode == "sft":
+        raise ValueError("--data-dir holds pretraining shards; sft trains on --data FILE or --dataset NAME")
     if data_dir:
         return ShardData(data_dir, tok, seq_len, seed)
     if files and mode == "sft":

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
@@ -26,6 +28,10 @@ from nanoseek.datasets import Row
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards.math import extract_final_answer
 from nanoseek.rollout import Scorer, sample_and_score
+
+if TYPE_CHECKING:
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import Tokenizer
 
 SCALARS = ("accuracy", "reward", "mean_length", "sample_accuracy")
 
@@ -130,6 +136,9 @@ class EvalConfig:
     min_reward: float = option(1.0, "the value each reward function must reach to verify")
     system_prompt: str | None = option(None, "system message for every prompt (rendered with the chat template)")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
+    fim: bool = option(False, "fill-in-the-middle: exact match of one masked line per --data-dir val document")
+    data_dir: str | None = option(None, "--fim: the shards of `nanoseek prepare` (their val split)")
+    fim_mode: str = option("psm", "--fim: the infill prompt order", choices=("psm", "spm"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature {cfg.temperature}: must be > 0 for the --num-generations "
                          f"{cfg.num_generations} samples")
     directory = resolve_model_dir(cfg.model)
+    if cfg.fim:
+        return _fim(cfg, directory)
     head, ds, fns = _dataset(cfg) if cfg.dataset else _task(cfg, directory)
     rows = list(ds.rows[: cfg.n])
     tok = load_tokenizer(directory)
@@ -217,3 +228,52 @@ def _task(cfg: EvalConfig, directory: Path):
         print(f"the held-out split of {name!r} has {len(ds.rows)} distinct problems; evaluating all of them",
               file=sys.stderr)
     return {"task": name}, ds, [task_reward(task)]
+
+
+def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mode: str, seed: int, max_new: int,
+                    batch_size: int) -> dict:
+    """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
+    ``seed``ed rng, is the hole; the greedy middle up to the end sentinel, EOS or a newline is exact when it equals
+    the line (surrounding spaces ignored). -> {"exact_match", "n", "results": [{line, infilled, exact}]}."""
+    from nanoseek.fim import infill_prompt, sentinel_ids
+    from nanoseek.generate import generate
+
+    rng, cases = random.Random(seed), []
+    for doc in documents:
+        lines = doc.splitlines(keepends=True)
+        filled = [i for i, line in enumerate(lines) if line.strip()]
+        if filled:
+            i = rng.choice(filled)
+            line = lines[i].rstrip("\n")
+            cases.append((line, "".join(lines[:i]), lines[i][len(line):] + "".join(lines[i + 1:])))
+    budget = model.config.max_position_embeddings - max_new
+    prompts = [infill_prompt(prefix, suffix, tok, mode, budget) for _, prefix, suffix in cases]
+    stops = (*tok.stop_ids, sentinel_ids(tok)[2])
+    outputs = [out for start in range(0, len(prompts), batch_size)
+               for out in generate(model, prompts[start:start + batch_size], max_new, stop_token_ids=stops)]
+    results = []
+    for (line, _, _), out in zip(cases, outputs):
+        infilled = tok.decode(out).split("\n", 1)[0]
+        results.append({"line": line, "infilled": infilled, "exact": infilled.strip() == line.strip()})
+    return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1), "n": len(results),
+            "results": results}
+
+
+def _fim(cfg: EvalConfig, directory: Path) -> int:
+    """``eval --fim --data-dir SHARDS``: ``fim_exact_match`` on the first ``--n`` documents of the val split."""
+    from nanoseek.distributed import device_of
+    from nanoseek.fim import val_documents
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import load_tokenizer
+
+    if not cfg.data_dir:
+        raise ValueError("--fim needs --data-dir: the shards of `nanoseek prepare` whose val split to infill")
+    tok = load_tokenizer(directory)
+    model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
+    result = {"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode, **fim_exact_match(
+        model, tok, val_documents(cfg.data_dir, tok, cfg.n), cfg.fim_mode, cfg.seed, cfg.max_completion_length,
+        cfg.batch_size)}
+    print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -7,7 +7,11 @@ so the model learns to write the middle given both sides.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+
+import numpy as np
 
 from nanoseek.tokenizer import Tokenizer
 
@@ -33,14 +37,22 @@ def encode_text(tok: Tokenizer, text: str) -> list[int]:
         tok.tok.encode_special_tokens = False
 
 
-def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm") -> list[int]:
-    """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle)."""
+def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", max_tokens: int | None = None
+                  ) -> list[int]:
+    """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle); with
+    ``max_tokens``, the prefix's start and the suffix's end are cut so that the prompt fits."""
     if mode not in MODES:
         raise ValueError(f"FIM mode {mode!r}: expected one of {MODES}")
     begin, hole, end = sentinel_ids(tok)
+    before, after = encode_text(tok, prefix), encode_text(tok, suffix)
+    if max_tokens is not None:  # the suffix gets half the budget, or what the prefix leaves
+        budget = max(max_tokens - 3, 0)
+        keep_after = min(len(after), max(budget // 2, budget - len(before)))
+        keep_before = min(len(before), budget - keep_after)
+        before, after = before[len(before) - keep_before:], after[:keep_after]
     if mode == "psm":
-        return [begin, *encode_text(tok, prefix), hole, *encode_text(tok, suffix), end]
-    return [begin, hole, *encode_text(tok, suffix), end, *encode_text(tok, prefix)]
+        return [begin, *before, hole, *after, end]
+    return [begin, hole, *after, end, *before]
 
 
 def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, mode: str) -> list[int]:
@@ -50,3 +62,11 @@ def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, 
         return encode_text(tok, text)
     start, stop = sorted(rng.randint(0, len(text)) for _ in range(2))
     return infill_prompt(text[:start], text[stop:], tok, mode) + encode_text(tok, text[start:stop])
+
+
+def val_documents(data_dir: str | Path, tok: Tokenizer, n: int | None = None) -> list[str]:
+    """The text of the first ``n`` (None: all) documents of ``nanoseek prepare``'s val shard (``bos ids eos`` each)."""
+    index = json.loads((Path(data_dir) / "index.json").read_text())
+    ids = np.fromfile(Path(data_dir) / "val.bin", dtype=index["dtype"])
+    ends = np.flatnonzero(ids == tok.eos_id)[:n]
+    return [tok.decode(ids[start:stop].tolist()) for start, stop in zip(np.r_[0, ends[:-1] + 1], ends)]

@@ -10,12 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nanoseek import cli_args
 from nanoseek.cli_args import option
 from nanoseek.engine import Engine, Request, SamplingParams
+from nanoseek.fim import infill_prompt
 from nanoseek.model.transformer import Transformer
 
 
@@ -66,9 +68,12 @@ class GenerateConfig:
     """``nanoseek generate``'s flags."""
 
     model: str = option(help="Hugging Face format model directory, or a run directory")
-    prompt: list[str] = option(default_factory=list, action="append", nargs=None, required=True,
+    prompt: list[str] = option(default_factory=list, action="append", nargs=None,
                                help="text (through the model's tokenizer) or, with --ids, space-separated token ids; "
                                     "repeat for a batch")
+    prefix_file: str | None = option(None, "infill (FIM-trained models): the text before the hole, not --prompt")
+    suffix_file: str | None = option(None, "infill: the text after the hole")
+    fim_mode: str = option("psm", "infill prompt order", choices=("psm", "spm"))
     ids: bool = option(False, "prompts are token ids, output is printed as ids")
     max_completion_length: int = option(64, "tokens generated per prompt at most", min=0)
     temperature: float = option(0.0, "0 = greedy", min=0)
@@ -95,7 +100,15 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_model_dir(cfg.model)
     model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
-    if cfg.ids:
+    if cfg.prefix_file or cfg.suffix_file:
+        if cfg.prompt or cfg.ids or tokenizer is None or not (cfg.prefix_file and cfg.suffix_file):
+            raise ValueError("infilling takes --prefix-file and --suffix-file (no --prompt or --ids) and a model "
+                             "with a tokenizer")
+        prompts = [infill_prompt(Path(cfg.prefix_file).read_text(), Path(cfg.suffix_file).read_text(), tokenizer,
+                                 cfg.fim_mode, model.config.max_position_embeddings - cfg.max_completion_length)]
+    elif not cfg.prompt:
+        raise ValueError("give --prompt (or --prefix-file and --suffix-file to infill)")
+    elif cfg.ids:
         try:
             prompts = [[int(t) for t in p.split()] for p in cfg.prompt]
         except ValueError as e:

@@ -1,5 +1,6 @@
-"""Per-step metrics: one JSON object per line in ``run_dir/metrics.jsonl`` (flushed each step) and a tqdm
-progress bar with ETA. Only rank 0 logs under torchrun (``enabled=False`` elsewhere).
+"""Per-step metrics: one JSON object per line in ``run_dir/metrics.jsonl`` (flushed each step), a tqdm progress
+bar with ETA (or, when stderr is not a terminal, a plain line every few steps) and optionally TensorBoard event
+files. Only rank 0 logs under torchrun (``enabled=False`` elsewhere).
 """
 
 from __future__ import annotations
@@ -8,9 +9,15 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import Tokenizer
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -70,38 +77,73 @@ def _clean(v):
 
 
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl")  # a run directory's per-step logs, rewound on resume
+LOG_LINE = (("loss", "loss", ".4g"), ("val_bpb", "val/bpb", ".4g"), ("tok/s", "train/tokens_per_s", ",.0f"),
+            ("tok/s", "tokens_per_s", ",.0f"), ("mfu", "train/mfu", ".2%"))  # (label, key, format) without a terminal
 
 
 class MetricsLogger:
-    """``log(step, **values)`` appends ``{"step": step, **values}``, steps counted from 1 (the N-th optimizer step
-    logs step N). At start, every log of RUN_LOGS in ``run_dir`` is rewound to ``start_step``, the step of the
-    checkpoint the run resumes from (0: a new run), dropping what a killed run logged after that checkpoint."""
+    """``log(step, **values)`` appends ``{"step": step, **values, "time": seconds}``, steps counted from 1 (the N-th
+    optimizer step logs step N), ``time`` the run's wall time, continued across resumes. At start, every log of
+    RUN_LOGS in ``run_dir`` is rewound to ``start_step``, the step of the checkpoint the run resumes from (0: a new
+    run), dropping what a killed run logged after that checkpoint. With ``progress`` and stderr not a terminal, a
+    line (loss, val bpb, tok/s, MFU, ETA) every ``log_every`` steps replaces the bar; ``report_to="tensorboard"``
+    also writes every scalar to ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, desc: str = "train", enabled: bool = True,
-                 start_step: int = 0, progress: bool = True):
-        self.file = self.bar = None
+                 start_step: int = 0, progress: bool = True, log_every: int = 10, report_to: str = "none"):
+        self.file = self.bar = self.writer = None
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         for name in RUN_LOGS:
             rewind_log(Path(run_dir) / name, start_step)
-        self.file = (Path(run_dir) / "metrics.jsonl").open("a")
-        if progress:
+        path = Path(run_dir) / "metrics.jsonl"
+        kept = read_jsonl(path) if start_step and path.exists() else []
+        self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        self.start_step, self.total_steps, self.t0 = start_step, total_steps, time.perf_counter()
+        self.file = path.open("a")
+        self.log_every = log_every if progress and not sys.stderr.isatty() else 0
+        if progress and not self.log_every:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("--report-to tensorboard needs the tensorboard package: "
+                                  "pip install 'nanoseek[tensorboard]'") from None
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, **values) -> None:
         if self.file is None:
             return
-        record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        elapsed = time.perf_counter() - self.t0
+        record = {"step": step, **{k: _clean(v) for k, v in values.items()}, "time": self.time_offset + elapsed}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, float | int) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
         if self.bar is not None:
-            shown = {k: f"{record[k]:.4g}" for k in ("loss", "lr") if isinstance(record.get(k), float | int)}
+            shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "lr") if k in scalars}
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
+        elif self.log_every and (step % self.log_every == 0 or step == self.total_steps):
+            eta = round(elapsed / (step - self.start_step) * (self.total_steps - step))
+            shown = [f"{label} {scalars[key]:{fmt}}" for label, key, fmt in LOG_LINE if key in scalars]
+            print(f"step {step}/{self.total_steps}", *shown, f"eta {eta // 60}m{eta % 60:02d}s", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
-        for handle in (self.file, self.bar):
+        for handle in (self.file, self.bar, self.writer):
             if handle is not None:
                 handle.close()
-        self.file = self.bar = None
+        self.file = self.bar = self.writer = None
+
+
+def greedy_samples(model: Transformer, tok: Tokenizer, prompts: list[str], max_new: int) -> list[str]:
+    """Greedy continuations of text ``prompts`` (BOS by the tokenizer's rule), to log during training."""
+    from nanoseek.generate import generate
+
+    ids = [tok.encode(p, add_bos=tok.adds_bos(p)) for p in prompts]
+    return [tok.decode(out) for out in generate(model, ids, max_new, stop_token_ids=tok.stop_ids)]

@@ -1,5 +1,6 @@
 """``nanoseek plot RUN_DIR``: PNG curves of a run's metrics.jsonl (loss, MTP loss, lr, grad norm, expert load
-imbalance, and whatever other numeric series the trainer logged), via the reusable ``plot_metrics``.
+imbalance, and whatever other numeric series the trainer logged), via the reusable ``plot_metrics``; when the records
+carry ``tokens``, also the train and validation (``val/``) losses and bpb against tokens and against wall time.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import from_args, option
 from nanoseek.metrics import read_metrics
 
+AXES = ("step", "tokens", "time")  # the x axes; never plotted as metrics
+CURVES = ["loss", "mtp_loss", "bpb"]  # what `nanoseek plot` draws against tokens and wall time
 
-def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
-    """Numeric per-step series; a list value (per-layer numbers) becomes one series per index: ``name[i]``."""
-    out: dict[str, tuple[list[int], list[float]]] = {}
+
+def series(records: list[dict], axis: str = "step") -> dict[str, tuple[list[float], list[float]]]:
+    """Numeric series against ``axis`` (records without it are skipped); a list value (per-layer numbers) becomes
+    one series per index: ``name[i]``."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
     for r in records:
-        step = r.get("step")
+        step = r.get(axis)
         for key, v in r.items():
-            if key == "step":
+            if key in AXES or step is None:
                 continue
             values = {key: v} if not isinstance(v, list) else {f"{key}[{i}]": x for i, x in enumerate(v)}
             for name, x in values.items():
@@ -31,20 +36,21 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[str] | None = None,
-                 title: str | None = None) -> Path:
-    """One panel per metric (per-layer series share a panel); returns the PNG path (default RUN_DIR/metrics.png)."""
+                 title: str | None = None, axis: str = "step") -> Path:
+    """One panel per metric against ``axis`` (step, tokens or time); per-layer series and a metric's ``val/``
+    series share its panel. Returns the PNG path (default RUN_DIR/metrics.png, or metrics_AXIS.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    data = series(read_metrics(run_dir))
+    data = series(read_metrics(run_dir), axis)
     if not data:
         raise ValueError(f"{run_dir}/metrics.jsonl has no numeric series to plot")
     panels: dict[str, list[str]] = {}
     for name in data:
-        base = name.split("[")[0]
+        base = name.split("[")[0].removeprefix("val/")
         if keys is None or base in keys:
             panels.setdefault(base, []).append(name)
     if not panels:
@@ -55,8 +61,8 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
     for ax, (base, names) in zip(axes.flat, panels.items()):
         for name in names:
             ax.plot(*data[name], label=name if len(names) > 1 else None, lw=1.2)
-        ax.set_title(base)
-        ax.set_xlabel("step")
+        ax.set_title(base if len(names) > 1 else names[0])
+        ax.set_xlabel({"time": "wall time (s)"}.get(axis, axis))
         ax.grid(alpha=0.3)
         if len(names) > 1:
             ax.legend(fontsize=7)
@@ -66,7 +72,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
         ax.axis("off")
     fig.suptitle(title or run_dir.name)
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "metrics.png"
+    out = Path(out) if out else run_dir / ("metrics.png" if axis == "step" else f"metrics_{axis}.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -76,7 +82,8 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
 class PlotConfig:
     """``nanoseek plot RUN_DIR``'s flags."""
 
-    out: str | None = option(None, "PNG path (None: RUN_DIR/metrics.png)")
+    out: str | None = option(None, "PNG path (None: RUN_DIR/metrics.png; against tokens and time: *_tokens.png, "
+                                   "*_time.png beside it)")
     keys: list[str] | None = option(None, "only these metrics, e.g. loss lr (None: every scalar metric)")
 
 
@@ -88,4 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(PlotConfig, args)
     print(plot_metrics(args.run_dir, cfg.out, cfg.keys))
+    if any("tokens" in r for r in read_metrics(args.run_dir)):
+        for axis in ("tokens", "time"):
+            out = Path(cfg.out).with_name(f"{Path(cfg.out).stem}_{axis}.png") if cfg.out else None
+            print(plot_metrics(args.run_dir, out, cfg.keys or CURVES, axis=axis))
     return 0

@@ -17,8 +17,7 @@ TOK = Tokenizer.char()
 def text_data(files, seq_len, tmp_path, seed=0):
     """Pretraining on files: prepared into shards (`nanoseek prepare`), read memory-mapped."""
     out = tmp_path / "shards"
-    prepare(PrepareConfig(data=[str(f) for f in files], out=str(out), val_per_mille=0, workers=1, overwrite=True,
-                          progress=False), TOK)
+    prepare(PrepareConfig(data=[str(f) for f in files], out=str(out), val_per_mille=0, workers=1, overwrite=True), TOK)
     return ShardData(out, Tokenizer.load(out), seq_len, seed)
 
 

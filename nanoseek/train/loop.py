@@ -38,7 +38,10 @@ class RunConfig:
     overwrite: bool = option(False, "delete what --out holds and start over")
     seed: int = option(0, "seed of the model init, the data order and sampling")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar (without a terminal: a log line every --log-every steps)")
+    log_every: int = option(10, "steps between log lines when stderr is not a terminal", min=1)
+    report_to: str = option("none", "also write the metrics as TensorBoard event files (the tensorboard extra)",
+                            choices=("none", "tensorboard"))
 
 
 def narrow(cls: type, cfg: object):
@@ -95,7 +98,7 @@ def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, b
     if is_main():
         (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start,
-                           progress=cfg.progress)
+                           progress=cfg.progress, log_every=cfg.log_every, report_to=cfg.report_to)
     done, interrupted, saved = start, False, run.resume_from
     with StopFlag() as stop:
         for n in range(start + 1, cfg.steps + 1):

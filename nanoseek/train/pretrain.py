@@ -188,8 +188,8 @@ def train(cfg: TrainConfig) -> dict:
         if shards == staging:
             if is_main():
                 prepare(PrepareConfig(data=cfg.data, out=str(staging), allow_unknown_chars=cfg.allow_unknown_chars,
-                                      val_per_mille=20 if cfg.eval_every else 0, workers=1, overwrite=True,
-                                      progress=False), tok)
+                                      val_per_mille=20 if cfg.eval_every else 0, workers=1, overwrite=True),
+                        tok, sentinels=False)
             barrier()
         if shards and not (cfg.data_dir and given):
             tok = Tokenizer.load(shards)  # the shards' tokenizer; a given one must match it (read_index)
@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
                       tokens_per_s=cfg.batch_size * batch.input_ids.shape[1] / dt,
                       balance_loss=sums[depths + 1].item())
         if val is not None and (n % cfg.eval_every == 0 or n == cfg.steps):
-            record.update(validate(model, val, data.token_bytes, micro, cfg.bf16, rank, world))
+            record.update(validate(model, val, data.token_bytes, micro, cfg, rank, world))
         if depths:
             record["mtp_loss"] = sum(sums[k].item() / max(n_tokens[k], 1) for k in range(1, depths + 1)) / depths
         record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
@@ -281,23 +281,22 @@ def train(cfg: TrainConfig) -> dict:
     return {**summary, "final_loss": last_loss}
 
 
-def validate(model: Transformer, val: LMBatch, token_bytes: torch.Tensor, rows: int, bf16: bool, rank: int,
+def validate(model: Transformer, val: LMBatch, token_bytes: torch.Tensor, rows: int, cfg: TrainConfig, rank: int,
              world: int) -> dict:
     """val/loss (nats per token) and val/bpb (``nanoseek.data.bits_per_byte``) of the validation rows, each rank
-    taking every world-th row, ``rows`` at a time."""
+    taking its block of them, ``rows`` at a time."""
     device = next(model.parameters()).device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+    per_rank = -(-len(val.input_ids) // world)
+    mine = val.rows(slice(rank * per_rank, (rank + 1) * per_rank))
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        mine = val.rows(slice(rank, None, world))
+    with torch.no_grad():
         for lo in range(0, len(mine.input_ids), rows):
-            mb = mine.rows(slice(lo, lo + rows)).to(device)
-            logits = _fp32(model(mb.input_ids))
-            nats = F.cross_entropy(logits.view(-1, logits.shape[-1]), mb.targets.view(-1), reduction="sum")
-            sums += torch.stack([nats.double(), torch.tensor(mb.targets.numel(), device=device, dtype=torch.float64),
-                                 token_bytes.to(device)[mb.targets].sum().double()])
+            mb = mine.rows(slice(lo, lo + rows))
+            nats = micro_loss(model, model, mb.to(device), cfg, [1], 0.0, False)[1][0].item()
+            sums += torch.tensor([nats, mb.targets.numel(), token_bytes[mb.targets].sum()], dtype=torch.float64)
     model.train()
-    all_reduce_(sums)
+    sums = all_reduce_(sums.to(device))
     return {"val/loss": (sums[0] / sums[1]).item(), "val/bpb": bits_per_byte(sums[0].item(), sums[2].item())}
 
 

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     corpus, studies = Path(flags.data_dir or out / "corpus"), STUDIES if flags.study == "all" else (flags.study,)
     if not flags.data_dir and flags.study != "rl":
         stages.run("corpus", prepare, PrepareConfig(corpus=flags.corpus, out=str(corpus), vocab_size=s["vocab"],
-                                                    limit=s["documents"], val_per_mille=50, progress=False))
+                                                    limit=s["documents"], val_per_mille=50))
     results: dict[str, dict[str, list[dict]]] = {study: {} for study in studies}
     for study, seed in ((study, seed) for study in studies for seed in seeds):  # a run: stage "study/variant/seed"
         if study == "rl":

@@ -24,6 +24,7 @@ from nanoseek.model.transformer import Transformer
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.recipes.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
     "r1": ("nanoseek.recipes.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
+    "ablate": ("nanoseek.recipes.ablate", "the recipe's claims measured: MoE, MLA, balancing, MTP, GRPO vs PPO"),
     "info": ("nanoseek.cli", "build a preset model; print parameters, active parameters and KV-cache sizes"),
     "prepare": ("nanoseek.corpus", "tokenize a corpus once into memory-mapped train/val shards for pretrain"),
     "pretrain": ("nanoseek.train.pretrain", "next-token (+MTP) pretraining on a built-in task or local text"),

@@ -1,6 +1,6 @@
 """What every recipe shares: stages recorded in OUT/stages.json (what ``--resume`` skips), the fixed held-out
-set of a built-in task, evaluation of a checkpoint on it, SFT and GRPO stages, paired differences with their
-confidence intervals, percent cells, markdown tables and the report files."""
+set of a built-in task, evaluation of a checkpoint on it, SFT and GRPO stages, means and paired differences with
+their confidence intervals, percent cells, markdown tables and the report files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from nanoseek.cli_args import check_ranges, from_args, option
+from nanoseek.datasets import task_dataset
+from nanoseek.distributed import device_of
+from nanoseek.evaluate import evaluate
+from nanoseek.policy import Policy
+from nanoseek.rollout import Scorer
+from nanoseek.rundir import check_run_dir
+from nanoseek.tasks import get_task, task_reward
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.grpo import GRPOConfig, train_grpo
+from nanoseek.train.pretrain import SFTConfig, train
 
 
 @dataclass
@@ -32,11 +44,6 @@ class RecipeArgs:
 
 def start(cls: type, args: argparse.Namespace, kind: str):
     """The recipe's flags (checked), its run directory, and torch set up: -> (flags, OUT)."""
-    import torch
-
-    from nanoseek.distributed import device_of
-    from nanoseek.rundir import check_run_dir
-
     flags = from_args(cls, args)
     check_ranges(flags)
     out = check_run_dir(flags.out, kind, resume=flags.resume, overwrite=flags.overwrite).create()
@@ -52,12 +59,12 @@ class Stages:
         self.path, self.tag, self.resumed, self.t0 = out / "stages.json", tag, resume, time.perf_counter()
         self.done: dict = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
 
-    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+    def run(self, name: str, fn: Callable[..., dict], *args, **kwargs) -> dict:
         if name in self.done:
             print(f"[{self.tag}] {name}: done earlier, reusing its result")
             return self.done[name]
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*args, **kwargs)
         result["wall_time_s"] = time.perf_counter() - t0
         self.done[name] = result
         tmp = self.path.with_suffix(".tmp")
@@ -75,9 +82,6 @@ class Stages:
 @functools.cache
 def held_out(task: str, n: int) -> tuple:
     """The fixed held-out set: up to ``n`` distinct problems of the task's held-out split, as dataset rows."""
-    from nanoseek.datasets import task_dataset
-    from nanoseek.tasks import get_task
-
     return task_dataset(get_task(task), n, "eval", seed=0).rows
 
 
@@ -85,13 +89,6 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
                         device: str | None) -> dict:
     """Held-out greedy / sampled accuracy, pass@k and maj@k of a checkpoint (``nanoseek.evaluate``), with the
     per-problem results and the model's parameter counts."""
-    from nanoseek.distributed import device_of
-    from nanoseek.evaluate import evaluate
-    from nanoseek.policy import Policy
-    from nanoseek.rollout import Scorer
-    from nanoseek.tasks import get_task, task_reward
-    from nanoseek.tokenizer import Tokenizer
-
     tok = Tokenizer.load(checkpoint)
     policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
     r = evaluate(policy, tok.encode_prompt, tok.decode, list(held_out(task, n)),
@@ -105,35 +102,40 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
 
 def sft(out: Path, steps: int, resume: bool, **fields) -> dict:
     """An SFT stage (``nanoseek.train.pretrain``, mode sft) of ``steps`` steps into ``out``; ``fields`` are the
-    rest of its ``TrainConfig``. A Ctrl-C leaves the stage unfinished (``--resume`` continues it)."""
-    from nanoseek.train.pretrain import SFTConfig, train
-
-    summary = train(SFTConfig(out=str(out), steps=steps, resume=resume, keep=1, **fields))
-    if summary["interrupted"]:  # train saved a checkpoint and returned early: the stage is not done
-        raise KeyboardInterrupt(f"SFT stopped at step {summary['steps']}; continue with --resume")
-    return summary
+    rest of its ``TrainConfig``."""
+    return finished(train(SFTConfig(out=str(out), steps=steps, resume=resume, keep=1, **fields)), "SFT")
 
 
 def grpo(out: Path, resume: bool, **fields) -> dict:
     """A GRPO stage (``nanoseek.train.grpo``) into ``out``; ``fields`` are the rest of its ``GRPOConfig``."""
-    from nanoseek.train.grpo import GRPOConfig, train_grpo
+    return finished(train_grpo(GRPOConfig(out=str(out), resume=resume, **fields)), "GRPO")
 
-    summary = train_grpo(GRPOConfig(out=str(out), resume=resume, **fields))
+
+def finished(summary: dict, stage: str) -> dict:
+    """A training stage's summary; after a Ctrl-C (saved, returned early) the stage is unfinished: ``--resume``."""
     if summary["interrupted"]:
-        raise KeyboardInterrupt(f"GRPO stopped at step {summary['steps']}; continue with --resume")
+        raise KeyboardInterrupt(f"{stage} stopped at step {summary['steps']}; continue with --resume")
     return summary
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 1-10 degrees of freedom
+
+
+def mean_ci(xs: list[float], student: bool = False) -> tuple[float, float | None]:
+    """Mean and 95% CI half-width q·s/√n (None for one value); q: 1.96, or ``student``: t at min(n − 1, 10) dof."""
+    n, mean = len(xs), sum(xs) / len(xs)
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, (T975[min(n, 11) - 2] if student else 1.96) * sd / math.sqrt(n)
+
+
 def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of a_i − b_i over the same problems and its 95% confidence half-width (normal approximation,
-    1.96·s/√n with s the sample standard deviation of the per-problem differences)."""
-    n = len(a)
-    if n != len(b) or n == 0:
+    """Mean of a_i − b_i over the same problems and its 95% confidence half-width (``mean_ci``, normal)."""
+    if len(a) != len(b) or not a:
         raise ValueError(f"paired_difference: need two equal, non-empty lists, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-    return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n": n}
+    mean, ci = mean_ci([x - y for x, y in zip(a, b)])
+    return {"mean": mean, "ci95": math.inf if ci is None else ci, "n": len(a)}
 
 
 def pct(x: float | None) -> str:

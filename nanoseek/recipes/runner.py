@@ -87,8 +87,7 @@ def held_out(task: str, n: int) -> tuple:
 
 def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_completion_length: int, seed: int,
                         device: str | None) -> dict:
-    """Held-out greedy / sampled accuracy, pass@k and maj@k of a checkpoint (``nanoseek.evaluate``), with the
-    per-problem results and the model's parameter counts."""
+    """Held-out accuracy, pass@k and maj@k of a checkpoint (``nanoseek.evaluate``), per problem, and its size."""
     tok = Tokenizer.load(checkpoint)
     policy = Policy.load(checkpoint, tok.pad_id, tok.eos_id, device=device_of(device))
     r = evaluate(policy, tok.encode_prompt, tok.decode, list(held_out(task, n)),
@@ -101,8 +100,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, n: int, *, k: int, max_compl
 
 
 def sft(out: Path, steps: int, resume: bool, **fields) -> dict:
-    """An SFT stage (``nanoseek.train.pretrain``, mode sft) of ``steps`` steps into ``out``; ``fields`` are the
-    rest of its ``TrainConfig``."""
+    """An SFT stage of ``steps`` steps into ``out``; ``fields``: the rest of its ``SFTConfig``."""
     return finished(train(SFTConfig(out=str(out), steps=steps, resume=resume, keep=1, **fields)), "SFT")
 
 

@@ -19,7 +19,7 @@ from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, save_checkpo
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.datasets import Row
 from nanoseek.distributed import global_std, init_distributed, is_main, reduce_floats
-from nanoseek.hf import atomic_write_text
+from nanoseek.hf import atomic_write
 from nanoseek.policy import Policy
 from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
@@ -191,7 +191,7 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
             if cfg.save_best and (best is None or m[best_metric] > best["value"]):
                 best = {"metric": best_metric, "value": m[best_metric], "step": n}
                 save_checkpoint(best_json.parent, n, model, state={"best": best}, keep=1, tokenizer=trainer.tokenizer)
-                atomic_write_text(json.dumps(best, indent=2), best_json)
+                atomic_write(Path(best_json), json.dumps(best, indent=2))
         if is_main() and cfg.log_completions_every and (n - 1) % cfg.log_completions_every == 0:
             _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
         return m, reduce_floats([float(stop.requested)], "max")[0] > 0

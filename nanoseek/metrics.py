@@ -145,5 +145,5 @@ def greedy_samples(model: Transformer, tok: Tokenizer, prompts: list[str], max_n
     """Greedy continuations of text ``prompts`` (BOS by the tokenizer's rule), to log during training."""
     from nanoseek.generate import generate
 
-    ids = [tok.encode(p, add_bos=tok.adds_bos(p)) for p in prompts]
+    ids = [tok.encode(p, add_bos=True) for p in prompts]
     return [tok.decode(out) for out in generate(model, ids, max_new, stop_token_ids=tok.stop_ids)]

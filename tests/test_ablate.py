@@ -75,11 +75,13 @@ def test_finished_runs_are_not_retrained_and_more_seeds_reuse_them(tmp_path, mon
     monkeypatch.setattr(ablate, "pretrain", fake_pretrain)
     out = tmp_path / "ablate"
     assert main(["ablate", "--quick", "--study", "balance", "--out", str(out)]) == 0
-    assert calls == ["prepare", ("aux-free", 0), ("aux-loss", 0)]
+    sweep = [("dense-active", 0)] * len(ablate.LR_SWEEP)  # the learning-rate sweep, once
+    assert calls == ["prepare", *sweep, ("aux-free", 0), ("aux-loss", 0)]
     assert main(["ablate", "--quick", "--study", "balance", "--out", str(out), "--resume", "--seeds", "2"]) == 0
-    assert calls[3:] == [("aux-free", 1), ("aux-loss", 1)]  # seed 0 and the corpus come from OUT/stages.json
-    assert set(json.loads((out / "stages.json").read_text())) == {"corpus", *(
-        f"balance/{v}/{s}" for v in ("aux-free", "aux-loss") for s in (0, 1))}
+    assert calls[6:] == [("aux-free", 1), ("aux-loss", 1)]  # seed 0, the sweep and the corpus: OUT/stages.json
+    assert set(json.loads((out / "stages.json").read_text())) == {"corpus", *(f"lr/{lr:g}" for lr in ablate.LR_SWEEP),
+                                                                  *(f"{v}/{s}" for v in ("base", "balance/aux-loss")
+                                                                    for s in (0, 1))}
     report = json.loads((out / "report.json").read_text())
     assert report["figures"]["balance"]["aux-loss"]["val_bpb"] == pytest.approx([3.05, 12.706 * 0.05])
     assert [c["verdict"] for c in report["claims"]] == ["holds", "holds"]  # CIs ±0.64 apart by 2
@@ -122,7 +124,7 @@ def test_quick_mtp_study_reports_finite_numbers_and_resumes(tmp_path, capsys):
     assert "accept@1" not in figures["D=0"] and 0 <= figures["D=2"]["accept@2"][0] <= 1
     assert figures["D=0"]["val_bpb"][0] < 8  # bits per byte of a model that learned a little
     assert main(["ablate", "--quick", "--study", "mtp", "--out", str(out), "--resume"]) == 0
-    assert capsys.readouterr().out.count("done earlier") == 4  # the corpus and the three runs
+    assert capsys.readouterr().out.count("done earlier") == 7  # the corpus, the three of the sweep, the three runs
 
 
 @pytest.mark.slow

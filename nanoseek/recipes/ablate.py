@@ -41,6 +41,7 @@ BALANCE = {"aux-free": dict(bias_gamma=1e-3, balance_alpha=1e-4), "aux-loss": di
 # every run's size and budgets (lr: for every variant; decode_context: attention's decode at batch 8 x this context)
 FULL = dict(hidden=128, layers=4, expert=32, vocab=4096, documents=None, seq_len=256, batch=16, steps=100, lr=3e-3,
             eval_every=25, eval_tokens=16384, decode_context=2048, rl_sft_steps=300, rl_steps=30, eval_n=200)
+LR_SWEEP = (1e-3, 3e-3, 1e-2)
 QUICK = {**FULL, **dict(hidden=32, layers=2, expert=8, vocab=512, documents=120, seq_len=64, batch=4, steps=10,
                         eval_every=5, eval_tokens=512, decode_context=64, rl_sft_steps=10, rl_steps=2, eval_n=8)}
 
@@ -93,24 +94,23 @@ def maxvio(records: list[dict]) -> list[list[float]]:
 
 def decode(model: Transformer, prompts: list[list[int]], new_tokens: int, speculative: bool) -> dict:
     """Greedy decoding of the prompts as one batch: decode tok/s and the speculative acceptance per depth."""
-    _, engine = run_engine(model, prompts, new_tokens, speculative=speculative)
-    return {"decode_tok_s": engine.decode_tokens / max(engine.decode_seconds, 1e-9),
-            **{f"accept@{d + 1}": a / max(n, 1) for d, (a, n) in enumerate(zip(engine.spec_accepted,
-                                                                                engine.spec_proposed))}}
+    _, e = run_engine(model, prompts, new_tokens, speculative=speculative)
+    return {"decode_tok_s": e.decode_tokens / max(e.decode_seconds, 1e-9),
+            **{f"accept@{d + 1}": a / max(n, 1) for d, (a, n) in enumerate(zip(e.spec_accepted, e.spec_proposed))}}
 
 
 def pretrain(study: str, variant: str, out: Path, corpus: Path, overrides: dict, *, s: dict, seed: int,
              device: str | None) -> dict:
     """One pretraining run (continued if interrupted), then its figures and curves: val bpb, sizes, KV bytes, MaxVio;
-    attention: decode tok/s (random prompts); MTP: greedy speculative decoding of 8 validation windows."""
+    attention and base runs: decode tok/s (random prompts); MTP: greedy speculative decoding of validation windows."""
     summary = runner.finished(train(TrainConfig(
         out=str(out), resume=True, keep=1, progress=False, preset="tiny", overrides=overrides, data_dir=str(corpus),
         eval_every=s["eval_every"], eval_tokens=s["eval_tokens"], seq_len=s["seq_len"], batch_size=s["batch"],
         steps=s["steps"], lr=s["lr"], warmup_steps=s["steps"] // 10, seed=seed, device=device,
-        **BALANCE.get(variant, {}))), "pretraining")
+        **BALANCE["aux-loss" if variant == "aux-loss" else "aux-free"])), "pretraining")
     records, tokens = read_metrics(out), s["batch"] * s["seq_len"]
     per_token = flops_per_token(ModelConfig.preset("tiny", **overrides), s["seq_len"])
-    walls = np.cumsum([tokens / r["tokens_per_s"] for r in records])
+    walls = np.cumsum([tokens / r["train/tokens_per_s"] for r in records])
     evals = [(r["step"] * tokens * per_token, t, r["val/bpb"]) for r, t in zip(records, walls) if "val/bpb" in r]
     model = Transformer.from_pretrained(summary["checkpoint"]).eval()
     figures = {"val_bpb": evals[-1][2], "flops_per_token": per_token, "train_tok_s": tokens * len(records) / walls[-1],
@@ -122,7 +122,7 @@ def pretrain(study: str, variant: str, out: Path, corpus: Path, overrides: dict,
         figures.update({f"maxvio[{i}]": float(np.mean(v[-max(1, len(v) // 4):])) for i, v in enumerate(vio)})
         figures["maxvio"] = float(np.mean([figures[f"maxvio[{i}]"] for i in range(len(vio))]))
         curves["MaxVio (mean over layers) vs step"] = (list(range(1, len(vio[0]) + 1)), np.mean(vio, 0).tolist())
-    if study == "attention":
+    if study in ("attention", "base"):
         prompts = torch.randint(0, model.config.vocab_size, (8, s["decode_context"]),
                                 generator=torch.Generator().manual_seed(seed))
         figures["decode_tok_s"] = decode(model, prompts.tolist(), 32, False)["decode_tok_s"]
@@ -173,10 +173,11 @@ def build_report(results: dict[str, dict[str, list[dict]]], s: dict, seeds: list
                "numbers": f"{a} {cell(figures[study][a][k])} vs {b} {cell(figures[study][b][k])}"}
               for study, a, b, k, lower in CLAIMS if study in figures]
     parts = [f"nanoseek ablate — seeds {seeds}; mean ± 95% CI over seeds (Student t; none with one seed). One "
-             "learning rate for every variant (no per-variant tuning). FLOPs/token: `nanoseek.flops` (training, "
-             "active experts only); dense widths and MHA/GQA head sizes are solved to match it or the parameters. "
-             "maxvio[i]: MoE layer i (MTP's last), mean over the last quarter of training. wall_time_s: a run's, "
-             "with its measurements. rl: peak_rss_mb: the training process's peak RSS (fresh; with torch)."]
+             f"learning rate for every variant, {s['lr']:g}: dense-active's best val bpb over {LR_SWEEP} (one seed; "
+             "no per-variant tuning). Variants equal to the base model share its runs. FLOPs/token: `nanoseek.flops` "
+             "(training, active experts only); dense widths and MHA/GQA head sizes are solved to match it or the "
+             "parameters. maxvio[i]: MoE layer i (MTP's last), mean over the last quarter of training. wall_time_s: "
+             "a run's, with its measurements. rl: peak_rss_mb: the training process's peak RSS (fresh; with torch)."]
     for study, by_variant in figures.items():
         keys = list(dict.fromkeys(k for f in by_variant.values() for k in f))
         parts += [f"## {study}", runner.table(["variant", *keys], [
@@ -224,23 +225,31 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(range(flags.seed, flags.seed + (flags.seeds or (1 if flags.quick else 3))))
     stages = Stages(out, flags.resume, tag="ablate")
     corpus, studies = Path(flags.data_dir or out / "corpus"), STUDIES if flags.study == "all" else (flags.study,)
-    if not flags.data_dir and flags.study != "rl":
-        stages.run("corpus", prepare, PrepareConfig(corpus=flags.corpus, out=str(corpus), vocab_size=s["vocab"],
-                                                    limit=s["documents"], val_per_mille=50))
+    if flags.study != "rl":  # the corpus, then one learning-rate sweep of dense-active, used by every variant
+        if not flags.data_dir:
+            stages.run("corpus", prepare, PrepareConfig(corpus=flags.corpus, out=str(corpus), vocab_size=s["vocab"],
+                                                        limit=s["documents"], val_per_mille=50))
+        moe = variants("moe", s, read_index(corpus)["vocab_size"])
+        sweep = {lr: stages.run(f"lr/{lr:g}", pretrain, "lr", "dense-active", out / f"lr/{lr:g}", corpus,
+                                moe["dense-active"], s={**s, "lr": lr}, seed=flags.seed, device=flags.device)
+                 for lr in LR_SWEEP}
+        s = {**s, "lr": min(sweep, key=lambda lr: sweep[lr]["figures"]["val_bpb"])}
     results: dict[str, dict[str, list[dict]]] = {study: {} for study in studies}
     for study, seed in ((study, seed) for study in studies for seed in seeds):  # a run: stage "study/variant/seed"
         if study == "rl":
             sft = stages.run(f"rl/sft/{seed}", runner.sft, out / f"rl/sft/{seed}", s["rl_sft_steps"], True,
-                             preset="tiny", task=TASK, seq_len=32, batch_size=32, lr=s["lr"], seed=seed,
+                             preset="tiny", task=TASK, seq_len=32, batch_size=32, lr=FULL["lr"], seed=seed,
                              overrides={"max_position_embeddings": 64}, progress=False, device=flags.device)
-            runs = {algo: (rl_run, algo, out / f"rl/{algo}/{seed}", sft["checkpoint"]) for algo in ("grpo", "ppo")}
-        else:
-            runs = {name: (pretrain, study, name, out / f"{study}/{name}/{seed}", corpus, overrides)
-                    for name, overrides in variants(study, s, read_index(corpus)["vocab_size"]).items()}
-        for name, (fn, *fn_args) in runs.items():
-            r = stages.run(f"{study}/{name}/{seed}", fn, *fn_args, s=s, seed=seed, device=flags.device)
-            results[study].setdefault(name, []).append({**r, "figures": {**r["figures"],
-                                                                          "wall_time_s": r["wall_time_s"]}})
+            runs = {a: (f"rl/{a}", rl_run, a, out / f"rl/{a}/{seed}", sft["checkpoint"]) for a in ("grpo", "ppo")}
+        else:  # the variants equal to the base model (DeepSeekMoE, MLA, aux-free, D=0) share one run: "base"
+            runs = {}
+            for name, overrides in variants(study, s, read_index(corpus)["vocab_size"]).items():
+                key = "base" if overrides == moe["deepseekmoe"] and name != "aux-loss" else f"{study}/{name}"
+                runs[name] = (key, pretrain, key.split("/")[0], name, out / f"{key}/{seed}", corpus, overrides)
+        for name, (key, fn, *fn_args) in runs.items():
+            r = stages.run(f"{key}/{seed}", fn, *fn_args, s=s, seed=seed, device=flags.device)
+            figures = {k: v for k, v in r["figures"].items() if study == "attention" or k != "decode_tok_s"}
+            results[study].setdefault(name, []).append({**r, "figures": {**figures, "wall_time_s": r["wall_time_s"]}})
     report, text = build_report(results, s, seeds)
     report["plots"] = write_plots(out, results)
     runner.write_report(out, "ablate", report, text, [f"Wall time {stages.wall_time_s():.0f} s.", "",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -91,14 +91,11 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
     """Run every stage into ``out``; returns the report dict (also written to out/report.json)."""
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.datasets import task_dataset
+    from nanoseek.sample import write_rows
     from nanoseek.tasks import examples, get_task
 
     out.mkdir(parents=True, exist_ok=True)
@@ -108,10 +105,10 @@ def run_demo(cfg: DemoConfig, out: Path, resume: bool = False) -> dict:
 
     def data() -> dict:  # 1. the task and the fixed held-out set, for the record
         held_out = runner.held_out(TASK, cfg.eval_n)
-        _write_jsonl(out / "heldout.jsonl", [{"prompt": r.prompt, "completion": r.completion, "answer": r.answer}
+        write_rows(out / "heldout.jsonl", [{"prompt": r.prompt, "completion": r.completion, "answer": r.answer}
                                              for r in held_out])
         validation = task_dataset(task, cfg.validation_n, "train", seed=VALIDATION_SEED).rows
-        _write_jsonl(out / "validation.jsonl",  # training-split problems: disjoint from the held-out set
+        write_rows(out / "validation.jsonl",  # training-split problems: disjoint from the held-out set
                      [{"prompt": r.prompt, "answer": r.answer} for r in validation])
         return {"task": TASK, "train_example": asdict(examples(task, 1, "train", seed=cfg.seed)[0]),
                 "heldout": len(held_out), "validation": len(validation)}
@@ -312,18 +309,16 @@ TABLE_ROWS = (("sft", "SFT warm-start", "sft_time_s"), ("grpo", "SFT + GRPO", "g
 
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (0 for one value), min and max."""
-    n, mean = len(values), sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
 
 
 def seeds_summary(reports: list[dict]) -> dict:
     """Every figure of the demo table over several seeds' reports: row -> column -> spread."""
     k = reports[0]["config"]["eval_num_generations"]
     cols = ("accuracy", "sample_accuracy", f"maj@{k}", f"pass@{k}")
-    out = {name: {c: spread([r[name][c] for r in reports]) for c in cols} for name, _, _ in TABLE_ROWS}
-    for name, _, time_key in TABLE_ROWS:
-        out[name]["time_s"] = spread([r[time_key] for r in reports])
+    out = {name: {**{c: spread([r[name][c] for r in reports]) for c in cols},
+                  "time_s": spread([r[time_key] for r in reports])} for name, _, time_key in TABLE_ROWS}
     out["gain"] = spread([r["gain"]["mean"] for r in reports])
     out["grpo_vs_continued_sft"] = spread([r["grpo_vs_continued_sft"]["mean"] for r in reports])
     return {"seeds": [r["seed"] for r in reports], "k": k, "rows": out}

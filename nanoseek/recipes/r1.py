@@ -145,7 +145,9 @@ def run_pipeline(cfg: R1Config, out: Path, resume: bool = False) -> dict:
                                       data=dist_data["data"], overrides=cfg.student)
               if dist_data["kept"] else _skip("distillation", "the teacher's samples were all rejected"))
     report = build_report(cfg, stages.done, stages.wall_time_s())
-    runner.write_report(out, "r1", report, report_text(report), [
+    text = (f"nanoseek r1 — task {TASK}, {report['heldout_problems']} distinct held-out problems, seed {cfg.seed}, "
+            f"wall time {report['wall_time_s']:.0f} s\n\n{summary_table(report)}")
+    runner.write_report(out, "r1", report, text, [
         "Stage time includes the stage's sampling (rejection sampling, the teacher's samples for distillation), "
         "not the evaluation. Rejection sampling keeps a sample only if the final answer is right, the format is "
         "GSM8K's, every worked equation holds and it ended by itself."])
@@ -183,11 +185,6 @@ def summary_table(report: dict) -> str:
                                                                f"maj@{k}")), kept, f"{r['wall_time_s']:.0f} s"])
     return runner.table(["stage", "model", "greedy", "sampled (T=1)", f"pass@{k}", f"maj@{k}",
                          "training samples kept", "stage time"], cells)
-
-
-def report_text(report: dict) -> str:
-    return (f"nanoseek r1 — task {report['task']}, {report['heldout_problems']} distinct held-out problems, "
-            f"seed {report['seed']}, wall time {report['wall_time_s']:.0f} s\n\n{summary_table(report)}")
 
 
 # ---------------------------------------------------------------------- CLI

@@ -37,8 +37,7 @@ class RecipeArgs:
     out: str = option("runs/recipe", "run directory (stages, checkpoints, metrics, report.md)")
     resume: bool = option(False, "skip finished stages, continue the interrupted one")
     overwrite: bool = option(False, "delete the earlier run in --out and start over")
-    threads: int = option(1, "torch CPU threads (1: the recipes' small matrices gain little from more, and one "
-                          "thread per process cannot oversubscribe a shared CPU)", min=1)
+    threads: int = option(1, "torch CPU threads (1: small matrices gain little from more; none oversubscribed)", min=1)
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 

@@ -33,6 +33,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.corpus import PrepareConfig, prepare
 from nanoseek.data import IGNORE, LMBatch, SFTData, ShardData, bits_per_byte, make_data
 from nanoseek.distributed import all_reduce_, barrier, init_distributed, is_main, wrap_model
+from nanoseek.flops import flops_per_token, measure_peak_flops, mfu
+from nanoseek.metrics import greedy_samples
 from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import Transformer
@@ -61,6 +63,10 @@ class TrainConfig(RunConfig, OptimConfig):
                                   "(take precedence over --data and --task)")
     eval_every: int = option(0, "validation loss and bits per byte every N steps (0: never; needs shards)", min=0)
     eval_tokens: int = option(32768, "validation tokens: the first of the val split", min=1)
+    sample_every: int = option(0, "log greedy samples of --sample-prompts every N steps (0: never)", min=0)
+    sample_prompts: list[str] = option(default_factory=lambda: ["def ", "import "], help="prompts of --sample-every")
+    peak_flops: float | None = option(None, "the device's peak FLOP/s for train/mfu (default: measured as "
+                                      "`nanoseek info --peak` does)", min=0)
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
                                        "listing them)")
@@ -230,6 +236,8 @@ def train(cfg: TrainConfig) -> dict:
     moes = model.moe_layers()
     depths = len(model.mtp) if use_mtp else 0
     last_loss = float("nan")
+    flops = flops_per_token(model.config, cfg.seq_len)
+    peak = world * (cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if cfg.bf16 else torch.float32))
 
     def step(n: int, stop: StopFlag) -> tuple[dict, bool]:
         nonlocal last_loss
@@ -265,14 +273,18 @@ def train(cfg: TrainConfig) -> dict:
                 update_expert_bias(m.gate, load, cfg.bias_gamma)
         dt = time.perf_counter() - t0
         last_loss = sums[0].item() / max(n_tokens[0], 1)
-        record = dict(loss=last_loss, lr=lr, grad_norm=grad_norm,
-                      tokens_per_s=cfg.batch_size * batch.input_ids.shape[1] / dt,
-                      balance_loss=sums[depths + 1].item())
+        tokens = cfg.batch_size * batch.input_ids.shape[1]
+        record = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm, "balance_loss": sums[depths + 1].item(),
+                  "tokens": n * tokens, "train/tokens_per_s": tokens / dt, "train/flops_per_token": flops,
+                  "train/mfu": mfu(tokens / dt, flops, peak)}
         if val is not None and (n % cfg.eval_every == 0 or n == cfg.steps):
             record.update(validate(model, val, data.token_bytes, micro, cfg, rank, world))
         if depths:
             record["mtp_loss"] = sum(sums[k].item() / max(n_tokens[k], 1) for k in range(1, depths + 1)) / depths
         record["expert_load_max_mean"] = [(ld.max() / ld.mean().clamp_min(1e-9)).item() for ld in loads]
+        if cfg.sample_every and n % cfg.sample_every == 0 and is_main() and not fsdp:
+            record["samples"] = greedy_samples(model.eval(), tok, cfg.sample_prompts, 48)
+            model.train()
         return record, sums[-1].item() > 0
 
     config = config_dict(cfg)

@@ -18,24 +18,15 @@ def option(default: Any = MISSING, help: str = "", *, min: float | None = None, 
     """A dataclass field with its flag's help, its range (``min`` ≤ v, ``gt`` < v, v ≤ ``max``) and choices.
     ``cli=False`` keeps a field out of the command line (set by code only); other ``kwargs`` go to argparse."""
     meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "cli": cli, "argparse": kwargs}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, default_factory=default_factory, metadata=meta)
 
 
 # Old flag names, refused with the one name each concept has now (TRL's where TRL has the concept).
 RENAMED: dict[str, str] = {
-    "--checkpoint": "--model",
-    "--init-from": "--model",
-    "--max-new-tokens": "--max-completion-length",
-    "--max-len": "--max-model-len",
-    "--num-samples": "--num-generations",
-    "--k": "--num-generations",
-    "--ckpt-every": "--save-every",
-    "--warmup": "--warmup-steps",
-    "--schedule": "--lr-schedule",
-    "--grad-clip": "--max-grad-norm",
-    "--eval-k": "--eval-num-generations",
+    "--checkpoint": "--model", "--init-from": "--model", "--max-new-tokens": "--max-completion-length",
+    "--max-len": "--max-model-len", "--num-samples": "--num-generations", "--k": "--num-generations",
+    "--ckpt-every": "--save-every", "--warmup": "--warmup-steps", "--schedule": "--lr-schedule",
+    "--grad-clip": "--max-grad-norm", "--eval-k": "--eval-num-generations",
 }
 
 

@@ -27,14 +27,12 @@ def device_of(name: str | None) -> torch.device:
     """``--device``: "cpu", "cuda" or "cuda:N"; None means cuda when available, else the CPU."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu")
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
     return torch.device(name)
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device): joins the process group under torchrun (WORLD_SIZE > 1); "cuda" is this
-    process's local GPU."""
+    """-> (rank, world_size, device), joining the process group under torchrun; "cuda" is this process's local GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_of(device)

@@ -40,10 +40,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
         if m := re.match(r"^mtp\.(\d+)\.(.*)$", name):
             rest = next(theirs + m[2].removeprefix(ours) for ours, theirs in _MTP_NAMES if m[2].startswith(ours))
             name = f"layers.{L + int(m[1])}.{rest}"
-        if name == "lm_head.weight":
-            out[name] = t
-            continue
-        name = "model." + name
+        if name != "lm_head.weight":
+            name = "model." + name
         if m := _STACKED.match(name):
             for e in range(t.shape[0]):
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
@@ -77,8 +75,7 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A checkpoint directory's weights under nanoseek's names (the inverse of ``to_hf_state_dict``; MTP copies
-    are dropped); errors name the directory or file."""
+    """A checkpoint directory's weights under nanoseek's names (``to_hf_state_dict`` inverted; MTP copies dropped)."""
     L = config.num_hidden_layers
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
@@ -145,8 +142,7 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
-    """Write ``data`` (text, or a function that writes the file it is given) to a temporary file next to ``path``,
-    then rename it into place."""
+    """Write ``data`` (text, or a function writing the path it is given) to a temp file beside ``path``, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -156,8 +152,7 @@ def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
             data(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
@@ -180,13 +175,12 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     for name, shard in zip(names, shards):
         atomic_write(directory / name, partial(save_file, shard, metadata={"format": "pt"}))
-        stale.discard(directory / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
-        atomic_write(directory / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
-        stale.discard(directory / "model.safetensors.index.json")
-    for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist
+        names.append("model.safetensors.index.json")
+        atomic_write(directory / names[-1], json.dumps(index, indent=2, sort_keys=True))
+    for old in stale - {directory / name for name in names}:  # an earlier save's other sharding, once the new exists
         old.unlink()
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")  # the weights' dtype, for transformers
     atomic_write(directory / "config.json",

@@ -1,8 +1,7 @@
 """RL's view of a causal LM (a nanoseek ``Transformer`` or any Hugging Face one): rollouts with their sampler
-log-probs, and completion log-probs for the loss. EOS and truncation are decided once, in ``Policy.sample``. The group
-structure travels in the ``Batch`` (``prompt_index``): each distinct prompt runs once into a cache that is copied to
-its rows (gradients flow back through the copies), then only the completion tokens run per row; the vocabulary head
-sees the real completion tokens only, in chunks.
+log-probs, and completion log-probs for the loss (EOS and truncation decided once, in ``Policy.sample``). Rows of a
+``Batch`` that share a prompt (``prompt_index``) run it once into a cache copied to each row (gradients flow back
+through the copies), then their completion tokens; the head sees only the real completion tokens, in chunks.
 """
 
 from __future__ import annotations
@@ -53,8 +52,7 @@ class Batch:
         return self.completion_mask.sum(1).long()
 
     def select(self, rows: torch.Tensor) -> Batch:
-        """The sub-batch of ``rows``, with only the prompts they use, trimmed to its own longest prompt and
-        completion (so a micro-batch of short completions costs short completions)."""
+        """The sub-batch of ``rows`` and the prompts they use, trimmed to its own longest prompt and completion."""
         used, index = self.prompt_index[rows].unique(return_inverse=True)
         lens = self.prompt_lens[used]
         width = max(int(self.completion_mask[rows].sum(1).max()), 1) if len(rows) else 1
@@ -231,8 +229,7 @@ class Policy:
         return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (N, L, D)
 
     def _shared_states(self, batch: Batch) -> torch.Tensor:
-        """``completion_states`` with each distinct prompt run once into a cache that is copied to its rows, then
-        every row's completion tokens but the last."""
+        """``completion_states``: each distinct prompt once into a cache copied to its rows, then the completions."""
         plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
         completions = batch.completion_ids[:, : L - 1]
         if self.nanoseek:
@@ -261,20 +258,16 @@ class Policy:
 
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) without
-        gradient, or None. Only the real completion tokens reach the head, ``chunk_tokens`` at a time (each chunk
-        recomputed in backward)."""
+        """log π(o_t | q, o_<t) of every completion token (N, L) float32, 0 on padding, and entropies (N, L) without
+        gradient or None. Only real tokens reach the head, ``chunk_tokens`` at a time (recomputed in backward)."""
         h = self.completion_states(batch)  # (N, L, D)
-        N, L = batch.completion_ids.shape
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
         head = self.model.lm_head if self.nanoseek else self.model.get_output_embeddings()
-        fn = _token_logprobs
-        if torch.is_grad_enabled() and hs.requires_grad:
-            fn = partial(checkpoint, _token_logprobs, use_reentrant=False)
+        fn = partial(checkpoint, _token_logprobs, use_reentrant=False) if hs.requires_grad else _token_logprobs
         parts = [fn(hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
                     entropy) for s in range(0, hs.shape[0], chunk_tokens)]
-        out = h.new_zeros(N, L, dtype=torch.float32)
+        out = h.new_zeros(real.shape, dtype=torch.float32)
         logp = out.masked_scatter(real, torch.cat([lp for lp, _ in parts])) if parts else out
         ent = (out.masked_scatter(real, torch.cat([en for _, en in parts])) if parts else out) if entropy else None
         return logp, ent

@@ -65,9 +65,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     hf.atomic_write(root / "latest", final.name + "\n")
-    for old in [*_step_dirs(root)[: -max(keep, 1)], *root.glob(".tmp_*")]:  # the oldest, and crashed saves' leftovers
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for stale in [*_step_dirs(root)[: -max(keep, 1)], *root.glob(".tmp_*")]:  # the oldest, crashed saves' leftovers
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -95,8 +95,7 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             if damaged:
-                print(f"warning: checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); using {path}",
-                      file=sys.stderr)
+                print(f"warning: {damaged[0][0]} is damaged ({damaged[0][1]}); using {path}", file=sys.stderr)
             return path
         damaged.append((path, problem))
     raise ValueError(f"{root}: every checkpoint is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in damaged))

@@ -92,10 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         origin, item = typing.get_origin(base), typing.get_args(base)
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kw.update(nargs="*", type=item[0])
-        elif origin is tuple:
-            kw.update(nargs=len(item), type=item[0])
+        elif origin in (list, tuple):
+            kw.update(nargs="*" if origin is list else len(item), type=item[0])
         elif base is dict or origin is dict:
             kw.update(type=_json_object, metavar="JSON")
         else:  # int, float, str, and str-or-callable fields (given by name on the command line)

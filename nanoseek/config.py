@@ -1,7 +1,6 @@
 """Model configuration, with the field names and meanings of Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config``
-so that a checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
-``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that baseline's head
-size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
+so that a checkpoint's ``config.json`` round-trips; ``attention_type`` and ``head_dim`` (an MHA/GQA baseline of the
+same width) are nanoseek's own.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class ModelConfig:
     scoring_func: str = option("sigmoid", choices=("softmax", "sigmoid"))
     topk_method: str = option("noaux_tc", choices=("greedy", "group_limited_greedy", "noaux_tc"))
     first_k_dense_replace: int = option(1, min=0)
-    aux_loss_alpha: float = option(1e-4, "V3 §4.2: α = 0.0001", min=0)
+    aux_loss_alpha: float = option(1e-4, "sequence-wise balance-loss weight (V3 §2.1.2); α = 0.0001 (§4.2)", min=0)
     # MTP (V3 §2.2)
     num_nextn_predict_layers: int = option(0, min=0)
     # the rest of the block

@@ -33,31 +33,25 @@ def device_of(name: str | None) -> torch.device:
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """-> (rank, world_size, device), joining the process group under torchrun; "cuda" is this process's local GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_of(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
         torch.cuda.set_device(device)
-    if world > 1 and not is_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if is_distributed() else 0), world_size(), device
 
 
-def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum across ranks (identity on one process)."""
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum, max or min across ranks (identity on one process)."""
     if is_distributed():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum, max or min of a few floats across ranks (identity on one process)."""
-    if not is_distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t.tolist()
+    """``all_reduce_`` of a few floats, in float64."""
+    return all_reduce_(torch.tensor(values, dtype=torch.float64), op).tolist()
 
 
 def global_std(values: torch.Tensor) -> float:

@@ -94,8 +94,7 @@ def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
         out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
     renamed = {}
     for name, t in out.items():
-        if name != "lm_head.weight":
-            name = name.removeprefix("model.")
+        name = name.removeprefix("model.")
         if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
             if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
                 continue  # copies of the shared embedding / head
@@ -112,8 +111,7 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in weight_files(directory):
         with open_safetensors(f) as fh:
-            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[k] = fh.get_tensor(k)
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return tensors
 
 
@@ -157,8 +155,7 @@ def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
 
 def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
                      max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write a nanoseek state dict as ``config.json`` + ``model.safetensors`` (or shards + index) under the
-    Hugging Face names, each file atomically; files of an earlier save with another sharding are removed."""
+    """Write a state dict as ``config.json`` + ``model.safetensors`` (or shards + index), HF names, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(state, config)

@@ -120,9 +120,8 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
 
 
 class Policy:
-    """A causal LM with the two things RL needs from it: rollouts and completion log-probs. The model is a nanoseek
-    ``Transformer`` (latent KV cache, ``nanoseek.generate``) or any Hugging Face causal LM (its decoder, its cache
-    with left-padded prompts, its ``generate``); ``self.nanoseek`` tells which where they differ."""
+    """Rollouts and completion log-probs of a nanoseek ``Transformer`` (its latent KV cache, ``nanoseek.generate``) or
+    a Hugging Face causal LM (decoder, cache with left-padded prompts, ``generate``); ``self.nanoseek`` says which."""
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
         from nanoseek.model.transformer import Transformer

@@ -104,10 +104,7 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from (damaged config.json, weights header, state.pt or optimizer.pt), or None."""
     try:
-        try:
-            json.loads((path / "config.json").read_text())
-        except ValueError as e:
-            return f"{path / 'config.json'}: malformed JSON ({e})"
+        json.loads((path / "config.json").read_text())
         for f in hf.weight_files(path):
             with hf.open_safetensors(f):  # the header only: nothing is read
                 pass
@@ -117,6 +114,8 @@ def checkpoint_problem(path: Path) -> str | None:
         if (path / "optimizer.pt").exists():
             with zipfile.ZipFile(path / "optimizer.pt"):  # torch.save's archive: a truncated one has no directory
                 pass
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # config.json's (every other reader names its file)
+        return f"{path / 'config.json'}: malformed JSON ({e})"
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None

@@ -43,8 +43,7 @@ def flag(name: str) -> str:
 
 
 def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> None:
-    """ValueError for the first field outside its declared range or choices: ``label(name, value)`` (default: the
-    flag and the value), the rule, and the field's help."""
+    """ValueError for the first field outside its range or choices: ``label(name, value)`` (or flag), rule, help."""
     for f in fields(cfg):
         m, v = f.metadata, getattr(cfg, f.name)
         if not m or v is None or isinstance(v, bool):

@@ -64,15 +64,12 @@ def global_std(values: torch.Tensor) -> float:
 
 def average_gradients(module: nn.Module) -> None:
     """Average the gradients of ``module`` over ranks (a parameter without a gradient counts as zeros)."""
-    if not is_distributed():
-        return
-    world = dist.get_world_size()
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and is_distributed():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-            p.grad /= world
+            p.grad /= dist.get_world_size()
 
 
 def barrier() -> None:
@@ -90,8 +87,7 @@ def cleanup(synchronize: bool = True) -> None:
 
 
 def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool = False) -> nn.Module:
-    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root; the model
-    unchanged on a single process."""
+    """DDP (gradients averaged in backward) or FSDP2 ``fully_shard`` per block, then the root; as is on one process."""
     if not is_distributed():
         return model
     if mode == "ddp":

@@ -2,8 +2,7 @@
 safetensors reading and writing, atomic file writes. nanoseek's module tree uses the Hugging Face names, but for:
 - routed experts, stacked (``mlp.experts.gate_proj: (E, I, D)``) where the checkpoint has one tensor per expert
   (``mlp.experts.{e}.gate_proj.weight``);
-- MTP module k, at ``model.layers.{L+k}`` in the released V3 weights (``enorm``, ``hnorm``, ``eh_proj``, the block,
-  ``shared_head.norm``, and copies of the shared ``embed_tokens`` / ``shared_head.head``).
+- MTP module k, at ``model.layers.{L+k}`` in the released V3 weights, with copies of the shared embedding and head.
 """
 
 from __future__ import annotations
@@ -61,8 +60,7 @@ def weight_files(directory: str | Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         if not all(isinstance(n, str) and n and "/" not in n for n in names):

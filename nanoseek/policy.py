@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import MODEL_TYPES
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,7 @@ class Batch:
         return out
 
     def token_counts(self, shared: bool) -> tuple[int, int]:
-        """(tokens a forward over this batch processes, real tokens among them): distinct prompts once and every
-        completion with sharing, else every row's whole sequence; padding makes the difference."""
+        """(tokens a forward over this batch processes, real tokens among them), with or without prompt sharing."""
         comp = int(self.completion_mask.sum())
         if shared:
             return self.prompt_ids.numel() + self.completion_ids.numel(), int(self.prompt_lens.sum()) + comp
@@ -124,8 +124,6 @@ class Policy:
     a Hugging Face causal LM (decoder, cache with left-padded prompts, ``generate``); ``self.nanoseek`` says which."""
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
-        from nanoseek.model.transformer import Transformer
-
         self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
         self.nanoseek = isinstance(model, Transformer)
         # a Hugging Face decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
@@ -143,14 +141,11 @@ class Policy:
             raise FileNotFoundError(f"--model {directory}: no config.json; expected a nanoseek or Hugging Face "
                                     "checkpoint directory")
         if json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES:
-            from nanoseek.model.transformer import Transformer
-
             model = Transformer.from_pretrained(directory, dtype=dtype)
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32,
-                                                         local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
         return cls(model.to(device), pad_id, eos_id)
 
     @property
@@ -191,7 +186,7 @@ class Policy:
                   seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
         """Raw sampled tokens (possibly past eos) and each one's log-prob under the distribution it was drawn from."""
         if self.nanoseek:
-            from nanoseek.generate import generate
+            from nanoseek.generate import generate  # looked up per call (tests script it)
 
             return generate(self.model, prompts, params.max_tokens, temperature=params.temperature,
                             top_k=params.top_k, top_p=params.top_p, seed=seed, return_logprobs=True,

@@ -126,8 +126,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    if (latest := latest_checkpoint(path)) is None:
         raise FileNotFoundError(f"{path}: not a model directory (config.json) nor a run directory with checkpoints/")
     return latest
 

@@ -65,7 +65,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     hf.atomic_write(root / "latest", final.name + "\n")
-    _prune(root, keep, final)
+    for stale in [*_step_dirs(root)[: -max(keep, 1)], *root.glob(".tmp_*")]:  # the oldest, crashed saves' leftovers
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -77,27 +79,15 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if _complete(p))
 
 
-def _prune(root: Path, keep: int, current: Path) -> None:
-    for old in _step_dirs(root)[: -max(keep, 1)]:
-        if old != current:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp_*"):  # leftovers of crashed saves
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
-    """The checkpoint ``latest`` points to, else the newest complete one, else None. With ``verify``, a damaged
-    one (``checkpoint_problem``) is skipped for the next newest intact one, with one line on stderr naming both;
-    if every checkpoint is damaged, a ValueError lists them."""
+    """The checkpoint ``latest`` points to, else the newest complete one, else None. With ``verify``, a damaged one
+    is skipped for the next newest intact one (a warning names both); if all are damaged, a ValueError lists them."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    candidates = _step_dirs(root)[::-1]
     pointer = root / "latest"
-    if pointer.exists():
-        target = root / pointer.read_text(errors="replace").strip()
-        if _complete(target):
-            candidates = [target] + [c for c in candidates if c != target]
+    target = root / pointer.read_text(errors="replace").strip() if pointer.exists() else None
+    candidates = sorted(_step_dirs(root)[::-1], key=lambda c: c != target)  # the pointer's target first
     if not verify or not candidates:
         return candidates[0] if candidates else None
     damaged = []
@@ -105,21 +95,16 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             if damaged:
-                print(f"warning: checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); using {path}",
-                      file=sys.stderr)
+                print(f"warning: {damaged[0][0]} is damaged ({damaged[0][1]}); using {path}", file=sys.stderr)
             return path
         damaged.append((path, problem))
     raise ValueError(f"{root}: every checkpoint is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in damaged))
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from (config.json, a weight file's header, state.pt or the
-    optimizer.pt archive is damaged), or None."""
+    """Why ``path`` cannot be resumed from (damaged config.json, weights header, state.pt or optimizer.pt), or None."""
     try:
-        try:
-            json.loads((path / "config.json").read_text())
-        except ValueError as e:
-            return f"{path / 'config.json'}: malformed JSON ({e})"
+        json.loads((path / "config.json").read_text())
         for f in hf.weight_files(path):
             with hf.open_safetensors(f):  # the header only: nothing is read
                 pass
@@ -129,6 +114,8 @@ def checkpoint_problem(path: Path) -> str | None:
         if (path / "optimizer.pt").exists():
             with zipfile.ZipFile(path / "optimizer.pt"):  # torch.save's archive: a truncated one has no directory
                 pass
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # config.json's (every other reader names its file)
+        return f"{path / 'config.json'}: malformed JSON ({e})"
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
@@ -139,15 +126,13 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    if (latest := latest_checkpoint(path)) is None:
         raise FileNotFoundError(f"{path}: not a model directory (config.json) nor a run directory with checkpoints/")
     return latest
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
-    """Load weights (and optimizer state) in place from a checkpoint directory; return its ``state``. A checkpoint
-    of another model raises a ValueError naming each difference with both values."""
+    """Load weights (and optimizer state) in place; return ``state``. Another model's raises, naming each difference."""
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
@@ -162,16 +147,13 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
         if diffs:
             raise ValueError(f"checkpoint {path} is of another model ({'; '.join(diffs)}); resume with the same "
                              "model config, or start a new run directory")
-        tensors = hf.read_state_dict(path, model.config)
-        hf.check_state_dict(tensors, model.state_dict(), path)
-        model.load_state_dict(tensors, strict=True)
+        tensors, expected = hf.read_state_dict(path, model.config), model.state_dict()
     else:  # a transformers model: its own names; tied weights are stored once
-        tensors = hf.read_safetensors(path)
-        expected = model.state_dict()
+        tensors, expected = hf.read_safetensors(path), model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             expected = {k: v for k, v in expected.items() if not k.endswith("lm_head.weight") or k in tensors}
-        hf.check_state_dict(tensors, expected, path)
-        model.load_state_dict(tensors, strict=False)
+    hf.check_state_dict(tensors, expected, path)
+    model.load_state_dict(tensors, strict=False)  # check_state_dict has matched every name
     if optimizer is not None:
         opt_file = path / "optimizer.pt"
         if not opt_file.exists():

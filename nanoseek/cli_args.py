@@ -18,24 +18,15 @@ def option(default: Any = MISSING, help: str = "", *, min: float | None = None, 
     """A dataclass field with its flag's help, its range (``min`` ≤ v, ``gt`` < v, v ≤ ``max``) and choices.
     ``cli=False`` keeps a field out of the command line (set by code only); other ``kwargs`` go to argparse."""
     meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "cli": cli, "argparse": kwargs}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, default_factory=default_factory, metadata=meta)
 
 
 # Old flag names, refused with the one name each concept has now (TRL's where TRL has the concept).
 RENAMED: dict[str, str] = {
-    "--checkpoint": "--model",
-    "--init-from": "--model",
-    "--max-new-tokens": "--max-completion-length",
-    "--max-len": "--max-model-len",
-    "--num-samples": "--num-generations",
-    "--k": "--num-generations",
-    "--ckpt-every": "--save-every",
-    "--warmup": "--warmup-steps",
-    "--schedule": "--lr-schedule",
-    "--grad-clip": "--max-grad-norm",
-    "--eval-k": "--eval-num-generations",
+    "--checkpoint": "--model", "--init-from": "--model", "--max-new-tokens": "--max-completion-length",
+    "--max-len": "--max-model-len", "--num-samples": "--num-generations", "--k": "--num-generations",
+    "--ckpt-every": "--save-every", "--warmup": "--warmup-steps", "--schedule": "--lr-schedule",
+    "--grad-clip": "--max-grad-norm", "--eval-k": "--eval-num-generations",
 }
 
 
@@ -52,8 +43,7 @@ def flag(name: str) -> str:
 
 
 def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> None:
-    """ValueError for the first field outside its declared range or choices: ``label(name, value)`` (default: the
-    flag and the value), the rule, and the field's help."""
+    """ValueError for the first field outside its range or choices: ``label(name, value)`` (or flag), rule, help."""
     for f in fields(cfg):
         m, v = f.metadata, getattr(cfg, f.name)
         if not m or v is None or isinstance(v, bool):
@@ -101,10 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         origin, item = typing.get_origin(base), typing.get_args(base)
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kw.update(nargs="*", type=item[0])
-        elif origin is tuple:
-            kw.update(nargs=len(item), type=item[0])
+        elif origin in (list, tuple):
+            kw.update(nargs="*" if origin is list else len(item), type=item[0])
         elif base is dict or origin is dict:
             kw.update(type=_json_object, metavar="JSON")
         else:  # int, float, str, and str-or-callable fields (given by name on the command line)

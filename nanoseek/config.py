@@ -1,7 +1,6 @@
 """Model configuration, with the field names and meanings of Hugging Face ``DeepseekV3Config`` / ``DeepseekV2Config``
-so that a checkpoint's ``config.json`` round-trips. Two fields are nanoseek's own: ``attention_type`` (``"mla"``, or
-``"mha"`` for the plain multi-head / grouped-query baseline of the same width) and ``head_dim`` (that baseline's head
-size). ``aux_loss_alpha`` is the V3 sequence-wise balance-loss weight α (§2.1.2).
+so that a checkpoint's ``config.json`` round-trips; ``attention_type`` and ``head_dim`` (an MHA/GQA baseline of the
+same width) are nanoseek's own.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ YARN_LOWEST = {"factor": 1, "original_max_position_embeddings": 1, "beta_fast": 
 
 @dataclass
 class ModelConfig:
-    """Each field declares its type and range (``option``: ``min`` ≤ v, ``gt`` < v, ``choices``); ``validate``
-    checks them, then the rules that relate fields."""
+    """Each field declares its type and range (``option``); ``validate`` checks them, then the rules between fields."""
 
     model_type: str = option("deepseek_v3", choices=MODEL_TYPES)
     vocab_size: int = option(256, min=1)
@@ -58,7 +56,7 @@ class ModelConfig:
     scoring_func: str = option("sigmoid", choices=("softmax", "sigmoid"))
     topk_method: str = option("noaux_tc", choices=("greedy", "group_limited_greedy", "noaux_tc"))
     first_k_dense_replace: int = option(1, min=0)
-    aux_loss_alpha: float = option(1e-4, "V3 §4.2: α = 0.0001", min=0)
+    aux_loss_alpha: float = option(1e-4, "sequence-wise balance-loss weight (V3 §2.1.2); α = 0.0001 (§4.2)", min=0)
     # MTP (V3 §2.2)
     num_nextn_predict_layers: int = option(0, min=0)
     # the rest of the block
@@ -110,8 +108,7 @@ class ModelConfig:
         return scale
 
     def validate(self) -> None:
-        """ValueError naming the field, its value and the rule: first each field's declared type and range, then
-        the rules between fields."""
+        """ValueError naming the field, its value and the rule: declared types and ranges, then cross-field rules."""
         for name, hint in typing.get_type_hints(ModelConfig).items():
             value = getattr(self, name)
             if name != "extra" and not _has_type(value, hint):
@@ -172,21 +169,17 @@ class ModelConfig:
                 raise ValueError(f"invalid ModelConfig.{name}={d[name]!r}: must be an object or null")
         if d.get("mlp_bias"):
             raise ValueError(f"invalid mlp_bias={d['mlp_bias']!r}: nanoseek's FFNs have no bias (use false)")
-        rope = dict(d.pop("rope_parameters", None) or {})
-        d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
-        rope = dict(d.get("rope_scaling") or rope)
-        rope.pop("rope_theta", None)
+        params = d.pop("rope_parameters", None) or {}
+        d.setdefault("rope_theta", params.get("rope_theta", 10000.0))
+        rope = {k: v for k, v in (d.get("rope_scaling") or params).items() if k != "rope_theta"}
         kind = rope.get("rope_type", rope.get("type"))
         d["rope_scaling"] = None if kind in ("default", None) else {**rope, "rope_type": kind}
         if d.get("model_type") == "deepseek_v3" and "num_mtp_layers" in d:
             d.setdefault("num_nextn_predict_layers", d["num_mtp_layers"])
-        for name, value in HF_DEFAULTS.get(d.get("model_type"), {}).items():
-            d.setdefault(name, value)
+        d = {**HF_DEFAULTS.get(d.get("model_type"), {}), **d}
         if isinstance(d.get("eos_token_id"), list) and d["eos_token_id"]:
             d["eos_token_id"] = d["eos_token_id"][0]
-        for name in ("n_group", "topk_group"):  # transformers writes null for "no groups"
-            if name in d and d[name] is None:
-                d[name] = 1
+        d.update({name: 1 for name in ("n_group", "topk_group") if name in d and d[name] is None})  # null: no groups
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in d.items() if k not in known}
         if strict and unknown:
@@ -199,8 +192,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        """A checkpoint's config.json: every field that changes the computation must be present (see
-        ``required_fields``); errors name the file, field and value."""
+        """A checkpoint's config.json, stating every field that changes the computation (``required_fields``)."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -218,9 +210,7 @@ class ModelConfig:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs its config.json") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read ({e})") from None
-        except ValueError as e:
+        except (OSError, ValueError) as e:  # unreadable, or a field at fault
             raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:

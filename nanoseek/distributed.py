@@ -27,39 +27,31 @@ def device_of(name: str | None) -> torch.device:
     """``--device``: "cpu", "cuda" or "cuda:N"; None means cuda when available, else the CPU."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                         "use --device cpu")
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
     return torch.device(name)
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device): joins the process group under torchrun (WORLD_SIZE > 1); "cuda" is this
-    process's local GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    """-> (rank, world_size, device), joining the process group under torchrun; "cuda" is this process's local GPU."""
     device = device_of(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
         torch.cuda.set_device(device)
-    if world > 1 and not is_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if is_distributed() else 0), world_size(), device
 
 
-def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum across ranks (identity on one process)."""
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum, max or min across ranks (identity on one process)."""
     if is_distributed():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum, max or min of a few floats across ranks (identity on one process)."""
-    if not is_distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t.tolist()
+    """``all_reduce_`` of a few floats, in float64."""
+    return all_reduce_(torch.tensor(values, dtype=torch.float64), op).tolist()
 
 
 def global_std(values: torch.Tensor) -> float:
@@ -72,15 +64,12 @@ def global_std(values: torch.Tensor) -> float:
 
 def average_gradients(module: nn.Module) -> None:
     """Average the gradients of ``module`` over ranks (a parameter without a gradient counts as zeros)."""
-    if not is_distributed():
-        return
-    world = dist.get_world_size()
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and is_distributed():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-            p.grad /= world
+            p.grad /= dist.get_world_size()
 
 
 def barrier() -> None:
@@ -98,8 +87,7 @@ def cleanup(synchronize: bool = True) -> None:
 
 
 def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool = False) -> nn.Module:
-    """DDP (gradients averaged over ranks in backward) or FSDP2 ``fully_shard`` per block then the root; the model
-    unchanged on a single process."""
+    """DDP (gradients averaged in backward) or FSDP2 ``fully_shard`` per block, then the root; as is on one process."""
     if not is_distributed():
         return model
     if mode == "ddp":

@@ -2,8 +2,7 @@
 safetensors reading and writing, atomic file writes. nanoseek's module tree uses the Hugging Face names, but for:
 - routed experts, stacked (``mlp.experts.gate_proj: (E, I, D)``) where the checkpoint has one tensor per expert
   (``mlp.experts.{e}.gate_proj.weight``);
-- MTP module k, at ``model.layers.{L+k}`` in the released V3 weights (``enorm``, ``hnorm``, ``eh_proj``, the block,
-  ``shared_head.norm``, and copies of the shared ``embed_tokens`` / ``shared_head.head``).
+- MTP module k, at ``model.layers.{L+k}`` in the released V3 weights, with copies of the shared embedding and head.
 """
 
 from __future__ import annotations
@@ -40,10 +39,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
         if m := re.match(r"^mtp\.(\d+)\.(.*)$", name):
             rest = next(theirs + m[2].removeprefix(ours) for ours, theirs in _MTP_NAMES if m[2].startswith(ours))
             name = f"layers.{L + int(m[1])}.{rest}"
-        if name == "lm_head.weight":
-            out[name] = t
-            continue
-        name = "model." + name
+        if name != "lm_head.weight":
+            name = "model." + name
         if m := _STACKED.match(name):
             for e in range(t.shape[0]):
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
@@ -63,8 +60,7 @@ def weight_files(directory: str | Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         if not all(isinstance(n, str) and n and "/" not in n for n in names):
@@ -77,8 +73,7 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A checkpoint directory's weights under nanoseek's names (the inverse of ``to_hf_state_dict``; MTP copies
-    are dropped); errors name the directory or file."""
+    """A checkpoint directory's weights under nanoseek's names (``to_hf_state_dict`` inverted; MTP copies dropped)."""
     L = config.num_hidden_layers
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
@@ -97,8 +92,7 @@ def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
         out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
     renamed = {}
     for name, t in out.items():
-        if name != "lm_head.weight":
-            name = name.removeprefix("model.")
+        name = name.removeprefix("model.")
         if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
             if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
                 continue  # copies of the shared embedding / head
@@ -115,8 +109,7 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in weight_files(directory):
         with open_safetensors(f) as fh:
-            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[k] = fh.get_tensor(k)
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return tensors
 
 
@@ -145,8 +138,7 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
-    """Write ``data`` (text, or a function that writes the file it is given) to a temporary file next to ``path``,
-    then rename it into place."""
+    """Write ``data`` (text, or a function writing the path it is given) to a temp file beside ``path``, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -156,14 +148,12 @@ def atomic_write(path: Path, data: str | Callable[[str], None]) -> None:
             data(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path,
                      max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write a nanoseek state dict as ``config.json`` + ``model.safetensors`` (or shards + index) under the
-    Hugging Face names, each file atomically; files of an earlier save with another sharding are removed."""
+    """Write a state dict as ``config.json`` + ``model.safetensors`` (or shards + index), HF names, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(state, config)
@@ -180,13 +170,12 @@ def write_pretrained(state: dict[str, torch.Tensor], config: ModelConfig, direct
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     for name, shard in zip(names, shards):
         atomic_write(directory / name, partial(save_file, shard, metadata={"format": "pt"}))
-        stale.discard(directory / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
-        atomic_write(directory / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
-        stale.discard(directory / "model.safetensors.index.json")
-    for old in stale:  # files of an earlier save with another sharding, removed once the new ones exist
+        names.append("model.safetensors.index.json")
+        atomic_write(directory / names[-1], json.dumps(index, indent=2, sort_keys=True))
+    for old in stale - {directory / name for name in names}:  # an earlier save's other sharding, once the new exists
         old.unlink()
     dtype = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")  # the weights' dtype, for transformers
     atomic_write(directory / "config.json",

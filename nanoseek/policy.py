@@ -1,8 +1,7 @@
 """RL's view of a causal LM (a nanoseek ``Transformer`` or any Hugging Face one): rollouts with their sampler
-log-probs, and completion log-probs for the loss. EOS and truncation are decided once, in ``Policy.sample``. The group
-structure travels in the ``Batch`` (``prompt_index``): each distinct prompt runs once into a cache that is copied to
-its rows (gradients flow back through the copies), then only the completion tokens run per row; the vocabulary head
-sees the real completion tokens only, in chunks.
+log-probs, and completion log-probs for the loss (EOS and truncation decided once, in ``Policy.sample``). Rows of a
+``Batch`` that share a prompt (``prompt_index``) run it once into a cache copied to each row (gradients flow back
+through the copies), then their completion tokens; the head sees only the real completion tokens, in chunks.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import MODEL_TYPES
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ class Batch:
         return self.completion_mask.sum(1).long()
 
     def select(self, rows: torch.Tensor) -> Batch:
-        """The sub-batch of ``rows``, with only the prompts they use, trimmed to its own longest prompt and
-        completion (so a micro-batch of short completions costs short completions)."""
+        """The sub-batch of ``rows`` and the prompts they use, trimmed to its own longest prompt and completion."""
         used, index = self.prompt_index[rows].unique(return_inverse=True)
         lens = self.prompt_lens[used]
         width = max(int(self.completion_mask[rows].sum(1).max()), 1) if len(rows) else 1
@@ -76,8 +75,7 @@ class Batch:
         return out
 
     def token_counts(self, shared: bool) -> tuple[int, int]:
-        """(tokens a forward over this batch processes, real tokens among them): distinct prompts once and every
-        completion with sharing, else every row's whole sequence; padding makes the difference."""
+        """(tokens a forward over this batch processes, real tokens among them), with or without prompt sharing."""
         comp = int(self.completion_mask.sum())
         if shared:
             return self.prompt_ids.numel() + self.completion_ids.numel(), int(self.prompt_lens.sum()) + comp
@@ -122,13 +120,10 @@ def _token_logprobs(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
 
 
 class Policy:
-    """A causal LM with the two things RL needs from it: rollouts and completion log-probs. The model is a nanoseek
-    ``Transformer`` (latent KV cache, ``nanoseek.generate``) or any Hugging Face causal LM (its decoder, its cache
-    with left-padded prompts, its ``generate``); ``self.nanoseek`` tells which where they differ."""
+    """Rollouts and completion log-probs of a nanoseek ``Transformer`` (its latent KV cache, ``nanoseek.generate``) or
+    a Hugging Face causal LM (decoder, cache with left-padded prompts, ``generate``); ``self.nanoseek`` says which."""
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int | None, share_prompts: bool = True):
-        from nanoseek.model.transformer import Transformer
-
         self.model, self.pad_id, self.eos_id, self.share_prompts = model, pad_id, eos_id, share_prompts
         self.nanoseek = isinstance(model, Transformer)
         # a Hugging Face decoder's name for the cache to continue from ("cache" since transformers 5.2x, else
@@ -146,14 +141,11 @@ class Policy:
             raise FileNotFoundError(f"--model {directory}: no config.json; expected a nanoseek or Hugging Face "
                                     "checkpoint directory")
         if json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES:
-            from nanoseek.model.transformer import Transformer
-
             model = Transformer.from_pretrained(directory, dtype=dtype)
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32,
-                                                         local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
         return cls(model.to(device), pad_id, eos_id)
 
     @property
@@ -194,7 +186,7 @@ class Policy:
                   seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
         """Raw sampled tokens (possibly past eos) and each one's log-prob under the distribution it was drawn from."""
         if self.nanoseek:
-            from nanoseek.generate import generate
+            from nanoseek.generate import generate  # looked up per call (tests script it)
 
             return generate(self.model, prompts, params.max_tokens, temperature=params.temperature,
                             top_k=params.top_k, top_p=params.top_p, seed=seed, return_logprobs=True,
@@ -231,8 +223,7 @@ class Policy:
         return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (N, L, D)
 
     def _shared_states(self, batch: Batch) -> torch.Tensor:
-        """``completion_states`` with each distinct prompt run once into a cache that is copied to its rows, then
-        every row's completion tokens but the last."""
+        """``completion_states``: each distinct prompt once into a cache copied to its rows, then the completions."""
         plen, L, rows = batch.prompt_lens, batch.completion_ids.shape[1], batch.prompt_index
         completions = batch.completion_ids[:, : L - 1]
         if self.nanoseek:
@@ -261,20 +252,16 @@ class Policy:
 
     def completion_logprobs(self, batch: Batch, *, temperature: float = 1.0, chunk_tokens: int = 1024,
                             entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(o_t | q, o_<t) for every completion token: (N, L) float32, 0 on padding; entropies (N, L) without
-        gradient, or None. Only the real completion tokens reach the head, ``chunk_tokens`` at a time (each chunk
-        recomputed in backward)."""
+        """log π(o_t | q, o_<t) of every completion token (N, L) float32, 0 on padding, and entropies (N, L) without
+        gradient or None. Only real tokens reach the head, ``chunk_tokens`` at a time (recomputed in backward)."""
         h = self.completion_states(batch)  # (N, L, D)
-        N, L = batch.completion_ids.shape
         real = batch.completion_mask.bool()
         hs, targets = h[real], batch.completion_ids[real]  # (M, D), (M,)
         head = self.model.lm_head if self.nanoseek else self.model.get_output_embeddings()
-        fn = _token_logprobs
-        if torch.is_grad_enabled() and hs.requires_grad:
-            fn = partial(checkpoint, _token_logprobs, use_reentrant=False)
+        fn = partial(checkpoint, _token_logprobs, use_reentrant=False) if hs.requires_grad else _token_logprobs
         parts = [fn(hs[s : s + chunk_tokens], targets[s : s + chunk_tokens], head.weight, head.bias, temperature,
                     entropy) for s in range(0, hs.shape[0], chunk_tokens)]
-        out = h.new_zeros(N, L, dtype=torch.float32)
+        out = h.new_zeros(real.shape, dtype=torch.float32)
         logp = out.masked_scatter(real, torch.cat([lp for lp, _ in parts])) if parts else out
         ent = (out.masked_scatter(real, torch.cat([en for _, en in parts])) if parts else out) if entropy else None
         return logp, ent

@@ -43,8 +43,7 @@ def describe(path: Path) -> str:
 
     kind = recorded_kind(path)
     parts = [f"a run of `nanoseek {kind}`"] if kind else []
-    latest = latest_checkpoint(path, verify=False)
-    if latest is not None:
+    if (latest := latest_checkpoint(path, verify=False)) is not None:
         parts.append(f"checkpoints up to {latest.name}")
     if (path / "config.json").exists():  # what resolve_model_dir takes for a model directory
         parts.append("a model (config.json / weights)")

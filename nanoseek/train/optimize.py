@@ -135,7 +135,7 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                                                        chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
-                st = {**st, "entropy": (ent * mb.take(mask)).sum(), "loss": float(loss) * len(mini) / max(n, 1)}
+                st = {**st, "entropy": (ent * mb.take(mask)).sum(), "loss": float(loss.detach()) * len(mini) / n}
                 for k, v in st.items():
                     stats.sums[k] += float(v)
                 if stats.first_pass_logp is not None:

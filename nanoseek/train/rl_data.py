@@ -11,6 +11,7 @@ from pathlib import Path
 from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+from nanoseek.tasks import get_task, task_reward
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +58,6 @@ class RLData:
 
 def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     """The prompts, held-out prompts and reward functions a run's data flags describe."""
-    from nanoseek.tasks import get_task, task_reward
-
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]
     load = partial(load_prompts, config=cfg.dataset_config, prompt_column=cfg.prompt_column,
                    answer_column=cfg.answer_column, completion_column=cfg.completion_column,

@@ -30,16 +30,14 @@ class RunConfig:
     steps: int = option(100, "optimizer steps", min=1)
     save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", min=0)
     keep: int = option(2, "checkpoints kept", min=1)
-    stop_at: int | None = option(None, "stop and save after this step, as a preemption would (then --resume)",
-                                 min=1)
+    stop_at: int | None = option(None, "stop and save after this step, like a preemption (then --resume)", min=1)
     resume: bool = option(False, "continue exactly from --out's latest checkpoint (a new run if --out is empty)")
     overwrite: bool = option(False, "delete what --out holds and start over")
     seed: int = option(0, "seed of the model init, the data order and sampling")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
     progress: bool = option(True, "show a progress bar (without a terminal: a log line every --log-every steps)")
     log_every: int = option(10, "steps between log lines when stderr is not a terminal", min=1)
-    report_to: str = option("none", "also write the metrics as TensorBoard event files (the tensorboard extra)",
-                            choices=("none", "tensorboard"))
+    report_to: str = option("none", "also log to TensorBoard (the tensorboard extra)", choices=("none", "tensorboard"))
 
 
 def narrow(cls: type, cfg: object):
@@ -50,8 +48,7 @@ def narrow(cls: type, cfg: object):
 class StopFlag:
     """``stop.requested`` after the first SIGINT inside ``with StopFlag() as stop``."""
 
-    requested = False
-    previous = None
+    requested, previous = False, None
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -70,7 +67,7 @@ class StopFlag:
 
 @dataclass(frozen=True)
 class Run:
-    """A claimed run directory and the checkpoint to resume from (None: a new run)."""
+    """A claimed run directory, the command's whole config and the checkpoint to resume from (None: a new run)."""
 
     kind: str
     config: RunConfig
@@ -88,11 +85,11 @@ def start_run(cfg: RunConfig, kind: str, check_inputs: Callable[[], object]) -> 
 
 
 def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, bool]],
-             save: Callable[[int], Path | None], config: dict) -> dict:
+             save: Callable[[int], Path | None]) -> dict:
     """Steps ``start + 1 .. steps``; returns the run's summary."""
     cfg, t0 = run.config, time.perf_counter()
     if is_main():
-        (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
     logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start,
                            progress=cfg.progress, log_every=cfg.log_every, report_to=cfg.report_to)
     done, interrupted, saved = start, False, run.resume_from
@@ -115,9 +112,9 @@ def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, b
 
 
 def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bool = False) -> Path | None:
-    """Rank 0 writes checkpoint ``step`` with the RNG state and ``state`` (under FSDP every rank helps gather the full
-    state first); every rank waits for it."""
-    state, path = {"rng": rng_state(), **state}, None
+    """Rank 0 writes checkpoint ``step`` with the RNG state, the config and ``state`` (under FSDP every rank helps
+    gather the full state first); every rank waits for it."""
+    state, path = {"rng": rng_state(), "config": config_dict(run.config), **state}, None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 

@@ -1,11 +1,5 @@
-"""The RL math as pure functions (no model, optimizer or process group), and GRPO's flags that parametrize it.
-
-- GRPO (DeepSeekMath arXiv:2402.03300): outcome advantages Â_i = (r_i − mean(r)) / std(r) over a group of G (§4.1.2),
-  RLOO's leave-one-out baseline, Dr. GRPO's unscaled advantages, process supervision (§4.1.3); the clipped surrogate
-  with the k3 KL (eq. 3–4) aggregated as GRPO, BNPO, DAPO or Dr. GRPO; GSPO's sequence-level ratio
-  (arXiv:2507.18071); DAPO's soft overlong penalty (arXiv:2503.14476 eq. 13).
-- PPO (eq. 1–2): GAE(γ, λ), whitening, the clipped value loss.
-"""
+"""The RL math of GRPO and its variants (DeepSeekMath arXiv:2402.03300 §4.1, eq. 3–4) and of PPO (eq. 1–2: GAE,
+whitening, the clipped value loss) as pure functions (no model, optimizer or process group), and GRPO's flags."""
 
 from __future__ import annotations
 
@@ -34,12 +28,10 @@ class GRPOParams(Clip):
     beta: float = option(0.0, "KL coefficient β (> 0 keeps a frozen reference model)", min=0)
     ref_reset_every: int = option(0, "copy the policy into the reference every N steps (0: never)", min=0)
     loss_type: str = option("grpo", "loss aggregation", choices=LOSS_TYPES)
-    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
-                                choices=("group", "batch", "none"))
+    scale_rewards: str = option("group", "std dividing advantages (none: Dr. GRPO)", choices=("group", "batch", "none"))
     rloo: bool = option(False, "leave-one-out baseline")
     advantage_eps: float = option(1e-4, "ε added to the std that scales advantages", gt=0)
-    importance_sampling_level: str = option("token", "importance ratio per token or per sequence (GSPO)",
-                                            choices=("token", "sequence"))
+    importance_sampling_level: str = option("token", "importance ratio (sequence: GSPO)", choices=("token", "sequence"))
     mask_truncated_completions: bool = option(False, "no loss on completions that hit the length cap")
     overlong_buffer: int = option(0, "DAPO soft overlong penalty buffer L_cache (0: off)", min=0)
     overlong_penalty: float = option(1.0, "DAPO soft overlong penalty at the length cap", min=0)
@@ -52,11 +44,9 @@ class GRPOParams(Clip):
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group", rloo: bool = False,
                      eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
-    """rewards (N,) in contiguous groups of G -> Â_i = (r_i − b_i) / (σ + eps), (N,).
-
-    b_i: the group mean, or with ``rloo`` the mean of the other G−1; σ: the unbiased group std, the batch std
-    (``batch_std``, e.g. over every rank, else this batch's) or 1 for ``scale="none"`` (Dr. GRPO).
-    """
+    """Outcome supervision (§4.1.2): rewards (N,) in contiguous groups of G -> Â_i = (r_i − b_i) / (σ + eps), (N,).
+    b_i: the group mean, or with ``rloo`` the mean of the other G−1 (RLOO); σ: the unbiased group std, the batch std
+    (``batch_std``, e.g. over every rank, else this batch's) or 1 for ``scale="none"`` (Dr. GRPO)."""
     G = num_generations
     if rewards.numel() % G:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={G}")
@@ -75,15 +65,12 @@ def _std(x: torch.Tensor) -> float:
     return float(x.std()) if x.numel() > 1 else 0.0
 
 
-def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], num_generations: int,
-                       length: int, eps: float = 1e-4, scale: str = "group",
-                       batch_std: float | None = None) -> torch.Tensor:
-    """Process supervision (DeepSeekMath §4.1.3) -> per-token advantages (N, length).
-
-    Step j of completion i scores ``step_rewards[i][j]`` and ends at completion position ``step_ends[i][j]``;
-    r̃ = (r − mean(R)) / (std(R) + eps) over the steps R of a group (``scale`` as in ``group_advantages``), and
-    Â_{i,t} = Σ_{j: index(j) ≥ t} r̃_i^{index(j)}. A completion without steps gets 0.
-    """
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], num_generations: int, length: int,
+                       eps: float = 1e-4, scale: str = "group", batch_std: float | None = None) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3) -> per-token advantages (N, length). Step j of completion i scores
+    ``step_rewards[i][j]`` and ends at completion position ``step_ends[i][j]``; r̃ = (r − mean(R)) / (std(R) + eps)
+    over the steps R of a group (``scale`` as in ``group_advantages``), and Â_{i,t} = Σ_{j: index(j) ≥ t}
+    r̃_i^{index(j)}. A completion without steps gets 0."""
     G = num_generations
     adv = torch.zeros(len(step_rewards), length, dtype=torch.float64)
     if batch_std is None:
@@ -101,7 +88,7 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO eq. 13: 0 up to max_len − buffer, then linear down to −factor at max_len (and −factor beyond)."""
+    """DAPO (arXiv:2503.14476) eq. 13: 0 up to max_len − buffer, then linear to −factor at max_len and beyond."""
     return -factor * ((lengths.float() - (max_len - buffer)) / buffer).clamp(0.0, 1.0)
 
 
@@ -111,28 +98,24 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               max_completion_length: int | None = None, num_items: float | None = None,
               num_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + β·k3 KL (DeepSeekMath eq. 3–4), aggregated by ``loss_type``. Returns (loss, statistics).
-
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision). Per token:
     ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), ρ = π/π_old, or at the sequence
     level GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t], s_i = exp(masked mean token log-ratio):
     GSPO exactly for one advantage per sequence, and each token keeps its own advantage otherwise.
     Normalizers (micro-batches of any split sum to the mini-batch's loss): ``num_rows`` (default B) for "grpo" and
     "dr_grpo", ``num_items`` (default the active tokens) for "bnpo" and "dapo", ``max_completion_length`` (default
-    L) for "dr_grpo". Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens.
-    """
+    L) for "dr_grpo". Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     loss_type = ALIASES.get(loss_type, loss_type)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    log_ratio = logp - old_logp
-    if importance_sampling_level == "token":
-        log_w = log_ratio
-    elif importance_sampling_level == "sequence":
-        seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # log s_i: (B, 1)
-        log_w = seq.detach() + logp - logp.detach()  # GSPO-token: value log s_i, gradient ∇log π_t
-    else:
+    if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    log_w = logp - old_logp  # log ρ per token
+    if importance_sampling_level == "sequence":
+        seq = ((log_w * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # log s_i: (B, 1)
+        log_w = seq.detach() + logp - logp.detach()  # GSPO-token: value log s_i, gradient ∇log π_t
     ratio = torch.exp(log_w)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)  # (B, L)
     kl = None
@@ -151,9 +134,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:  # dr_grpo
         loss = per_token.sum() / (max(rows, 1) * (max_completion_length or mask.shape[1]))
     with torch.no_grad():
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).float() * mask
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).float() * mask
-        stats = {"clip_low": low.sum(), "clip_high": high.sum(), "tokens": mask.sum(),
+        low, high = (ratio < 1 - epsilon_low) & (adv < 0), (ratio > 1 + epsilon_high) & (adv > 0)
+        stats = {"clip_low": (low * mask).sum(), "clip_high": (high * mask).sum(), "tokens": mask.sum(),
                  "kl": (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())}
     return loss, stats
 

@@ -4,6 +4,7 @@ the same gradient; gradients are averaged over ranks, clipped and stepped for th
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -55,10 +56,9 @@ LossFn = Callable[[Rollout, MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[
 class OptimizeStats:
     """What one RL step's forwards (log-prob passes and ``optimize``) measured."""
 
-    loss: float = 0.0  # mean mini-batch loss (weighted by rows), summed over passes
     grad_norms: list[float] = field(default_factory=list)  # the first trainable's, per optimizer step
-    sums: dict[str, float] = field(default_factory=dict)  # loss statistics summed over micro-batches
-    entropy: float = 0.0  # Σ entropy over loss tokens, every pass
+    # Σ over micro-batches: the loss function's statistics, "entropy" (of loss tokens), "loss" (weighted by rows)
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     first_pass_logp: torch.Tensor | None = None  # (N, L) π before any update (only with a single mini-batch)
     processed: int = 0  # tokens the forwards processed, padding included
     real: int = 0  # the real tokens among them
@@ -67,8 +67,7 @@ class OptimizeStats:
         """``batch.select(rows)`` on ``policy``'s device, its tokens counted."""
         sub = batch.select(rows).to(policy.device)
         processed, real = sub.token_counts(policy.shares(sub))
-        self.processed += processed
-        self.real += real
+        self.processed, self.real = self.processed + processed, self.real + real
         return sub
 
 
@@ -81,11 +80,9 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
     def counts(cand: list[int]) -> tuple[int, int]:  # (processed, real) tokens of one micro-batch
         return batch.select(rows[torch.tensor(cand)]).token_counts(shared)
 
-    order = sorted(range(len(rows)), key=lambda i: -clen[i])  # stable: a group's rows stay together
-    plans: list[list[int]] = []
-    cur: list[int] = []
+    plans, cur = [], []  # the closed micro-batches, the open one
     processed = real = 0  # of the closed micro-batches
-    for i in order:
+    for i in sorted(range(len(rows)), key=lambda i: -clen[i]):  # stable: a group's rows stay together
         cand = cur + [i]
         p, r = counts(cand)
         if cur and ((max_rows and len(cand) > max_rows) or processed + p > PAD_TOLERANCE * (real + r)):
@@ -118,19 +115,16 @@ def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, stats: O
 
 def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[tuple[nn.Module, Optimizer]],
              cfg: OptimizeConfig, generator: torch.Generator, stats: OptimizeStats, max_grad_norm: float) -> None:
-    """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), gradients clipped to
-    ``max_grad_norm``, measured into ``stats``; every rank takes the same number of steps (an empty one contributing
-    zero gradients)."""
+    """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), measured into ``stats``;
+    every rank takes the same number of steps (an empty one contributing zero gradients)."""
     n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
-    single_step = cfg.num_iterations == 1 and cfg.num_minibatches == 1
-    stats.first_pass_logp = torch.zeros(mask.shape) if single_step else None
+    stats.first_pass_logp = torch.zeros(mask.shape) if cfg.num_iterations == cfg.num_minibatches == 1 else None
     shared = policy.shares(rollout.batch)  # the planner's cost model, fixed for the whole rollout
     for module, _ in trainables:
         module.train()
     for _ in range(cfg.num_iterations):
-        order = torch.randperm(n, generator=generator)
-        for mini in order.tensor_split(cfg.num_minibatches):
+        for mini in torch.randperm(n, generator=generator).tensor_split(cfg.num_minibatches):
             for _, optimizer in trainables:
                 optimizer.zero_grad(set_to_none=True)
             num_tokens = float(mask[mini].sum())
@@ -141,10 +135,9 @@ def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequ
                                                        chunk_tokens=cfg.logp_chunk_tokens, entropy=True)
                 loss, st = loss_fn(rollout, mb, logp)
                 loss.backward()
-                stats.entropy += float((ent * mb.take(mask)).sum())
-                stats.loss += float(loss.detach()) * len(mini) / max(n, 1)
+                st = {**st, "entropy": (ent * mb.take(mask)).sum(), "loss": float(loss.detach()) * len(mini) / n}
                 for k, v in st.items():
-                    stats.sums[k] = stats.sums.get(k, 0.0) + float(v)
+                    stats.sums[k] += float(v)
                 if stats.first_pass_logp is not None:
                     stats.first_pass_logp[rows, : logp.shape[1]] = logp.detach().cpu()
             for i, (module, optimizer) in enumerate(trainables):

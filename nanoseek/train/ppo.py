@@ -12,7 +12,6 @@ from torch import nn
 
 from nanoseek import cli_args
 from nanoseek.cli_args import option
-from nanoseek.distributed import reduce_floats, world_size
 from nanoseek.policy import Batch, Policy
 from nanoseek.rollout import Rollout, Sampling
 from nanoseek.train.losses import Clip, gae, grpo_loss, value_loss, whiten
@@ -56,14 +55,14 @@ class Critic(nn.Module):
 
 
 class PPO:
-    kind = "ppo"
-    Params = PPOParams
+    kind, Params = "ppo", PPOParams
 
     def __init__(self, cfg: PPOParams, sampling: Sampling, optim: OptimizeConfig, policy: Policy):
         self.cfg, self.optim, self.policy = cfg, optim, policy
         self.ref = policy.copy() if cfg.beta > 0 else None
         self.critic = Critic(policy).to(policy.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
+        self.trainables = [(self.critic, self.critic_optimizer)]  # trained beside the policy
 
     def prepare(self, rollout: Rollout, step: int, stats: OptimizeStats) -> Rollout:
         cfg, batch, mask = self.cfg, rollout.batch, rollout.batch.completion_mask
@@ -90,19 +89,12 @@ class PPO:
         st.update(kl=mb.take(rollout.extras["kl"]).sum(), value_loss=v_loss.detach() * mb.num_rows / len(rollout))
         return loss + v_loss, st
 
-    def trainables(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
-        return [(self.critic, self.critic_optimizer)]
-
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-
-    def metrics(self, rollout: Rollout, stats: OptimizeStats) -> dict[str, float]:
-        value = reduce_floats([stats.sums.get("value_loss", 0.0)])[0]
-        return {"value_loss": value / world_size() / self.optim.num_iterations}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:

@@ -1,6 +1,5 @@
-"""Pretraining and SFT: one loop, two data modes (``nanoseek pretrain`` / ``nanoseek sft``).
-
-Per optimizer step, over ``grad_accum`` micro-batches of this rank's share of the global batch:
+"""Pretraining and SFT: one loop, two data modes (``nanoseek pretrain`` / ``nanoseek sft``). Per optimizer step,
+over ``grad_accum`` micro-batches of this rank's share of the global batch:
 
     L = CE(next token) + λ/D Σ_k CE_k (MTP, V3 eq. 24-25) + α Σ_layers L_Bal (V3 eq. 17-20)
 
@@ -8,8 +7,7 @@ each term normalised by its token (or sequence) count over the *global* batch, s
 not depend on the number of processes or micro-batches. After the AdamW step, outside autograd, every MoE
 layer's selection bias moves by b_i += γ·sign(mean_load − load_i) with the load summed over micro-batches and
 all-reduced over ranks (V3 §2.1.2, aux-loss-free balancing). Every batch is a function of (seed, step), so a
-resumed run continues bit-exactly. Ctrl-C finishes the current step, saves and exits.
-"""
+resumed run continues bit-exactly. Ctrl-C finishes the current step, saves and exits."""
 
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ from nanoseek.model.moe import RouterStats, update_expert_bias
 from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
+from nanoseek.train.loop import RunConfig, StopFlag, run_loop, save, start_run
 from nanoseek.train.rl_data import DatasetConfig
 from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
 
@@ -48,8 +46,7 @@ from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, s
 class TrainConfig(RunConfig, OptimConfig):
     """``nanoseek pretrain`` (the CLI flags are generated from the fields); ``mode="sft"`` trains on completions."""
 
-    mode: str = option("pretrain", "pretrain (loss on all tokens) or sft (loss on completion + eos)",
-                       choices=("pretrain", "sft"), cli=False)
+    mode: str = option("pretrain", "pretrain (loss on all tokens) or sft", choices=("pretrain", "sft"), cli=False)
     # model: a preset, or a config.json of ModelConfig fields, plus overrides; or a checkpoint to start from
     preset: str = option("tiny", "model preset (tiny | small | deepseek-v2-lite | deepseek-v2 | deepseek-v3)")
     model_config: str | None = option(None, "JSON file of ModelConfig fields (unknown keys are an error)")
@@ -57,28 +54,22 @@ class TrainConfig(RunConfig, OptimConfig):
     model: str | None = option(None, "checkpoint directory to start from (fine-tuning)")
     # data
     task: str | None = option("arithmetic", "built-in task; ignored when --data is given")
-    data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task); "
-                             "pretraining prepares them once into the run directory's data/")
-    data_dir: str | None = option(None, "shards made by `nanoseek prepare`, memory-mapped, with their tokenizer "
-                                  "(take precedence over --data and --task)")
+    data: list[str] = option(default_factory=list, help="local .txt / .jsonl files (take precedence over --task)")
+    data_dir: str | None = option(None, "shards made by `nanoseek prepare`, with their tokenizer (over --data, --task)")
     eval_every: int = option(0, "validation loss and bits per byte every N steps (0: never; needs shards)", min=0)
     eval_tokens: int = option(32768, "validation tokens: the first of the val split", min=1)
     sample_every: int = option(0, "log greedy samples of --sample-prompts every N steps (0: never)", min=0)
     sample_prompts: list[str] = option(default_factory=lambda: ["def ", "import "], help="prompts of --sample-every")
-    peak_flops: float | None = option(None, "the device's peak FLOP/s for train/mfu (default: measured as "
-                                      "`nanoseek info --peak` does)", min=0)
+    peak_flops: float | None = option(None, "peak FLOP/s for train/mfu (default: `nanoseek info --peak`)", min=0)
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: the character tokenizer)")
-    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error "
-                                       "listing them)")
+    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (default: an error)")
     seq_len: int = option(64, "tokens per row", min=1)
     # batch and loss
-    batch_size: int = option(32, "global batch: sequences per optimizer step, split over ranks, then over "
-                             "--grad-accum micro-batches", min=1)
+    batch_size: int = option(32, "sequences per optimizer step, split over ranks, then --grad-accum", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     mtp_lambda: float = option(0.3, "λ of the MTP loss (V3: 0.3, later 0.1)", min=0)
     bias_gamma: float = option(1e-3, "γ of the aux-loss-free bias update (V3: 0.001; 0 turns it off)", min=0)
-    balance_alpha: float | None = option(None, "α of the sequence-wise balance loss (V3: 0.0001; default: the "
-                                          "model config's aux_loss_alpha)", min=0)
+    balance_alpha: float | None = option(None, "α of the balance loss (V3: 0.0001; default: aux_loss_alpha)", min=0)
     bf16: bool = option(False, "bf16 autocast on the training device (fp32 master weights)")
     dist_mode: str = option("ddp", "under torchrun", choices=("ddp", "fsdp"))
     # this command's defaults of the shared run and optimizer flags
@@ -98,7 +89,6 @@ class SFTConfig(TrainConfig, DatasetConfig):
     mode: str = option("sft", "pretrain or sft", choices=("pretrain", "sft"), cli=False)
 
 
-# ---------------------------------------------------------------------- building
 def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     """Preset or user config.json (strict: unknown keys fail), then overrides; checked against the tokenizer."""
     known = {f.name for f in fields(ModelConfig)} - {"extra"}
@@ -121,8 +111,7 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
             raise ValueError(f"{path}: {e}") from None
     else:
         config = ModelConfig.preset(cfg.preset)
-    if cfg.overrides:
-        config = config.replace(**cfg.overrides)
+    config = config.replace(**cfg.overrides)
     if tok.vocab_size > config.vocab_size:
         if "vocab_size" in cfg.overrides or cfg.model_config or cfg.model:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -134,47 +123,31 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     return config
 
 
-# ---------------------------------------------------------------------- one step
 def micro_loss(model: nn.Module, base: Transformer, batch: LMBatch, cfg: TrainConfig, n_tokens: list[int],
                rows_scale: float, use_mtp: bool, router_stats: RouterStats | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed-then-normalised loss of one micro-batch and its parts' sums (ce, mtp_ce_k..., balance) for logging.
-
     n_tokens[k]: loss tokens of the whole global batch at depth k (0: next token); rows_scale: this micro-batch's
     share of the global batch's sequences (the balance loss is a per-sequence mean); router_stats: filled with
-    this forward's expert loads (a fresh one if None).
-    """
+    this forward's expert loads (a fresh one if None)."""
     stats = RouterStats(balance=True) if router_stats is None else router_stats
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        if use_mtp:
-            logits, mtp_logits = model(batch.input_ids, return_mtp=True, router_stats=stats)
-        else:
-            logits, mtp_logits = model(batch.input_ids, router_stats=stats), []
-    V = logits.shape[-1]
-    ce = F.cross_entropy(_fp32(logits).view(-1, V), batch.targets.view(-1), ignore_index=IGNORE, reduction="sum")
-    loss = ce / max(n_tokens[0], 1)
-    parts = [ce.detach()]
+        out = model(batch.input_ids, return_mtp=use_mtp, router_stats=stats)
+    logits, mtp_logits = out if use_mtp else (out, [])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)  # bf16 autocast: fp32 loss
+    ce = F.cross_entropy(logits, batch.targets.view(-1), ignore_index=IGNORE, reduction="sum")
     mtp, mtp_parts = mtp_loss(mtp_logits, batch.targets, n_tokens, cfg.mtp_lambda, len(base.mtp), IGNORE)
-    loss = loss + mtp
-    parts += mtp_parts
+    loss = ce / max(n_tokens[0], 1) + mtp
     balance = sum(stats.balance_loss.values(), torch.zeros((), device=logits.device))
     alpha = base.config.aux_loss_alpha if cfg.balance_alpha is None else cfg.balance_alpha
     if alpha > 0:
         loss = loss + alpha * balance * rows_scale
-    parts.append(balance.detach() * rows_scale)
-    return loss, torch.stack([p.double() for p in parts])
+    return loss, torch.stack([p.double() for p in (ce.detach(), *mtp_parts, balance.detach() * rows_scale)])
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 for the loss (bf16 autocast gives bf16 logits)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-# ---------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Train; returns the run's summary (``nanoseek.train.loop.run_loop``) and "final_loss"."""
     check_ranges(cfg)
-    opt = narrow(OptimConfig, cfg)
     rank, world, device = init_distributed(cfg.device)
     per_rank, rem = divmod(cfg.batch_size, world)
     if rem or per_rank % cfg.grad_accum:
@@ -211,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
         return tok, config, make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
                                       allow_unknown_chars=cfg.allow_unknown_chars, data_dir=shards)
 
-    run, (tok, config, data) = start_run(narrow(RunConfig, cfg), cfg.mode, inputs)
+    run, (tok, config, data) = start_run(cfg, cfg.mode, inputs)
     if shards == staging:
         if is_main():
             shutil.rmtree(run.dir / "data", ignore_errors=True)
@@ -220,21 +193,25 @@ def train(cfg: TrainConfig) -> dict:
         data = ShardData(run.dir / "data", tok, cfg.seq_len, cfg.seed)
     val = data.validation(cfg.eval_tokens) if cfg.eval_every else None
     torch.manual_seed(cfg.seed)
-    model = Transformer.from_pretrained(cfg.model) if cfg.model else Transformer(config)
-    model.to(device).train()
-    use_mtp = len(model.mtp) > 0 and cfg.mtp_lambda > 0
-    start = 0
-    if run.resume_from is not None:  # weights before wrapping/sharding; optimizer state after
-        state = load_checkpoint(run.resume_from, model)
-        start = state["step"]
+    model = (Transformer.from_pretrained(cfg.model) if cfg.model else Transformer(config)).to(device).train()
+    depths = len(model.mtp) if cfg.mtp_lambda > 0 else 0  # the MTP depths trained
+    state = load_checkpoint(run.resume_from, model) if run.resume_from is not None else {"step": 0}  # before wrap
     fsdp = cfg.dist_mode == "fsdp" and world > 1
-    net = wrap_model(model, cfg.dist_mode, find_unused_parameters=len(model.mtp) > 0 and not use_mtp)
-    optimizer = adamw(model, opt)
-    if run.resume_from is not None:
-        _load_optimizer(run.resume_from / "optimizer.pt", model, optimizer, fsdp)
+    net = wrap_model(model, cfg.dist_mode, find_unused_parameters=len(model.mtp) > depths)
+    optimizer = adamw(model, cfg)
+    if run.resume_from is not None:  # the optimizer state after wrapping/sharding
+        path = run.resume_from / "optimizer.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: the checkpoint has no optimizer state to resume from")
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, torch.load(path, weights_only=False),
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(torch.load(path, weights_only=False))
         set_rng_state(state["rng"])
     moes = model.moe_layers()
-    depths = len(model.mtp) if use_mtp else 0
     last_loss = float("nan")
     flops = flops_per_token(model.config, cfg.seq_len)
     peak = world * (cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if cfg.bf16 else torch.float32))
@@ -242,14 +219,13 @@ def train(cfg: TrainConfig) -> dict:
     def step(n: int, stop: StopFlag) -> tuple[dict, bool]:
         nonlocal last_loss
         t0 = time.perf_counter()
-        lr = set_lr(optimizer, lr_at(n - 1, opt, cfg.steps))
+        lr = set_lr(optimizer, lr_at(n - 1, cfg, cfg.steps))
         batch = data.batch(n - 1, cfg.batch_size)  # the global batch; this rank takes its rows
         n_tokens = [int((batch.targets[:, k:] != IGNORE).sum()) for k in range(depths + 1)]
         loads = [torch.zeros(m.gate.n_experts, device=device) for m in moes]
         sums = torch.zeros(depths + 3, dtype=torch.float64, device=device)  # ce, ce_1..D, balance, stop
         optimizer.zero_grad(set_to_none=True)
-        for i in range(cfg.grad_accum):
-            lo = rank * per_rank + i * micro
+        for i, lo in enumerate(range(rank * per_rank, (rank + 1) * per_rank, micro)):  # this rank's micro-batches
             mb = batch.rows(slice(lo, lo + micro)).to(device)
             last = i == cfg.grad_accum - 1
             stats = RouterStats(balance=True)
@@ -257,13 +233,12 @@ def train(cfg: TrainConfig) -> dict:
                 net.set_requires_gradient_sync(last)
             no_sync = not last and not fsdp and hasattr(net, "no_sync")
             with net.no_sync() if no_sync else contextlib.nullcontext():
-                loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, use_mtp, stats)
+                loss, parts = micro_loss(net, model, mb, cfg, n_tokens, micro / cfg.batch_size, depths > 0, stats)
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
             sums[:-1] += parts
             for load, m in zip(loads, moes):
-                if m.layer_idx in stats.load:
-                    load += stats.load[m.layer_idx]
-        grad_norm = clip_grad_norm(model, opt.max_grad_norm)
+                load += stats.load.get(m.layer_idx, 0)
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         sums[-1] = float(stop.requested)
         all_reduce_(sums)  # the step's loss sums and whether any rank was asked to stop: one collective
@@ -287,9 +262,7 @@ def train(cfg: TrainConfig) -> dict:
             model.train()
         return record, sums[-1].item() > 0
 
-    config = config_dict(cfg)
-    summary = run_loop(run, start, step, lambda n: save(run, n, model, optimizer, tok, {"config": config}, fsdp),
-                       config)
+    summary = run_loop(run, state["step"], step, lambda n: save(run, n, model, optimizer, tok, {}, fsdp))
     return {**summary, "final_loss": last_loss}
 
 
@@ -312,19 +285,6 @@ def validate(model: Transformer, val: LMBatch, token_bytes: torch.Tensor, rows: 
     return {"val/loss": (sums[0] / sums[1]).item(), "val/bpb": bits_per_byte(sums[0].item(), sums[2].item())}
 
 
-def _load_optimizer(path: Path, model: Transformer, optimizer, fsdp: bool) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the checkpoint has no optimizer state to resume from")
-    sd = torch.load(path, weights_only=False)
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(sd)
-
-
-# ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_arguments(parser, SFTConfig if parser.prog.split()[-1] == "sft" else TrainConfig)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

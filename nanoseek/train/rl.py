@@ -1,8 +1,7 @@
 """The RL run shared by GRPO and PPO: step n is ``collect -> algorithm.prepare -> optimize``, run by the shared
 loop (``nanoseek.train.loop``). An algorithm (grpo.py, ppo.py), built from its ``Params``, the ``Sampling``, the
 ``OptimizeConfig`` and the policy, supplies ``prepare`` (advantages, old / reference log-probs), ``loss`` (one
-micro-batch), ``trainables`` (PPO's critic), ``state_dict`` / ``load_state_dict``, ``metrics`` and ``cfg.beta``.
-"""
+micro-batch), ``trainables`` (PPO's critic), ``state_dict`` / ``load_state_dict`` and ``cfg.beta``."""
 
 from __future__ import annotations
 
@@ -19,12 +18,13 @@ from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, save_checkpo
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.datasets import Row
 from nanoseek.distributed import global_std, init_distributed, is_main, reduce_floats
+from nanoseek.evaluate import evaluate, scalar_metrics
 from nanoseek.hf import atomic_write
 from nanoseek.policy import Policy
 from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import RunConfig, StopFlag, config_dict, narrow, run_loop, save, start_run
+from nanoseek.train.loop import RunConfig, StopFlag, narrow, run_loop, save, start_run
 from nanoseek.train.optimize import OptimizeConfig, OptimizeStats, optimize
 from nanoseek.train.rl_data import RLDataConfig, rl_data
 from nanoseek.train.schedule import OptimConfig, adamw, lr_at, set_lr
@@ -51,8 +51,7 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
         if self.save_best and not self.eval_every:
             raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
-            raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0 (samples per "
-                             "held-out prompt)")
+            raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0")
 
 
 class RLTrainer:
@@ -81,8 +80,6 @@ class RLTrainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """``eval/...`` metrics on the held-out prompts (``nanoseek.evaluate``)."""
-        from nanoseek.evaluate import evaluate, scalar_metrics
-
         cfg, held_out = self.cfg, self.data.held_out  # held_out's own columns: an --eval-dataset's may differ
         m = evaluate(self.policy, self.encode, self.tokenizer.decode, list(held_out.rows),
                      replace(self.scorer, columns=held_out.columns), [reward_name(f) for f in self.data.correct],
@@ -97,40 +94,40 @@ class RLTrainer:
 
     def step(self, step: int) -> tuple[dict, Rollout]:
         """RL step ``step`` (1-based): sample and score, prepare, optimize. Returns (metrics, the rollout)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        cfg, t0 = self.cfg, time.perf_counter()
         set_lr(self.optimizer, lr_at(step - 1, cfg, cfg.steps))
         rollout, seen = self.collect(step)
         t_gen = time.perf_counter() - t0
         stats = OptimizeStats()
         rollout = self.algorithm.prepare(rollout, step, stats)
-        trainables = [(self.policy.model, self.optimizer), *self.algorithm.trainables()]
+        trainables = [(self.policy.model, self.optimizer), *self.algorithm.trainables]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step - 1)
         optimize(self.policy, rollout, self.algorithm.loss, trainables, self.optim, gen, stats, cfg.max_grad_norm)
-        m = self.metrics(rollout, seen, stats, time.perf_counter() - t0)
-        return {**m, "generation_time": t_gen, **self.algorithm.metrics(rollout, stats)}, rollout
+        return {**self.metrics(rollout, seen, stats, time.perf_counter() - t0), "generation_time": t_gen}, rollout
 
     def metrics(self, rollout: Rollout, seen: CollectStats, stats: OptimizeStats, dt: float) -> dict:
         """TRL's metric names where TRL has the quantity, over every rank."""
         passes, sums = self.cfg.num_iterations, stats.sums
         r = torch.tensor(seen.seen_rewards, dtype=torch.float64)
         lengths = rollout.batch.completion_lens.double()
-        tok, n_c = sums.get("tokens", 0.0), float(len(lengths))
+        tok, n_c = sums["tokens"], float(len(lengths))
         ratios = {  # metric: (numerator, denominator), each summed over ranks; the metric is num / max(den, 1)
             "reward": (float(r.sum()), float(r.numel())),
             "frac_reward_zero_std": (float(seen.zero_std_groups), float(seen.groups)),
             "completions/mean_length": (float(lengths.sum()), n_c),
             "completions/clipped_ratio": (float(rollout.truncated.sum()), n_c),
-            "entropy": (stats.entropy, tok),
-            "clip_ratio/low_mean": (sums.get("clip_low", 0.0), tok),
-            "clip_ratio/high_mean": (sums.get("clip_high", 0.0), tok),
-            "loss": (stats.loss / passes, 1.0),
+            "entropy": (sums["entropy"], tok),
+            "clip_ratio/low_mean": (sums["clip_low"], tok),
+            "clip_ratio/high_mean": (sums["clip_high"], tok),
+            "loss": (sums["loss"] / passes, 1.0),
             "num_tokens": (tok / passes, 0.0),
             "tokens_per_s": (float(lengths.sum()) / dt, 0.0),
             "tokens/processed_over_real": (float(stats.processed), float(stats.real)),
         }
         if self.algorithm.cfg.beta > 0:
-            ratios["kl"] = (sums.get("kl", 0.0), tok)
+            ratios["kl"] = (sums["kl"], tok)
+        if self.algorithm.trainables:  # PPO's critic: its value loss, the mean over ranks and passes
+            ratios["value_loss"] = (sums["value_loss"] / passes, 1.0)
         for name, vals in seen.seen_per_fn.items():  # NaN: the function gave no value
             given = [v for v in vals if not math.isnan(v)]
             ratios[f"rewards/{name}/mean"] = (float(sum(given)), float(len(given)))
@@ -155,9 +152,8 @@ class RLTrainer:
 
 
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
-    """Run an RL algorithm; returns the run's summary (``nanoseek.train.loop.run_loop``) with the first and final
-    reward and, with ``save_best``, the record of OUT/best: the checkpoint of the step with the best eval metric so
-    far (ties: the earlier step; kept on resume), loadable with ``--model OUT/best``."""
+    """Run an RL algorithm; returns the run's summary with the first and final reward and, with ``save_best``, the
+    record of OUT/best: the step with the best eval metric (ties: the earlier), loadable with ``--model OUT/best``."""
     cfg.validate()
     rank, world, device = init_distributed(cfg.device)
 
@@ -170,12 +166,11 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
         policy.share_prompts = cfg.share_prompts
         return RLTrainer(replace(cfg, model=model), policy, tokenizer, algorithm_cls, rank, world)
 
-    run, trainer = start_run(narrow(RunConfig, cfg), algorithm_cls.kind, inputs)
-    cfg, model = trainer.cfg, trainer.policy.model
-    start = 0
+    run, trainer = start_run(cfg, algorithm_cls.kind, inputs)
+    cfg, model, state = trainer.cfg, trainer.policy.model, {"step": 0}
+    run = replace(run, config=cfg)  # the run's config with --model resolved
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, model, trainer.optimizer)
-        start = int(state["step"])
         trainer.algorithm.load_state_dict(state)
     best_json = run.dir / "best" / "best.json"
     best_metric = "eval/" + (cfg.save_best or "").replace("pass@k", f"pass@{cfg.eval_num_generations}")
@@ -196,9 +191,8 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
             _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
         return m, reduce_floats([float(stop.requested)], "max")[0] > 0
 
-    config = config_dict(cfg)
-    summary = run_loop(run, start, step, lambda n: save(run, n, model, trainer.optimizer, trainer.tokenizer,
-                                                        {"config": config, **trainer.algorithm.state_dict()}), config)
+    summary = run_loop(run, int(state["step"]), step, lambda n: save(run, n, model, trainer.optimizer,
+                                                                     trainer.tokenizer, trainer.algorithm.state_dict()))
     return {**summary, "first_reward": rewards[0] if rewards else None,
             "final_reward": rewards[-1] if rewards else None, **({"best": best} if cfg.save_best else {})}
 

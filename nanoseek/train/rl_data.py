@@ -11,14 +11,14 @@ from pathlib import Path
 from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+from nanoseek.tasks import get_task, task_reward
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     """A dataset of prompt (+ completion) or whole-conversation rows, and the columns to read (RL and SFT)."""
 
-    dataset: str | None = option(None, "a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset "
-                                 "(`nanoseek sample` output works)")
+    dataset: str | None = option(None, "a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset")
     dataset_config: str | None = option(None, "the hub dataset's configuration")
     dataset_split: str = option("train", "the split to read (hub datasets; folders of split-named files)")
     prompt_column: str = option("prompt", "the column with the prompts (strings or chat messages)")
@@ -29,22 +29,18 @@ class DatasetConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RLDataConfig(DatasetConfig):
-    """Where the prompts, rewards and held-out prompts come from: --dataset instead of --task takes its rewards
-    from --reward-funcs only."""
+    """Where the prompts, rewards and held-out prompts come from (--dataset: rewards from --reward-funcs only)."""
 
     task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
     task_kwargs: dict = option(default_factory=dict, help='task options as JSON, e.g. \'{"max_operand": 9}\'')
     answer_column: str | None = option(None, "the column with the gold answers, given to rewards as `answer`")
-    reward_funcs: list[str] = option(default_factory=list,
-                                     help="reward functions: built-in names (math, format, format_gsm8k, equations, "
-                                     "countdown, code) or import paths (package.module:function)")
-    reward_weights: list[float] = option(default_factory=list,
-                                         help="weights: the task reward first (without --dataset), then each of "
-                                         "--reward-funcs (default all 1)")
+    reward_funcs: list[str] = option(default_factory=list, help="reward functions: built-in names (math, format, "
+                                     "format_gsm8k, equations, countdown, code) or import paths (package.module:fn)")
+    reward_weights: list[float] = option(default_factory=list, help="weights: the task reward first (without "
+                                         "--dataset), then each of --reward-funcs (default all 1)")
     reward_timeout_s: float | None = option(None, "run non-built-in reward functions in a killable worker", gt=0)
     eval_every: int = option(0, "evaluate on held-out prompts every N steps and at the end (0: never)", min=0)
-    eval_dataset: str | None = option(None, "held-out prompts for --eval-every (default: the task's held-out "
-                                      "split, or one in 10 of --dataset's prompts, held out of training)")
+    eval_dataset: str | None = option(None, "held-out prompts (default: the task's, or 1 in 10 of --dataset's)")
     eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
     eval_n: int = option(200, "most held-out prompts evaluated", min=1)
 
@@ -62,8 +58,6 @@ class RLData:
 
 def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     """The prompts, held-out prompts and reward functions a run's data flags describe."""
-    from nanoseek.tasks import get_task, task_reward
-
     extra = [get_reward_fn(n) for n in cfg.reward_funcs]
     load = partial(load_prompts, config=cfg.dataset_config, prompt_column=cfg.prompt_column,
                    answer_column=cfg.answer_column, completion_column=cfg.completion_column,
@@ -71,16 +65,14 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     held_out = None
     if cfg.dataset:
         if not extra:
-            raise ValueError("--dataset: give the reward functions with --reward-funcs (e.g. math, or "
-                             "package.module:function); a dataset has no task reward")
+            raise ValueError("--dataset has no task reward: give --reward-funcs (e.g. math, package.module:function)")
         train = load(cfg.dataset, split=cfg.dataset_split)
         fns, correct = extra, extra
         if cfg.eval_every and not cfg.eval_dataset:
             train, held_out = train.split(10)  # one prompt in 10 held out of training
     else:
         task = get_task(cfg.task, **cfg.task_kwargs)
-        train = TaskPrompts(task)
-        own = task_reward(task)
+        train, own = TaskPrompts(task), task_reward(task)
         fns, correct = [own, *extra], [own]
         if cfg.eval_every and not cfg.eval_dataset:
             held_out = task_dataset(task, cfg.eval_n, "eval", seed=0)

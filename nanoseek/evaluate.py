@@ -21,7 +21,6 @@ from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import Row
 from nanoseek.fim import infill_prompt, sentinel_ids, val_documents
-from nanoseek.generate import generate
 from nanoseek.model.transformer import Transformer
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.rewards import check_reward_columns
@@ -163,6 +162,7 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
     """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
     ``seed``ed rng, is the hole; the greedy middle up to the end sentinel, EOS or a newline is exact when it equals
     the line (surrounding spaces ignored). -> {"exact_match", "n", "results": [{line, infilled, exact}]}."""
+    from nanoseek.generate import generate  # looked up per call, so that it can be replaced
     rng, cases = random.Random(seed), []
     for doc in documents:
         lines = doc.splitlines(keepends=True)

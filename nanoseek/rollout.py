@@ -138,8 +138,7 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
     """Sample G completions of each prompt of ``prompts(round)`` (seeded by ``seed(round)``), score them and keep the
     groups; with ``dynamic_sampling`` only those whose outcome (with a process reward: step) rewards differ, resampling
     up to ``max_resample_rounds`` times until as many groups as round 0's prompts are kept."""
-    G, informative_only = sampling.num_generations, sampling.dynamic_sampling
-    process = scorer.process_fn is not None
+    G, informative_only, process = sampling.num_generations, sampling.dynamic_sampling, scorer.process_fn is not None
     kept: list[tuple[Scored, list, int, Row]] = []  # (its round's samples, their step rewards, group, example)
     seen, seen_steps, seen_fn = [], [], {name: [] for name in scorer.names}  # every sampled completion's rewards
     no_steps = zero_std = groups = 0

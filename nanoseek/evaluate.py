@@ -13,29 +13,25 @@ import argparse
 import json
 import random
 import sys
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import Row
-from nanoseek.policy import SamplingParams
+from nanoseek.fim import infill_prompt, sentinel_ids, val_documents
+from nanoseek.model.transformer import Transformer
+from nanoseek.policy import Policy, SamplingParams
+from nanoseek.rewards import check_reward_columns
 from nanoseek.rewards.math import extract_final_answer
 from nanoseek.rollout import Scorer, sample_and_score
 from nanoseek.sample import PromptsConfig, load_prompts_of
-
-if TYPE_CHECKING:
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tokenizer import Tokenizer
-
+from nanoseek.tokenizer import Tokenizer, encode_checked
 
 
 def vote_key(text: str) -> str:
-    """The answer a sample votes for in maj@k: its final answer (``extract_final_answer``), else its first line;
-    so two worked solutions that reach the same number vote together."""
+    """A sample's vote in maj@k: its final answer (``extract_final_answer``), else its first line."""
     final = extract_final_answer(text)
     return final.strip() if final is not None else text.strip().split("\n", 1)[0].strip()
 
@@ -50,8 +46,7 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
     if not rows:
         raise ValueError("evaluate: no examples given")
     if k < 0 or (k and temperature <= 0):
-        raise ValueError(f"evaluate: need k >= 0 and temperature > 0 for the k samples (got k={k}, "
-                         f"temperature={temperature})")
+        raise ValueError(f"evaluate: need k >= 0, and temperature > 0 if k > 0 (got k={k}, temperature={temperature})")
     was_training = policy.model.training
     policy.model.eval()
 
@@ -69,14 +64,11 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
         sampled, ok_k = run([r for r in rows for _ in range(k)], temperature, seed + 1, f"eval {k} samples")
         per_problem, majority = [], 0.0
         for i in range(n):
-            scores, texts = ok_k[i * k : (i + 1) * k], sampled.texts[i * k : (i + 1) * k]
+            scores, keys = ok_k[i * k : (i + 1) * k], [vote_key(t) for t in sampled.texts[i * k : (i + 1) * k]]
             per_problem.append(sum(scores) / k)
-            votes = Counter(map(vote_key, texts))
-            top = max(votes.values())
-            majority += scores[next(j for j, t in enumerate(texts) if votes[vote_key(t)] == top)]
-        out.update({f"pass@{k}": sum(p > 0 for p in per_problem) / n, f"maj@{k}": majority / n,
-                    "sample_accuracy": sum(per_problem) / n, "sample_correct": per_problem, "k": k,
-                    "temperature": temperature})
+            majority += scores[keys.index(max(keys, key=keys.count))]  # max: the earliest of the most frequent
+        out.update({f"pass@{k}": sum(p > 0 for p in per_problem) / n, f"maj@{k}": majority / n, "k": k,
+                    "sample_accuracy": sum(per_problem) / n, "sample_correct": per_problem, "temperature": temperature})
     out["greedy_completions"] = [{"prompt": r.prompt, "completion": t, "correct": c}
                                  for r, t, c in list(zip(rows, greedy.texts, ok))[:20]]
     policy.model.train(was_training)
@@ -84,8 +76,7 @@ def evaluate(policy, encode: Callable[[str | list[dict]], list[int]], decode: Ca
 
 
 def scalar_metrics(result: dict) -> dict[str, float]:
-    """The metrics of an ``evaluate`` result that ``--eval-every`` logs: accuracy, reward, mean_length and, with
-    k > 0, pass@k, maj@k and sample_accuracy."""
+    """The scalar metrics of an ``evaluate`` result (what ``--eval-every`` logs); ``temperature`` is a setting."""
     return {key: v for key, v in result.items() if isinstance(v, float) and key != "temperature"}
 
 
@@ -114,51 +105,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
-    from nanoseek.policy import Policy
-    from nanoseek.rewards import check_reward_columns
-    from nanoseek.tokenizer import Tokenizer, encode_checked
 
     cfg = from_args(EvalConfig, args)
     check_ranges(cfg)
     if cfg.dataset and not cfg.reward_funcs:
         raise ValueError("--dataset: give the reward functions that verify a completion with --reward-funcs")
+    if cfg.fim and not cfg.data_dir:
+        raise ValueError("--fim needs --data-dir: the shards of `nanoseek prepare` whose val split to infill")
     directory = resolve_model_dir(cfg.model)
-    if cfg.fim:
-        return _fim(cfg, directory)
-    if not cfg.dataset:  # the task its run trained on, from the run directory's <kind>_config.json
-        trained_on = None
+    if not cfg.dataset and not cfg.fim:  # the task its run trained on, from the run directory's <kind>_config.json
         run_dirs = [directory] + ([directory.parent.parent] if directory.parent.name == "checkpoints" else [])
         path = next((p for d in run_dirs for kind in ("pretrain", "sft", "grpo", "ppo")
                      if (p := d / f"{kind}_config.json").is_file()), None)
-        if path is not None:
-            try:
-                recorded = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
-            trained_on = None if recorded.get("data") else recorded.get("task")
+        try:
+            recorded = {} if path is None else json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); pass --task NAME") from None
+        trained_on = None if recorded.get("data") else recorded.get("task")
         if trained_on is None and cfg.task is None:
             raise ValueError(f"--model {directory} does not record a built-in task it trained on; pass --task NAME "
                              "(a built-in task such as arithmetic or countdown)")
         if trained_on and cfg.task and cfg.task != trained_on:
             print(f"note: evaluating on --task {cfg.task}; the model was trained on {trained_on}", file=sys.stderr)
         cfg = replace(cfg, task=cfg.task or trained_on)
-    ds, fns = load_prompts_of(cfg, cfg.n, "eval")
-    check_reward_columns(fns, ds.columns, f"dataset {ds.name}")
-    if cfg.task and len(ds.rows) < cfg.n:
-        print(f"the held-out split of {cfg.task!r} has {len(ds.rows)} distinct problems; evaluating all of them",
-              file=sys.stderr)
+    if not cfg.fim:
+        ds, fns = load_prompts_of(cfg, cfg.n, "eval")
+        check_reward_columns(fns, ds.columns, f"dataset {ds.name}")
+        if cfg.task and len(ds.rows) < cfg.n:
+            print(f"the held-out split of {cfg.task!r} has {len(ds.rows)} distinct problems; evaluating all of them",
+                  file=sys.stderr)
     tok = Tokenizer.load(directory)
-    policy = Policy.load(directory, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
-    if cfg.task:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
-        for r in ds.rows:
-            encode_checked(tok, r.prompt, f"task {cfg.task!r} prompt {r.prompt!r}",
-                           max_tokens=policy.model.config.max_position_embeddings)
-    result = evaluate(policy, lambda p: tok.encode_prompt(p, cfg.system_prompt),
-                      tok.decode, list(ds.rows), Scorer(fns, tokenizer=tok, columns=ds.columns),
-                      k=cfg.num_generations, temperature=cfg.temperature,
-                      max_completion_length=cfg.max_completion_length, batch_size=cfg.batch_size, seed=cfg.seed,
-                      min_reward=cfg.min_reward, progress=True)
-    head = {"task": cfg.task} if cfg.task else {"dataset": cfg.dataset, "reward_funcs": cfg.reward_funcs}
+    if cfg.fim:  # one masked line in each of the first --n documents of the val split
+        model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
+        head = {"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode}
+        result = fim_exact_match(model, tok, val_documents(cfg.data_dir, tok, cfg.n), cfg.fim_mode, cfg.seed,
+                                 cfg.max_completion_length, cfg.batch_size)
+    else:
+        policy = Policy.load(directory, tok.pad_id, tok.eos_id, device=device_of(cfg.device))
+        if cfg.task:  # characters the tokenizer lacks, or prompts over the context, would score silently wrong
+            for r in ds.rows:
+                encode_checked(tok, r.prompt, f"task {cfg.task!r} prompt {r.prompt!r}",
+                               max_tokens=policy.model.config.max_position_embeddings)
+        head = {"task": cfg.task} if cfg.task else {"dataset": cfg.dataset, "reward_funcs": cfg.reward_funcs}
+        result = evaluate(policy, lambda p: tok.encode_prompt(p, cfg.system_prompt), tok.decode, list(ds.rows),
+                          Scorer(fns, tokenizer=tok, columns=ds.columns), k=cfg.num_generations,
+                          temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
+                          batch_size=cfg.batch_size, seed=cfg.seed, min_reward=cfg.min_reward, progress=True)
     print(json.dumps({**head, **{k: v for k, v in result.items() if not isinstance(v, list)}}, indent=2))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({**head, **result}, indent=2))
@@ -170,9 +162,7 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
     """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
     ``seed``ed rng, is the hole; the greedy middle up to the end sentinel, EOS or a newline is exact when it equals
     the line (surrounding spaces ignored). -> {"exact_match", "n", "results": [{line, infilled, exact}]}."""
-    from nanoseek.fim import infill_prompt, sentinel_ids
-    from nanoseek.generate import generate
-
+    from nanoseek.generate import generate  # looked up per call, so that it can be replaced
     rng, cases = random.Random(seed), []
     for doc in documents:
         lines = doc.splitlines(keepends=True)
@@ -186,29 +176,8 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
     stops = (*tok.stop_ids, sentinel_ids(tok)[2])
     outputs = [out for start in range(0, len(prompts), batch_size)
                for out in generate(model, prompts[start:start + batch_size], max_new, stop_token_ids=stops)]
-    results = []
-    for (line, _, _), out in zip(cases, outputs):
-        infilled = tok.decode(out).split("\n", 1)[0]
-        results.append({"line": line, "infilled": infilled, "exact": infilled.strip() == line.strip()})
+    infilled = [tok.decode(out).split("\n", 1)[0] for out in outputs]
+    results = [{"line": line, "infilled": fill, "exact": fill.strip() == line.strip()}
+               for (line, _, _), fill in zip(cases, infilled)]
     return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1), "n": len(results),
             "results": results}
-
-
-def _fim(cfg: EvalConfig, directory: Path) -> int:
-    """``eval --fim --data-dir SHARDS``: ``fim_exact_match`` on the first ``--n`` documents of the val split."""
-    from nanoseek.distributed import device_of
-    from nanoseek.fim import val_documents
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tokenizer import Tokenizer
-
-    if not cfg.data_dir:
-        raise ValueError("--fim needs --data-dir: the shards of `nanoseek prepare` whose val split to infill")
-    tok = Tokenizer.load(directory)
-    model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
-    result = {"model": str(directory), "data_dir": cfg.data_dir, "mode": cfg.fim_mode, **fim_exact_match(
-        model, tok, val_documents(cfg.data_dir, tok, cfg.n), cfg.fim_mode, cfg.seed, cfg.max_completion_length,
-        cfg.batch_size)}
-    print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps(result, indent=2))
-    return 0

@@ -1,6 +1,5 @@
 """Rollout collection: prompts -> G sampled completions each -> rewards -> a frozen ``Rollout``. ``sample_and_score``
-is the one sample -> score -> verify step of ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``.
-"""
+is the one sample -> score -> verify step of ``collect``, ``nanoseek sample`` and ``nanoseek.evaluate``."""
 
 from __future__ import annotations
 
@@ -12,20 +11,13 @@ from tqdm import tqdm
 
 from nanoseek.datasets import Row, columns_of
 from nanoseek.policy import Batch, Policy, Samples, SamplingParams
-from nanoseek.rewards import (
-    RewardResult,
-    StepRewards,
-    compute_process_rewards,
-    compute_rewards,
-    reward_name,
-    trl_completions,
-)
+from nanoseek.rewards import RewardResult, compute_process_rewards, compute_rewards, reward_name, trl_completions
+from nanoseek.rewards.process import StepRewards
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward,
-    given the rows' prompts, the completions as TRL passes them, the completion ids and the dataset ``columns``."""
+    """The reward functions of a run: weighted outcome rewards (TRL signature) and an optional process reward."""
 
     reward_fns: Sequence[Callable]
     weights: Sequence[float] | None = None  # None: all 1
@@ -41,8 +33,7 @@ class Scorer:
     def outcome(self, rows: list[Row], texts: list[str], completion_ids: list[list[int]] | None = None):
         prompts = [r.prompt for r in rows]
         return compute_rewards(self.reward_fns, self.weights, prompts, trl_completions(prompts, texts),
-                               columns_of(rows, self.columns), timeout_s=self.timeout_s,
-                               completion_ids=completion_ids)
+                               columns_of(rows, self.columns), timeout_s=self.timeout_s, completion_ids=completion_ids)
 
     def steps(self, rows: list[Row], texts: list[str], completions: list[list[int]]):
         prompts = [r.prompt for r in rows]
@@ -61,8 +52,7 @@ class Scored:
     result: RewardResult
 
     def verified(self, names: Sequence[str], min_reward: float = 1.0) -> list[bool]:
-        """Per completion: every reward function in ``names`` gave at least ``min_reward`` (None, "no verdict",
-        never passes) and it ended by itself (one cut off at the length cap is not an answer)."""
+        """Per completion: each function in ``names`` gave >= ``min_reward`` (None never does), and not truncated."""
         values = [self.result.per_fn[n] for n in names]
         return [not cut and all(v[j] is not None and v[j] >= min_reward for v in values)
                 for j, cut in enumerate(self.samples.truncated)]
@@ -72,8 +62,7 @@ class Scored:
 def sample_and_score(policy: Policy, encode: Callable[[str | list[dict]], list[int]],
                      decode: Callable[[list[int]], str], rows: list[Row], scorer: Scorer, params: SamplingParams,
                      seed: int, *, batch_size: int | None = None, desc: str | None = None) -> Scored:
-    """One completion per row, in batches of ``batch_size`` (batch b seeded with ``seed + b``), scored by
-    ``scorer.outcome``; ``desc`` shows a progress bar."""
+    """One completion per row, batch b of ``batch_size`` seeded ``seed + b``, scored; ``desc``: a progress bar."""
     prompt_ids = [encode(r.prompt) for r in rows]
     size = batch_size or max(len(rows), 1)
     starts = tqdm(range(0, len(rows), size), desc=desc, dynamic_ncols=True, leave=False, disable=desc is None)
@@ -146,16 +135,12 @@ class CollectStats:
 def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], decode: Callable[[list[int]], str],
             prompts: Callable[[int], list[Row]], scorer: Scorer, sampling: Sampling, *,
             seed: Callable[[int], int]) -> tuple[Rollout, CollectStats]:
-    """Sample G completions of each prompt of ``prompts(round)``, score them, and keep the groups (with
-    ``dynamic_sampling``: only groups whose outcome rewards, or with a process reward whose step rewards, differ,
-    resampling with ``prompts(round + 1)`` up to ``max_resample_rounds`` times until as many groups as round 0's
-    prompts are kept). ``seed(round)`` seeds each round's sampling."""
-    G, informative_only = sampling.num_generations, sampling.dynamic_sampling
-    process = scorer.process_fn is not None
+    """Sample G completions of each prompt of ``prompts(round)`` (seeded by ``seed(round)``), score them and keep the
+    groups; with ``dynamic_sampling`` only those whose outcome (with a process reward: step) rewards differ, resampling
+    up to ``max_resample_rounds`` times until as many groups as round 0's prompts are kept."""
+    G, informative_only, process = sampling.num_generations, sampling.dynamic_sampling, scorer.process_fn is not None
     kept: list[tuple[Scored, list, int, Row]] = []  # (its round's samples, their step rewards, group, example)
-    seen: list[float] = []
-    seen_fn: dict[str, list[float]] = {name: [] for name in scorer.names}
-    seen_steps: list[float] = []
+    seen, seen_steps, seen_fn = [], [], {name: [] for name in scorer.names}  # every sampled completion's rewards
     no_steps = zero_std = groups = 0
     want = None
     for round_ in range(1 + (sampling.max_resample_rounds if informative_only else 0)):
@@ -170,11 +155,10 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
             seen_fn[name] += [float("nan") if v is None else float(v) for v in values]
         seen_steps += [r for s in steps if s is not None for r in s.rewards]
         no_steps += sum(s is None or not s.rewards for s in steps) if process else 0
+        groups += len(exs)
         for g, ex in enumerate(exs):
             sl = slice(g * G, (g + 1) * G)
-            groups += 1
-            flat = len(set(result.total[sl])) == 1
-            zero_std += flat
+            zero_std += (flat := len(set(result.total[sl])) == 1)
             if process:
                 flat = len({r for s in steps[sl] if s is not None for r in s.rewards}) <= 1
             if not (informative_only and flat):
@@ -190,12 +174,10 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
         sampler_logp[j, : len(sc.samples.logprobs[i])] = torch.tensor(sc.samples.logprobs[i])
     per_fn = {name: torch.tensor([float("nan") if sc.result.per_fn[name][i] is None else sc.result.per_fn[name][i]
                                   for sc, _, i in rows], dtype=torch.float32) for name in scorer.names}
-    rollout = Rollout(
+    return Rollout(
         batch=batch, examples=tuple(ex for *_, ex in kept), texts=tuple(sc.texts[i] for sc, _, i in rows),
         rewards=torch.tensor([sc.result.total[i] for sc, _, i in rows], dtype=torch.float32), rewards_per_fn=per_fn,
         truncated=torch.tensor([sc.samples.truncated[i] for sc, _, i in rows], dtype=torch.bool),
         sampler_logp=sampler_logp, steps=tuple(st[i] for _, st, i in rows) if process else None,
-    )
-    stats = CollectStats(tuple(seen), {k: tuple(v) for k, v in seen_fn.items()}, groups, zero_std, tuple(seen_steps),
-                         no_steps)
-    return rollout, stats
+    ), CollectStats(tuple(seen), {k: tuple(v) for k, v in seen_fn.items()}, groups, zero_std, tuple(seen_steps),
+                    no_steps)

@@ -1,12 +1,10 @@
 """``nanoseek sample``: K completions per prompt from a checkpoint, scored by reward functions, written as JSONL:
 DeepSeek-R1's rejection sampling (arXiv 2501.12948 §2.3.3) and the teacher half of distillation (§2.4).
 
-Each output line holds ``prompt``, ``completion`` (a string, or ``[{"role": "assistant", ...}]`` after a
-conversational prompt), ``reward`` (the sum over functions), ``rewards`` (each function's value), ``truncated`` and
-the dataset's other columns: at once an SFT and an RL dataset. ``--keep correct`` keeps only verified completions
-(``nanoseek.rollout.Scored.verified``: every function gave at least ``--min-reward`` and the completion ended by
-itself, as one cut off would teach the student not to stop).
-"""
+Each output line holds ``prompt``, ``completion`` (a string, or an assistant message after a conversational prompt),
+``reward`` (the sum over functions), ``rewards`` (each function's value), ``truncated`` and the dataset's other
+columns: at once an SFT and an RL dataset. ``--keep correct`` keeps only verified completions (``Scored.verified``:
+each function gave >= ``--min-reward`` and it ended by itself; a cut-off one would teach the student not to stop)."""
 
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ from pathlib import Path
 from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import PromptDataset, load_prompts, task_dataset
+from nanoseek.hf import atomic_write
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
@@ -29,20 +28,17 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
                    top_k: int | None = None, seed: int = 0, batch_size: int = 64, system_prompt: str | None = None,
                    keep: str = "correct", min_reward: float = 1.0, reward_timeout_s: float | None = 60.0,
                    progress: bool = False) -> tuple[list[dict], dict]:
-    """-> (output rows, summary): each prompt's ``num_generations`` completions, in order, filtered by ``keep``
-    ("correct" | "all")."""
+    """-> (output rows, summary): each prompt's ``num_generations`` completions, in order, filtered by ``keep``."""
     if keep == "correct" and not reward_fns:
         raise ValueError("--keep correct needs reward functions (--reward-funcs) to verify the completions")
     check_reward_columns(reward_fns, dataset.columns, f"dataset {dataset.name}")
     scorer = Scorer(reward_fns, tokenizer=tokenizer, timeout_s=reward_timeout_s, columns=dataset.columns)
     rows = [r for r in dataset.rows for _ in range(num_generations)]
-    scored = sample_and_score(
-        policy, lambda p: tokenizer.encode_prompt(p, system_prompt),
-        tokenizer.decode, rows, scorer, SamplingParams(max_tokens=max_completion_length, temperature=temperature,
-                                                       top_k=top_k, top_p=top_p),
-        seed * 1_000_003, batch_size=batch_size, desc="sample" if progress else None)
-    result, truncated = scored.result, scored.samples.truncated
-    ok = scored.verified(scorer.names, min_reward)
+    params = SamplingParams(max_tokens=max_completion_length, temperature=temperature, top_k=top_k, top_p=top_p)
+    scored = sample_and_score(policy, lambda p: tokenizer.encode_prompt(p, system_prompt), tokenizer.decode, rows,
+                              scorer, params, seed * 1_000_003, batch_size=batch_size,
+                              desc="sample" if progress else None)
+    result, ok = scored.result, scored.verified(scorer.names, min_reward)
     out: list[dict] = []
     for j, row in enumerate(rows):
         if keep == "correct" and not ok[j]:
@@ -56,27 +52,23 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
         extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
         out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],
                     "rewards": {name: values[j] for name, values in result.per_fn.items()},
-                    "truncated": truncated[j], "sample": j % num_generations})
-    summary = {"prompts": len(dataset.rows), "samples": len(rows), "kept": len(out),
-               "prompts_kept": len({json.dumps(r["prompt"], sort_keys=True) for r in out}), **result.metrics()}
-    return out, summary
+                    "truncated": scored.samples.truncated[j], "sample": j % num_generations})
+    return out, {"prompts": len(dataset.rows), "samples": len(rows), "kept": len(out),
+                 "prompts_kept": len({json.dumps(r["prompt"], sort_keys=True) for r in out}), **result.metrics()}
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> Path:
-    """The rows as JSON lines, written atomically (a temporary file, then a rename)."""
+    """The rows as JSON lines, written atomically."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    tmp.replace(out)
+    atomic_write(out, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     return out
 
 
 # ---------------------------------------------------------------------- CLI
 @dataclass(frozen=True, kw_only=True)
 class PromptsConfig:
-    """``nanoseek sample`` and ``nanoseek eval``: the checkpoint, its prompts (a built-in task, or a dataset) and
-    the reward functions that verify a completion."""
+    """``nanoseek sample`` and ``nanoseek eval``: the checkpoint, its prompts (a task or a dataset) and verifiers."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json), or a run "
                         "directory (its latest checkpoint)")

@@ -1,12 +1,10 @@
 """Verifiable reward functions with TRL's signature ``fn(prompts, completions, completion_ids, **columns) ->
 list[float | None]`` (each dataset column a keyword list aligned with the completions; None: no reward for that
 sample, 0 in the total, left out of the mean), a registry, and ``compute_rewards`` / ``compute_process_rewards``,
-which contain failing or hanging functions.
-"""
+which contain failing or hanging functions."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import inspect
 import logging
@@ -30,14 +28,8 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., list]
 
 REWARD_FNS: dict[str, RewardFn] = {
-    "math": math_reward,
-    "format": format_reward,
-    "format_lenient": lenient_format_reward,
-    "format_gsm8k": gsm8k_format_reward,
-    "equations": equations_reward,
-    "countdown": countdown_reward,
-    "code": code_reward,
-}
+    "math": math_reward, "format": format_reward, "format_lenient": lenient_format_reward, "code": code_reward,
+    "format_gsm8k": gsm8k_format_reward, "equations": equations_reward, "countdown": countdown_reward}
 _IN_PROCESS = frozenset(REWARD_FNS.values()) | frozenset(PROCESS_REWARD_FNS.values())
 
 
@@ -51,20 +43,19 @@ def get_reward_fn(name: str) -> RewardFn:
     if ":" not in name and "." not in name:
         raise ValueError(f"unknown reward function {name!r}; built-in: {', '.join(sorted(REWARD_FNS))}; or give "
                          "an import path, package.module:function")
-    module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    module_name, _, attr = name.rpartition(":" if ":" in name else ".")
     what, path = f"reward function {name!r}", Path(module_name)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     if module_name.endswith(".py") and not path.is_file():
         raise ValueError(f"{what}: no file {path}")
     try:
-        if not module_name.endswith(".py"):
-            module = importlib.import_module(module_name)
-        else:
+        if module_name.endswith(".py"):
             spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = module  # so that pickling and the forked reward workers find it
+            module = sys.modules[path.stem] = importlib.util.module_from_spec(spec)  # for pickle and forked workers
             spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ValueError(f"{what}: no module {module_name!r} on PYTHONPATH or in the current directory "
@@ -75,10 +66,10 @@ def get_reward_fn(name: str) -> RewardFn:
     fn = getattr(module, attr, None)
     if fn is None:
         public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise ValueError(f"reward function {name!r}: module {module_name!r} ({module.__file__}) has no attribute "
-                         f"{attr!r}; its functions: {', '.join(public) or 'none'}")
+        raise ValueError(f"{what}: module {module_name!r} ({module.__file__}) has no attribute {attr!r}; its "
+                         f"functions: {', '.join(public) or 'none'}")
     if not callable(fn):
-        raise ValueError(f"reward function {name!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
+        raise ValueError(f"{what}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
     return fn
 
 
@@ -93,8 +84,7 @@ def required_columns(fn: RewardFn) -> tuple[tuple[str, ...], ...]:
     except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
         return ()
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return tuple((p.name,) for p in params
-                 if p.kind in kinds and p.default is p.empty and p.name != "completion_ids")
+    return tuple((p.name,) for p in params if p.kind in kinds and p.default is p.empty and p.name != "completion_ids")
 
 
 def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the dataset") -> None:
@@ -110,8 +100,7 @@ def check_reward_columns(fns: Sequence[RewardFn], columns, dataset: str = "the d
 
 
 def trl_completions(prompts: list, texts: list[str]) -> list:
-    """Completions as TRL passes them: the text, or ``[{"role": "assistant", "content": text}]`` after a
-    conversational prompt."""
+    """Completions as TRL passes them: the text, or an assistant message after a conversational prompt."""
     return [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
 
 
@@ -127,11 +116,9 @@ class RewardResult:
 
     def metrics(self) -> dict[str, float]:
         """TRL's names: ``reward`` (mean total) and ``rewards/<fn>/mean`` over the samples that have a value."""
-        out = {"reward": sum(self.total) / max(len(self.total), 1)}
-        for name, values in self.per_fn.items():
-            have = [v for v in values if v is not None]
-            out[f"rewards/{name}/mean"] = sum(have) / len(have) if have else nan
-        return out
+        have = {name: [v for v in values if v is not None] for name, values in self.per_fn.items()}
+        return {"reward": sum(self.total) / max(len(self.total), 1),
+                **{f"rewards/{name}/mean": sum(v) / len(v) if v else nan for name, v in have.items()}}
 
 
 def _child(conn, fn, prompts, completions, columns) -> None:
@@ -182,24 +169,19 @@ def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float 
 def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts: list,
                     completions: list, columns: dict | None = None, timeout_s: float | None = 60.0,
                     completion_ids: list[list[int]] | None = None) -> RewardResult:
-    """Weighted rewards of N completions: a function that fails (see ``_call``) gives None for all its samples;
-    the others still count."""
+    """Weighted rewards of N completions; a function that fails (``_call``) gives None for all its samples."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"compute_rewards: {len(reward_fns)} reward functions but {len(weights)} weights")
     columns = {**(columns or {}), **({} if completion_ids is None else {"completion_ids": completion_ids})}
-    total = [0.0] * len(completions)
-    per_fn: dict[str, list[float | None]] = {}
-    errors: dict[str, str] = {}
+    total, per_fn, errors = [0.0] * len(completions), {}, {}
     for fn, w in zip(reward_fns, weights):
         name = reward_name(fn)
         values, error = _call(fn, prompts, completions, columns, timeout_s, "reward function", float)
         if values is None:
             values, errors[name] = [None] * len(completions), error
         per_fn[name] = values
-        for i, v in enumerate(values):
-            if v is not None and not isnan(v):
-                total[i] += w * v
+        total = [t + w * v if v is not None and not isnan(v) else t for t, v in zip(total, values)]
     return RewardResult(total, per_fn, errors)
 
 
@@ -213,8 +195,7 @@ def compute_process_rewards(fn: Callable[..., list], prompts: list, completions:
                           timeout_s, "process reward")
     if values is None:
         return [None] * len(completions), [f"{name}: {error}"]
-    steps: list[StepRewards | None] = []
-    errors: list[str] = []
+    steps, errors = [], []
     for i, (v, ids) in enumerate(zip(values, completion_ids)):
         try:
             steps.append(check_steps(v, len(ids), i, name))
@@ -223,8 +204,3 @@ def compute_process_rewards(fn: Callable[..., list], prompts: list, completions:
             errors.append(str(e))
             steps.append(None)
     return steps, errors
-
-
-__all__ = ["PROCESS_REWARD_FNS", "REWARD_FNS", "RewardResult", "StepRewards", "check_reward_columns",
-           "compute_process_rewards", "compute_rewards", "get_reward_fn", "required_columns", "reward_name",
-           "trl_completions"]

@@ -3,8 +3,7 @@
 - an assert statement, ``"assert add(2, 3) == 5"``: the program runs once, then each assert in its own try/except;
   the pass marker carries a random nonce and is printed after the tests ran, so an early ``sys.exit(0)`` scores 0;
 - an input/output pair, ``{"input": "3 4\\n", "output": "7"}`` (or a 2-tuple): the program runs with that stdin
-  and passes if it exits 0 printing the output (up to trailing whitespace per line).
-"""
+  and passes if it exits 0 printing the output (up to trailing whitespace per line)."""
 
 from __future__ import annotations
 
@@ -43,14 +42,13 @@ def _normalize(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
-def run_tests(program: str, tests: list, timeout_s: float = 5.0, **limits) -> float:
+def run_tests(program: str, tests: list, timeout_s: float = 5.0) -> float:
     """Fraction of ``tests`` (asserts or input/output pairs, see the module docstring) that ``program`` passes."""
     if not tests:
         raise ValueError("run_tests: no test cases")
     if all(isinstance(t, str) for t in tests):
         nonce = secrets.token_hex(16)
-        result = run_code(_HARNESS.format(nonce=nonce, tests=list(tests), program=program), timeout_s=timeout_s,
-                          **limits)
+        result = run_code(_HARNESS.format(nonce=nonce, tests=list(tests), program=program), timeout_s=timeout_s)
         passed = {line.split()[2] for line in result.stdout.splitlines() if line.startswith(nonce + " pass ")}
         return len(passed) / len(tests)
     passed = 0
@@ -62,20 +60,13 @@ def run_tests(program: str, tests: list, timeout_s: float = 5.0, **limits) -> fl
         else:
             raise ValueError(f"test case {case!r} is neither an assert string nor an input/output pair "
                              "({'input': ..., 'output': ...} or (input, output))")
-        result = run_code(program, stdin=str(stdin), timeout_s=timeout_s, **limits)
+        result = run_code(program, stdin=str(stdin), timeout_s=timeout_s)
         passed += result.passed and _normalize(result.stdout) == _normalize(str(expected))
     return passed / len(tests)
 
 
 def code_reward(prompts, completions, tests, timeout_s: float = 5.0, **kwargs) -> list[float | None]:
     """Fraction of the sample's ``tests`` passed by the completion's code."""
-    rewards: list[float | None] = []
-    for completion, cases in zip(completions, tests):
-        program = extract_code(completion_text(completion))
-        if not cases:
-            rewards.append(None)
-        elif not program.strip():
-            rewards.append(0.0)
-        else:
-            rewards.append(run_tests(program, list(cases), timeout_s=timeout_s))
-    return rewards
+    programs = [extract_code(completion_text(c)) for c in completions]
+    return [None if not cases else 0.0 if not p.strip() else run_tests(p, list(cases), timeout_s)
+            for p, cases in zip(programs, tests)]

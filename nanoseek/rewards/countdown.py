@@ -1,8 +1,7 @@
 """Countdown reward (TinyZero-style): the answer is an arithmetic expression that uses each given number exactly
 once and evaluates to the target. Only + - * / over non-negative integer literals and parentheses are accepted:
 the characters are checked, then Python's ``ast`` parses the expression and it is evaluated over exact
-``Fraction``s, never with ``eval``.
-"""
+``Fraction``s, never with ``eval``."""
 
 from __future__ import annotations
 
@@ -77,16 +76,11 @@ def extract_answer(completion: str) -> str | None:
 
 
 def countdown_reward(prompts, completions, numbers, target, **kwargs) -> list[float]:
-    """TRL-style reward: 1.0 if the last ``<answer>`` holds a valid equation over ``numbers`` hitting ``target``,
-    else 0.0. ``numbers`` and ``target`` are dataset columns (one entry per completion)."""
+    """1.0 if the last ``<answer>`` holds a valid equation over the column ``numbers`` hitting ``target``, else 0.0."""
     if not (len(completions) == len(numbers) == len(target)):
-        raise ValueError(
-            f"countdown_reward: got {len(completions)} completions but {len(numbers)} 'numbers' and "
-            f"{len(target)} 'target' entries; pass one per completion"
-        )
-    rewards = []
-    for completion, nums, tgt in zip(completions, numbers, target):
-        answer = extract_answer(completion_text(completion))
-        rewards.append(1.0 if answer is not None and check_equation(answer, list(nums), int(tgt)) else 0.0)
-    return rewards
+        raise ValueError(f"countdown_reward: got {len(completions)} completions but {len(numbers)} 'numbers' and "
+                         f"{len(target)} 'target' entries; pass one per completion")
+    answers = [extract_answer(completion_text(c)) for c in completions]
+    return [1.0 if a is not None and check_equation(a, list(nums), int(tgt)) else 0.0
+            for a, nums, tgt in zip(answers, numbers, target)]
 

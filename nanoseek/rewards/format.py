@@ -24,8 +24,7 @@ def completion_text(completion) -> str:
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """1.0 for exactly ``<think>…</think><answer>…</answer>`` (no text outside, no nested or repeated tags, a
-    non-empty answer), else 0.0."""
+    """1.0 for exactly ``<think>…</think><answer>…</answer>``, a non-empty answer, no other text or tags; else 0.0."""
     matches = [_STRICT.match(completion_text(c)) for c in completions]
     return [1.0 if m is not None and m.group(2).strip() else 0.0 for m in matches]
 

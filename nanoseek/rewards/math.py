@@ -21,8 +21,7 @@ def last_boxed(text: str) -> str | None:
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
-    i = text.index("{", start) + 1
-    depth = 1
+    i, depth = text.index("{", start) + 1, 1
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
@@ -64,15 +63,12 @@ def math_reward(prompts, completions, answer=None, solution=None, **kwargs) -> l
     if gold_col is None:
         raise ValueError("math_reward needs a dataset column 'answer' or 'solution' with the gold answers")
     rewards: list[float | None] = []
-    for completion, gold in zip(completions, gold_col):
-        gold = str(gold)
+    for completion, gold in zip(completions, map(str, gold_col)):
         gold_parsed = _parse_answer(extract_final_answer(gold) or gold)
-        if not gold_parsed:
-            rewards.append(None)
-            continue
-        pred = extract_final_answer(completion_text(completion))
+        pred = extract_final_answer(completion_text(completion)) if gold_parsed else None
         pred_parsed = _parse_answer(pred) if pred is not None else []
-        rewards.append(1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()) else 0.0)
+        ok = bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout())
+        rewards.append(float(ok) if gold_parsed else None)
     return rewards
 
 

@@ -2,8 +2,7 @@
 completion token that ends the step, so GRPO can give each token its own advantage.
 ``fn(prompts, completions, completion_ids, **columns) -> list[StepRewards | None]``, the columns including
 ``tokenizer``: ``StepRewards(rewards, ends)`` gives step j's reward and the index in ``completion_ids[i]`` (eos
-included when sampled) of its last token; None means no steps (the completion gets zero advantage).
-"""
+included when sampled) of its last token; None means no steps (the completion gets zero advantage)."""
 
 from __future__ import annotations
 
@@ -54,9 +53,8 @@ def token_of_char(ids: Sequence[int], decode: Callable[[list[int]], str], c: int
 def arithmetic_process_reward(prompts, completions, completion_ids, example=None, answer=None, tokenizer=None,
                               **kwargs) -> list[StepRewards]:
     """Per-character steps for ``arithmetic`` (``"37+48="`` -> ``"85"``): step j < len(gold) scores answer character j
-    (after leading whitespace), a last step the end of the number; each ends on the token that decided it (the
-    eos for the end of the text), stopping at the first wrong or undecided step: a wrong answer's advantage falls
-    on the token where it went wrong."""
+    (after leading whitespace), a last step the end of the number; each ends on the token that decided it (eos for
+    the end of the text), stopping at the first wrong or undecided step, where a wrong answer's advantage falls."""
     if tokenizer is None:
         raise ValueError("arithmetic process reward needs the 'tokenizer' column to map characters to tokens")
     if answer is None:
@@ -73,10 +71,7 @@ def arithmetic_process_reward(prompts, completions, completion_ids, example=None
         for j in range(len(gold) + 1):
             c = start + j
             got = text[c] if c < len(text) else None  # None: the text ended here
-            if j < len(gold):
-                ok = got == gold[j]
-            else:
-                ok = got is None or not got.isdigit()
+            ok = got == gold[j] if j < len(gold) else got is None or not got.isdigit()
             end = token_of_char(ids, tokenizer.decode, c) if got is not None else after_text
             if end is None or end >= len(ids):
                 break  # no token decided this step

@@ -11,8 +11,7 @@ Isolation, all from the kernel, none from Python:
   stdout/stderr, written to files), processes/threads, open files, no core dumps; an empty environment.
 
 Without a working bubblewrap, ``run_code`` and ``get_reward_fn("code")`` raise ``SandboxUnavailable``; there is
-no weaker fallback.
-"""
+no weaker fallback."""
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 INSTALL_HINT = "install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap`"
 _UID = 65534  # "nobody" inside the user namespace
+_INTERPRETER = os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's; the venv stays out
 
 # Runs inside the sandbox with ``python -I -S -c``; argv: limits, then the fd holding the program (closed once read).
 _BOOTSTRAP = r"""
@@ -50,9 +50,8 @@ class SandboxUnavailable(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits of one sandboxed run. ``cpu_s`` defaults to ``ceil(timeout_s) + 1`` (the wall-time limit fires
-    first); ``disk_mb`` caps the private /tmp; ``max_processes`` bounds threads; ``max_output`` truncates stdout and
-    stderr (characters)."""
+    """Limits of one run: ``cpu_s`` defaults to ``ceil(timeout_s) + 1`` (the wall-time limit fires first);
+    ``disk_mb`` caps the private /tmp; ``max_processes`` bounds threads; ``max_output`` truncates stdout/stderr."""
 
     timeout_s: float = 5.0
     cpu_s: int | None = None
@@ -114,15 +113,11 @@ def _binds() -> list[str]:
             args += ["--ro-bind", path, path]
     bound = ["/usr"]
     for path in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
-                                                       os.path.dirname(_interpreter()))}):
+                                                       os.path.dirname(_INTERPRETER))}):
         if not any(path == b or path.startswith(b + "/") for b in bound):  # sorted: a parent comes first
             args += ["--ro-bind", path, path]
             bound.append(path)
     return args
-
-
-def _interpreter() -> str:
-    return os.path.realpath(sys.executable)  # a virtualenv's python links to the base install's; the venv stays out
 
 
 @functools.cache
@@ -165,7 +160,7 @@ def _run(bwrap: str, code: str, stdin: str, lim: Limits) -> SandboxResult:
                 "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/dev",
                 "--remount-ro", "/", "--seccomp", str(seccomp.fileno()),
-                "--", _interpreter(), "-I", "-S", "-c", _BOOTSTRAP, *map(str, limits)]
+                "--", _INTERPRETER, "-I", "-S", "-c", _BOOTSTRAP, *map(str, limits)]
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, env={}, cwd="/",
                                 pass_fds=(program.fileno(), seccomp.fileno()))
@@ -180,9 +175,6 @@ def _run(bwrap: str, code: str, stdin: str, lim: Limits) -> SandboxResult:
         rc = proc.returncode
         if 128 < rc < 128 + 65:  # bwrap reports a child killed by signal N as exit status 128 + N
             rc = 128 - rc
-        texts = []
-        for f in (out, err):
-            f.seek(0)
-            data = f.read(lim.max_output + 1).decode("utf-8", errors="replace")
-            texts.append(data if len(data) <= lim.max_output else data[:lim.max_output] + "\n...[truncated]")
+        texts = [os.pread(f.fileno(), lim.max_output + 1, 0).decode("utf-8", errors="replace") for f in (out, err)]
+        texts = [t if len(t) <= lim.max_output else t[:lim.max_output] + "\n...[truncated]" for t in texts]
         return SandboxResult(rc, timed_out, *texts, duration)

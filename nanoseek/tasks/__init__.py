@@ -1,6 +1,5 @@
 """Built-in tasks with verifiable answers: (prompt, reference completion, gold answer) examples and a score;
-train and held-out splits are disjoint (a hash of the prompt decides the split).
-"""
+train and held-out splits are disjoint (a hash of the prompt decides the split)."""
 
 from __future__ import annotations
 

@@ -17,8 +17,7 @@ class ArithmeticTask:
         self.max_operand, self.ops = max_operand, ops
 
     def example(self, rng: random.Random) -> Example:
-        a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-        op = rng.choice(self.ops)
+        a, b, op = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand), rng.choice(self.ops)
         value = a + b if op == "+" else a - b if op == "-" else a * b
         return Example(prompt=f"{a}{op}{b}=", completion=str(value), answer=str(value))
 

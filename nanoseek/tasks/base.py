@@ -25,7 +25,6 @@ class Task(Protocol):
     name: str
 
     def example(self, rng: random.Random) -> Example: ...  # one example (either split)
-
     def score(self, completion: str, example: Example) -> float: ...  # 1.0 if the final answer is right, else 0.0
 
 

@@ -2,8 +2,7 @@
 
 Prompt ``"3,5,7:26="`` (numbers sorted), completion ``"7*5-9"``: the reference is ONE solution, while the verifier
 (``nanoseek.rewards.countdown.check_equation``) accepts any expression over the numbers that hits the target
-(other orders and operators, ``/`` and parentheses): the gap where RL can beat SFT.
-"""
+(other orders and operators, ``/`` and parentheses): the gap where RL can beat SFT."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ class CountdownTask:
 
     def __init__(self, n_numbers: int = 3, max_number: int = 9, max_target: int = 99, ops: str = "+-*"):
         if n_numbers < 2 or max_number < 1 or max_target < 0 or not ops or set(ops) - set("+-*"):
-            raise ValueError("CountdownTask needs n_numbers >= 2, max_number >= 1, max_target >= 0 and ops drawn "
-                             "from '+-*'")
+            raise ValueError("CountdownTask needs n_numbers >= 2, max_number >= 1, max_target >= 0, ops from '+-*'")
         self.n_numbers, self.max_number, self.max_target, self.ops = n_numbers, max_number, max_target, ops
 
     def example(self, rng: random.Random) -> Example:

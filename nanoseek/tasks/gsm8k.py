@@ -1,7 +1,6 @@
 """GSM8K-style word problems (arXiv 2110.14168) from templates with small numbers, two or three steps, answers
 in GSM8K's format, one step per line then ``#### N``; prompt ``"Tom has 5 apples, buys 3 more and gives away 2.
-How many does he have now?"``, completion ``"5+3=8\\n8-2=6\\n#### 6"``. The score reads only the final ``#### N``.
-"""
+How many does he have now?"``, completion ``"5+3=8\\n8-2=6\\n#### 6"``. The score reads only the final ``#### N``."""
 
 from __future__ import annotations
 
@@ -42,8 +41,7 @@ class GSM8KTask:
     def example(self, rng: random.Random) -> Example:
         n = self.max_number
         (name, he), (other, _) = rng.sample(NAMES, 2)
-        item = rng.choice(ITEMS)
-        template = rng.choice(self.templates)
+        item, template = rng.choice(ITEMS), rng.choice(self.templates)
         a, b, k = rng.randint(2, n), rng.randint(2, n), rng.randint(2, n)
         v = dict(a=a, b=b, k=k, t=a * k, m=(a * b // 10 + 1) * 10)  # t divides evenly by k; m: the next ten up
         if template in ("buy_give", "bags_use"):

@@ -5,8 +5,7 @@ h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one tran
 predicts t_{i+k+1} through the main model's shared output head (eq. 23). Names and concatenation order follow the
 released V3 weights (enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence
 (``mtp_logits``, ``mtp_loss``); inference runs it incrementally with its own KV cache (``draft``) for the engine's
-speculative decoding (V3 §5.4.3).
-"""
+speculative decoding (V3 §5.4.3)."""
 
 from __future__ import annotations
 

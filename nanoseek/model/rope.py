@@ -1,7 +1,6 @@
 """Rotary position embedding, with YaRN frequency interpolation (Peng et al. 2023; DeepSeek-V2 appendix B).
 
-In MLA only the decoupled d_R channels carry position (V2 eq. 14-15); the MHA baseline rotates whole heads.
-"""
+In MLA only the decoupled d_R channels carry position (V2 eq. 14-15); the MHA baseline rotates whole heads."""
 
 from __future__ import annotations
 
@@ -65,8 +64,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate channel pairs of x: (..., T, d) by cos/sin: (..., T, d/2), broadcast over leading dims. ``interleave``
     pairs (x0, x1), (x2, x3), ... as DeepSeek's released weights do; otherwise (x_i, x_{i+d/2}). The result is in
     the half-split layout either way; q and k share it, so every q·k is unchanged."""
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -32,8 +32,7 @@ class Output:
 class EngineWorker:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.wake = threading.Event()
-        self.stopping = False
+        self.wake, self.stopping = threading.Event(), False
         self.registry = CollectorRegistry()
         self.registry.register(self)  # the engine's state, read at each scrape by ``collect``
         self.finished = Counter("nanoseek_requests_finished", "requests finished, by finish reason",

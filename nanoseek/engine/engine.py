@@ -223,8 +223,7 @@ class Engine:
             leader.followers = []
         if self.depth:  # redraft the last prompt position with the sampled token, per row
             ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
-            ids[:, 0] = torch.tensor([r.prompt[-1] for r in rows])
-            ids[:, 1] = torch.tensor(tokens)
+            ids[:, :2] = torch.tensor([[r.prompt[-1], t] for r, t in zip(rows, tokens)])  # last prompt token, sampled
             view = self.caches[1].view(rows[0].row, rows[-1].row + 1)
             view.lengths -= 1
             self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view, torch.ones_like(ids[:, 0]))

@@ -98,8 +98,7 @@ class Request:
         if self.detokenizer is None or cut:
             return ""
         tail = self._release(self.detokenizer.flush()) + self.held  # a stop string may complete in the tail
-        self.text += self.held
-        self.held = ""
+        self.text, self.held = self.text + self.held, ""
         return tail
 
     def _release(self, delta: str) -> str:

@@ -37,10 +37,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:  # fewer dispatches than below: 28 vs 40 µs per call on CPU
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 @dataclass
@@ -105,10 +104,9 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.d_rope)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         pad = q.shape[-1] - self.d_v  # SDPA's fused CPU kernels need v's head size equal to q's
-        out = F.scaled_dot_product_attention(
-            q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask, is_causal=mask is None,
-            scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
-        )
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                             is_causal=mask is None, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return out[..., : self.d_v]
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask):
@@ -156,8 +154,7 @@ class MHA(nn.Module):
             v = ctx.cache.read(layer_idx, "v", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
         else:
             v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                             scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))

@@ -1,7 +1,6 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeekMoE §3, V2 §2.2, V3 §2.1.2).
 
 h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u)   (V3 eq. 12)
-
 Gates: softmax with greedy or group-limited greedy top-k (V2), sigmoid with a selection-only correction
 bias and group-limited top-k (V3 "noaux_tc"). The bias b_i changes which experts are chosen, never the gate
 values g_i, which come from the raw affinities (V3 eq. 16). Experts run grouped: tokens are sorted by expert
@@ -93,10 +92,8 @@ class Experts(nn.Module):
             # split/unbind once: indexing per expert would make autograd build a full-size zero gradient for
             # every expert (O(E^2) memory traffic); split's and unbind's backward concatenate/stack them once
             w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-            ys = torch.cat([
-                (F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T
-                for e, xe in enumerate(xs.split(counts.tolist()))
-            ])
+            ys = torch.cat([(F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T
+                            for e, xe in enumerate(xs.split(counts.tolist()))])
         ys = ys * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 

@@ -74,13 +74,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.lengths += T if input_lengths is None else input_lengths
         out = h if return_hidden else self.lm_head(h)
-        if return_mtp:
-            return out, mtp_logits(self, h, input_ids, router_stats)
-        return out
+        return (out, mtp_logits(self, h, input_ids, router_stats)) if return_mtp else out
 
     def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
                   ) -> KVCache:
-        """A cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks')."""
+        """``batch_size`` sequences of up to ``max_len`` tokens; ``mtp``: for the MTP blocks."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return KVCache(cache_widths(self.config), n_layers, batch_size, max_len,
                        dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,

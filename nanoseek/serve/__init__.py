@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = cfg.max_model_len or min(c.max_position_embeddings, 4096)
     if max_len > c.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len}: more than the model's context, {c.max_position_embeddings}")
-    per_token = bytes_per_token(model)
-    budget = int(cfg.cache_memory * 2**20)
+    per_token, budget = bytes_per_token(model), int(cfg.cache_memory * 2**20)
     fit = slots_for_budget(model, budget, max_len, speculative=cfg.speculative)
     engine = Engine(model, min(fit, cfg.max_batch), max_len, prefill_tokens=cfg.prefill_chunk, decode=tok.decode,
                     speculative=cfg.speculative)
@@ -73,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     worker.thread.start()
     config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=10)
-    # SIGINT/SIGTERM: uvicorn stops accepting and lets requests in flight finish (10 s), then raises the signal
-    # again under the handlers it found: ignored here, so the engine thread is stopped below and the command exits 0
+    # SIGINT/SIGTERM: uvicorn drains the requests in flight (10 s), then re-raises the signal: ignored here, so exit 0
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from nanoseek.engine import Request as EngineRequest
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
-from nanoseek.serve.worker import EngineWorker, Output
+from nanoseek.serve.worker import EngineWorker
 from nanoseek.tokenizer import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -30,20 +30,20 @@ def usage(requests: list[EngineRequest], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def outputs(requests: list[EngineRequest], queue: asyncio.Queue, http: Request | None) -> AsyncIterator[Output]:
-    """The requests' outputs as they come. The unfinished ones are cancelled when the consumer stops early or
-    (with ``http``, checked each idle second) the client disconnects."""
+async def outputs(requests: list[EngineRequest], queue: asyncio.Queue, http: Request | None) -> AsyncIterator[tuple]:
+    """The requests' outputs as they come (see ``EngineWorker.submit``). The unfinished ones are cancelled when the
+    consumer stops early or (with ``http``, checked each idle second) the client disconnects."""
     left = len(requests)
     try:
         while left:
             try:
-                out = await asyncio.wait_for(queue.get(), timeout=1.0)
+                i, text, num_tokens, reason = await asyncio.wait_for(queue.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if http is not None and await http.is_disconnected():
                     return
                 continue
-            left -= out.finish_reason is not None
-            yield out
+            left -= reason is not None
+            yield i, text, num_tokens, reason
     finally:
         for r in requests:
             if not r.finished:
@@ -77,9 +77,8 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
             for r in requests:
                 r.cancelled = True
             raise APIError(str(e), param) from None
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name}
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "object": "chat.completion" if chat else "text_completion", "model": model_name}
 
         def choice(i: int, text: str, start: int, stop: int | None, reason: str | None) -> dict:
             ids, values = requests[i].output_ids[start:stop], requests[i].logprobs[start:stop]
@@ -108,11 +107,10 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str) -> FastAPI
                     yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
             sent = [0] * len(requests)  # tokens already sent per choice
-            async for out in outputs(requests, queue, None):
-                if out.text or out.finish_reason is not None or with_logprobs:
-                    i = out.index
-                    yield sse({**chunk, "choices": [choice(i, out.text, sent[i], out.num_tokens, out.finish_reason)]})
-                    sent[i] = out.num_tokens
+            async for i, text, num_tokens, reason in outputs(requests, queue, None):
+                if text or reason is not None or with_logprobs:
+                    yield sse({**chunk, "choices": [choice(i, text, sent[i], num_tokens, reason)]})
+                    sent[i] = num_tokens
             if body.stream_options and body.stream_options.include_usage:
                 yield sse({**chunk, "choices": [], "usage": usage(requests, body.n)})
             yield "data: [DONE]\n\n"

@@ -223,7 +223,7 @@ class Engine:
             leader.followers = []
         if self.depth:  # redraft the last prompt position with the sampled token, per row
             ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
-            ids[:, :2] = torch.tensor([[r.prompt[-1], t] for r, t in zip(rows, tokens)])  # last prompt token, sampled
+            ids[:, :2] = torch.tensor([[r.prompt[-1], t] for r, t in zip(rows, tokens)])  # prompt end, sampled token
             view = self.caches[1].view(rows[0].row, rows[-1].row + 1)
             view.lengths -= 1
             self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view, torch.ones_like(ids[:, 0]))
@@ -294,7 +294,7 @@ class Engine:
         return appended
 
     def _enter_prefilling(self, request: Request) -> None:
-        request.row = self.num_slots - len(self.prefilling) - 1  # request.prefilled is 0: followers never prefill
+        request.row = self.num_slots - len(self.prefilling) - 1  # its prefilled is 0: a follower never prefills
         for cache in self.caches:
             cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)

@@ -1,16 +1,14 @@
-"""The continuous-batching engine over the latent KV cache.
-
-One preallocated ``KVCache`` row per sequence (``num_slots`` x ``max_len`` tokens), so a cache budget fixes how many
-sequences run at once (``slots_for_budget``). Decoding sequences occupy the first rows and prefilling ones the last,
-so every forward runs on a contiguous view; a sequence that leaves a region is replaced by that region's edge row.
-Each ``step()`` retires cancelled requests, admits waiting ones (same prompts admitted together share one prefill:
-a GRPO group, or ``n`` > 1), prefills at most ``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes
-are not stalled), and decodes every decoding row in one batched forward (absorbed MLA).
+"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence
+(``num_slots`` x ``max_len`` tokens), so a cache budget fixes how many sequences run at once (``slots_for_budget``).
+Decoding sequences occupy the first rows and prefilling ones the last, so every forward runs on a contiguous view; a
+sequence that leaves a region is replaced by that region's edge row. Each ``step()`` retires cancelled requests,
+admits waiting ones (same prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most
+``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding
+row in one batched forward (absorbed MLA).
 
 Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, with their own
 cache); the next decode forward verifies them (``verify``), keeps the accepted ones plus one token, and sets both
-caches back over the rejected positions.
-"""
+caches back over the rejected positions."""
 
 from __future__ import annotations
 
@@ -61,16 +59,14 @@ class Engine:
     """Continuous batching for ``model``: ``add`` requests (any thread), call ``step`` until ``has_work`` is False.
     ``num_slots`` sequences (cache rows) of ``max_len`` tokens each, prompt + output; ``prefill_tokens`` prompt
     tokens prefilled per step (None: all); ``decode``: token ids -> text, for requests that want text. With
-    ``speculative``, ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted.
-    """
+    ``speculative``, ``spec_proposed[d]`` / ``spec_accepted[d]`` count the drafts at depth d + 1 verified / accepted."""
 
     def __init__(self, model: Transformer, num_slots: int, max_len: int, prefill_tokens: int | None = None,
                  decode: Callable[[Sequence[int]], str] | None = None, speculative: bool = False):
         if num_slots < 1:
             raise ValueError(f"the cache holds no sequence: need num_slots >= 1, got {num_slots} "
                              "(raise the cache memory or lower the maximum sequence length)")
-        self.model = model
-        self.num_slots, self.max_len = num_slots, max_len
+        self.model, self.num_slots, self.max_len = model, num_slots, max_len
         self.prefill_tokens, self.decode = prefill_tokens, decode
         self.depth = len(model.mtp) if speculative else 0
         if speculative and not self.depth:
@@ -87,9 +83,8 @@ class Engine:
         self.prefilling: list[Request] = []  # prefilling[i] sits at row num_slots - len(prefilling) + i
         self.decoding: list[Request] = []  # decoding[i] sits at row i
         self.lock = threading.Lock()
-        self.generated_tokens = 0  # totals, for metrics and benchmarks
-        self.prompt_tokens = 0
-        self.decode_tokens = 0  # tokens from decode steps (the rest come from prefills)
+        # totals, for metrics and benchmarks; decode_tokens: from decode steps (the rest come from prefills)
+        self.generated_tokens = self.prompt_tokens = self.decode_tokens = 0
         self.decode_seconds = 0.0
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
@@ -129,9 +124,7 @@ class Engine:
         """Finish every request with ``reason`` and empty the engine (after a failed step, or at shutdown)."""
         with self.lock:
             requests = [*self.waiting, *self.decoding, *(q for r in self.prefilling for q in (r, *r.followers))]
-            self.waiting.clear()
-        self.decoding.clear()
-        self.prefilling.clear()
+            self.waiting, self.prefilling, self.decoding = deque(), [], []
         for r in requests:
             if not r.finished:
                 self._emit(r, r.finish(reason))
@@ -183,12 +176,11 @@ class Engine:
                 self._emit(request, request.finish("length"))
                 continue
             self.prompt_tokens += len(request.prompt)
-            leader = leaders.get(tuple(request.prompt))
-            if leader is not None:
-                leader.followers.append(request)
-            else:
-                leaders[tuple(request.prompt)] = request
+            leader = leaders.setdefault(tuple(request.prompt), request)
+            if leader is request:
                 self._enter_prefilling(request)
+            else:
+                leader.followers.append(request)
 
     def _prefill(self) -> None:
         """One right-padded forward over the oldest prefilling rows (a contiguous run at the end of the cache)."""
@@ -220,21 +212,18 @@ class Engine:
         if not done:
             return
         last = h[[j for j, _ in done], [chunks[j] - 1 for j, _ in done]]  # (d, D)
-        logits = self.model.lm_head(last)
         rows = [r for _, r in done for r in [r, *r.followers]]
         repeats = torch.tensor([1 + len(r.followers) for _, r in done], device=self.device)
-        tokens, logps = sample_rows(logits.repeat_interleave(repeats, dim=0), [r.params for r in rows],
-                                    [r.generator for r in rows])
+        logits = self.model.lm_head(last).repeat_interleave(repeats, dim=0)  # (rows, V)
+        tokens, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
         for _, leader in done:
             self._leave_prefilling(leader)
-            self._enter_decoding(leader, leader.row)
-            for f in leader.followers:
-                self._enter_decoding(f, leader.row)
+            for r in (leader, *leader.followers):
+                self._enter_decoding(r, leader.row)
             leader.followers = []
         if self.depth:  # redraft the last prompt position with the sampled token, per row
             ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
-            ids[:, 0] = torch.tensor([r.prompt[-1] for r in rows])
-            ids[:, 1] = torch.tensor(tokens)
+            ids[:, :2] = torch.tensor([[r.prompt[-1], t] for r, t in zip(rows, tokens)])  # prompt end, sampled token
             view = self.caches[1].view(rows[0].row, rows[-1].row + 1)
             view.lengths -= 1
             self._draft(rows, last.repeat_interleave(repeats, dim=0)[:, None], ids, view, torch.ones_like(ids[:, 0]))
@@ -243,9 +232,8 @@ class Engine:
     def _decode(self) -> int:
         """One batched forward of [last token, its D drafts] per decoding row: keep the accepted drafts and the next
         token, set both caches back over the rejected positions, draft again. D = 0 samples from p_0 directly."""
-        rows, D = list(self.decoding), self.depth
-        B, params = len(rows), [r.params for r in rows]
-        generators = [r.generator for r in rows]
+        rows, D, B = list(self.decoding), self.depth, len(self.decoding)
+        params, generators = [r.params for r in rows], [r.generator for r in rows]
         drafts = self.drafts[:B]
         ids = torch.zeros(B, 2 * D + 2, dtype=torch.long, device=self.device)
         ids[:, 0] = torch.tensor([r.output_ids[-1] for r in rows])
@@ -266,9 +254,8 @@ class Engine:
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
         ids[torch.arange(B, device=self.device), n + 1] = last
         self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
-        for d in range(D):
-            self.spec_proposed[d] += B
-            self.spec_accepted[d] += int((n > d).sum())
+        self.spec_proposed = [x + B for x in self.spec_proposed]
+        self.spec_accepted = [x + int((n > d).sum()) for d, x in enumerate(self.spec_accepted)]
         new = ids[:, 1 : D + 2]
         lps = logp.gather(-1, new[..., None])[..., 0]  # log p of each kept token: its distribution (see verify)
         counts = (n + 1).tolist()
@@ -307,8 +294,7 @@ class Engine:
         return appended
 
     def _enter_prefilling(self, request: Request) -> None:
-        request.row = self.num_slots - len(self.prefilling) - 1
-        request.prefilled = 0
+        request.row = self.num_slots - len(self.prefilling) - 1  # its prefilled is 0: a follower never prefills
         for cache in self.caches:
             cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)

@@ -2,8 +2,7 @@
 incremental detokenization that streams its text (the scheme of Hugging Face TGI and vLLM): a byte-level BPE token
 can hold part of a character, and a lone suffix of the ids can decode differently from the same ids in context, so
 each step decodes a short window twice, ``ids[prefix:read]`` (already emitted) and ``ids[prefix:]``, emits the
-difference, and waits while the window ends in U+FFFD (an incomplete character).
-"""
+difference, and waits while the window ends in U+FFFD (an incomplete character)."""
 
 from __future__ import annotations
 
@@ -99,8 +98,7 @@ class Request:
         if self.detokenizer is None or cut:
             return ""
         tail = self._release(self.detokenizer.flush()) + self.held  # a stop string may complete in the tail
-        self.text += self.held
-        self.held = ""
+        self.text, self.held = self.text + self.held, ""
         return tail
 
     def _release(self, delta: str) -> str:
@@ -108,9 +106,7 @@ class Request:
         held = self.held + delta
         hits = [(held.index(s), s) for s in self.params.stop if s in held]
         if hits:
-            out = held[: min(hits)[0]]
-            self.held = ""
-            self.finish_reason = "stop"
+            out, self.held, self.finish_reason = held[: min(hits)[0]], "", "stop"
         else:
             keep = max((k for s in self.params.stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
             out, self.held = held[: len(held) - keep], held[len(held) - keep :]

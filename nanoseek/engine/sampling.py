@@ -1,5 +1,4 @@
 """Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
-
 Rows of a batch carry their own parameters and generators; rows that share both are drawn in one call, and a seeded
 request draws only from its own generator (its text does not depend on the batch)."""
 
@@ -24,13 +23,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
 
     def __post_init__(self):
-        checks = (
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be an integer >= 0"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k is None or self.top_k >= 1, "top_k must be >= 1 (or None for no cut)"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-        )
+        checks = ((isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be an integer >= 0"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k is None or self.top_k >= 1, "top_k must be >= 1 (or None for no cut)"),
+                  (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"))
         if problems := [message for ok, message in checks if not ok]:
             raise ValueError(f"{'; '.join(problems)} (got {self})")
 

@@ -7,8 +7,7 @@ k_R = RoPE(W_KR h) (the shared RoPE key, d_R = qk_rope_head_dim, the tail of `kv
 Two ways to attend over cached latents, side by side as in DeepSeek-V3's inference/model.py: ``naive`` expands
 the latent back to per-head keys/values through W_UK, W_UV (training and prefill: compute-bound, T queries share the
 expansion); ``absorb`` folds W_UK into the query and W_UV into the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode
-reads only c_KV and k_R once for all heads (memory-bound decode; V2 §2.1.2 "absorbed into W_Q / W_O").
-"""
+reads only c_KV and k_R once for all heads (memory-bound decode; V2 §2.1.2 "absorbed into W_Q / W_O")."""
 
 from __future__ import annotations
 
@@ -38,10 +37,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:  # fewer dispatches than below: 28 vs 40 µs per call on CPU
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 @dataclass
@@ -61,10 +59,8 @@ class MLA(nn.Module):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-        self.d_c = config.kv_lora_rank
-        self.interleave = config.rope_interleave
-        self.softmax_scale = config.softmax_scale()
-        self.dropout = config.attention_dropout
+        self.d_c, self.interleave = config.kv_lora_rank, config.rope_interleave
+        self.softmax_scale, self.dropout = config.softmax_scale(), config.attention_dropout
         self.decode_impl = "absorb"  # "absorb" | "naive": which path a cached decode step takes
         d_qk = self.d_nope + self.d_rope
         bias = config.attention_bias
@@ -81,10 +77,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_h + d_R)
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
         q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleave)  # q_R (eq. 15)
@@ -96,12 +89,10 @@ class MLA(nn.Module):
         if ctx.cache is not None:
             ctx.cache.write(layer_idx, ctx.positions, latent=torch.cat((c_kv, k_pe), dim=-1))
             latent = ctx.cache.read(layer_idx, "latent", ctx.kv_len)  # [c_KV | k_R]: (B, S, d_c + d_R)
-            if self.decode_impl == "absorb" and T <= ABSORB_MAX_QUERY_LEN:
-                out = self.attend_absorbed(q_nope, q_pe, latent, ctx.mask)
-            else:
-                c_kv, k_pe = latent.split([self.d_c, self.d_rope], dim=-1)
-                out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
-        else:
+            c_kv, k_pe = latent.split([self.d_c, self.d_rope], dim=-1)
+        if ctx.cache is not None and self.decode_impl == "absorb" and T <= ABSORB_MAX_QUERY_LEN:
+            out = self.attend_absorbed(q_nope, q_pe, latent, ctx.mask)
+        else:  # training, prefill, or the naive decode
             out = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
@@ -113,10 +104,9 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.d_rope)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         pad = q.shape[-1] - self.d_v  # SDPA's fused CPU kernels need v's head size equal to q's
-        out = F.scaled_dot_product_attention(
-            q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask, is_causal=mask is None,
-            scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
-        )
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                             is_causal=mask is None, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return out[..., : self.d_v]
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask):
@@ -145,8 +135,7 @@ class MHA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.softmax_scale = config.softmax_scale()
-        self.dropout = config.attention_dropout
+        self.softmax_scale, self.dropout = config.softmax_scale(), config.attention_dropout
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.d, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.d, bias=bias)
@@ -165,8 +154,7 @@ class MHA(nn.Module):
             v = ctx.cache.read(layer_idx, "v", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
         else:
             v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                             scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))

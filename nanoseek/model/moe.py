@@ -1,12 +1,10 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeekMoE §3, V2 §2.2, V3 §2.1.2).
 
 h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u)   (V3 eq. 12)
-
 Gates: softmax with greedy or group-limited greedy top-k (V2), sigmoid with a selection-only correction
 bias and group-limited top-k (V3 "noaux_tc"). The bias b_i changes which experts are chosen, never the gate
 values g_i, which come from the raw affinities (V3 eq. 16). Experts run grouped: tokens are sorted by expert
-and each expert multiplies its contiguous slice; there is no per-token Python loop.
-"""
+and each expert multiplies its contiguous slice; there is no per-token Python loop."""
 
 from __future__ import annotations
 
@@ -53,10 +51,9 @@ class Gate(nn.Module):
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-            if self.topk_method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's top-2
-            else:
-                group_score = grouped.amax(dim=-1)  # V2: best expert of each group
+            # V3: the sum of each group's top-2 experts; V2: each group's best expert
+            group_score = (grouped.topk(2, dim=-1).values.sum(dim=-1) if self.topk_method == "noaux_tc"
+                           else grouped.amax(dim=-1))
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.n_experts)
@@ -95,10 +92,8 @@ class Experts(nn.Module):
             # split/unbind once: indexing per expert would make autograd build a full-size zero gradient for
             # every expert (O(E^2) memory traffic); split's and unbind's backward concatenate/stack them once
             w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-            ys = torch.cat([
-                (F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T
-                for e, xe in enumerate(xs.split(counts.tolist()))
-            ])
+            ys = torch.cat([(F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T
+                            for e, xe in enumerate(xs.split(counts.tolist()))])
         ys = ys * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 

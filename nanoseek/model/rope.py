@@ -1,7 +1,5 @@
 """Rotary position embedding, with YaRN frequency interpolation (Peng et al. 2023; DeepSeek-V2 appendix B).
-
-In MLA only the decoupled d_R channels carry position (V2 eq. 14-15); the MHA baseline rotates whole heads.
-"""
+In MLA only the decoupled d_R channels carry position (V2 eq. 14-15); the MHA baseline rotates whole heads."""
 
 from __future__ import annotations
 
@@ -18,15 +16,13 @@ def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tens
     -> (inverse frequencies (dim/2,), the factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim))."""
     factor = float(rope_scaling["factor"])
     original_max = int(rope_scaling["original_max_position_embeddings"])
-    beta_fast = rope_scaling.get("beta_fast") or 32
-    beta_slow = rope_scaling.get("beta_slow") or 1
+    beta_fast, beta_slow = rope_scaling.get("beta_fast") or 32, rope_scaling.get("beta_slow") or 1
+    mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
     attention_factor = rope_scaling.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
-        if mscale and mscale_all_dim:
-            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = yarn_mscale(factor)
+    if attention_factor is None and mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    elif attention_factor is None:
+        attention_factor = yarn_mscale(factor)
 
     def correction_dim(rotations: float) -> float:  # the channel that turns `rotations` times over original_max
         return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -65,8 +61,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate channel pairs of x: (..., T, d) by cos/sin: (..., T, d/2), broadcast over leading dims. ``interleave``
     pairs (x0, x1), (x2, x3), ... as DeepSeek's released weights do; otherwise (x_i, x_{i+d/2}). The result is in
     the half-split layout either way; q and k share it, so every q·k is unchanged."""
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

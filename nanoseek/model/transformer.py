@@ -1,6 +1,5 @@
 """The DeepSeek-V2/V3 decoder: embedding, L pre-norm blocks (attention + dense FFN or MoE), final norm, head,
-and optional MTP modules. ``forward(input_ids, cache=None) -> logits (B, T, vocab)``.
-"""
+and optional MTP modules. ``forward(input_ids, cache=None) -> logits (B, T, vocab)``."""
 
 from __future__ import annotations
 
@@ -64,9 +63,8 @@ class Transformer(nn.Module):
                 router_stats: RouterStats | None = None):
         """input_ids: (B, T) -> logits (B, T, vocab). With ``cache``, the tokens continue each sequence at
         ``cache.lengths``, which advance by ``input_lengths`` (B,) (default T; shorter rows are right-padded).
-        ``return_mtp`` adds the MTP logits (``mtp_logits``). ``return_hidden``: the final normed states (B, T, D)
-        instead of logits (a caller applies ``lm_head`` in chunks). ``router_stats`` collects every MoE layer's load
-        (and balance loss), the MTP modules' included."""
+        ``return_mtp`` adds the MTP logits; ``return_hidden`` returns the final normed states (B, T, D) instead of
+        logits; ``router_stats`` collects every MoE layer's load (and balance loss), the MTP modules' included."""
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         ctx = self.context(T, cache, x.dtype)
@@ -76,13 +74,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.lengths += T if input_lengths is None else input_lengths
         out = h if return_hidden else self.lm_head(h)
-        if return_mtp:
-            return out, mtp_logits(self, h, input_ids, router_stats)
-        return out
+        return (out, mtp_logits(self, h, input_ids, router_stats)) if return_mtp else out
 
     def new_cache(self, batch_size: int, max_len: int, *, mtp: bool = False, dtype: torch.dtype | None = None
                   ) -> KVCache:
-        """A cache for ``batch_size`` sequences of up to ``max_len`` tokens (``mtp``: the MTP blocks')."""
+        """``batch_size`` sequences of up to ``max_len`` tokens; ``mtp``: for the MTP blocks."""
         n_layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return KVCache(cache_widths(self.config), n_layers, batch_size, max_len,
                        dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,

@@ -18,16 +18,12 @@ class ServeConfig:
     model: str = option(help="Hugging Face format model directory (with tokenizer.json), or a nanoseek run directory")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on", min=0, max=65535)
-    cache_memory: float = option(1024.0, "KV-cache budget in MiB; with --max-model-len it fixes how many sequences "
-                                 "run at once", gt=0, metavar="MB")
+    cache_memory: float = option(1024.0, "KV-cache budget in MiB (sets how many sequences fit)", gt=0, metavar="MB")
     max_batch: int = option(64, "most sequences decoded together", min=1)
-    max_model_len: int | None = option(None, "tokens per sequence, prompt + output; unset: the model's context, "
-                                       "at most 4096", min=2)
-    prefill_chunk: int = option(512, "prompt tokens prefilled per step (longer prompts are split so decodes keep "
-                                "going)", min=1)
+    max_model_len: int | None = option(None, "tokens per sequence (prompt + output); unset: min(context, 4096)", min=2)
+    prefill_chunk: int = option(512, "prompt tokens prefilled per step (longer prompts are split)", min=1)
     device: str | None = option(None, "torch device; unset: cuda if available, else cpu")
-    dtype: str | None = option(None, "weights and cache dtype; unset: as saved",
-                               choices=("float32", "bfloat16", "float16"))
+    dtype: str | None = option(None, "weights/cache dtype; unset: as saved", choices=("float32", "bfloat16", "float16"))
     name: str | None = option(None, "model id in the API; unset: the directory name")
     speculative: bool = option(False, "draft with the model's MTP modules and verify in the next forward")
 
@@ -36,17 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_arguments(parser, ServeConfig)
 
 
-def build(cfg: ServeConfig):
-    """(worker, tokenizer, model name, a summary line) for ``cfg``."""
+def run(args: argparse.Namespace) -> int:
+    import signal
+
     import torch
+    import uvicorn
 
     from nanoseek.checkpoint import resolve_model_dir
     from nanoseek.distributed import device_of
     from nanoseek.engine import Engine, bytes_per_token, slots_for_budget
     from nanoseek.model.transformer import Transformer
+    from nanoseek.serve.app import create_app
     from nanoseek.serve.worker import EngineWorker
     from nanoseek.tokenizer import Tokenizer
 
+    cfg = cli_args.from_args(ServeConfig, args)
     cli_args.check_ranges(cfg)
     directory = resolve_model_dir(cfg.model)
     tok = Tokenizer.load(directory)
@@ -58,34 +58,21 @@ def build(cfg: ServeConfig):
     max_len = cfg.max_model_len or min(c.max_position_embeddings, 4096)
     if max_len > c.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len}: more than the model's context, {c.max_position_embeddings}")
-    per_token = bytes_per_token(model)
-    budget = int(cfg.cache_memory * 2**20)
+    per_token, budget = bytes_per_token(model), int(cfg.cache_memory * 2**20)
     fit = slots_for_budget(model, budget, max_len, speculative=cfg.speculative)
     engine = Engine(model, min(fit, cfg.max_batch), max_len, prefill_tokens=cfg.prefill_chunk, decode=tok.decode,
                     speculative=cfg.speculative)
     what = "c_KV + k_R" if c.attention_type == "mla" else "K + V"
-    summary = (f"cache: {cfg.cache_memory:g} MiB at {per_token:,} bytes/token ({what}, {c.num_hidden_layers} layers) "
-               f"= {budget // per_token:,} tokens = {fit} sequences of {max_len} tokens; "
-               f"running {engine.num_slots} at once (--max-batch {cfg.max_batch})")
-    return EngineWorker(engine), tok, cfg.name or Path(cfg.model).resolve().name, summary
-
-
-def run(args: argparse.Namespace) -> int:
-    import signal
-
-    import uvicorn
-
-    from nanoseek.serve.app import create_app
-
-    cfg = cli_args.from_args(ServeConfig, args)
-    worker, tok, name, summary = build(cfg)
-    print(summary, flush=True)
+    print(f"cache: {cfg.cache_memory:g} MiB at {per_token:,} bytes/token ({what}, {c.num_hidden_layers} layers) "
+          f"= {budget // per_token:,} tokens = {fit} sequences of {max_len} tokens; "
+          f"running {engine.num_slots} at once (--max-batch {cfg.max_batch})", flush=True)
+    name = cfg.name or Path(cfg.model).resolve().name
     print(f"serving {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1)", flush=True)
+    worker = EngineWorker(engine)
     worker.thread.start()
     config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=10)
-    # SIGINT/SIGTERM: uvicorn stops accepting and lets requests in flight finish (10 s), then raises the signal
-    # again under the handlers it found: ignored here, so the engine thread is stopped below and the command exits 0
+    # SIGINT/SIGTERM: uvicorn drains the requests in flight (10 s), then re-raises the signal: ignored here, so exit 0
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()

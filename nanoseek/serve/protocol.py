@@ -44,6 +44,7 @@ class _Common(Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
     user: str | None = None
 
     def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...], index: int) -> SamplingParams:
@@ -60,7 +61,6 @@ class CompletionRequest(_Common):
     logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # the sampled tokens' log-probs; top-k alternatives: no
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
     suffix: None = None
 
     @model_validator(mode="after")
@@ -95,7 +95,6 @@ class ChatRequest(_Common):
     max_completion_tokens: NonNegInt | None = None
     logprobs: bool = False
     top_logprobs: Literal[0] | None = None
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
     response_format: TextFormat | None = None  # plain text only
 
 
@@ -105,11 +104,9 @@ def _type_tag(item) -> bool:
                                       or item.startswith(("function-", "constrained-")))
 
 
-def validation_error(errors: list[dict]) -> APIError:
-    """pydantic's first error as an OpenAI error naming the field."""
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _type_tag(x)]
-    param = ".".join(loc) or None
+def validation_error(e: dict) -> APIError:
+    """A pydantic error as an OpenAI error naming the field."""
+    param = ".".join(str(x) for x in e.get("loc", ()) if x != "body" and not _type_tag(x)) or None
     if e.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
     messages = {"extra_forbidden": f"unrecognized request argument supplied: {param}",

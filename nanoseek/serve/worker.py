@@ -8,7 +8,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,21 +18,10 @@ log = logging.getLogger("nanoseek.serve")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
-@dataclass(frozen=True)
-class Output:
-    """One engine callback for a handler: its request ``index``, new text, tokens so far, the finish reason."""
-
-    index: int
-    text: str
-    num_tokens: int
-    finish_reason: str | None
-
-
 class EngineWorker:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.wake = threading.Event()
-        self.stopping = False
+        self.wake, self.stopping = threading.Event(), False
         self.registry = CollectorRegistry()
         self.registry.register(self)  # the engine's state, read at each scrape by ``collect``
         self.finished = Counter("nanoseek_requests_finished", "requests finished, by finish reason",
@@ -47,7 +35,7 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
-        """Queue a request; the engine thread puts its ``Output``s, tagged ``index``, on ``queue`` (thread-safely)."""
+        """Queue a request; the engine thread puts (``index``, new text, tokens so far, finish reason) on ``queue``."""
         loop = asyncio.get_running_loop()
 
         def on_output(r: Request, text: str) -> None:
@@ -57,7 +45,7 @@ class EngineWorker:
                     self.ttft.observe(r.first_token_time - r.arrival)
                     if len(r.output_ids) > 1:
                         self.tpot.observe((r.finish_time - r.first_token_time) / (len(r.output_ids) - 1))
-            loop.call_soon_threadsafe(queue.put_nowait, Output(index, text, len(r.output_ids), r.finish_reason))
+            loop.call_soon_threadsafe(queue.put_nowait, (index, text, len(r.output_ids), r.finish_reason))
 
         request = self.engine.add(prompt, params, want_text=True, on_output=on_output)
         self.wake.set()

@@ -100,8 +100,7 @@ def _files(cfg: PrepareConfig) -> Iterator[tuple[str, Path]]:
 
 
 def documents(cfg: PrepareConfig, skipped: dict[str, list[str]]) -> Iterator[tuple[str, str, bool]]:
-    """(name, text, is a whole file) of every document; empty and (with --skip-bad-files or the stdlib corpus)
-    non-UTF-8 files go to ``skipped``."""
+    """(name, text, is a whole file) of each document; empty and skippable non-UTF-8 files go to ``skipped``."""
     for name, path in _files(cfg):
         raw = path.read_bytes()
         if not raw.strip():
@@ -191,7 +190,8 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
         if names:
             print(f"note: skipped {len(names)} {kind.replace('_', '-')} file(s), e.g. {names[0]}", file=sys.stderr)
     if not stats["train"]["documents"] + stats["val"]["documents"]:
-        raise ValueError(f"no text to prepare: every document is empty, e.g. {(skipped['empty'] or ['the source'])[0]}")
+        first = skipped["empty"][0] if skipped["empty"] else "the source"
+        raise ValueError(f"no text to prepare: {first} is empty, and so is every other document")
     for split, fix in (("train", "lower"), ("val", "raise")):
         if not stats[split]["documents"] and (split == "train" or cfg.val_per_mille):
             raise ValueError(f"the {split} split has no documents: {fix} --val-per-mille ({cfg.val_per_mille}) of "

@@ -82,7 +82,8 @@ class TaskData:
     (``nanoseek.datasets.TaskPrompts``), or their text packed for pretraining."""
 
     def __init__(self, task: str, tok: Tokenizer, mode: str, seq_len: int, seed: int = 0):
-        self.prompts = TaskPrompts(get_task(task))
+        self.task = get_task(task)
+        self.prompts = TaskPrompts(self.task)
         self.tok, self.mode, self.seq_len, self.seed = tok, mode, seq_len, seed
         if mode == "sft":
             sft_rows(tok, self.prompts.batch(0, 256), seq_len)  # the task's examples fit in seq_len
@@ -92,7 +93,7 @@ class TaskData:
             return pad_rows(sft_rows(self.tok, self.prompts.batch(step, batch_size, self.seed), self.seq_len),
                             self.tok.pad_id)
         stream: list[int] = []
-        for e in draw(self.prompts.task, "train", seed=f"{self.seed}/{step}"):
+        for e in draw(self.task, "train", seed=f"{self.seed}/{step}"):
             stream += self.tok.encode(e.prompt + e.completion, add_bos=True, add_eos=True)
             if len(stream) >= batch_size * (self.seq_len + 1):
                 return pack_rows(torch.tensor(stream[: batch_size * (self.seq_len + 1)]).view(batch_size, -1))

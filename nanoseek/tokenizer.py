@@ -160,8 +160,7 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at character {e.start})"
-                         ) from None
+        raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at {e.start})") from None
     enc = tok.tok.encode(text, add_special_tokens=False)
     unknown = [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
     if unknown and not allow_unknown:

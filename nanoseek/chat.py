@@ -1,9 +1,7 @@
 """Chat templates: conversations (lists of ``{"role", "content"}`` messages) rendered to prompt text with a
-tokenizer's Jinja ``chat_template`` (``nanoseek.tokenizer.Tokenizer.template()``), exactly as ``transformers``'
-``apply_chat_template(..., tokenize=False)`` does: in jinja2's immutable sandbox (chat templates are untrusted code),
-with transformers' settings, globals and the special tokens (``bos_token``, ``eos_token``, ...) as variables.
-
-nanoseek's own tokenizers (char and BPE) carry ``DEFAULT_CHAT_TEMPLATE``, saved in tokenizer_config.json::
+tokenizer's Jinja ``chat_template`` exactly as ``transformers``' ``apply_chat_template(..., tokenize=False)`` does:
+in jinja2's immutable sandbox (templates are untrusted code), with transformers' settings, globals and the special
+tokens (``bos_token``, ...) as variables. nanoseek's own tokenizers (char and BPE) save ``DEFAULT_CHAT_TEMPLATE``::
 
     System: You are terse.            <- the system message, if any, then an empty line
 
@@ -12,9 +10,8 @@ nanoseek's own tokenizers (char and BPE) carry ``DEFAULT_CHAT_TEMPLATE``, saved 
     User: And 2+4?
     Assistant:                        <- the generation prompt: "Assistant: " (a trailing space)
 
-so a prompt rendered with the generation prompt, followed by the reply and ``<eos>``, is exactly the rendering of
-the conversation that ends with that reply: the SFT target of a reply is its content plus EOS, and the policy
-stops sampling where the template ends the turn.
+so a prompt rendered with the generation prompt, then the reply and ``<eos>``, is exactly the conversation ending
+with that reply rendered: a reply's SFT target is its content plus EOS, where the policy stops sampling.
 """
 
 from __future__ import annotations

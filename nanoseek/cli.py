@@ -15,7 +15,6 @@ import torch
 
 from nanoseek import cli_args
 from nanoseek.cache import elements_per_token
-from nanoseek.cli_args import option
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.flops import flops_per_token, measure_peak_flops
 from nanoseek.model.transformer import Transformer
@@ -35,26 +34,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("nanoseek.sample", "K completions per prompt, scored; keep the verified ones as an SFT dataset"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server with continuous batching, and a chat page"),
     "eval": ("nanoseek.evaluate", "held-out accuracy, maj@k and pass@k of a checkpoint on a built-in task or dataset"),
-    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on local text"),
     "plot": ("nanoseek.report", "PNG curves from a run directory's metrics.jsonl"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand -> 0 done, 2 a usage error (bad flags, inputs or config: one stderr line naming it), 1 a
+    failure (traceback and one-line summary), 130 Ctrl-C (after saving). Only rank 0 of a torchrun job reports."""
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe in compact PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; the exit status says how it ended, for every command alike: 0 done, 2 a usage error
-    (bad flags, input files or config: one line on stderr naming the flag, file or field), 1 a failure (the
-    traceback and a one-line summary on stderr), 130 interrupted by Ctrl-C (after the command saved its work).
-    Only rank 0 of a torchrun job (or a single process) reports errors."""
-    parser = build_parser()
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     argv = sys.argv[1:] if argv is None else argv
     main_rank, name = os.environ.get("RANK", "0") == "0", "nanoseek"
     try:
@@ -81,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------- `nanoseek info`
 @dataclass
 class InfoConfig:
-    preset: str = option("small", "the model shape", choices=tuple(PRESETS))
-    seq_len: int = option(16, "tokens in the forward pass (presets up to 1024 wide)", min=1)
-    peak: bool = option(False, "time a large matmul: the device's peak FLOP/s, the MFU denominator")
+    preset: str = cli_args.option("small", "the model shape", choices=tuple(PRESETS))
+    seq_len: int = cli_args.option(16, "tokens in the forward pass (presets up to 1024 wide)", min=1)
+    peak: bool = cli_args.option(False, "time a large matmul: the device's peak FLOP/s, the MFU denominator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     huge = config.hidden_size > 1024
     with torch.device("meta" if huge else "cpu"):
         model = Transformer(config)
-    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)
+    mha = config.replace(attention_type="mha", head_dim=config.v_head_dim)  # the same heads, uncompressed
     mla_elems, mha_elems = elements_per_token(config), elements_per_token(mha)
     print(f"preset {cfg.preset}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
     n_mtp = model.num_parameters(include_mtp=True) - model.num_parameters()
@@ -108,12 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if not huge:
         ids = torch.randint(0, config.vocab_size, (1, cfg.seq_len))
         with torch.no_grad():
-            logits = model.eval()(ids)
-        print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(logits.shape)}")
+            print(f"  forward pass          input {tuple(ids.shape)} -> logits {tuple(model.eval()(ids).shape)}")
     print(f"  train FLOPs/token     {flops_per_token(config, cfg.seq_len):>16,.0f}  (seq_len {cfg.seq_len})")
     if cfg.peak:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
         print(f"  peak {device} {dtype}: {measure_peak_flops(device, dtype) / 1e12:.2f} TFLOP/s (a timed matmul)")
     return 0
 

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from nanoseek import cli_args
 from nanoseek.cli_args import option
-from nanoseek.datasets import FORMATS, read_file
+from nanoseek.datasets import FORMATS, read_file, read_hub
 from nanoseek.fim import MODES, SENTINELS, encode_document
+from nanoseek.hf import atomic_write
 from nanoseek.tokenizer import Tokenizer, encode_checked
 
 SPLITS = ("train", "val")
@@ -36,16 +37,14 @@ SPLITS = ("train", "val")
 class PrepareConfig:
     data: list[str] = option(default_factory=list, help="text, .jsonl, .json or .parquet files, folders, globs")
     out: str = option("data/corpus", "directory for the shards, index.json and the tokenizer")
-    corpus: str | None = option(None, "a built-in corpus: the running interpreter's standard library source",
-                                choices=("python-stdlib",))
+    corpus: str | None = option(None, "a built-in corpus: this Python's standard library", choices=("python-stdlib",))
     dataset: str | None = option(None, "a Hugging Face dataset, streamed (needs the `datasets` package)")
     dataset_config: str | None = option(None, "the hub dataset's config")
     split: str = option("train", "the hub dataset's split")
     limit: int | None = option(None, "documents to take at most (a quick subset)", min=1)
     tokenizer: str | None = option(None, "directory with tokenizer.json (default: train a byte-level BPE)")
     vocab_size: int = option(4096, "BPE vocabulary when training one (+ the FIM sentinels)", min=260)
-    val_per_mille: int = option(20, "documents per thousand held out for validation (by a hash of the name; 0: "
-                                "none)", min=0, max=999)
+    val_per_mille: int = option(20, "documents per thousand held out for validation (0: none)", min=0, max=999)
     fim_rate: float = option(0.0, "fraction of train documents in fill-in-the-middle format", min=0, max=1)
     fim_mode: str = option("psm", "FIM order: prefix-suffix-middle or suffix-prefix-middle", choices=MODES)
     skip_bad_files: bool = option(False, "skip files that are not UTF-8 (default: an error naming the file)")
@@ -85,9 +84,7 @@ def _document(obj: dict, where: str) -> str:
 def _files(cfg: PrepareConfig) -> Iterator[tuple[str, Path]]:
     if cfg.corpus == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        for p in sorted(root.rglob("*.py")):
-            if "site-packages" not in p.parts:
-                yield str(p.relative_to(root)), p
+        yield from ((str(p.relative_to(root)), p) for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts)
     for source in cfg.data:
         matches = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else [source]
         if not matches:
@@ -103,42 +100,28 @@ def _files(cfg: PrepareConfig) -> Iterator[tuple[str, Path]]:
 
 
 def documents(cfg: PrepareConfig, skipped: dict[str, list[str]]) -> Iterator[tuple[str, str, bool]]:
-    """(name, text, is a whole file) of every document; empty and (with --skip-bad-files or the stdlib corpus)
-    non-UTF-8 files go to ``skipped``."""
-    if not (cfg.data or cfg.corpus or cfg.dataset):
-        raise ValueError("no data files given: pass files, folders or globs, --corpus python-stdlib or --dataset NAME")
-    count = 0
+    """(name, text, is a whole file) of each document; empty and skippable non-UTF-8 files go to ``skipped``."""
     for name, path in _files(cfg):
         raw = path.read_bytes()
         if not raw.strip():
             skipped["empty"].append(name)
             continue
         if path.suffix in FORMATS:
-            records = ((where, _document(obj, where), False) for where, obj in read_file(path))
-        else:
-            try:
-                records = [(name, raw.decode("utf-8").replace("\r\n", "\n"), True)]
-            except UnicodeDecodeError as e:
-                if cfg.skip_bad_files or cfg.corpus:
-                    skipped["not_utf8"].append(name)
-                    continue
+            yield from ((where, _document(obj, where), False) for where, obj in read_file(path))
+            continue
+        try:
+            text = raw.decode("utf-8").replace("\r\n", "\n")
+        except UnicodeDecodeError as e:
+            if not (cfg.skip_bad_files or cfg.corpus):
                 line = raw.count(b"\n", 0, e.start) + 1
                 raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8, "
                                  "or pass --skip-bad-files") from None
-        for record in records:
-            yield record
-            count += 1
-            if cfg.limit and count >= cfg.limit:
-                return
+            skipped["not_utf8"].append(name)
+            continue
+        yield name, text, True
     if cfg.dataset:
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError("--dataset needs the `datasets` package: pip install 'nanoseek[data]'") from None
-        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
-        for n, obj in enumerate(islice(rows, None if cfg.limit is None else cfg.limit - count), start=1):
-            where = f"{cfg.dataset}[{cfg.split}] row {n}"
-            yield where, _document(obj, where), False
+        rows = read_hub(cfg.dataset, cfg.dataset_config, cfg.split, streaming=True)
+        yield from ((where, _document(obj, where), False) for where, obj in rows)
 
 
 _worker: dict = {}
@@ -156,8 +139,7 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
     for name, text, is_file in batch:
         digest = hashlib.sha1(name.encode()).hexdigest()
         split = "val" if int(digest, 16) % 1000 < cfg.val_per_mille else "train"
-        rng = random.Random(digest)
-        ids = encode_document(text, tok, rng, cfg.fim_rate if split == "train" else 0.0, cfg.fim_mode)
+        ids = encode_document(text, tok, random.Random(digest), cfg.fim_rate if split == "train" else 0.0, cfg.fim_mode)
         if not cfg.allow_unknown_chars and tok.unk_id in ids:
             encode_checked(tok, text, name, is_file=is_file)  # raises, naming the file and line
         bos = [] if tok.bos_id is None else [tok.bos_id]
@@ -166,9 +148,10 @@ def _encode(batch: list[tuple[str, str, bool]]) -> list[tuple[str, np.ndarray, i
 
 
 def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = True) -> dict:
-    """Tokenize the corpus into ``cfg.out`` (see the module docstring) with ``tok``, ``cfg.tokenizer`` or a BPE
-    trained on the corpus, the FIM sentinels added (unless not ``sentinels``); returns the index."""
+    """Tokenize the corpus into ``cfg.out`` with ``tok``, ``cfg.tokenizer`` or a new BPE (+ FIM ``sentinels``)."""
     cli_args.check_ranges(cfg)
+    if not (cfg.data or cfg.corpus or cfg.dataset):
+        raise ValueError("no data files given: pass files, folders or globs, --corpus python-stdlib or --dataset NAME")
     out = Path(cfg.out)
     if (out / "index.json").exists() and not cfg.overwrite:
         raise ValueError(f"{out} already holds shards; pass --overwrite to replace them, or choose another --out")
@@ -176,8 +159,8 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif tok is None:
-        tok = Tokenizer.train_bpe((text for _, text, _ in documents(cfg, {"empty": [], "not_utf8": []})),
-                                  cfg.vocab_size)
+        texts = islice(documents(cfg, {"empty": [], "not_utf8": []}), cfg.limit)
+        tok = Tokenizer.train_bpe((text for _, text, _ in texts), cfg.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)
@@ -186,7 +169,8 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     tok.save(out)
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     files = {s: (out / f".{s}.bin.tmp").open("wb") for s in SPLITS}
-    batches = _batches(documents(cfg, skipped), 64)
+    docs = islice(documents(cfg, skipped), cfg.limit)
+    batches = iter(lambda: list(islice(docs, 64)), [])  # lists of 64 documents until none are left
     workers = cfg.workers or os.cpu_count() or 1
     _start_worker(str(out), cfg)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (and no warning at fork)
@@ -219,14 +203,8 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
              "fim": {"rate": cfg.fim_rate, "mode": cfg.fim_mode}, "skipped": skipped}
     for split in SPLITS:
         os.replace(out / f".{split}.bin.tmp", out / f"{split}.bin")
-    (out / ".index.json.tmp").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(out / ".index.json.tmp", out / "index.json")
+    atomic_write(out / "index.json", json.dumps(index, indent=2) + "\n")
     return index
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    while batch := list(islice(items, size)):
-        yield batch
 
 
 # ---------------------------------------------------------------------- CLI

@@ -1,8 +1,7 @@
 """Token batches from built-in tasks, records (``nanoseek.datasets``) or shards (``nanoseek prepare``): pretraining
 reads rows of T+1 tokens from a stream of ``bos ... eos`` documents; SFT right-pads one ``bos + prompt + completion +
-eos`` row per example with the loss on completion and eos (targets are -100 where no loss is taken). Every batch
-is a pure function of (seed, step), so a resumed run continues at its step and each rank takes its rows of the same
-batch.
+eos`` row per example, the loss on completion and eos (IGNORE targets elsewhere). Every batch is a pure function of
+(seed, step), so a resumed run continues at its step and each rank takes its rows of the same batch.
 """
 
 from __future__ import annotations
@@ -43,9 +42,8 @@ class LMBatch:
 # ---------------------------------------------------------------------- row builders
 def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: str | None = None,
              allow_unknown_chars: bool = False) -> list[tuple[list[int], int]]:
-    """SFT rows as (tokens, n_prompt): the loss covers tokens[n_prompt:]. String rows are ``bos + prompt +
-    completion + eos``; conversational rows (all rows, given a ``system_prompt``) go through the chat template
-    (``Tokenizer.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
+    """SFT rows as (tokens, n_prompt), the loss on tokens[n_prompt:]: ``bos + prompt + completion + eos``, or through
+    the chat template (``Tokenizer.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
     ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
     out = []
     for r in rows:
@@ -101,16 +99,9 @@ class TaskData:
                 return pack_rows(torch.tensor(stream[: batch_size * (self.seq_len + 1)]).view(batch_size, -1))
 
 
-def _paths(paths: list[str | Path]) -> list[Path]:
-    if not paths:
-        raise ValueError("no data files given: pass --data FILE (.txt, .jsonl, .json, .csv or .parquet) or --task NAME")
-    return [Path(p) for p in paths]
-
-
 class ShardData:
-    """Pretraining on ``nanoseek prepare`` shards, memory-mapped: chunk i is train tokens [i·T, i·T + T]; every
-    epoch visits each chunk once in a seeded affine order (i -> a·i + b mod n), a pure function of (seed, step)
-    that holds nothing per chunk, so memory does not grow with the corpus."""
+    """Pretraining on memory-mapped ``nanoseek prepare`` shards: chunk i is train tokens [i·T, i·T + T], visited once
+    per epoch in a seeded affine order (i -> a·i + b mod n) that holds nothing per chunk, so memory stays flat."""
 
     def __init__(self, directory: str | Path, tok: Tokenizer, seq_len: int, seed: int = 0):
         self.directory, self.seq_len, self.seed = Path(directory), seq_len, seed
@@ -164,8 +155,7 @@ def token_bytes(tok: Tokenizer) -> torch.Tensor:
 
 
 def bits_per_byte(nats: float, n_bytes: int) -> float:
-    """Summed next-token loss in nats over the UTF-8 bytes it predicts, in bits per byte (comparable across
-    tokenizers)."""
+    """Summed next-token nats over the UTF-8 bytes predicted, in bits per byte (comparable across tokenizers)."""
     return nats / math.log(2) / n_bytes
 
 
@@ -177,8 +167,10 @@ class SFTData:
                  system_prompt: str | None = None, allow_unknown_chars: bool = False, **load_kwargs):
         """``load_kwargs``: ``load_prompts``'s (config, split, the column names)."""
         self.pad_id, self.seed = tok.pad_id, seed
-        rows = [r for source in _paths(sources if isinstance(sources, list) else [sources])
-                for r in load_prompts(source, require_completion=True, **load_kwargs).rows]
+        sources = sources if isinstance(sources, list) else [sources]
+        if not sources:
+            raise ValueError("no data files given: pass --data FILE (.jsonl, .json, .csv or .parquet) or --task NAME")
+        rows = [r for source in sources for r in load_prompts(source, require_completion=True, **load_kwargs).rows]
         self.rows = sft_rows(tok, rows, seq_len, system_prompt, allow_unknown_chars)
         self.n = len(self.rows)
 

@@ -1,8 +1,7 @@
 """Prompt datasets for RL, SFT, evaluation and sampling, in TRL's conventions: a row has a ``prompt`` (a string or
 ``{"role", "content"}`` messages), optionally a ``completion`` (the SFT target) and other columns (``answer``,
 ``tests``, ...) that reward functions receive as keyword lists; or the whole conversation in ``messages``. Sources:
-local files (``read_file``), folders of them, a hub dataset, or a built-in task (``task_dataset``, ``TaskPrompts``).
-``batch(step, n, seed)`` is a pure function of (seed, step), so a resumed run sees the same data.
+local files, folders, a hub dataset or a built-in task; ``batch(step, n, seed)`` is a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 from nanoseek.chat import check_messages
 from nanoseek.tasks import Example, Task, distinct_examples, examples, in_eval_split
 
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
 
 
@@ -75,9 +74,8 @@ class PromptDataset:
 
 @dataclass(frozen=True)
 class TaskPrompts:
-    """A built-in task behind ``PromptDataset``'s interface (``batch``, ``columns``, ``columns_of``), so a trainer
-    takes either: a step's rows are ``nanoseek.tasks.examples`` drawn fresh from (seed, step, round), as the GRPO
-    trainer draws them, with columns ``answer`` and ``example`` (what the task's own reward reads)."""
+    """A built-in task behind ``PromptDataset``'s interface: a step's rows are ``nanoseek.tasks.examples`` drawn fresh
+    from (seed, step, round), with columns ``answer`` and ``example`` (what the task's own reward reads)."""
 
     task: Task
     split: str = "train"
@@ -102,9 +100,8 @@ def _task_row(ex: Example, task: Task, split: str) -> Row:
 
 
 def epoch_indices(n_items: int, step: int, size: int, seed: int = 0, round_: int = 0) -> list[int]:
-    """The ``size`` item indices of ``step``: all ``n_items`` in a fresh seeded shuffle every epoch, taken ``size``
-    at a time, so each item is seen once per epoch (as TRL's sampler does); a pure function of (seed, step).
-    ``round_`` > 0 walks another seeded order."""
+    """The ``size`` item indices of ``step``: a fresh seeded shuffle of all ``n_items`` every epoch, each seen once
+    per epoch (as TRL's sampler does); a pure function of (seed, step). ``round_`` > 0 walks another order."""
     out: list[int] = []
     while len(out) < size:
         epoch, offset = divmod(step * size + len(out), n_items)
@@ -122,12 +119,10 @@ def _epoch_order(key: str, n: int) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------- reading records
 def read_file(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each row of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, or the text of any
-    other file as one ``{"text": ...}`` record; a bad file raises ValueError naming the file (and line)."""
+    """(where, record) for each row of a FORMATS file; a bad file raises ValueError naming the file (and line)."""
     if not path.is_file():
         raise ValueError(f"data file {path} not found: pass an existing file")
-    fmt = FORMATS.get(path.suffix, "text")
-    if fmt == "parquet":
+    if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -143,13 +138,10 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
                          "file as UTF-8") from None
     if not text.strip():
         raise ValueError(f"data file {path} is empty: it has no rows or text to read")
-    if fmt == "csv":
+    if path.suffix == ".csv":
         yield from ((f"{path} row {n}", obj) for n, obj in enumerate(csv.DictReader(io.StringIO(text, newline="")), 1))
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
-    if fmt == "text":
-        yield str(path), {"text": text}
-        return
     array = path.suffix == ".json" and text.lstrip().startswith("[")  # else JSON lines (in .json too, as `datasets`)
     chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     for n, chunk in chunks:
@@ -192,15 +184,14 @@ def _data_files(path: Path, split: str) -> list[Path]:
     return [p for p in files if _split_of(p) == split]
 
 
-def _read_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+def read_hub(name: str, config: str | None, split: str, streaming: bool = False) -> Iterator[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
         raise ValueError(f"dataset {name!r} is not a local file or folder; hub datasets need the `datasets` "
                          "package: pip install 'nanoseek[data]'") from None
-
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 - hub/network/builder errors all mean: this dataset cannot be read
         raise ValueError(f"dataset {name!r} (config {config}, split {split}): not a local file or folder, and "
                          f"datasets.load_dataset failed: {type(e).__name__}: {e}") from None
@@ -257,20 +248,18 @@ def _make_row(obj: dict, where: str, prompt_column: str, completion_column: str,
     return Row(prompt, completion, columns, where)
 
 
-def load_prompts(source: str | Path, *, config: str | None = None, split: str = "train",
-                 prompt_column: str = "prompt", answer_column: str | None = None,
-                 completion_column: str = "completion", messages_column: str = "messages",
-                 require_completion: bool = False) -> PromptDataset:
-    """Validated rows of a local file or folder, else a hub dataset (``config``, ``split``; a folder's files named
-    by split, ``train.jsonl``, are chosen by ``split`` too). ``answer_column``: the gold answers, passed to rewards
-    as ``answer``; every row must have it. ``require_completion``: every row needs a completion (SFT)."""
+def load_prompts(source: str | Path, *, config: str | None = None, split: str = "train", prompt_column: str = "prompt",
+                 answer_column: str | None = None, completion_column: str = "completion",
+                 messages_column: str = "messages", require_completion: bool = False) -> PromptDataset:
+    """Validated rows of a local file or folder (its files named by ``split`` if any are), else a hub dataset.
+    ``answer_column``: every row's gold answer, ``answer`` to rewards; ``require_completion``: for SFT."""
     path = Path(source).expanduser()
     if path.exists():
         rows_in = ((*r, p.suffix == ".csv") for p in _data_files(path, split) for r in read_file(p))
     elif str(source).startswith((".", "/", "~")) or Path(source).suffix in FORMATS:
         raise ValueError(f"dataset {source}: no such file or folder")
     else:
-        rows_in = ((*r, False) for r in _read_hub(str(source), config, split))
+        rows_in = ((*r, False) for r in read_hub(str(source), config, split))
     rows: list[Row] = []
     for where, obj, csv_cells in rows_in:
         row = _make_row(obj, where, prompt_column, completion_column, messages_column, answer_column, csv_cells)
@@ -280,8 +269,7 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
         rows.append(row)
     if not rows:
         raise ValueError(f"dataset {source} (split {split}): no rows")
-    columns = frozenset(c for r in rows for c in r.columns)
-    return PromptDataset(str(source), tuple(rows), columns)
+    return PromptDataset(str(source), tuple(rows), frozenset(c for r in rows for c in r.columns))
 
 
 def task_dataset(task: Task, n: int, split: str, seed: int = 0) -> PromptDataset:

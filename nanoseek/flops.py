@@ -10,12 +10,11 @@ from nanoseek.config import ModelConfig
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token of a ``seq_len`` row: 3 × the forward's matmul FLOPs (the backward costs two
-    forwards), 2 per multiply-add. Counted: attention projections (MLA's low-rank q, joint kv latent and decoupled
-    RoPE key, or MHA/GQA's), attention scores and values over the full ``seq_len`` × ``seq_len`` matrix (as
-    ``torch.utils.flop_counter`` counts SDPA; a causal kernel skips about half), the dense FFNs, the router, the
-    shared and the ``num_experts_per_tok`` active routed experts, the LM head, and MTP depth k on seq_len − k
-    positions. Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out."""
+    """Training FLOPs per token of a ``seq_len`` row: 3 × the forward's matmul FLOPs (backward = two forwards), 2 per
+    multiply-add. Counted: attention projections (MLA's low-rank q, joint kv latent and decoupled RoPE key, or
+    MHA/GQA's), scores and values over the full ``seq_len``² matrix (as ``torch.utils.flop_counter`` counts SDPA; a
+    causal kernel skips about half), dense FFNs, the router, shared and active routed experts, the LM head, and MTP
+    depth k on seq_len − k positions; not norms, RoPE, softmax or the embedding lookup (not matmuls)."""
     D, H, E = cfg.hidden_size, cfg.num_attention_heads, cfg.n_routed_experts
     if cfg.attention_type == "mla":
         d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -47,8 +46,7 @@ def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, size: int
     up); ``size`` defaults to 8192 on CUDA, 1024 elsewhere."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    a, b = torch.randn(2, size, size, device=device, dtype=dtype)
     for timed in (False, True):
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -1,7 +1,6 @@
-"""Batched generation over the latent KV cache, optionally with MTP speculative decoding (DeepSeek-V3 §5.4.3).
-
-``generate`` runs the batch on one continuous-batching engine (``nanoseek.engine``, the project's one sampler);
-outputs hold the new tokens only, a stop token that ended a row included as its last token.
+"""Batched generation over the latent KV cache, optionally with MTP speculative decoding (DeepSeek-V3 §5.4.3), on
+one continuous-batching engine (``nanoseek.engine``, the project's one sampler). Outputs hold the new tokens only,
+a stop token that ended a row included as its last token.
 """
 
 from __future__ import annotations
@@ -34,17 +33,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
                seed: int | None = None, speculative: bool = False) -> tuple[list[Request], Engine | None]:
-    """Continue every prompt (token-id lists of any lengths) by up to ``max_new_tokens`` tokens on one engine ->
-    (the finished requests, the engine; None for no work). A row ends right after the first token in
-    ``stop_token_ids`` (which is included). ``seed`` makes sampling reproducible (a private generator; global RNG
-    untouched); greedy (temperature 0) is deterministic. ``speculative`` drafts with the MTP modules (same greedy
-    output, same sampling distribution)."""
+    """Continue every prompt (token ids) by up to ``max_new_tokens`` tokens, ending after a ``stop_token_ids`` token ->
+    (the finished requests, the engine; None for no work). ``seed``: a private generator (global RNG untouched).
+    ``speculative`` drafts with the MTP modules (same greedy output, same sampling distribution)."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=tuple(stop_token_ids))
     if not prompts:
         return [], None
-    device = model.embed_tokens.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
     engine = Engine(model, num_slots=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens,
                     speculative=speculative)
     requests = []
@@ -67,8 +63,7 @@ def run_engine(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tok
 class GenerateConfig:
     model: str = option(help="Hugging Face format model directory, or a run directory")
     prompt: list[str] = option(default_factory=list, action="append", nargs=None,
-                               help="text (through the model's tokenizer) or, with --ids, space-separated token ids; "
-                                    "repeat for a batch")
+                               help="text, or with --ids space-separated token ids; repeat for a batch")
     prefix_file: str | None = option(None, "infill (FIM-trained models): the text before the hole, not --prompt")
     suffix_file: str | None = option(None, "infill: the text after the hole")
     fim_mode: str = option("psm", "infill prompt order", choices=("psm", "spm"))
@@ -79,8 +74,7 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus: the smallest set of tokens reaching this probability", gt=0, max=1)
     seed: int | None = option(None, "seed of the sampler")
     speculative: bool = option(False, "draft with the MTP modules and verify in the next forward")
-    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else an error "
-                                              "listing them)")
+    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else an error)")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
 
 
@@ -120,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
     for i, p in enumerate(prompts):
         if len(p) + n > context:
             raise ValueError(f"--prompt {i + 1}: {len(p)} tokens + --max-completion-length {n} exceed the model's "
-                             f"context of {context} (max_position_embeddings); shorten the prompt or lower "
-                             "--max-completion-length")
+                             f"context of {context}; shorten the prompt or lower --max-completion-length")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     requests, engine = run_engine(model, prompts, n, cfg.temperature, cfg.top_k, cfg.top_p,
                                   () if eos is None else (eos,), cfg.seed, cfg.speculative)

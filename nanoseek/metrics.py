@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+from nanoseek.hf import atomic_write
 
 if TYPE_CHECKING:
     from nanoseek.model.transformer import Transformer
@@ -23,8 +24,7 @@ if TYPE_CHECKING:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSON-lines log. A torn last line (the partial write of a killed run) is dropped with a
     warning naming file and line; a bad line anywhere else is an error naming them."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     records = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -46,9 +46,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl file (or of ``run_dir/metrics.jsonl``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
+    path = Path(path) / "metrics.jsonl" if Path(path).is_dir() else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train with --out DIR to write DIR/metrics.jsonl")
     return read_jsonl(path)
@@ -61,9 +59,7 @@ def rewind_log(path: str | Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _clean(v):
@@ -82,12 +78,10 @@ LOG_LINE = (("loss", "loss", ".4g"), ("val_bpb", "val/bpb", ".4g"), ("tok/s", "t
 
 
 class MetricsLogger:
-    """``log(step, **values)`` appends ``{"step": step, **values, "time": seconds}``, steps counted from 1 (the N-th
-    optimizer step logs step N), ``time`` the run's wall time, continued across resumes. At start, every log of
-    RUN_LOGS in ``run_dir`` is rewound to ``start_step``, the step of the checkpoint the run resumes from (0: a new
-    run), dropping what a killed run logged after that checkpoint. With ``progress`` and stderr not a terminal, a
-    line (loss, val bpb, tok/s, MFU, ETA) every ``log_every`` steps replaces the bar; ``report_to="tensorboard"``
-    also writes every scalar to ``run_dir/tensorboard``."""
+    """``log(step, **values)`` appends ``{"step": step, **values, "time": the run's wall time across resumes}``; at
+    start, RUN_LOGS are rewound to ``start_step`` (the checkpoint resumed from; 0: a new run). With ``progress`` and
+    stderr not a terminal, a line (loss, val bpb, tok/s, MFU, ETA) every ``log_every`` steps replaces the bar;
+    ``report_to="tensorboard"`` also writes every scalar to ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, desc: str = "train", enabled: bool = True,
                  start_step: int = 0, progress: bool = True, log_every: int = 10, report_to: str = "none"):
@@ -109,8 +103,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("--report-to tensorboard needs the tensorboard package: "
-                                  "pip install 'nanoseek[tensorboard]'") from None
+                raise ImportError("--report-to tensorboard: pip install 'nanoseek[tensorboard]'") from None
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, **values) -> None:
@@ -125,8 +118,7 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
         if self.bar is not None:
-            shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "lr") if k in scalars}
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "lr") if k in scalars}, refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.log_every and (step % self.log_every == 0 or step == self.total_steps):
             eta = round(elapsed / (step - self.start_step) * (self.total_steps - step))

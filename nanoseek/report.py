@@ -9,8 +9,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoseek.cli_args import add_arguments as add_flags
-from nanoseek.cli_args import from_args, option
+from nanoseek import cli_args
 from nanoseek.metrics import read_metrics
 
 AXES = ("step", "tokens", "time")  # the x axes; never plotted as metrics
@@ -80,20 +79,17 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
 
 @dataclass(frozen=True)
 class PlotConfig:
-    """``nanoseek plot RUN_DIR``'s flags."""
-
-    out: str | None = option(None, "PNG path (None: RUN_DIR/metrics.png; against tokens and time: *_tokens.png, "
-                                   "*_time.png beside it)")
-    keys: list[str] | None = option(None, "only these metrics, e.g. loss lr (None: every scalar metric)")
+    out: str | None = cli_args.option(None, "PNG path (None: RUN_DIR/metrics.png; *_tokens.png, *_time.png beside it)")
+    keys: list[str] | None = cli_args.option(None, "only these metrics, e.g. loss lr (None: every scalar metric)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    add_flags(parser, PlotConfig)
+    cli_args.add_arguments(parser, PlotConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = from_args(PlotConfig, args)
+    cfg = cli_args.from_args(PlotConfig, args)
     print(plot_metrics(args.run_dir, cfg.out, cfg.keys))
     if any("tokens" in r for r in read_metrics(args.run_dir)):
         for axis in ("tokens", "time"):

@@ -1,21 +1,18 @@
 """The text codec of the engine, the server and the trainers: a Hugging Face fast tokenizer (``tokenizer.json``),
 its special tokens and BOS rule (``tokenizer_config.json``) and its chat template (``nanoseek.chat``): a
-character-level one for the built-in tasks, a byte-level BPE trained on local text (``nanoseek tokenizer train``), or
-any checkpoint's. The saved files load with ``transformers.AutoTokenizer.from_pretrained(dir)`` too.
+character-level one for the built-in tasks, a byte-level BPE trained on local text (``nanoseek prepare``), or any
+checkpoint's. The saved files load with ``transformers.AutoTokenizer.from_pretrained(dir)`` too.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoseek import cli_args
 from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, check_messages
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -28,13 +25,11 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 class Tokenizer:
-    """Text to token ids and back, prompts (plain text or messages) to ids with the chat template and the BOS rule,
-    and the stop ids. ``config`` is tokenizer_config.json's contents (nanoseek's own by default): the special tokens
-    (a string, or an AddedToken dict with ``content``; the ids ``pad_id`` (else EOS), ``bos_id``, ``eos_id``,
-    ``unk_id`` are None when absent) and ``add_bos_token``."""
+    """Text to token ids and back, prompts (text or messages) to ids with the chat template and BOS rule, stop ids.
+    ``config``: tokenizer_config.json's contents (nanoseek's by default): the special tokens (strings or AddedToken
+    dicts; ``pad_id`` (else EOS), ``bos_id``, ``eos_id``, ``unk_id`` are None when absent) and ``add_bos_token``."""
 
-    def __init__(self, tok: HFTokenizer, config: dict | None = None,
-                 chat_template: str | None = DEFAULT_CHAT_TEMPLATE):
+    def __init__(self, tok: HFTokenizer, config: dict | None = None, chat_template: str | None = DEFAULT_CHAT_TEMPLATE):
         self.tok, self.chat_template = tok, chat_template
         self.config = dict(NANOSEEK_CONFIG if config is None else config)
         named = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.config.items()
@@ -55,9 +50,8 @@ class Tokenizer:
     def template(self) -> ChatTemplate:
         """The chat template, with the special tokens as its variables; a ValueError when the tokenizer has none."""
         if self.chat_template is None:
-            raise ValueError("no chat template (neither chat_template.jinja nor a 'chat_template' in "
-                             "tokenizer_config.json): conversational prompts, SFT rows and --system-prompt need a "
-                             "chat template; give the prompts as plain strings or add a template")
+            raise ValueError("no chat template (chat_template.jinja or tokenizer_config.json's 'chat_template'): "
+                             "messages and --system-prompt need a chat template; give plain strings or add one")
         return ChatTemplate(self.chat_template, tuple(self.specials.items()))
 
     @property
@@ -92,11 +86,9 @@ class Tokenizer:
     def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
                   system_prompt: str | None = None) -> tuple[str, str, bool]:
         """(prompt text, completion text, whether to append EOS) of one SFT row; the loss goes on the completion.
-
-        Plain strings (without ``system_prompt``) are used as they are, and the trainer appends EOS (True). Else the
-        row is a conversation (a string on either side becomes a user / assistant message) rendered whole, and the
-        completion text is what it adds after the prompt rendered with the generation prompt. That ends with the
-        template's own end of turn (``<eos>`` with the default template), so no EOS is appended (False), as TRL does."""
+        Plain strings (without ``system_prompt``) are used as they are, and EOS appended. Else the row is a
+        conversation (a string becomes a user / assistant message) rendered whole; the completion is what follows
+        the prompt rendered with the generation prompt and ends with the template's end of turn, so no EOS, as TRL."""
         if isinstance(prompt, str) and isinstance(completion, str) and system_prompt is None:
             return prompt, completion, True
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -120,25 +112,15 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def train_bpe(cls, files: list[str | Path] | Iterator[str], vocab_size: int = 4096, min_frequency: int = 2
-                  ) -> Tokenizer:
-        """Byte-level BPE (GPT-2 style) trained on local text files or an iterator of texts; nothing is downloaded."""
-        for f in files if isinstance(files, list) else []:
-            p = Path(f)
-            if not p.is_file() or p.stat().st_size == 0:
-                raise ValueError(f"tokenizer training file {p} is missing or empty")
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
+        """Byte-level BPE (GPT-2 style) trained on ``texts``; nothing is downloaded."""
         tok = HFTokenizer(models.BPE(unk_token=None))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        if isinstance(files, list):
-            tok.train([str(f) for f in files], trainer)
-        else:
-            tok.train_from_iterator(files, trainer)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                           special_tokens=SPECIALS,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         return cls(tok)
 
     def save(self, directory: str | Path) -> None:
@@ -150,13 +132,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """``directory``'s tokenizer.json with tokenizer_config.json and the chat template: chat_template.jinja
-        (transformers 5 saves it apart) wins over the config's ``chat_template``; of named templates, ``default``.
-        A tokenizer with nanoseek's special tokens and no saved config or template gets nanoseek's."""
+        """``directory``'s tokenizer.json, tokenizer_config.json and chat template (chat_template.jinja, else the
+        config's; of named ones, ``default``); one with nanoseek's special tokens gets nanoseek's where absent."""
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{directory / 'tokenizer.json'} not found: save one with Tokenizer.save or "
-                                    "`nanoseek tokenizer train`")
+            raise FileNotFoundError(f"{directory / 'tokenizer.json'} not found: make one with `nanoseek prepare` "
+                                    "(it saves the tokenizer beside the shards) or Tokenizer.save")
         tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -174,15 +155,12 @@ class Tokenizer:
 # ---------------------------------------------------------------------- input checks
 def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = False, add_eos: bool = False,
                    allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False) -> list[int]:
-    """``tok.encode`` that refuses what would silently change the input: text that is not valid Unicode,
-    characters the tokenizer lacks (unless ``allow_unknown``; the error lists them and names ``where``: a prompt,
-    a file:line, or with ``is_file`` a file whose line it adds), and more than ``max_tokens`` tokens (a prompt
-    over the model's context, ``max_position_embeddings``)."""
+    """``tok.encode`` that refuses invalid Unicode, characters the tokenizer lacks (unless ``allow_unknown``; listed,
+    at ``where``, a file with ``is_file``) and over ``max_tokens`` tokens (the model's ``max_position_embeddings``)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at character {e.start})"
-                         ) from None
+        raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at {e.start})") from None
     enc = tok.tok.encode(text, add_special_tokens=False)
     unknown = [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
     if unknown and not allow_unknown:
@@ -193,35 +171,9 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
         more = f" and {len(distinct) - 10} more" if len(distinct) > 10 else ""
         raise ValueError(f"{at}: {len(unknown)} character(s) outside the tokenizer's vocabulary (the first here): "
                          f"{shown}{more}; they would become {UNK}: remove them, use a tokenizer that has them "
-                         "(`nanoseek tokenizer train`), or pass --allow-unknown-chars")
+                         "(`nanoseek prepare` trains one), or pass --allow-unknown-chars")
     ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos)
     if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
                          "(max_position_embeddings); shorten it")
     return ids
-
-
-# ---------------------------------------------------------------------- `nanoseek tokenizer`
-@dataclass(frozen=True)
-class TrainTokenizerConfig:
-    files: list[str] = cli_args.option(help="plain text files", nargs="+")
-    out: str = cli_args.option(help="directory for tokenizer.json")
-    vocab_size: int = cli_args.option(4096, "tokens in the vocabulary (at least 256 bytes + 4 specials)")
-    min_frequency: int = cli_args.option(2, "fewest occurrences of a pair to merge it", min=1)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    cli_args.add_arguments(sub.add_parser("train", help="train a byte-level BPE on local text files"),
-                           TrainTokenizerConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = cli_args.from_args(TrainTokenizerConfig, args)
-    if cfg.vocab_size < 260:
-        raise ValueError(f"--vocab-size {cfg.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
-    cli_args.check_ranges(cfg)
-    tok = Tokenizer.train_bpe(cfg.files, cfg.vocab_size, cfg.min_frequency)
-    tok.save(cfg.out)
-    print(f"{cfg.out}/tokenizer.json: {tok.vocab_size} tokens")
-    return 0

@@ -37,8 +37,7 @@ class Served:
 def start_server(tmp: Path, *flags: str, like: Served | None = None) -> Served:
     """A server of a new tiny model with two MTP modules (or of ``like``'s model), with extra ``flags``."""
     if like is None:
-        (tmp / "text.txt").write_text(TEXT, encoding="utf-8")
-        tok = Tokenizer.train_bpe([tmp / "text.txt"], vocab_size=300, min_frequency=1)
+        tok = Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
         torch.manual_seed(0)
         config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3,
                                     num_nextn_predict_layers=2, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)

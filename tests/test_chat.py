@@ -57,7 +57,7 @@ def test_default_template_matches_transformers(tmp_path, kind):
     else:
         corpus = tmp_path / "corpus.txt"
         corpus.write_text("User: hello there\nAssistant: general kenobi\n" * 50)
-        tok = Tokenizer.train_bpe([corpus], vocab_size=300)
+        tok = Tokenizer.train_bpe([corpus.read_text()], vocab_size=300)
     tok.save(tmp_path / "tok")
     assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["chat_template"] == \
         DEFAULT_CHAT_TEMPLATE

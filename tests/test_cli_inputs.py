@@ -146,10 +146,10 @@ def test_info_flags_come_from_a_dataclass_with_defaults_in_help(capsys):
 # ---------------------------------------------------------------------- exit statuses, stderr, python -m
 def test_python_m_nanoseek_runs_the_cli_with_errors_on_stderr_and_status_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "nanoseek", "tokenizer", "train", "--files", "x.txt",
-                           "--vocab-size", "10", "--out", "t"], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "nanoseek", "prepare", "--data", "x.txt", "--vocab-size", "10"],
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 2 and not done.stdout
-    assert "nanoseek tokenizer: error: --vocab-size 10 is too small" in done.stderr
+    assert "nanoseek prepare: error: --vocab-size 10: must be >= 260" in done.stderr
 
 
 def test_a_failure_exits_1_with_the_traceback(monkeypatch, tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_hub_names_go_through_datasets(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, config, split):
+    def fake_load_dataset(name, config, split, streaming=False):
         calls.append((name, config, split))
         return [{"question": "1+1?", "answer": "#### 2"}]
 
@@ -134,7 +134,7 @@ def test_hub_names_go_through_datasets(monkeypatch):
 def test_hub_failure_is_a_clear_error(monkeypatch):
     import datasets
 
-    def offline(name, config, split):
+    def offline(name, config, split, streaming=False):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)

@@ -94,10 +94,8 @@ def test_budget_sets_the_slots():
 
 
 @pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bpe") / "text.txt"
-    path.write_text(UTF8_TEXT, encoding="utf-8")
-    return Tokenizer.train_bpe([path], vocab_size=300, min_frequency=1)
+def bpe():
+    return Tokenizer.train_bpe([UTF8_TEXT], vocab_size=300, min_frequency=1)
 
 
 def test_incremental_detokenization_never_breaks_characters(bpe):

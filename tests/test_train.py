@@ -241,11 +241,12 @@ def test_cli_contract_and_resume(tmp_path, capsys):
 
 
 def test_sft_and_bpe_text_from_the_cli(tmp_path):
-    """`nanoseek tokenizer train`, pretraining on a text file with it, then SFT (bf16) on JSONL pairs from there."""
+    """A BPE trained by `nanoseek prepare`, pretraining on a text file with it, then SFT (bf16) on JSONL pairs."""
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     tok_dir = str(tmp_path / "tok")
-    assert cli.main(["tokenizer", "train", "--files", str(text), "--vocab-size", "300", "--out", tok_dir]) == 0
+    assert cli.main(["prepare", "--data", str(text), "--vocab-size", "300", "--val-per-mille", "0",
+                     "--out", tok_dir]) == 0
     base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--warmup-steps", "1"]
     assert cli.main(["pretrain", "--data", str(text), "--tokenizer", tok_dir, "--out",
                      str(tmp_path / "pt"), *base]) == 0

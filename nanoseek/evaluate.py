@@ -15,12 +15,16 @@ import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
+from nanoseek.data import bits_per_byte
 from nanoseek.datasets import Row
-from nanoseek.fim import infill_prompt, sentinel_ids, val_documents
+from nanoseek.fim import encode_text, infill_prompt, sentinel_ids, val_documents
 from nanoseek.model.transformer import Transformer
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.rewards import check_reward_columns
@@ -161,7 +165,9 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
                     batch_size: int) -> dict:
     """Single-line infilling (DeepSeek-Coder §3.1's benchmark): in each document one non-empty line, picked by a
     ``seed``ed rng, is the hole; the greedy middle up to the end sentinel, EOS or a newline is exact when it equals
-    the line (surrounding spaces ignored). -> {"exact_match", "n", "results": [{line, infilled, exact}]}."""
+    the line (surrounding spaces ignored). Also the bits per UTF-8 byte of the line's first ``max_new`` tokens given
+    both sides in the FIM format (``line_bpb``) and given the prefix only (``line_bpb_left_to_right``).
+    -> {"exact_match", "line_bpb", "line_bpb_left_to_right", "n", "results": [{line, infilled, exact}]}."""
     from nanoseek.generate import generate  # looked up per call, so that it can be replaced
     rng, cases = random.Random(seed), []
     for doc in documents:
@@ -179,5 +185,18 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
     infilled = [tok.decode(out).split("\n", 1)[0] for out in outputs]
     results = [{"line": line, "infilled": fill, "exact": fill.strip() == line.strip()}
                for (line, _, _), fill in zip(cases, infilled)]
-    return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1), "n": len(results),
-            "results": results}
+    targets = [encode_text(tok, line)[:max_new] for line, _, _ in cases]
+    doc_start = tok.eos_id if tok.bos_id is None else tok.bos_id  # a document's start, as in the shards
+    left = [[doc_start, *ids[max(len(ids) - budget + 1, 0):]] for ids in (encode_text(tok, p) for _, p, _ in cases)]
+    n_bytes = sum(len(tok.decode(t).encode()) for t in targets)
+    return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1),
+            **{key: bits_per_byte(sum(map(partial(nats, model), given, targets)), n_bytes) for key, given in
+               (("line_bpb", prompts), ("line_bpb_left_to_right", left))}, "n": len(results), "results": results}
+
+
+@torch.no_grad()
+def nats(model: Transformer, prompt: list[int], target: list[int]) -> float:
+    """−log p(target | prompt) under ``model``, in nats."""
+    ids = torch.tensor([prompt + target], device=next(model.parameters()).device)
+    logp = model(ids)[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    return -logp.gather(-1, ids[0, len(prompt):, None]).sum().item()

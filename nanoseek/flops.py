@@ -42,20 +42,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, size: int | None = None,
                        repeats: int = 10) -> float:
-    """Achieved FLOP/s of ``repeats`` back-to-back ``size``² matmuls in ``dtype`` on ``device`` (after one to warm
-    up); ``size`` defaults to 8192 on CUDA, 1024 elsewhere."""
+    """The best FLOP/s of ``repeats`` timed ``size``² matmuls in ``dtype`` on ``device`` (after one to warm up; the
+    best, so that other jobs on the machine lower it less); ``size``: 8192 on CUDA, 1024 elsewhere."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(2, size, size, device=device, dtype=dtype)
-    for timed in (False, True):
+    seconds = []
+    for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(repeats if timed else 1):
-            a @ b
+        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / min(seconds[1:])
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:

@@ -1,5 +1,6 @@
 import importlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -114,6 +115,22 @@ def test_fim_exact_match_masks_one_line_per_document(tmp_path, monkeypatch: pyte
     result = fim_exact_match(model, tok, docs, "psm", seed=0, max_new=8, batch_size=1)
     assert result["n"] == 2 and result["exact_match"] == 1.0
     assert [r["line"] for r in result["results"]][1] == "x = 1"
+    # the masked lines' first 8 tokens in bits per byte, by hand in float64: both sides (FIM), then the prefix only
+    model.double()
+
+    def nats(prompt: list[int], target: list[int]) -> float:
+        logp = torch.log_softmax(model(torch.tensor([prompt + target]))[0], -1)
+        return -sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
+
+    fim = left = n_bytes = 0
+    for r, doc in zip(result["results"], docs):
+        prefix, suffix = doc[:doc.index(r["line"])], doc[doc.index(r["line"]) + len(r["line"]):]
+        target = tok.encode(r["line"])[:8]
+        fim += nats(infill_prompt(prefix, suffix, tok, "psm", model.config.max_position_embeddings - 8), target)
+        left += nats([tok.eos_id if tok.bos_id is None else tok.bos_id, *tok.encode(prefix)], target)
+        n_bytes += len(tok.decode(target).encode())
+    assert result["line_bpb"] == pytest.approx(fim / math.log(2) / n_bytes, rel=1e-5)
+    assert result["line_bpb_left_to_right"] == pytest.approx(left / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_cli_infill_and_fim_eval(tmp_path, capsys: pytest.CaptureFixture) -> None:

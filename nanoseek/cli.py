@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  train FLOPs/token     {flops_per_token(config, cfg.seq_len):>16,.0f}  (seq_len {cfg.seq_len})")
     if cfg.peak:
         device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
-        print(f"  peak {device} {dtype}: {measure_peak_flops(device, dtype) / 1e12:.2f} TFLOP/s (a timed matmul)")
+        print(f"  peak {device} {dtype}: {measure_peak_flops(device, dtype) / 1e9:,.1f} GFLOP/s (best timed matmul)")
     return 0
 
 

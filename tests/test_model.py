@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model.attention import AttentionContext
 
 
 def test_forward_shapes_and_mtp():
@@ -48,6 +49,32 @@ def test_mha_baseline_has_plain_projections():
     model = Transformer(ModelConfig.preset("tiny", attention_type="mha", num_key_value_heads=2))
     attn = model.layers[0].self_attn
     assert attn.k_proj.out_features == 2 * model.config.head_dim
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_mha_and_gqa_equal_a_hand_written_llama_attention_in_float64(kv_heads):
+    """q, k, v projections, RoPE on the whole head (rotate-half), K/V heads shared by H/KV query heads, causal
+    softmax(q·k/√d)·v, output projection: written out here with einsum."""
+    cfg = ModelConfig.preset("tiny", attention_type="mha", num_key_value_heads=kv_heads, head_dim=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg).double()
+    attn, (B, T), (H, d) = model.layers[0].self_attn, (2, 7), (cfg.num_attention_heads, cfg.head_dim)
+    x, positions = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64), torch.arange(T)
+    cos, sin = model.rotary(positions, torch.float64)
+    out = attn(x, AttentionContext(cos=cos, sin=sin), 0)
+    angles = positions[:, None].double() / cfg.rope_theta ** (torch.arange(0, d, 2).double() / d)
+    cos2, sin2 = (torch.cat([f(angles)] * 2, -1)[None, :, None] for f in (torch.cos, torch.sin))
+
+    def rope(t):
+        return t * cos2 + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin2
+
+    q = rope(attn.q_proj(x).view(B, T, H, d))
+    k = rope(attn.k_proj(x).view(B, T, kv_heads, d)).repeat_interleave(H // kv_heads, 2)
+    v = attn.v_proj(x).view(B, T, kv_heads, d).repeat_interleave(H // kv_heads, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / d**0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    expected = attn.o_proj(torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * d))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
 def test_checkpoint_round_trip_keeps_mtp_and_bias(tmp_path):

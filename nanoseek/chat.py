@@ -37,8 +37,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def check_messages(messages, where: str = "conversation") -> list[dict]:
-    """A non-empty list of ``{"role": system|user|assistant, "content": str}`` dicts (other keys allowed), else a
-    ValueError naming ``where`` and the message index."""
+    """``messages`` if a non-empty list of ``{"role": system|user|assistant, "content": str}``, else ValueError."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: a conversation is a non-empty list of {{'role', 'content'}} messages, "
                          f"got {type(messages).__name__} {str(messages)[:80]!r}")
@@ -91,8 +90,7 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
                system_prompt: str | None = None) -> str:
-        """The conversation as text. ``system_prompt`` is prepended as a system message unless the conversation
-        already starts with one (the conversation's own wins)."""
+        """The conversation as text; ``system_prompt`` comes first unless the conversation starts with its own."""
         import jinja2
 
         messages = check_messages(messages)

@@ -42,9 +42,8 @@ class LMBatch:
 # ---------------------------------------------------------------------- row builders
 def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: str | None = None,
              allow_unknown_chars: bool = False) -> list[tuple[list[int], int]]:
-    """SFT rows as (tokens, n_prompt), the loss on tokens[n_prompt:]: ``bos + prompt + completion + eos``, or through
-    the chat template (``Tokenizer.sft_texts``), whose end of turn replaces the eos. Unknown characters (unless
-    ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
+    """SFT rows as (tokens, n_prompt), the loss on tokens[n_prompt:] (``Tokenizer.sft_texts``); unknown characters
+    (unless ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
     out = []
     for r in rows:
         prompt, completion, add_eos = tok.sft_texts(r.prompt, r.completion, system_prompt)
@@ -161,21 +160,20 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
 
 class SFTData:
     """SFT on prompt datasets (``nanoseek.datasets.load_prompts``: files, folders or a hub dataset) of prompt +
-    completion or ``messages`` rows, tokenized by ``sft_rows``, padded per batch, reshuffled each epoch."""
+    completion or ``messages`` rows, tokenized by ``sft_rows``, padded per batch, reshuffled each epoch.
+    ``load_kwargs``: ``load_prompts``'s (config, split, the column names)."""
 
     def __init__(self, sources: str | Path | list[str | Path], tok: Tokenizer, seq_len: int, seed: int = 0, *,
                  system_prompt: str | None = None, allow_unknown_chars: bool = False, **load_kwargs):
-        """``load_kwargs``: ``load_prompts``'s (config, split, the column names)."""
         self.pad_id, self.seed = tok.pad_id, seed
         sources = sources if isinstance(sources, list) else [sources]
         if not sources:
             raise ValueError("no data files given: pass --data FILE (.jsonl, .json, .csv or .parquet) or --task NAME")
         rows = [r for source in sources for r in load_prompts(source, require_completion=True, **load_kwargs).rows]
         self.rows = sft_rows(tok, rows, seq_len, system_prompt, allow_unknown_chars)
-        self.n = len(self.rows)
 
     def batch(self, step: int, batch_size: int) -> LMBatch:
-        return pad_rows([self.rows[i] for i in epoch_indices(self.n, step, batch_size, self.seed)], self.pad_id)
+        return pad_rows([self.rows[i] for i in epoch_indices(len(self.rows), step, batch_size, self.seed)], self.pad_id)
 
 
 def make_data(mode: str, tok: Tokenizer, seq_len: int, seed: int, task: str | None = None,

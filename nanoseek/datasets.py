@@ -25,8 +25,7 @@ SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
 
 @dataclass(frozen=True)
 class Row:
-    """One dataset row. ``columns`` holds every column but prompt/completion/messages, under the names the reward
-    functions see (the answer column is always called ``answer``). ``where`` says where it came from."""
+    """One dataset row: ``columns`` are the other columns as rewards see them (the answer column as ``answer``)."""
 
     prompt: str | list[dict]
     completion: str | list[dict] | None = None
@@ -59,12 +58,10 @@ class PromptDataset:
         return [self.rows[i] for i in epoch_indices(len(self.rows), step, n, seed, round_)]
 
     def split(self, eval_fraction: int = 10) -> tuple[PromptDataset, PromptDataset]:
-        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text
-        (``nanoseek.tasks.in_eval_split``), so repeats of a prompt stay on one side."""
-        held = [in_eval_split(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt, sort_keys=True),
+        """(train, held-out): one prompt in ``eval_fraction`` held out by a hash of its text (``in_eval_split``)."""
+        held = [in_eval_split(json.dumps(r.prompt, sort_keys=True) if r.conversational else r.prompt,
                               fraction=eval_fraction) for r in self.rows]
-        train = tuple(r for r, h in zip(self.rows, held) if not h)
-        evals = tuple(r for r, h in zip(self.rows, held) if h)
+        train, evals = (tuple(r for r, h in zip(self.rows, held) if h == side) for side in (False, True))
         if not train or not evals:
             raise ValueError(f"dataset {self.name}: {len(self.rows)} rows are too few to hold out one in "
                              f"{eval_fraction}; give an evaluation dataset")
@@ -120,8 +117,6 @@ def _epoch_order(key: str, n: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------------- reading records
 def read_file(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each row of a FORMATS file; a bad file raises ValueError naming the file (and line)."""
-    if not path.is_file():
-        raise ValueError(f"data file {path} not found: pass an existing file")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -134,8 +129,7 @@ def read_file(path: Path) -> Iterator[tuple[str, dict]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
-                         "file as UTF-8") from None
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
     if not text.strip():
         raise ValueError(f"data file {path} is empty: it has no rows or text to read")
     if path.suffix == ".csv":
@@ -167,11 +161,9 @@ def _data_files(path: Path, split: str) -> list[Path]:
     """The row files of a file or folder (in a folder of split-named files, those of ``split``)."""
     if path.is_file():
         if path.suffix not in FORMATS:
-            raise ValueError(f"{path}: got a text document ({path.suffix or 'no suffix'}); prompt rows come from "
-                             f"{', '.join(FORMATS)} files")
+            raise ValueError(f"{path}: got a text document; prompt rows come from {', '.join(FORMATS)} files")
         if split != "train":
-            raise ValueError(f"{path}: a single file has no {split!r} split; splits select among a folder's "
-                             "split-named files (train.jsonl, test.jsonl) or a hub dataset's splits")
+            raise ValueError(f"{path}: a single file has no {split!r} split; give a folder of train.jsonl, test.jsonl")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
     if not files:
@@ -273,7 +265,6 @@ def load_prompts(source: str | Path, *, config: str | None = None, split: str = 
 
 
 def task_dataset(task: Task, n: int, split: str, seed: int = 0) -> PromptDataset:
-    """Up to n distinct examples of a built-in task (``nanoseek.tasks``) as a dataset: prompt, completion (the
-    task's reference solution) and columns ``answer`` and ``example`` (what the task's own reward reads)."""
+    """Up to n distinct examples of a built-in task as a dataset, with its reference solutions as completions."""
     rows = tuple(_task_row(ex, task, split) for ex in distinct_examples(task, n, split, seed))
     return PromptDataset(f"{task.name}[{split}]", rows, frozenset({"answer", "example"}))

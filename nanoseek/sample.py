@@ -21,6 +21,7 @@ from nanoseek.hf import atomic_write
 from nanoseek.policy import SamplingParams
 from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
+from nanoseek.tasks import get_task, task_reward
 
 
 def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[RewardFn], *, num_generations: int,
@@ -46,8 +47,7 @@ def sample_dataset(policy, tokenizer, dataset: PromptDataset, reward_fns: list[R
         prompt = row.prompt
         if system_prompt is not None:  # the prompt as rendered, so that the file trains on exactly what was sampled
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if prompt[0]["role"] != "system":
-                prompt = [{"role": "system", "content": system_prompt}, *prompt]
+            prompt = prompt if prompt[0]["role"] == "system" else [dict(role="system", content=system_prompt), *prompt]
         completion = scored.texts[j] if isinstance(prompt, str) else [{"role": "assistant", "content": scored.texts[j]}]
         extra = {c: v for c, v in row.columns.items() if c != "example"}  # a task's Example is not JSON
         out.append({**extra, "prompt": prompt, "completion": completion, "reward": result.total[j],
@@ -90,8 +90,6 @@ class PromptsConfig:
 def load_prompts_of(cfg: PromptsConfig, n: int | None, task_split: str) -> tuple[PromptDataset, list[RewardFn]]:
     """The first ``n`` prompts of ``--dataset`` (None: all), or ``n`` distinct problems of ``--task``'s
     ``task_split``; with the reward functions (the task's own first, then ``--reward-funcs``)."""
-    from nanoseek.tasks import get_task, task_reward
-
     if (cfg.dataset is None) == (cfg.task is None):
         raise ValueError("give one of --dataset or --task")
     fns = [get_reward_fn(name) for name in cfg.reward_funcs]

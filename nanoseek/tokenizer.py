@@ -25,16 +25,14 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 class Tokenizer:
-    """Text to token ids and back, prompts (text or messages) to ids with the chat template and BOS rule, stop ids.
-    ``config``: tokenizer_config.json's contents (nanoseek's by default): the special tokens (strings or AddedToken
-    dicts; ``pad_id`` (else EOS), ``bos_id``, ``eos_id``, ``unk_id`` are None when absent) and ``add_bos_token``."""
+    """Text to token ids and back, prompts to ids with the chat template and BOS rule. ``config``: tokenizer_config.json
+    (nanoseek's by default); ``pad_id`` (else EOS), ``bos_id``, ``eos_id``, ``unk_id`` are None when absent."""
 
     def __init__(self, tok: HFTokenizer, config: dict | None = None, chat_template: str | None = DEFAULT_CHAT_TEMPLATE):
         self.tok, self.chat_template = tok, chat_template
         self.config = dict(NANOSEEK_CONFIG if config is None else config)
-        named = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.config.items()
-                 if k in SPECIAL_TOKEN_NAMES}
-        self.specials = {k: v for k, v in named.items() if v}
+        named = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.config.items()}
+        self.specials = {k: v for k, v in named.items() if k in SPECIAL_TOKEN_NAMES and v}
         missing = [t for t in self.specials.values() if tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer.json lacks the special token(s) {missing} that tokenizer_config.json names")
@@ -56,7 +54,6 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Token ids that end a completion: EOS."""
         return () if self.eos_id is None else (self.eos_id,)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
@@ -80,15 +77,12 @@ class Tokenizer:
         return self.template().render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
     def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
-        """A prompt's ids: ``prompt_text``'s, after BOS."""
         return self.encode(self.prompt_text(prompt, system_prompt), add_bos=True)
 
     def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
                   system_prompt: str | None = None) -> tuple[str, str, bool]:
-        """(prompt text, completion text, whether to append EOS) of one SFT row; the loss goes on the completion.
-        Plain strings (without ``system_prompt``) are used as they are, and EOS appended. Else the row is a
-        conversation (a string becomes a user / assistant message) rendered whole; the completion is what follows
-        the prompt rendered with the generation prompt and ends with the template's end of turn, so no EOS, as TRL."""
+        """(prompt text, completion text, whether to append EOS) of one SFT row: plain strings as they are, plus EOS;
+        else the conversation rendered whole, cut after the generation prompt (its end of turn ends it, as TRL)."""
         if isinstance(prompt, str) and isinstance(completion, str) and system_prompt is None:
             return prompt, completion, True
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -141,9 +135,8 @@ class Tokenizer:
         tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        template = config.get("chat_template")
-        if (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text()
+        jinja = directory / "chat_template.jinja"
+        template = jinja.read_text() if jinja.is_file() else config.get("chat_template")
         if isinstance(template, list):  # [{"name", "template"}]
             template = {t["name"]: t["template"] for t in template}.get("default")
         template = template if isinstance(template, str) else None

@@ -156,11 +156,10 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     if (out / "index.json").exists() and not cfg.overwrite:
         raise ValueError(f"{out} already holds shards; pass --overwrite to replace them, or choose another --out")
     skipped: dict[str, list[str]] = {"empty": [], "not_utf8": []}
-    if tok is None and cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
-    elif tok is None:
+    if tok is None and not cfg.tokenizer:
         texts = islice(documents(cfg, {"empty": [], "not_utf8": []}), cfg.limit)
         tok = Tokenizer.train_bpe((text for _, text, _ in texts), cfg.vocab_size)
+    tok = Tokenizer.load(cfg.tokenizer) if tok is None else tok
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)

@@ -277,44 +277,32 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-# the published models' YaRN context extension, 4K -> 160K (V2 §B, V3 §4.3)
+# the published models' YaRN context extension, 4K -> 160K (V2 §B, V3 §4.3), and their MLA shape
 _YARN = dict(rope_type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1)
+_MLA = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840)
+_V2 = dict(_MLA, model_type="deepseek_v2", vocab_size=102400, n_shared_experts=2, num_experts_per_tok=6,
+           norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1,
+           rope_scaling={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny (tests): the field defaults, with two expert groups and one MTP module
     "tiny": dict(n_group=2, num_nextn_predict_layers=1, max_position_embeddings=256),
-    "small": dict(
-        vocab_size=256, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
-        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
-    ),
+    "small": dict(vocab_size=256, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
+                  num_hidden_layers=4, num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                  n_group=2, topk_group=2, first_k_dense_replace=1, num_nextn_predict_layers=1),
     # DeepSeek-V2-Lite (16B, 2.4B active): no query compression, 64 routed experts, greedy softmax gate
-    "deepseek-v2-lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-        norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", first_k_dense_replace=1,
-        max_position_embeddings=163840, rope_scaling={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-    ),
+    "deepseek-v2-lite": dict(_V2, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                             num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, n_routed_experts=64,
+                             n_group=1, topk_group=1, routed_scaling_factor=1.0, topk_method="greedy"),
     # DeepSeek-V2 (236B, 21B active)
-    "deepseek-v2": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
-        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
-        n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-        norm_topk_prob=False, scoring_func="softmax", topk_method="group_limited_greedy",
-        first_k_dense_replace=1, max_position_embeddings=163840,
-        rope_scaling={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-    ),
+    "deepseek-v2": dict(_V2, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                        num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, n_routed_experts=160,
+                        n_group=8, topk_group=3, routed_scaling_factor=16.0, topk_method="group_limited_greedy"),
     # DeepSeek-V3 (671B, 37B active), one MTP module
-    "deepseek-v3": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
-        n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", first_k_dense_replace=3,
-        num_nextn_predict_layers=1, max_position_embeddings=163840,
-        rope_scaling={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
-    ),
+    "deepseek-v3": dict(_MLA, model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+                        first_k_dense_replace=3, num_nextn_predict_layers=1,
+                        rope_scaling={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }

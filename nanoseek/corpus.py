@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import sysconfig
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -110,15 +111,13 @@ def documents(cfg: PrepareConfig, skipped: dict[str, list[str]]) -> Iterator[tup
             yield from ((where, _document(obj, where), False) for where, obj in read_file(path))
             continue
         try:
-            text = raw.decode("utf-8").replace("\r\n", "\n")
+            yield name, raw.decode("utf-8").replace("\r\n", "\n"), True
         except UnicodeDecodeError as e:
             if not (cfg.skip_bad_files or cfg.corpus):
                 line = raw.count(b"\n", 0, e.start) + 1
                 raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8, "
                                  "or pass --skip-bad-files") from None
             skipped["not_utf8"].append(name)
-            continue
-        yield name, text, True
     if cfg.dataset:
         rows = read_hub(cfg.dataset, cfg.dataset_config, cfg.split, streaming=True)
         yield from ((where, _document(obj, where), False) for where, obj in rows)
@@ -156,18 +155,17 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
     if (out / "index.json").exists() and not cfg.overwrite:
         raise ValueError(f"{out} already holds shards; pass --overwrite to replace them, or choose another --out")
     skipped: dict[str, list[str]] = {"empty": [], "not_utf8": []}
-    if tok is None and cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
-    elif tok is None:
+    if tok is None and not cfg.tokenizer:
         texts = islice(documents(cfg, {"empty": [], "not_utf8": []}), cfg.limit)
         tok = Tokenizer.train_bpe((text for _, text, _ in texts), cfg.vocab_size)
+    tok = Tokenizer.load(cfg.tokenizer) if tok is None else tok
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     tok.save(out)
     tok = Tokenizer.load(out)  # a copy: the caller's tokenizer keeps its vocabulary
     tok.tok.add_special_tokens([s for s in SENTINELS if sentinels and tok.tok.token_to_id(s) is None])
     tok.save(out)
-    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    stats = {s: Counter(documents=0, tokens=0, bytes=0) for s in SPLITS}
     files = {s: (out / f".{s}.bin.tmp").open("wb") for s in SPLITS}
     docs = islice(documents(cfg, skipped), cfg.limit)
     batches = iter(lambda: list(islice(docs, 64)), [])  # lists of 64 documents until none are left
@@ -179,9 +177,7 @@ def prepare(cfg: PrepareConfig, tok: Tokenizer | None = None, sentinels: bool = 
                         disable=None):  # a bar on a terminal only
         for split, ids, n_bytes in encoded:
             files[split].write(ids.tobytes())
-            stats[split]["documents"] += 1
-            stats[split]["tokens"] += len(ids)
-            stats[split]["bytes"] += n_bytes
+            stats[split].update(documents=1, tokens=len(ids), bytes=n_bytes)
     if pool:
         pool.close()
     for f in files.values():

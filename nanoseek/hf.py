@@ -78,10 +78,16 @@ def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for name, t in read_safetensors(directory).items():
+        name = name.removeprefix("model.")
+        if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
+            if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # copies of the shared embedding / head
+            rest = next(ours + m[2].removeprefix(theirs) for ours, theirs in _MTP_NAMES if m[2].startswith(theirs))
+            name = f"mtp.{int(m[1]) - L}.{rest}"
         if m := _PER_EXPERT.match(name):
             experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
-            continue
-        out[name] = t
+        else:
+            out[name] = t
     for (prefix, kind), by_id in experts.items():
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
@@ -90,18 +96,9 @@ def read_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
             raise ValueError(f"{directory}: checkpoint experts under {prefix}.*.{kind} differ in shape: "
                              f"{sorted({tuple(by_id[e].shape) for e in ids})}")
         out[f"{prefix}.{kind}"] = torch.stack([by_id[e] for e in ids])
-    renamed = {}
-    for name, t in out.items():
-        name = name.removeprefix("model.")
-        if (m := re.match(r"^layers\.(\d+)\.(.*)$", name)) and int(m[1]) >= L:
-            if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # copies of the shared embedding / head
-            rest = next(ours + m[2].removeprefix(theirs) for ours, theirs in _MTP_NAMES if m[2].startswith(theirs))
-            name = f"mtp.{int(m[1]) - L}.{rest}"
-        renamed[name] = t
-    if config.tie_word_embeddings and "embed_tokens.weight" in renamed:
-        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]  # stored once, as the embedding
-    return renamed
+    if config.tie_word_embeddings and "embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]  # stored once, as the embedding
+    return out
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:

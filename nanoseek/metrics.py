@@ -33,11 +33,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines):
-                print(f"warning: {path}:{n}: dropping a torn last line (an interrupted write): {line[:60]!r}",
-                      file=sys.stderr)
+                print(f"warning: {path}:{n}: dropping a torn last line: {line[:60]!r}", file=sys.stderr)
                 break
-            raise ValueError(f"{path}:{n}: corrupt log line ({e.msg} at column {e.colno}); fix or delete that "
-                             "line") from None
+            raise ValueError(f"{path}:{n}: corrupt log line ({e.msg} at column {e.colno}); fix or delete it") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}")
         records.append(record)
@@ -52,14 +50,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return read_jsonl(path)
 
 
-def rewind_log(path: str | Path, step: int) -> None:
-    """Cut a JSON-lines log back to the records of steps <= ``step`` (0: none), so that a run resumed from
+def rewind_log(path: Path, step: int) -> list[dict]:
+    """Cut a JSON-lines log back to (and return) the records of steps <= ``step``, so that a run resumed from
     checkpoint ``step`` logs every later step exactly once. Atomic: the old file stays until the new is in place."""
-    path = Path(path)
     if not path.exists():
-        return
+        return []
     kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _clean(v):
@@ -88,14 +86,12 @@ class MetricsLogger:
         self.file = self.bar = self.writer = None
         if not enabled:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        for name in RUN_LOGS:
-            rewind_log(Path(run_dir) / name, start_step)
-        path = Path(run_dir) / "metrics.jsonl"
-        kept = read_jsonl(path) if start_step and path.exists() else []
-        self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept = {name: rewind_log(run_dir / name, start_step) for name in RUN_LOGS}["metrics.jsonl"]
+        self.time_offset = kept[-1].get("time", 0.0) if kept and start_step else 0.0
         self.start_step, self.total_steps, self.t0 = start_step, total_steps, time.perf_counter()
-        self.file = path.open("a")
+        self.file = (run_dir / "metrics.jsonl").open("a")
         self.log_every = log_every if progress and not sys.stderr.isatty() else 0
         if progress and not self.log_every:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
@@ -104,7 +100,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ImportError("--report-to tensorboard: pip install 'nanoseek[tensorboard]'") from None
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, step: int, **values) -> None:
         if self.file is None:

@@ -4,11 +4,9 @@ Decoding sequences occupy the first rows and prefilling ones the last, so every 
 sequence that leaves a region is replaced by that region's edge row. Each ``step()`` retires cancelled requests,
 admits waiting ones (same prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most
 ``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding
-row in one batched forward (absorbed MLA).
-
-Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, with their own
-cache); the next decode forward verifies them (``verify``), keeps the accepted ones plus one token, and sets both
-caches back over the rejected positions."""
+row in one batched forward (absorbed MLA). Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D
+tokens per row (``mtp.draft``, with their own cache); the next decode forward verifies them (``verify``), keeps the
+accepted ones plus one token, and sets both caches back over the rejected positions."""
 
 from __future__ import annotations
 
@@ -73,9 +71,7 @@ class Engine:
             raise ValueError("speculative decoding needs MTP modules: config.num_nextn_predict_layers >= 1")
         self.device = model.embed_tokens.weight.device
         self.cache = model.new_cache(num_slots, max_len + self.depth)  # + room for the drafts being verified
-        self.caches = [self.cache]
-        if self.depth:
-            self.caches.append(model.new_cache(num_slots, max_len + self.depth, mtp=True))
+        self.caches = [self.cache, *([model.new_cache(num_slots, self.cache.max_len, mtp=True)] if self.depth else [])]
         self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
         self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
         self.spec_proposed, self.spec_accepted = [0] * self.depth, [0] * self.depth
@@ -300,8 +296,7 @@ class Engine:
         self.prefilling.insert(0, request)
 
     def _leave_prefilling(self, request: Request) -> None:
-        """Take ``request`` out of the prefilling rows: it swaps places with the first one, whose row then leaves
-        the region (``request``'s cache is still there, for ``_enter_decoding`` to copy)."""
+        """Take ``request`` out of the prefilling rows, swapped with the edge row (its cache stays, to be copied)."""
         edge = self.prefilling[0]
         if edge is not request:
             self._copy_rows([edge.row, request.row], [request.row, edge.row])  # a swap
@@ -311,10 +306,9 @@ class Engine:
 
     def _enter_decoding(self, request: Request, src_row: int) -> None:
         """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
-        row = len(self.decoding)
-        if src_row != row:
-            self._copy_rows([src_row], [row])
-        request.row = row
+        request.row = len(self.decoding)
+        if src_row != request.row:
+            self._copy_rows([src_row], [request.row])
         self.decoding.append(request)
 
     def _leave_decoding(self, request: Request) -> None:

@@ -33,8 +33,7 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
     """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes`` (``speculative``: with the D draft
     positions, the D MTP blocks' cache and the drafts' distributions, fp32 over the vocabulary)."""
     D, L = (len(model.mtp) if speculative else 0), model.config.num_hidden_layers
-    per_slot = bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4
-    return cache_bytes // per_slot
+    return cache_bytes // (bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4)
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
@@ -80,15 +79,13 @@ class Engine:
         self.decoding: list[Request] = []  # decoding[i] sits at row i
         self.lock = threading.Lock()
         # totals, for metrics and benchmarks; decode_tokens: from decode steps (the rest come from prefills)
-        self.generated_tokens = self.prompt_tokens = self.decode_tokens = 0
-        self.decode_seconds = 0.0
+        self.generated_tokens, self.prompt_tokens, self.decode_tokens, self.decode_seconds = 0, 0, 0, 0.0
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
             want_text: bool = False, on_output: Callable[[Request, str], None] | None = None) -> Request:
         """Queue a request. ``generator`` is shared by the requests given the same one (``generate()``'s batch
         seed); otherwise a ``params.seed`` gets a private one. Raises ValueError naming what is wrong."""
-        prompt = list(prompt)
-        vocab = self.model.config.vocab_size
+        prompt, vocab = list(prompt), self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. a BOS token)")
         if bad := [t for t in prompt if not 0 <= t < vocab]:
@@ -121,9 +118,8 @@ class Engine:
         with self.lock:
             requests = [*self.waiting, *self.decoding, *(q for r in self.prefilling for q in (r, *r.followers))]
             self.waiting, self.prefilling, self.decoding = deque(), [], []
-        for r in requests:
-            if not r.finished:
-                self._emit(r, r.finish(reason))
+        for r in [r for r in requests if not r.finished]:
+            self._emit(r, r.finish(reason))
 
     def run(self) -> None:
         while self.has_work():

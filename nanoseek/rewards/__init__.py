@@ -121,18 +121,17 @@ class RewardResult:
                 **{f"rewards/{name}/mean": sum(v) / len(v) if v else nan for name, v in have.items()}}
 
 
-def _child(conn, fn, prompts, completions, columns) -> None:
-    try:
-        conn.send(("ok", fn(prompts, completions, **columns)))
-    except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
 def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
     """Run ``fn`` in a forked process (closures work, nothing is re-imported); kill it after ``timeout_s``."""
+    def child(conn) -> None:
+        try:
+            conn.send(("ok", fn(prompts, completions, **columns)))
+        except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, prompts, completions, columns), daemon=True)
+    proc = ctx.Process(target=child, args=(send,), daemon=True)
     proc.start()
     send.close()
     try:

@@ -141,11 +141,10 @@ class RLTrainer:
         lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
         lmax, gap_max = reduce_floats([float(lengths.max()) if len(lengths) else 0.0,
                                        float(gap.max()) if gap is not None and gap.numel() else 0.0], "max")
-        m.update({"reward_std": global_std(r), "completions/min_length": lmin if math.isfinite(lmin) else 0.0,
-                  "completions/max_length": lmax, "step_time": dt, "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1),
-                  **({} if gap is None else {"sampling/logprob_diff/max": gap_max})})
-        return m
+        return m | {"reward_std": global_std(r), "completions/min_length": lmin if math.isfinite(lmin) else 0.0,
+                    "completions/max_length": lmax, "step_time": dt, "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1),
+                    **({} if gap is None else {"sampling/logprob_diff/max": gap_max})}
 
 
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:

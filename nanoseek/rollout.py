@@ -115,10 +115,6 @@ class Sampling:
     dynamic_sampling: bool = False
     max_resample_rounds: int = 0
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_completion_length, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
-
 
 @dataclass(frozen=True)
 class CollectStats:
@@ -141,13 +137,14 @@ def collect(policy: Policy, encode: Callable[[str | list[dict]], list[int]], dec
     G, informative_only, process = sampling.num_generations, sampling.dynamic_sampling, scorer.process_fn is not None
     kept: list[tuple[Scored, list, int, Row]] = []  # (its round's samples, their step rewards, group, example)
     seen, seen_steps, seen_fn = [], [], {name: [] for name in scorer.names}  # every sampled completion's rewards
-    no_steps = zero_std = groups = 0
-    want = None
+    no_steps, zero_std, groups, want = 0, 0, 0, None
+    params = SamplingParams(max_tokens=sampling.max_completion_length, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p)
     for round_ in range(1 + (sampling.max_resample_rounds if informative_only else 0)):
         exs = prompts(round_)
         want = len(exs) if want is None else want
         rows = [ex for ex in exs for _ in range(G)]
-        scored = sample_and_score(policy, encode, decode, rows, scorer, sampling.params(), seed(round_))
+        scored = sample_and_score(policy, encode, decode, rows, scorer, params, seed(round_))
         result = scored.result
         steps = scorer.steps(rows, scored.texts, scored.samples.completions) if process else [None] * len(rows)
         seen += result.total

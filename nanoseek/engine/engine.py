@@ -4,11 +4,9 @@ Decoding sequences occupy the first rows and prefilling ones the last, so every 
 sequence that leaves a region is replaced by that region's edge row. Each ``step()`` retires cancelled requests,
 admits waiting ones (same prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most
 ``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding
-row in one batched forward (absorbed MLA).
-
-Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, with their own
-cache); the next decode forward verifies them (``verify``), keeps the accepted ones plus one token, and sets both
-caches back over the rejected positions."""
+row in one batched forward (absorbed MLA). Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D
+tokens per row (``mtp.draft``, with their own cache); the next decode forward verifies them (``verify``), keeps the
+accepted ones plus one token, and sets both caches back over the rejected positions."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
     """How many sequences of up to ``max_len`` tokens fit in ``cache_bytes`` (``speculative``: with the D draft
     positions, the D MTP blocks' cache and the drafts' distributions, fp32 over the vocabulary)."""
     D, L = (len(model.mtp) if speculative else 0), model.config.num_hidden_layers
-    per_slot = bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4
-    return cache_bytes // per_slot
+    return cache_bytes // (bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4)
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
@@ -73,9 +70,7 @@ class Engine:
             raise ValueError("speculative decoding needs MTP modules: config.num_nextn_predict_layers >= 1")
         self.device = model.embed_tokens.weight.device
         self.cache = model.new_cache(num_slots, max_len + self.depth)  # + room for the drafts being verified
-        self.caches = [self.cache]
-        if self.depth:
-            self.caches.append(model.new_cache(num_slots, max_len + self.depth, mtp=True))
+        self.caches = [self.cache, *([model.new_cache(num_slots, self.cache.max_len, mtp=True)] if self.depth else [])]
         self.drafts = torch.zeros(num_slots, self.depth, dtype=torch.long, device=self.device)
         self.draft_probs = torch.zeros(num_slots, self.depth, model.config.vocab_size, device=self.device)
         self.spec_proposed, self.spec_accepted = [0] * self.depth, [0] * self.depth
@@ -84,15 +79,13 @@ class Engine:
         self.decoding: list[Request] = []  # decoding[i] sits at row i
         self.lock = threading.Lock()
         # totals, for metrics and benchmarks; decode_tokens: from decode steps (the rest come from prefills)
-        self.generated_tokens = self.prompt_tokens = self.decode_tokens = 0
-        self.decode_seconds = 0.0
+        self.generated_tokens, self.prompt_tokens, self.decode_tokens, self.decode_seconds = 0, 0, 0, 0.0
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
             want_text: bool = False, on_output: Callable[[Request, str], None] | None = None) -> Request:
         """Queue a request. ``generator`` is shared by the requests given the same one (``generate()``'s batch
         seed); otherwise a ``params.seed`` gets a private one. Raises ValueError naming what is wrong."""
-        prompt = list(prompt)
-        vocab = self.model.config.vocab_size
+        prompt, vocab = list(prompt), self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. a BOS token)")
         if bad := [t for t in prompt if not 0 <= t < vocab]:
@@ -125,9 +118,8 @@ class Engine:
         with self.lock:
             requests = [*self.waiting, *self.decoding, *(q for r in self.prefilling for q in (r, *r.followers))]
             self.waiting, self.prefilling, self.decoding = deque(), [], []
-        for r in requests:
-            if not r.finished:
-                self._emit(r, r.finish(reason))
+        for r in [r for r in requests if not r.finished]:
+            self._emit(r, r.finish(reason))
 
     def run(self) -> None:
         while self.has_work():
@@ -300,8 +292,7 @@ class Engine:
         self.prefilling.insert(0, request)
 
     def _leave_prefilling(self, request: Request) -> None:
-        """Take ``request`` out of the prefilling rows: it swaps places with the first one, whose row then leaves
-        the region (``request``'s cache is still there, for ``_enter_decoding`` to copy)."""
+        """Take ``request`` out of the prefilling rows, swapped with the edge row (its cache stays, to be copied)."""
         edge = self.prefilling[0]
         if edge is not request:
             self._copy_rows([edge.row, request.row], [request.row, edge.row])  # a swap
@@ -311,10 +302,9 @@ class Engine:
 
     def _enter_decoding(self, request: Request, src_row: int) -> None:
         """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
-        row = len(self.decoding)
-        if src_row != row:
-            self._copy_rows([src_row], [row])
-        request.row = row
+        request.row = len(self.decoding)
+        if src_row != request.row:
+            self._copy_rows([src_row], [request.row])
         self.decoding.append(request)
 
     def _leave_decoding(self, request: Request) -> None:

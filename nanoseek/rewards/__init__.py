@@ -121,18 +121,17 @@ class RewardResult:
                 **{f"rewards/{name}/mean": sum(v) / len(v) if v else nan for name, v in have.items()}}
 
 
-def _child(conn, fn, prompts, completions, columns) -> None:
-    try:
-        conn.send(("ok", fn(prompts, completions, **columns)))
-    except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
 def _call_with_timeout(fn, prompts, completions, columns, timeout_s: float):
     """Run ``fn`` in a forked process (closures work, nothing is re-imported); kill it after ``timeout_s``."""
+    def child(conn) -> None:
+        try:
+            conn.send(("ok", fn(prompts, completions, **columns)))
+        except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, prompts, completions, columns), daemon=True)
+    proc = ctx.Process(target=child, args=(send,), daemon=True)
     proc.start()
     send.close()
     try:
@@ -154,10 +153,9 @@ def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float 
     """(fn's values through ``cast``, None), or (None, why) logged as a warning if it raised, hung past
     ``timeout_s`` or returned the wrong number. Built-ins run in process, others in a killable forked worker."""
     try:
-        if timeout_s is None or fn in _IN_PROCESS:
-            values = list(fn(prompts, completions, **columns))
-        else:
-            values = list(_call_with_timeout(fn, prompts, completions, columns, timeout_s))
+        in_process = timeout_s is None or fn in _IN_PROCESS
+        values = list(fn(prompts, completions, **columns) if in_process
+                      else _call_with_timeout(fn, prompts, completions, columns, timeout_s))
         if len(values) != len(completions):
             raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
         return [v if cast is None or v is None else cast(v) for v in values], None
@@ -176,11 +174,10 @@ def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | N
     columns = {**(columns or {}), **({} if completion_ids is None else {"completion_ids": completion_ids})}
     total, per_fn, errors = [0.0] * len(completions), {}, {}
     for fn, w in zip(reward_fns, weights):
-        name = reward_name(fn)
         values, error = _call(fn, prompts, completions, columns, timeout_s, "reward function", float)
         if values is None:
-            values, errors[name] = [None] * len(completions), error
-        per_fn[name] = values
+            values, errors[reward_name(fn)] = [None] * len(completions), error
+        per_fn[reward_name(fn)] = values
         total = [t + w * v if v is not None and not isnan(v) else t for t, v in zip(total, values)]
     return RewardResult(total, per_fn, errors)
 

@@ -148,8 +148,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     delta = rewards + gamma * torch.cat((values[:, 1:], torch.zeros_like(values[:, :1])), 1) - values
     adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        last = (delta[:, t] + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
+        adv[:, t] = last = (delta[:, t] + gamma * lam * last) * mask[:, t]
     return adv, (adv + values) * mask
 
 
@@ -162,8 +161,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float, num_items: float | None = None) -> torch.Tensor:
-    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²), summed over tokens / ``num_items`` (default
-    the active tokens)."""
+    """Clipped value loss ½ max((V − R)², (clip(V, V_old ± ε) − R)²) summed / ``num_items`` (default ``mask.sum()``)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (loss * mask).sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)

@@ -1,7 +1,6 @@
-"""The RL run shared by GRPO and PPO: step n is ``collect -> algorithm.prepare -> optimize``, run by the shared
-loop (``nanoseek.train.loop``). An algorithm (grpo.py, ppo.py), built from its ``Params``, the ``Sampling``, the
-``OptimizeConfig`` and the policy, supplies ``prepare`` (advantages, old / reference log-probs), ``loss`` (one
-micro-batch), ``trainables`` (PPO's critic), ``state_dict`` / ``load_state_dict`` and ``cfg.beta``."""
+"""The RL run shared by GRPO and PPO: step n is ``collect -> algorithm.prepare -> optimize``, run by the shared loop
+``nanoseek.train.loop``. An algorithm (grpo.py, ppo.py) supplies ``prepare`` (advantages, old / reference log-probs),
+``loss`` (one micro-batch), ``trainables`` (PPO's critic), ``state_dict`` / ``load_state_dict`` and ``cfg.beta``."""
 
 from __future__ import annotations
 
@@ -60,10 +59,9 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, algorithm_cls, rank: int = 0, world: int = 1):
         self.cfg, self.policy, self.tokenizer, self.rank, self.world = cfg, policy, tokenizer, rank, world
         self.data = rl_data(narrow(RLDataConfig, cfg), tokenizer)
-        fns = self.data.reward_fns
         process = getattr(cfg, "process_reward", None)  # GRPO's process supervision: a built-in name or a callable
         process = PROCESS_REWARD_FNS[process] if isinstance(process, str) else process  # validated by GRPO.Params
-        self.scorer = Scorer(fns, cfg.reward_weights or [1.0] * len(fns), tokenizer, process,
+        self.scorer = Scorer(self.data.reward_fns, cfg.reward_weights or None, tokenizer, process,
                              cfg.reward_timeout_s, self.data.train.columns)
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
         self.optimizer = adamw(policy.model, cfg)
@@ -143,12 +141,10 @@ class RLTrainer:
         lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
         lmax, gap_max = reduce_floats([float(lengths.max()) if len(lengths) else 0.0,
                                        float(gap.max()) if gap is not None and gap.numel() else 0.0], "max")
-        m.update({"reward_std": global_std(r), "completions/min_length": lmin if math.isfinite(lmin) else 0.0,
-                  "completions/max_length": lmax, "step_time": dt, "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1)})
-        if gap is not None:
-            m["sampling/logprob_diff/max"] = gap_max
-        return m
+        return m | {"reward_std": global_std(r), "completions/min_length": lmin if math.isfinite(lmin) else 0.0,
+                    "completions/max_length": lmax, "step_time": dt, "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": sum(stats.grad_norms) / max(len(stats.grad_norms), 1),
+                    **({} if gap is None else {"sampling/logprob_diff/max": gap_max})}
 
 
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:

@@ -20,6 +20,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.corpus import PrepareConfig, prepare, read_index
 from nanoseek.data import LMBatch, ShardData, bits_per_byte, token_bytes
 from nanoseek.fim import SENTINELS
+from nanoseek.flops import flops_per_token
 from nanoseek.metrics import read_metrics
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
@@ -172,9 +173,15 @@ def test_pretrain_on_stdlib_shards_lowers_val_bpb(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["pretrain", "--data-dir", str(out), "--preset", "tiny", "--steps", "24", "--eval-every", "8",
                      "--eval-tokens", "2048", "--seq-len", "64", "--batch-size", "8", "--out", str(run),
-                     "--no-progress"]) == 0
-    bpb = [r["val/bpb"] for r in read_metrics(run) if "val/bpb" in r]
+                     "--no-progress", "--sample-every", "12", "--sample-prompts", "def ", "import"]) == 0
+    records = read_metrics(run)
+    bpb = [r["val/bpb"] for r in records if "val/bpb" in r]
     assert len(bpb) == 3 and bpb[0] > bpb[1] > bpb[2], bpb
+    assert [r["step"] for r in records if "samples" in r] == [12, 24]
+    assert all(len(r["samples"]) == 2 and all(isinstance(x, str) for x in r["samples"]) for r in records[11::12])
+    assert [r["tokens"] for r in records] == [8 * 64 * n for n in range(1, 25)]
+    flops = flops_per_token(ModelConfig.preset("tiny", vocab_size=index["vocab_size"]), 64)
+    assert all(r["train/flops_per_token"] == flops and r["train/mfu"] > 0 for r in records)
 
 
 def _pretrain(argv, env):

@@ -168,8 +168,7 @@ class Engine:
                 self._emit(request, request.finish("length"))
                 continue
             self.prompt_tokens += len(request.prompt)
-            leader = leaders.setdefault(tuple(request.prompt), request)
-            if leader is request:
+            if (leader := leaders.setdefault(tuple(request.prompt), request)) is request:
                 self._enter_prefilling(request)
             else:
                 leader.followers.append(request)

@@ -28,13 +28,10 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        return self._advance(final=False)
+        return self.flush(final=False)
 
-    def flush(self) -> str:
-        """The text held back at the end (an incomplete character stays as U+FFFD, as a full decode gives it)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
+    def flush(self, final: bool = True) -> str:
+        """The new text; ``final`` (at the end) also releases a held incomplete character as U+FFFD (as decode does)."""
         done = self.decode(self.ids[self.prefix : self.read])
         window = self.decode(self.ids[self.prefix :])
         if len(window) <= len(done) or (window.endswith(REPLACEMENT) and not final):
@@ -93,8 +90,7 @@ class Request:
     def finish(self, reason: str) -> str:
         """End the request (also early: ``cancelled``, or ``length`` when the budget is 0). -> the text held back."""
         cut = reason == "stop" and self.output_ids[-1] not in self.params.stop_token_ids  # at a stop string
-        self.finish_reason = reason
-        self.finish_time = time.perf_counter()
+        self.finish_reason, self.finish_time = reason, time.perf_counter()
         if self.detokenizer is None or cut:
             return ""
         tail = self._release(self.detokenizer.flush()) + self.held  # a stop string may complete in the tail

@@ -68,8 +68,7 @@ def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     """logits: (B, ..., V) -> ``log_probs`` of row b under ``params[b]``."""
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for rows in _groups(params):
-        p = params[rows[0]]
-        idx = torch.tensor(rows, device=logits.device)
+        p, idx = params[rows[0]], torch.tensor(rows, device=logits.device)
         out[idx] = log_probs(logits[idx], p.temperature, p.top_k, p.top_p)
     return out
 

@@ -1,13 +1,11 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the plain MHA/GQA baseline of the same width.
-
-Symbols (V2 eq. 9-19): h (hidden), c_KV = W_DKV h (latent, d_c = kv_lora_rank), k_C/v_C = W_UK/W_UV c_KV
-(`kv_b_proj`), c_Q = W_DQ h (`q_a_proj`, d_c' = q_lora_rank), q_C = W_UQ c_Q and q_R = W_QR c_Q (`q_b_proj`),
-k_R = RoPE(W_KR h) (the shared RoPE key, d_R = qk_rope_head_dim, the tail of `kv_a_proj_with_mqa`).
-
-Two ways to attend over cached latents, side by side as in DeepSeek-V3's inference/model.py: ``naive`` expands
-the latent back to per-head keys/values through W_UK, W_UV (training and prefill: compute-bound, T queries share the
-expansion); ``absorb`` folds W_UK into the query and W_UV into the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode
-reads only c_KV and k_R once for all heads (memory-bound decode; V2 §2.1.2 "absorbed into W_Q / W_O")."""
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the plain MHA/GQA baseline of the same width. Symbols (V2 eq.
+9-19): h (hidden), c_KV = W_DKV h (latent, d_c = kv_lora_rank), k_C/v_C = W_UK/W_UV c_KV (`kv_b_proj`), c_Q = W_DQ h
+(`q_a_proj`, d_c' = q_lora_rank), q_C = W_UQ c_Q and q_R = W_QR c_Q (`q_b_proj`), k_R = RoPE(W_KR h) (the shared RoPE
+key, d_R = qk_rope_head_dim, the tail of `kv_a_proj_with_mqa`). Two ways to attend over cached latents, side by side as
+in DeepSeek-V3's inference/model.py: ``naive`` expands the latent back to per-head keys/values through W_UK, W_UV
+(training and prefill: compute-bound, T queries share the expansion); ``absorb`` folds W_UK into the query and W_UV into
+the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode reads only c_KV and k_R once for all heads (memory-bound decode; V2
+§2.1.2 "absorbed into W_Q / W_O")."""
 
 from __future__ import annotations
 
@@ -62,8 +60,7 @@ class MLA(nn.Module):
         self.d_c, self.interleave = config.kv_lora_rank, config.rope_interleave
         self.softmax_scale, self.dropout = config.softmax_scale(), config.attention_dropout
         self.decode_impl = "absorb"  # "absorb" | "naive": which path a cached decode step takes
-        d_qk = self.d_nope + self.d_rope
-        bias = config.attention_bias
+        d_qk, bias = self.d_nope + self.d_rope, config.attention_bias
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d_qk, bias=False)
         else:
@@ -135,8 +132,7 @@ class MHA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.softmax_scale, self.dropout = config.softmax_scale(), config.attention_dropout
-        bias = config.attention_bias
+        self.softmax_scale, self.dropout, bias = config.softmax_scale(), config.attention_dropout, config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.d, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.d, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.d, bias=bias)
@@ -146,14 +142,11 @@ class MHA(nn.Module):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2), ctx.cos, ctx.sin, False)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2), ctx.cos, ctx.sin, False)
-        v = self.v_proj(x)
-        if ctx.cache is not None:
-            ctx.cache.write(layer_idx, ctx.positions, k=k.transpose(1, 2).reshape(B, T, -1), v=v)
-            S = ctx.kv_len
-            k = ctx.cache.read(layer_idx, "k", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
-            v = ctx.cache.read(layer_idx, "v", S).view(B, S, self.n_kv, self.d).transpose(1, 2)
-        else:
-            v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        if ctx.cache is not None:  # cached as (B, S, n_kv·d)
+            ctx.cache.write(layer_idx, ctx.positions, k=k.transpose(1, 2).flatten(2), v=v.transpose(1, 2).flatten(2))
+            k, v = (ctx.cache.read(layer_idx, name, ctx.kv_len).unflatten(2, (self.n_kv, self.d)).transpose(1, 2)
+                    for name in ("k", "v"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
                                              scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=self.n_kv != self.n_heads)

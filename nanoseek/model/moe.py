@@ -1,10 +1,8 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeekMoE §3, V2 §2.2, V3 §2.1.2).
-
 h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u)   (V3 eq. 12)
-Gates: softmax with greedy or group-limited greedy top-k (V2), sigmoid with a selection-only correction
-bias and group-limited top-k (V3 "noaux_tc"). The bias b_i changes which experts are chosen, never the gate
-values g_i, which come from the raw affinities (V3 eq. 16). Experts run grouped: tokens are sorted by expert
-and each expert multiplies its contiguous slice; there is no per-token Python loop."""
+Gates: softmax with greedy or group-limited greedy top-k (V2), sigmoid with a selection-only correction bias and
+group-limited top-k (V3 "noaux_tc"). The bias b_i changes which experts are chosen, never the gate values g_i, which
+come from the raw affinities (V3 eq. 16). Experts run grouped: tokens sorted by expert, no per-token Python loop."""
 
 from __future__ import annotations
 
@@ -118,11 +116,9 @@ DENSE_MACS_PER_EXPERT = 500_000
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """F.grouped_mm (torch >= 2.10) has kernels for fp32/bf16 on CPU and bf16 on CUDA sm90+ (Hopper, Blackwell);
     other CUDA GPUs and dtypes, and other devices, use the per-expert loop."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    on_cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    on_cuda = device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return hasattr(F, "grouped_mm") and (on_cpu or on_cuda)
 
 
 @dataclass
@@ -156,9 +152,7 @@ class MoE(nn.Module):
             if router_stats.balance:
                 router_stats.balance_loss[self.layer_idx] = sequence_balance_loss(scores.view(B, T, -1), self.top_k)
         out = routed.view(B, T, D)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
 def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -175,6 +169,5 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 def update_expert_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
     """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step, with
     ``load`` summed over the whole (global, accumulated) batch."""
-    if gate.e_score_correction_bias is None or gamma == 0:
-        return
-    gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))
+    if gate.e_score_correction_bias is not None and gamma != 0:
+        gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

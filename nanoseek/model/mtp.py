@@ -42,11 +42,8 @@ def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
                router_stats: RouterStats | None = None) -> list[torch.Tensor]:
     """The training chain (eq. 21-23) over the Transformer ``model``'s final normed states h: (B, T, D): depth k sees
     h^{k-1}_{1:T-k} and Emb(t_{k+1:T}) -> (B, T-k, vocab) logits, row i predicting t_{i+k+1}."""
-    T = input_ids.shape[1]
-    out = []
-    for k, module in enumerate(model.mtp, start=1):
-        if T - k <= 0:
-            break
+    T, out = input_ids.shape[1], []
+    for k, module in enumerate(model.mtp[: max(T - 1, 0)], start=1):  # depth k needs T - k >= 1 positions
         ctx = model.context(T - k, None, h.dtype)
         h = module(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), ctx, router_stats)
         out.append(model.lm_head(module.norm(h)))

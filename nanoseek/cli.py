@@ -1,6 +1,5 @@
 """``nanoseek`` command line. Each subcommand lives in the module that does the work; that module defines
-``add_arguments(parser)`` and ``run(args) -> int`` (``args.command`` names the subcommand).
-"""
+``add_arguments(parser)`` and ``run(args) -> int`` (``args.command`` names the subcommand)."""
 
 from __future__ import annotations
 

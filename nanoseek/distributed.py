@@ -1,6 +1,5 @@
 """torch.distributed helpers for ``torchrun``: the same script runs as 1 or N processes. ``init_distributed()`` joins
-a gloo (CPU) or nccl (GPU) process group under torchrun; without one, everything here is a no-op.
-"""
+a gloo (CPU) or nccl (GPU) process group under torchrun; without one, everything here is a no-op."""
 
 from __future__ import annotations
 

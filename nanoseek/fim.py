@@ -2,8 +2,7 @@
 split at two random characters into prefix, middle and suffix is trained as
 PSM ``<｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle`` or
 SPM ``<｜fim▁begin｜> <｜fim▁hole｜> suffix <｜fim▁end｜> prefix middle`` (Bavarian et al. §3 and appendix D),
-so the model learns to write the middle given both sides.
-"""
+so the model learns to write the middle given both sides."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ def sentinel_ids(tok: Tokenizer) -> tuple[int, int, int]:
     """The ids of the begin, hole and end sentinels; an error when the tokenizer lacks them."""
     ids = [tok.tok.token_to_id(s) for s in SENTINELS]
     if None in ids:
-        raise ValueError(f"the tokenizer lacks the FIM sentinel tokens {SENTINELS}: prepare the corpus with "
-                         "nanoseek prepare, which adds the FIM sentinels")
+        raise ValueError(f"tokenizer lacks {SENTINELS}: use one from nanoseek prepare, which adds the FIM sentinels")
     return ids[0], ids[1], ids[2]
 
 

@@ -47,14 +47,13 @@ def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, size: int
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(2, size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     seconds = []
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         seconds.append(time.perf_counter() - start)
     return 2 * size**3 / min(seconds[1:])
 

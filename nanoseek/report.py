@@ -1,7 +1,6 @@
 """``nanoseek plot RUN_DIR``: PNG curves of a run's metrics.jsonl (loss, MTP loss, lr, grad norm, expert load
 imbalance, and whatever other numeric series the trainer logged), via the reusable ``plot_metrics``; when the records
-carry ``tokens``, also the train and validation (``val/``) losses and bpb against tokens and against wall time.
-"""
+carry ``tokens``, also the train and validation (``val/``) losses and bpb against tokens and against wall time."""
 
 from __future__ import annotations
 
@@ -39,7 +38,6 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
     """One panel per metric against ``axis`` (step, tokens or time); per-layer series and a metric's ``val/``
     series share its panel. Returns the PNG path (default RUN_DIR/metrics.png, or metrics_AXIS.png)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -60,8 +58,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
     for ax, (base, names) in zip(axes.flat, panels.items()):
         for name in names:
             ax.plot(*data[name], label=name if len(names) > 1 else None, lw=1.2)
-        ax.set_title(base if len(names) > 1 else names[0])
-        ax.set_xlabel({"time": "wall time (s)"}.get(axis, axis))
+        ax.set(title=base if len(names) > 1 else names[0], xlabel={"time": "wall time (s)"}.get(axis, axis))
         ax.grid(alpha=0.3)
         if len(names) > 1:
             ax.legend(fontsize=7)

@@ -221,8 +221,7 @@ class Engine:
         self._record(rows, [[t] for t in tokens], [[lp] for lp in logps])
 
     def _decode(self) -> int:
-        """One batched forward of [last token, its D drafts] per decoding row: keep the accepted drafts and the next
-        token, set both caches back over the rejected positions, draft again. D = 0 samples from p_0 directly."""
+        """One forward of [last token, D drafts] per decoding row: verify, set back, redraft (D = 0: sample p_0)."""
         rows, D, B = list(self.decoding), self.depth, len(self.decoding)
         params, generators = [r.params for r in rows], [r.generator for r in rows]
         drafts = self.drafts[:B]

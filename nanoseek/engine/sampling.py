@@ -1,6 +1,5 @@
-"""Sampling: per-request parameters and the one sampler the project uses (``generate()``, RL rollouts, the server).
-Rows of a batch carry their own parameters and generators; rows that share both are drawn in one call, and a seeded
-request draws only from its own generator (its text does not depend on the batch)."""
+"""Sampling: per-request parameters and the one sampler (``generate()``, RL rollouts, the server). Rows sharing
+parameters and generator draw in one call; a seeded request only from its own (its text is batch-independent)."""
 
 from __future__ import annotations
 
@@ -54,8 +53,7 @@ def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None 
 
 def _groups(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
             ) -> list[list[int]]:
-    """Row indices with equal (temperature, top_k, top_p) (and, given ``generators``, the same generator object),
-    in row order; greedy rows form one group and ignore their generator."""
+    """Row indices grouped by (temperature, top_k, top_p) and, given ``generators``, generator; greedy rows: one."""
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(params):
         g = None if generators is None else id(generators[b])
@@ -82,8 +80,7 @@ def _sampled(params: Sequence[SamplingParams], generators: Sequence[torch.Genera
 
 def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
               greedy: torch.Tensor | None = None) -> torch.Tensor:
-    """probs: (B, V) -> one token per row, drawn with the row's generator (a group in one call); greedy rows take
-    ``greedy`` (default: the argmax of ``probs``)."""
+    """probs: (B, V) -> (B,) tokens drawn with each row's generator; greedy rows take ``greedy`` (default: argmax)."""
     out = probs.argmax(-1) if greedy is None else greedy
     for idx, generator in _sampled(params, generators, probs.device):
         out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]

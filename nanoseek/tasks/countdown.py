@@ -1,5 +1,4 @@
 """Countdown, short character-level form: reach a target from given numbers with + - * (each number once).
-
 Prompt ``"3,5,7:26="`` (numbers sorted), completion ``"7*5-9"``: the reference is ONE solution, while the verifier
 (``nanoseek.rewards.countdown.check_equation``) accepts any expression over the numbers that hits the target
 (other orders and operators, ``/`` and parentheses): the gap where RL can beat SFT."""
@@ -46,4 +45,3 @@ class CountdownTask:
         numbers = [int(x) for x in m.group(1).split(",")]
         answer = completion.strip().split("\n", 1)[0].strip()
         return float(bool(answer) and check_equation(answer, numbers, int(m.group(2))))
-

@@ -97,14 +97,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
               max_completion_length: int | None = None, num_items: float | None = None,
               num_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + β·k3 KL (DeepSeekMath eq. 3–4), aggregated by ``loss_type``. Returns (loss, statistics).
+    """Clipped surrogate + β·k3 KL (DeepSeekMath eq. 3–4), aggregated by ``loss_type`` -> (loss, statistics).
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,) or (B, L) (process supervision). Per token:
     ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â) + β (exp(ref−logp) − (ref−logp) − 1), ρ = π/π_old, or at the sequence
     level GSPO-token's (arXiv:2507.18071) ρ_{i,t} = sg[s_i]·π_t/sg[π_t], s_i = exp(masked mean token log-ratio):
-    GSPO exactly for one advantage per sequence, and each token keeps its own advantage otherwise.
-    Normalizers (micro-batches of any split sum to the mini-batch's loss): ``num_rows`` (default B) for "grpo" and
-    "dr_grpo", ``num_items`` (default the active tokens) for "bnpo" and "dapo", ``max_completion_length`` (default
-    L) for "dr_grpo". Statistics (detached sums over masked tokens): kl, clip_low, clip_high, tokens."""
+    GSPO exactly for one advantage per sequence (else each token keeps its own). Normalizers: ``num_rows`` (default
+    B) for "grpo" and "dr_grpo", ``num_items`` (default: active tokens) for "bnpo" and "dapo", ``max_completion_length``
+    (default L) for "dr_grpo". Statistics (detached masked sums): kl, clip_low, clip_high, tokens."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     loss_type = ALIASES.get(loss_type, loss_type)

@@ -97,8 +97,7 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
 @torch.no_grad()
 def per_token(fn: Callable[[Batch], torch.Tensor], policy: Policy, batch: Batch, max_rows: int,
               stats: OptimizeStats) -> torch.Tensor:
-    """``fn`` (a (n, L) value per completion token) over ``batch`` in length-planned micro-batches on ``policy``'s
-    device: (N, L) on the CPU."""
+    """``fn`` ((n, L): a value per completion token) over ``batch`` in length-planned micro-batches -> (N, L), CPU."""
     out = torch.zeros(batch.completion_ids.shape)
     for rows in plan_micro_batches(batch, torch.arange(len(batch)), max_rows, policy.shares(batch)):
         v = fn(stats.select(policy, batch, rows)).cpu()

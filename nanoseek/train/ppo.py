@@ -74,8 +74,7 @@ class PPO:
         last = (mask.sum(1).long() - 1).clamp(min=0)
         token_rewards[torch.arange(len(rollout)), last] += rollout.rewards * (mask.sum(1) > 0)
         adv, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
+        adv = whiten(adv, mask) if cfg.whiten_advantages else adv
         return replace(rollout, advantages=adv, old_logp=old, extras={"values": values, "returns": returns, "kl": kl})
 
     def loss(self, rollout: Rollout, mb: MicroBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict]:

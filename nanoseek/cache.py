@@ -66,8 +66,7 @@ def cache_widths(config) -> dict[str, int]:
     """What one token stores per layer: MLA {latent: [c_KV | k_R], d_c + d_R}; MHA/GQA {k, v: n_kv·d_h}."""
     if config.attention_type == "mla":
         return {"latent": config.kv_lora_rank + config.qk_rope_head_dim}
-    kv = config.num_key_value_heads * config.head_dim
-    return {"k": kv, "v": kv}
+    return dict.fromkeys(("k", "v"), config.num_key_value_heads * config.head_dim)
 
 
 def elements_per_token(config) -> int:

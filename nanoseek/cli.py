@@ -18,7 +18,6 @@ from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.flops import flops_per_token, measure_peak_flops
 from nanoseek.model.transformer import Transformer
 
-# subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.recipes.demo", "the whole recipe on a built-in task: SFT, GRPO, evaluation, plots, report"),
     "r1": ("nanoseek.recipes.r1", "R1's pipeline on GSM8K-style problems: SFT, GRPO, rejection sampling, distillation"),
@@ -67,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-# ---------------------------------------------------------------------- `nanoseek info`
 @dataclass
 class InfoConfig:
     preset: str = cli_args.option("small", "the model shape", choices=tuple(PRESETS))

@@ -91,7 +91,6 @@ def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
     try:

@@ -1,8 +1,7 @@
 """Fill-in-the-middle (DeepSeek-Coder, arXiv 2401.14196 §3.1; Bavarian et al. 2022, arXiv 2207.14255): a document
 split at two random characters into prefix, middle and suffix is trained as
 PSM ``<｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle`` or
-SPM ``<｜fim▁begin｜> <｜fim▁hole｜> suffix <｜fim▁end｜> prefix middle`` (Bavarian et al. §3 and appendix D),
-so the model learns to write the middle given both sides."""
+SPM ``<｜fim▁begin｜> <｜fim▁hole｜> suffix <｜fim▁end｜> prefix middle`` (Bavarian et al. §3 and appendix D)."""
 
 from __future__ import annotations
 
@@ -48,9 +47,7 @@ def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", m
         keep_after = min(len(after), max(budget // 2, budget - len(before)))
         keep_before = min(len(before), budget - keep_after)
         before, after = before[len(before) - keep_before:], after[:keep_after]
-    if mode == "psm":
-        return [begin, *before, hole, *after, end]
-    return [begin, hole, *after, end, *before]
+    return [begin, *before, hole, *after, end] if mode == "psm" else [begin, hole, *after, end, *before]
 
 
 def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, mode: str) -> list[int]:

@@ -26,17 +26,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         projections = 2 * D * H * d_qk + 2 * D * cfg.num_key_value_heads * d_qk
 
     def block(layer_idx: int, positions: int) -> int:
-        if cfg.is_moe_layer(layer_idx):
-            ffn = D * E + 3 * D * cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
-        else:
-            ffn = 3 * D * cfg.intermediate_size
+        ffn = (D * E + 3 * D * cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
+               if cfg.is_moe_layer(layer_idx) else 3 * D * cfg.intermediate_size)
         return positions * (projections + ffn + positions * H * (d_qk + d_v))
 
     L, V = cfg.num_hidden_layers, cfg.vocab_size
     macs = sum(block(i, seq_len) for i in range(L)) + seq_len * D * V
     for k in range(1, min(cfg.num_nextn_predict_layers, seq_len - 1) + 1):
-        positions = seq_len - k
-        macs += block(L + k - 1, positions) + positions * (2 * D * D + D * V)
+        macs += block(L + k - 1, seq_len - k) + (seq_len - k) * (2 * D * D + D * V)  # + eh_proj and the head
     return 3 * 2 * macs / seq_len
 
 

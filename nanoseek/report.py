@@ -16,17 +16,15 @@ CURVES = ["loss", "mtp_loss", "bpb"]  # what `nanoseek plot` draws against token
 
 
 def series(records: list[dict], axis: str = "step") -> dict[str, tuple[list[float], list[float]]]:
-    """Numeric series against ``axis`` (records without it are skipped); a list value (per-layer numbers) becomes
-    one series per index: ``name[i]``."""
+    """Numeric series against ``axis`` (records without it skipped); a list (per-layer numbers): ``name[i]`` each."""
     out: dict[str, tuple[list[float], list[float]]] = {}
     for r in records:
-        step = r.get(axis)
+        if (step := r.get(axis)) is None:
+            continue
         for key, v in r.items():
-            if key in AXES or step is None:
-                continue
             values = {key: v} if not isinstance(v, list) else {f"{key}[{i}]": x for i, x in enumerate(v)}
             for name, x in values.items():
-                if isinstance(x, int | float) and not isinstance(x, bool):
+                if key not in AXES and isinstance(x, int | float) and not isinstance(x, bool):
                     xs, ys = out.setdefault(name, ([], []))
                     xs.append(step)
                     ys.append(float(x))
@@ -42,8 +40,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    data = series(read_metrics(run_dir), axis)
-    if not data:
+    if not (data := series(read_metrics(run_dir), axis)):
         raise ValueError(f"{run_dir}/metrics.jsonl has no numeric series to plot")
     panels: dict[str, list[str]] = {}
     for name in data:
@@ -52,8 +49,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[
             panels.setdefault(base, []).append(name)
     if not panels:
         raise ValueError(f"none of {keys} in {run_dir}/metrics.jsonl; it has {sorted({n.split('[')[0] for n in data})}")
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
+    cols, rows = min(3, len(panels)), -(-len(panels) // 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, (base, names) in zip(axes.flat, panels.items()):
         for name in names:

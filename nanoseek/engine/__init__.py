@@ -1,5 +1,4 @@
-"""nanoseek's one sampler: continuous batching over the latent KV cache (used by ``generate()``, RL rollouts and
-``nanoseek serve``), with MTP speculative decoding."""
+"""nanoseek's one sampler (``generate()``, RL rollouts, ``nanoseek serve``): continuous batching, MTP drafts."""
 
 from nanoseek.engine.engine import Engine, bytes_per_token, slots_for_budget
 from nanoseek.engine.request import Detokenizer, Request

@@ -1,12 +1,11 @@
-"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence
-(``num_slots`` x ``max_len`` tokens), so a cache budget fixes how many sequences run at once (``slots_for_budget``).
-Decoding sequences occupy the first rows and prefilling ones the last, so every forward runs on a contiguous view; a
-sequence that leaves a region is replaced by that region's edge row. Each ``step()`` retires cancelled requests,
-admits waiting ones (same prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most
-``prefill_tokens`` prompt tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding
-row in one batched forward (absorbed MLA). Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D
-tokens per row (``mtp.draft``, with their own cache); the next decode forward verifies them (``verify``), keeps the
-accepted ones plus one token, and sets both caches back over the rejected positions."""
+"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence (``num_slots``
+x ``max_len`` tokens), so a cache budget fixes how many sequences run at once (``slots_for_budget``). Decoding sequences
+occupy the first rows and prefilling ones the last, so every forward runs on a contiguous view; a sequence that leaves a
+region is replaced by that region's edge row. Each ``step()`` retires cancelled requests, admits waiting ones (same
+prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most ``prefill_tokens`` prompt
+tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding row in one forward.
+Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, own cache); the next
+decode verifies them (``verify``), keeps the accepted ones plus one token, and sets both caches back."""
 
 from __future__ import annotations
 
@@ -39,13 +38,11 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023). p: (B, D+1, V) target
-    distributions at the verified positions; q: (B, D, V) the distributions the ``drafts`` (B, D) were drawn from;
-    u: (B, D) uniform draws in [0, 1). Draft j is accepted with probability min(1, p_j(x) / q_j(x)), up to the first
-    rejection -> (accepted drafts per row (B,), the next token's distribution (B, V): norm(max(0, p_j - q_j)) at
-    the rejected position, p_D after D acceptances). A one-hot p (greedy) accepts exactly while the draft is its
-    argmax, and the next token is that argmax."""
-    px = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
-    qx = q.gather(-1, drafts[..., None])[..., 0]
+    distributions at the verified positions; q: (B, D, V) those the ``drafts`` (B, D) were drawn from; u: (B, D) uniform
+    draws in [0, 1). Draft j is accepted with probability min(1, p_j(x) / q_j(x)), up to the first rejection ->
+    (accepted drafts per row (B,), the next token's distribution (B, V): norm(max(0, p_j - q_j)) at the rejected
+    position, p_D after D acceptances). A one-hot p (greedy) accepts while the draft is its argmax."""
+    px, qx = p[:, :-1].gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
     residual = (p[rows, n] - torch.nn.functional.pad(q, (0, 0, 0, 1))[rows, n]).clamp(min=0)  # q_D = 0
@@ -83,8 +80,7 @@ class Engine:
 
     def add(self, prompt: Sequence[int], params: SamplingParams, *, generator: torch.Generator | None = None,
             want_text: bool = False, on_output: Callable[[Request, str], None] | None = None) -> Request:
-        """Queue a request. ``generator`` is shared by the requests given the same one (``generate()``'s batch
-        seed); otherwise a ``params.seed`` gets a private one. Raises ValueError naming what is wrong."""
+        """Queue a request; ``generator``: shared by the requests given it (batch seed), else ``params.seed``'s own."""
         prompt, vocab = list(prompt), self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. a BOS token)")
@@ -146,14 +142,14 @@ class Engine:
                 self.waiting.remove(r)
                 self._emit(r, r.finish("cancelled"))
         for r in [r for r in self.decoding if r.cancelled]:
-            self._leave_decoding(r)
+            self._leave(self.decoding, r)
             self._emit(r, r.finish("cancelled"))
         for leader in list(self.prefilling):
             for f in [f for f in leader.followers if f.cancelled]:
                 leader.followers.remove(f)
                 self._emit(f, f.finish("cancelled"))
             if leader.cancelled:
-                self._leave_prefilling(leader)
+                self._leave(self.prefilling, leader)
                 self._emit(leader, leader.finish("cancelled"))
                 if leader.followers:  # the first follower takes over the prefill
                     heir, heir.followers = leader.followers[0], leader.followers[1:]
@@ -208,7 +204,7 @@ class Engine:
         logits = self.model.lm_head(last).repeat_interleave(repeats, dim=0)  # (rows, V)
         tokens, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
         for _, leader in done:
-            self._leave_prefilling(leader)
+            self._leave(self.prefilling, leader)
             for r in (leader, *leader.followers):
                 self._enter_decoding(r, leader.row)
             leader.followers = []
@@ -224,10 +220,9 @@ class Engine:
         """One forward of [last token, D drafts] per decoding row: verify, set back, redraft (D = 0: sample p_0)."""
         rows, D, B = list(self.decoding), self.depth, len(self.decoding)
         params, generators = [r.params for r in rows], [r.generator for r in rows]
-        drafts = self.drafts[:B]
         ids = torch.zeros(B, 2 * D + 2, dtype=torch.long, device=self.device)
         ids[:, 0] = torch.tensor([r.output_ids[-1] for r in rows])
-        ids[:, 1 : D + 1] = drafts
+        ids[:, 1 : D + 1] = self.drafts[:B]
         view = self.cache.view(0, B)
         h = self.model(ids[:, : D + 1], view, return_hidden=True)  # (B, D+1, hidden)
         logits = self.model.lm_head(h)
@@ -239,10 +234,9 @@ class Engine:
         greedy = torch.tensor([x.temperature == 0 for x in params], device=self.device)
         if greedy.any():  # greedy rows: p one-hot at the argmax (their draft is q's argmax)
             p[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(-1), p.shape[-1]).float()
-        n, nxt = verify(p, self.draft_probs[:B], drafts, uniform_rows(params, generators, D, self.device))
-        last = draw_rows(nxt, params, generators)
+        n, nxt = verify(p, self.draft_probs[:B], ids[:, 1 : D + 1], uniform_rows(params, generators, D, self.device))
         view.lengths -= D - n  # the rejected positions are overwritten by the next forward
-        ids[torch.arange(B, device=self.device), n + 1] = last
+        ids[torch.arange(B, device=self.device), n + 1] = draw_rows(nxt, params, generators)
         self._draft(rows, h, ids, self.caches[1].view(0, B), n + 1)
         self.spec_proposed = [x + B for x in self.spec_proposed]
         self.spec_accepted = [x + int((n > d).sum()) for d, x in enumerate(self.spec_accepted)]
@@ -278,7 +272,7 @@ class Engine:
                 text += r.append(t, lp)
                 appended += 1
             if r.finished:
-                self._leave_decoding(r)
+                self._leave(self.decoding, r)
             self._emit(r, text)
         self.generated_tokens += appended
         return appended
@@ -289,15 +283,6 @@ class Engine:
             cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)
 
-    def _leave_prefilling(self, request: Request) -> None:
-        """Take ``request`` out of the prefilling rows, swapped with the edge row (its cache stays, to be copied)."""
-        edge = self.prefilling[0]
-        if edge is not request:
-            self._copy_rows([edge.row, request.row], [request.row, edge.row])  # a swap
-            self.prefilling[self.prefilling.index(request)] = edge
-            edge.row, request.row = request.row, edge.row
-        self.prefilling.pop(0)
-
     def _enter_decoding(self, request: Request, src_row: int) -> None:
         """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
         request.row = len(self.decoding)
@@ -305,14 +290,17 @@ class Engine:
             self._copy_rows([src_row], [request.row])
         self.decoding.append(request)
 
-    def _leave_decoding(self, request: Request) -> None:
-        """Free ``request``'s row: the last decoding row moves into it."""
-        edge = self.decoding[-1]
+    def _leave(self, region: list[Request], request: Request) -> None:
+        """Take ``request`` out of ``region``: the region's edge row (prefilling's first, decoding's last) moves into
+        its row; a prefilling request is swapped with the edge instead (its cache stays, to be copied)."""
+        swap = region is self.prefilling
+        edge = region[0 if swap else -1]
         if edge is not request:
-            self._copy_rows([edge.row], [request.row])
-            self.decoding[request.row] = edge
-            edge.row = request.row
-        self.decoding.pop()
+            src, dst = ([edge.row, request.row], [request.row, edge.row]) if swap else ([edge.row], [request.row])
+            self._copy_rows(src, dst)
+            region[region.index(request)] = edge
+            edge.row, request.row = request.row, edge.row
+        region.pop(0 if swap else -1)
 
     def _copy_rows(self, src: list[int], dst: list[int]) -> None:
         for cache in self.caches:

@@ -32,8 +32,7 @@ class Detokenizer:
 
     def flush(self, final: bool = True) -> str:
         """The new text; ``final`` (at the end) also releases a held incomplete character as U+FFFD (as decode does)."""
-        done = self.decode(self.ids[self.prefix : self.read])
-        window = self.decode(self.ids[self.prefix :])
+        done, window = self.decode(self.ids[self.prefix : self.read]), self.decode(self.ids[self.prefix :])
         if len(window) <= len(done) or (window.endswith(REPLACEMENT) and not final):
             return ""
         delta = window[len(done) :]
@@ -57,8 +56,7 @@ class Request:
     text: str = ""  # the released output text (stop strings cut off)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cancelled: bool = False
-    # engine bookkeeping
-    row: int = -1  # cache row while prefilling or decoding
+    row: int = -1  # engine bookkeeping from here: the cache row while prefilling or decoding
     prefilled: int = 0  # prompt tokens already in the cache
     followers: list[Request] = field(default_factory=list)  # same prompt, admitted together: prefilled once
     held: str = ""  # decoded text kept back because it may be the start of a stop string

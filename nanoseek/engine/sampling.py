@@ -51,39 +51,33 @@ def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None 
     return logits.log_softmax(-1)
 
 
-def _groups(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
-            ) -> list[list[int]]:
-    """Row indices grouped by (temperature, top_k, top_p) and, given ``generators``, generator; greedy rows: one."""
+def _groups(params: Sequence[SamplingParams], device: torch.device,
+            generators: Sequence[torch.Generator | None] | None = None):
+    """(row indices, parameters, generator) per group of rows sharing parameters (and generator); greedy: one group."""
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(params):
         g = None if generators is None else id(generators[b])
         key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, g)
         groups.setdefault(key, []).append(b)
-    return list(groups.values())
+    for rows in groups.values():
+        yield torch.tensor(rows, device=device), params[rows[0]], None if generators is None else generators[rows[0]]
 
 
 def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """logits: (B, ..., V) -> ``log_probs`` of row b under ``params[b]``."""
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    for rows in _groups(params):
-        p, idx = params[rows[0]], torch.tensor(rows, device=logits.device)
+    for idx, p, _ in _groups(params, logits.device):
         out[idx] = log_probs(logits[idx], p.temperature, p.top_k, p.top_p)
     return out
-
-
-def _sampled(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device):
-    """(row indices, their generator) of each group of sampled rows that share parameters and generator."""
-    for rows in _groups(params, generators):
-        if params[rows[0]].temperature > 0:
-            yield torch.tensor(rows, device=device), generators[rows[0]]
 
 
 def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
               greedy: torch.Tensor | None = None) -> torch.Tensor:
     """probs: (B, V) -> (B,) tokens drawn with each row's generator; greedy rows take ``greedy`` (default: argmax)."""
     out = probs.argmax(-1) if greedy is None else greedy
-    for idx, generator in _sampled(params, generators, probs.device):
-        out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]
+    for idx, p, generator in _groups(params, probs.device, generators):
+        if p.temperature > 0:
+            out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]
     return out
 
 
@@ -100,6 +94,7 @@ def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Ge
                  device: torch.device) -> torch.Tensor:
     """(B, n) uniform draws in [0, 1), each sampled row's from its generator; zeros for greedy rows."""
     out = torch.zeros(len(params), n, device=device)
-    for idx, generator in _sampled(params, generators, device):
-        out[idx] = torch.rand(len(idx), n, generator=generator, device=device)
+    for idx, p, generator in _groups(params, device, generators):
+        if p.temperature > 0:
+            out[idx] = torch.rand(len(idx), n, generator=generator, device=device)
     return out

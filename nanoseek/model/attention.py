@@ -29,8 +29,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:  # fewer dispatches than below: 28 vs 40 µs per call on CPU
@@ -111,8 +110,7 @@ class MLA(nn.Module):
         q_C·k_C + q_R·k_R = [W_UKᵀ q_C | q_R]·[c_KV | k_R] (eq. 17 with W_UK absorbed into the query), so the H·T
         queries attend over one shared key/value head, the cached row itself: one fused attention call reads the
         cache once for all heads (MQA-like traffic), and the first d_c columns of its output are Σ_j p_ij c_KV,j."""
-        B, H, T, _ = q_nope.shape
-        S = latent.shape[1]
+        (B, H, T, _), S = q_nope.shape, latent.shape[1]
         w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (H, d_h, d_c), (H, d_v, d_c)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.d_nope), w_uk)  # W_UKᵀ q_C: (H, B·T, d_c)

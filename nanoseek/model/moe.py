@@ -73,13 +73,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, D), ids/weights: (N, K) -> (N, D) and tokens per expert (E,)."""
-        N, K = ids.shape
-        E, I, D = self.gate_proj.shape
+        (N, K), (E, I, D) = ids.shape, self.gate_proj.shape
         if N * (E - K) * D * I <= DENSE_MACS_PER_EXPERT * E:  # a few tokens (decode): every expert, 3 batched matmuls
             return self.forward_dense(x, ids, weights)
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (N·K,) token-slots sorted by expert
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        counts = torch.bincount(flat_ids, minlength=E)
         token_of_slot = order // K
         xs = x.index_select(0, token_of_slot)  # (N·K, D), grouped by expert
         if xs.dtype == self.gate_proj.dtype and grouped_mm_supported(xs.device, xs.dtype):  # one kernel for all
@@ -114,8 +113,7 @@ DENSE_MACS_PER_EXPERT = 500_000
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """F.grouped_mm (torch >= 2.10) has kernels for fp32/bf16 on CPU and bf16 on CUDA sm90+ (Hopper, Blackwell);
-    other CUDA GPUs and dtypes, and other devices, use the per-expert loop."""
+    """Whether F.grouped_mm (torch >= 2.10) has a kernel: fp32/bf16 on CPU, bf16 on CUDA sm90+ (Hopper, Blackwell)."""
     on_cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     on_cuda = device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
     return hasattr(F, "grouped_mm") and (on_cpu or on_cuda)

@@ -25,8 +25,7 @@ class MTPModule(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         D = config.hidden_size
-        self.enorm = RMSNorm(D, config.rms_norm_eps)
-        self.hnorm = RMSNorm(D, config.rms_norm_eps)
+        self.enorm, self.hnorm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * D, D, bias=False)  # M_k
         self.block = Block(config, layer_idx)  # TRM_k
         self.norm = RMSNorm(D, config.rms_norm_eps)  # shared_head.norm, before the shared OutHead

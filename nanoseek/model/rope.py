@@ -14,8 +14,7 @@ from nanoseek.config import ModelConfig, yarn_mscale
 def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies by ``factor``, keep high ones, ramp in between (beta_fast/beta_slow).
     -> (inverse frequencies (dim/2,), the factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim))."""
-    factor = float(rope_scaling["factor"])
-    original_max = int(rope_scaling["original_max_position_embeddings"])
+    factor, original_max = float(rope_scaling["factor"]), int(rope_scaling["original_max_position_embeddings"])
     beta_fast, beta_slow = rope_scaling.get("beta_fast") or 32, rope_scaling.get("beta_slow") or 1
     mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
     attention_factor = rope_scaling.get("attention_factor")
@@ -36,8 +35,7 @@ def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tens
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     extrapolate = 1 - ramp  # 1: keep the original frequency, 0: divide it by `factor`
-    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
-    return inv_freq, float(attention_factor)
+    return (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate, float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):

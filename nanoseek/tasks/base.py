@@ -1,5 +1,4 @@
-"""``Example``, the ``Task`` protocol, the held-out split, draws, and ``task_reward`` (a task's score as a
-TRL-style reward function)."""
+"""``Example``, the ``Task`` protocol, the held-out split, draws, and ``task_reward`` (a score as a TRL reward)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ class Example:
 
 class Task(Protocol):
     name: str
-
     def example(self, rng: random.Random) -> Example: ...  # one example (either split)
     def score(self, completion: str, example: Example) -> float: ...  # 1.0 if the final answer is right, else 0.0
 
@@ -71,8 +69,7 @@ def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: i
             break
         since_new += 1
         if in_split and ex.prompt not in seen:
-            seen[ex.prompt] = ex
-            since_new = 0
+            seen[ex.prompt], since_new = ex, 0
     if not seen:
         raise RuntimeError(f"task {task.name!r} produced no {split} examples in {patience} draws")
     return list(seen.values())

@@ -134,9 +134,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         loss = per_token.sum() / (max(rows, 1) * (max_completion_length or mask.shape[1]))
     with torch.no_grad():
         low, high = (ratio < 1 - epsilon_low) & (adv < 0), (ratio > 1 + epsilon_high) & (adv > 0)
-        stats = {"clip_low": (low * mask).sum(), "clip_high": (high * mask).sum(), "tokens": mask.sum(),
-                 "kl": (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())}
-    return loss, stats
+        return loss, {"clip_low": (low * mask).sum(), "clip_high": (high * mask).sum(), "tokens": mask.sum(),
+                      "kl": (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())}
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float

@@ -83,14 +83,13 @@ def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: 
     plans, cur = [], []  # the closed micro-batches, the open one
     processed = real = 0  # of the closed micro-batches
     for i in sorted(range(len(rows)), key=lambda i: -clen[i]):  # stable: a group's rows stay together
-        cand = cur + [i]
-        p, r = counts(cand)
-        if cur and ((max_rows and len(cand) > max_rows) or processed + p > PAD_TOLERANCE * (real + r)):
+        p, r = counts(cur + [i])
+        if cur and ((max_rows and len(cur) >= max_rows) or processed + p > PAD_TOLERANCE * (real + r)):
             p, r = counts(cur)
             processed, real = processed + p, real + r
             plans.append(cur)
-            cand = [i]
-        cur = cand
+            cur = []
+        cur = cur + [i]
     return [rows[torch.tensor(p, dtype=torch.long)] for p in [*plans, cur] if p]
 
 

@@ -52,9 +52,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         start = total_steps - max(1, round(cfg.decay_frac * total_steps))
         return lr if step < start else lr + (lo - lr) * (step - start + 1) / (total_steps - start)
     progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
-    if cfg.lr_schedule == "linear":
-        return lo + (lr - lo) * (1 - progress)
-    return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lo + (lr - lo) * (1 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float) -> float:

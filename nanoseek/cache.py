@@ -51,9 +51,8 @@ class KVCache:
         """Copy sequences ``src`` (cached tokens and lengths) into rows ``dst``; all of ``src`` is read before any
         write, so ``copy_rows([i, j], [j, i])`` swaps two sequences."""
         n = int(self.lengths[src].max())
-        for layers in self.buffers.values():
-            for b in layers:
-                b[dst, :n] = b[src, :n]
+        for b in [b for layers in self.buffers.values() for b in layers]:
+            b[dst, :n] = b[src, :n]
         self.lengths[dst] = self.lengths[src]
 
     def select(self, rows: torch.Tensor) -> None:

@@ -49,7 +49,6 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """``all_reduce_`` of a few floats, in float64."""
     return all_reduce_(torch.tensor(values, dtype=torch.float64), op).tolist()
 
 
@@ -63,12 +62,11 @@ def global_std(values: torch.Tensor) -> float:
 
 def average_gradients(module: nn.Module) -> None:
     """Average the gradients of ``module`` over ranks (a parameter without a gradient counts as zeros)."""
-    for p in module.parameters():
-        if p.requires_grad and is_distributed():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+    for p in [p for p in module.parameters() if p.requires_grad and is_distributed()]:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
 def barrier() -> None:

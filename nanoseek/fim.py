@@ -18,7 +18,6 @@ MODES = ("psm", "spm")
 
 
 def sentinel_ids(tok: Tokenizer) -> tuple[int, int, int]:
-    """The ids of the begin, hole and end sentinels; an error when the tokenizer lacks them."""
     ids = [tok.tok.token_to_id(s) for s in SENTINELS]
     if None in ids:
         raise ValueError(f"tokenizer lacks {SENTINELS}: use one from nanoseek prepare, which adds the FIM sentinels")

@@ -284,7 +284,6 @@ class Engine:
         self.prefilling.insert(0, request)
 
     def _enter_decoding(self, request: Request, src_row: int) -> None:
-        """Put ``request`` at the next decoding row, its cache copied from ``src_row``."""
         request.row = len(self.decoding)
         if src_row != request.row:
             self._copy_rows([src_row], [request.row])

@@ -14,8 +14,6 @@ import torch
 
 from nanoseek.engine.sampling import SamplingParams
 
-REPLACEMENT = "\ufffd"
-
 
 class Detokenizer:
     """``add(token_id) -> new text`` for one sequence; ``flush()`` at the end returns whatever is still held."""
@@ -33,7 +31,7 @@ class Detokenizer:
     def flush(self, final: bool = True) -> str:
         """The new text; ``final`` (at the end) also releases a held incomplete character as U+FFFD (as decode does)."""
         done, window = self.decode(self.ids[self.prefix : self.read]), self.decode(self.ids[self.prefix :])
-        if len(window) <= len(done) or (window.endswith(REPLACEMENT) and not final):
+        if len(window) <= len(done) or (window.endswith("\ufffd") and not final):
             return ""
         delta = window[len(done) :]
         self.prefix, self.read = self.read, len(self.ids)

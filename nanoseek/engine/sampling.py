@@ -23,8 +23,7 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = ((isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be an integer >= 0"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (self.top_k is None or self.top_k >= 1, "top_k must be >= 1 (or None for no cut)"),
                   (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"))
         if problems := [message for ok, message in checks if not ok]:
@@ -53,14 +52,16 @@ def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None 
 
 def _groups(params: Sequence[SamplingParams], device: torch.device,
             generators: Sequence[torch.Generator | None] | None = None):
-    """(row indices, parameters, generator) per group of rows sharing parameters (and generator); greedy: one group."""
+    """(row indices, parameters, generator) per group of rows sharing parameters, greedy rows in one; given
+    ``generators`` (to draw), the groups of sampled rows sharing parameters and generator."""
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(params):
         g = None if generators is None else id(generators[b])
         key = (0.0, None, 1.0, None) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, g)
         groups.setdefault(key, []).append(b)
     for rows in groups.values():
-        yield torch.tensor(rows, device=device), params[rows[0]], None if generators is None else generators[rows[0]]
+        if generators is None or params[rows[0]].temperature > 0:
+            yield torch.tensor(rows, device=device), params[rows[0]], generators and generators[rows[0]]
 
 
 def log_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -75,9 +76,8 @@ def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators:
               greedy: torch.Tensor | None = None) -> torch.Tensor:
     """probs: (B, V) -> (B,) tokens drawn with each row's generator; greedy rows take ``greedy`` (default: argmax)."""
     out = probs.argmax(-1) if greedy is None else greedy
-    for idx, p, generator in _groups(params, probs.device, generators):
-        if p.temperature > 0:
-            out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]
+    for idx, _, generator in _groups(params, probs.device, generators):
+        out[idx] = torch.multinomial(probs[idx], 1, generator=generator)[:, 0]
     return out
 
 
@@ -94,7 +94,6 @@ def uniform_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Ge
                  device: torch.device) -> torch.Tensor:
     """(B, n) uniform draws in [0, 1), each sampled row's from its generator; zeros for greedy rows."""
     out = torch.zeros(len(params), n, device=device)
-    for idx, p, generator in _groups(params, device, generators):
-        if p.temperature > 0:
-            out[idx] = torch.rand(len(idx), n, generator=generator, device=device)
+    for idx, _, generator in _groups(params, device, generators):
+        out[idx] = torch.rand(len(idx), n, generator=generator, device=device)
     return out

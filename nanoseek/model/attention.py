@@ -1,11 +1,11 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the plain MHA/GQA baseline of the same width. Symbols (V2 eq.
-9-19): h (hidden), c_KV = W_DKV h (latent, d_c = kv_lora_rank), k_C/v_C = W_UK/W_UV c_KV (`kv_b_proj`), c_Q = W_DQ h
-(`q_a_proj`, d_c' = q_lora_rank), q_C = W_UQ c_Q and q_R = W_QR c_Q (`q_b_proj`), k_R = RoPE(W_KR h) (the shared RoPE
-key, d_R = qk_rope_head_dim, the tail of `kv_a_proj_with_mqa`). Two ways to attend over cached latents, side by side as
-in DeepSeek-V3's inference/model.py: ``naive`` expands the latent back to per-head keys/values through W_UK, W_UV
-(training and prefill: compute-bound, T queries share the expansion); ``absorb`` folds W_UK into the query and W_UV into
-the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode reads only c_KV and k_R once for all heads (memory-bound decode; V2
-§2.1.2 "absorbed into W_Q / W_O")."""
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the plain MHA/GQA baseline of the same width. Symbols
+(V2 eq. 9-19): h (hidden), c_KV = W_DKV h (latent, d_c = kv_lora_rank), k_C/v_C = W_UK/W_UV c_KV (`kv_b_proj`),
+c_Q = W_DQ h (`q_a_proj`, d_c' = q_lora_rank), q_C = W_UQ c_Q and q_R = W_QR c_Q (`q_b_proj`), k_R = RoPE(W_KR h) (the
+shared RoPE key, d_R = qk_rope_head_dim, the tail of `kv_a_proj_with_mqa`). Two ways to attend over cached latents, side
+by side as in DeepSeek-V3's inference/model.py: ``naive`` expands the latent back to per-head keys/values through W_UK,
+W_UV (training and prefill: compute-bound, T queries share the expansion); ``absorb`` folds W_UK into the query and W_UV
+into the output, q_C·k_C = (W_UKᵀ q_C)·c_KV, so decode reads only c_KV and k_R once for all heads (memory-bound decode;
+V2 §2.1.2 "absorbed into W_Q / W_O")."""
 
 from __future__ import annotations
 

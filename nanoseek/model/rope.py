@@ -17,11 +17,9 @@ def yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> tuple[torch.Tens
     factor, original_max = float(rope_scaling["factor"]), int(rope_scaling["original_max_position_embeddings"])
     beta_fast, beta_slow = rope_scaling.get("beta_fast") or 32, rope_scaling.get("beta_slow") or 1
     mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
-    attention_factor = rope_scaling.get("attention_factor")
-    if attention_factor is None and mscale and mscale_all_dim:
-        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    elif attention_factor is None:
-        attention_factor = yarn_mscale(factor)
+    if (attention_factor := rope_scaling.get("attention_factor")) is None:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) \
+            if mscale and mscale_all_dim else yarn_mscale(factor)
 
     def correction_dim(rotations: float) -> float:  # the channel that turns `rotations` times over original_max
         return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))

@@ -55,7 +55,6 @@ def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) ->
 
 
 def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Example]:
-    """The first n examples of ``draw(task, split, seed)``."""
     return list(itertools.islice(draw(task, split, seed), n))
 
 

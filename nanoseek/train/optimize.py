@@ -34,14 +34,13 @@ class OptimizeConfig:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """Rows of one forward/backward, their tokens on the device, and their mini-batch's normalizers: rows and loss
-    tokens on this rank, and loss tokens over every rank / ranks (DAPO's token mean)."""
+    """Rows of one forward/backward, their tokens on the device, and their mini-batch's normalizers."""
 
     rows: torch.Tensor
     batch: Batch
-    num_rows: int
-    num_tokens: float
-    global_tokens: float
+    num_rows: int  # the mini-batch's rows on this rank
+    num_tokens: float  # its loss tokens on this rank
+    global_tokens: float  # its loss tokens over every rank / ranks (DAPO's token mean)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This micro-batch's rows of a rollout tensor, (N,) or (N, L) cut to its width, on its device."""

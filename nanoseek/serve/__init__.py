@@ -26,8 +26,7 @@ class ServeConfig:
     dtype: str | None = option(None, "weights/cache dtype; unset: as saved", choices=("float32", "bfloat16", "float16"))
     name: str | None = option(None, "model id in the API; unset: the directory name")
     speculative: bool = option(False, "draft with the model's MTP modules and verify in the next forward")
-    max_request_bytes: int = option(2**20, "largest request body (else 413): 1 MiB holds a 4096-token prompt many "
-                                    "times over, as text or token ids; raise it with --max-model-len", min=1)
+    max_request_bytes: int = option(2**20, "larger bodies get 413 (1 MiB: a 4096-token prompt 30x over)", min=1)
     allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else a 400)")
     shutdown_timeout_s: float = option(10.0, "on SIGTERM/Ctrl-C: seconds the requests in flight get to finish before "
                                        "they end (finish_reason 'stop')", min=0)
@@ -85,16 +84,12 @@ def run(args: argparse.Namespace) -> int:
             worker.drain(cfg.shutdown_timeout_s)
             await super().shutdown(sockets)
 
-    app = create_app(worker, tok, name, cfg.max_request_bytes, cfg.allow_unknown_chars)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+    config = uvicorn.Config(create_app(worker, tok, name, cfg), host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s + 5)  # +5 s: to send the finish chunks
     # SIGINT/SIGTERM: uvicorn drains the requests in flight, then re-raises the signal: ignored here, so exit 0
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         Server(config).run()
-    except SystemExit as e:  # uvicorn could not start (it logged why)
-        raise ValueError(f"could not listen on {cfg.host}:{cfg.port} (the error above): is the port taken? choose "
-                         "another --port, or --port 0 for any free one") from e
     finally:
         worker.stop()
         for s, handler in previous.items():

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanoseek.engine import Request as EngineRequest
+from nanoseek.serve import ServeConfig
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
 from nanoseek.serve.worker import EngineWorker
 from nanoseek.tokenizer import Tokenizer, encode_checked
@@ -31,54 +32,40 @@ def usage(requests: list[EngineRequest], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def error_response(e: APIError) -> Response:
-    return Response(json.dumps(e.body), e.status, media_type="application/json")  # ASCII: lone surrogates escaped
-
-
 def limit_body(app: ASGIApp, max_bytes: int) -> ASGIApp:
-    """``app`` behind a 413 for bodies over ``max_bytes`` (``Content-Length`` or chunked): the body is read first,
-    holding at most ``max_bytes``; a larger one is drained (up to 16x, then cut) so the client reads the 413."""
+    """``app`` with a 413 for bodies over ``max_bytes`` (chunked or not), read first holding at most ``max_bytes``; a
+    larger one is drained (up to 16x) so that the client reads the 413."""
 
     async def limited(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        chunks, size, message = [], 0, {"more_body": True}
+        chunks, size, message = [], 0, {"more_body": scope["type"] == "http"}
         while message.get("more_body") and size <= 16 * max_bytes:
-            if (message := await receive())["type"] != "http.request":
-                return  # the client went away
-            size += len(message.get("body", b""))
+            size += len((message := await receive()).get("body", b""))
             chunks += [message.get("body", b"")] if size <= max_bytes else []
         if size > max_bytes:
-            error = APIError(f"the request body is over {max_bytes:,} bytes, this server's --max-request-bytes", None,
-                             413, "request_too_large")
-            return await error_response(error)(scope, receive, send)
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def receive_body() -> Message:  # the body read above, then the connection's events (a disconnect)
-            return replay.pop() if replay else await receive()
-
-        await app(scope, receive_body, send)
+            e = APIError(f"request body over --max-request-bytes ({max_bytes:,} bytes)", None, 413, "request_too_large")
+            return await JSONResponse(e.body, 413)(scope, receive, send)
+        replay = [{**message, "body": b"".join(chunks)}] if scope["type"] == "http" else []
+        await app(scope, lambda: asyncio.sleep(0, replay.pop()) if replay else receive(), send)  # the body, then events
 
     return limited
 
 
-async def outputs(requests: list[EngineRequest], queue: asyncio.Queue, http: Request | None) -> AsyncIterator[tuple]:
+async def outputs(requests: list[EngineRequest], queue: asyncio.Queue, http: Request) -> AsyncIterator[tuple]:
     """The requests' outputs as they come (see ``EngineWorker.submit``). The unfinished ones are cancelled when the
-    consumer stops early or (with ``http``) the client disconnects, at once: a watcher puts None on the queue."""
+    consumer stops early or the client disconnects, at once: a watcher puts None on the queue."""
 
     async def watch() -> None:
         while (await http.receive())["type"] != "http.disconnect":
             pass
         queue.put_nowait(None)
 
-    watcher, left = asyncio.ensure_future(watch()) if http else None, len(requests)
+    watcher, left = asyncio.ensure_future(watch()), len(requests)
     try:
         while left and (item := await queue.get()) is not None:
             left -= item[3] is not None
             yield item
     finally:
-        if watcher:
-            watcher.cancel()
+        watcher.cancel()
         for r in requests:
             if not r.finished:
                 r.cancelled = True
@@ -88,21 +75,19 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_request_bytes: int = 2**20,
-               allow_unknown_chars: bool = False) -> FastAPI:
+def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(limit_body, max_bytes=max_request_bytes)
+    app.add_middleware(limit_body, max_bytes=cfg.max_request_bytes)
     created, max_len = int(time.time()), worker.engine.max_len
     longest = max(map(len, tok.tok.get_vocab()))  # characters of the longest token: a bound on characters per token
 
     def encode(prompt: str | list, param: str) -> list[int]:
-        """A prompt's ids (token ids as they are); text too long for the context is refused before tokenizing."""
         if isinstance(prompt[0], int):
             return list(prompt)
-        if len(text := tok.prompt_text(prompt)) > max_len * longest:
+        if len(text := tok.prompt_text(prompt)) > max_len * longest:  # cannot fit: refused before tokenizing
             raise ValueError(f"{param}: {len(text):,} characters, more than {max_len} tokens (the context) of at most "
                              f"{longest} characters each can hold; shorten it")
-        return encode_checked(tok, text, param, add_bos=True, allow_unknown=allow_unknown_chars)
+        return encode_checked(tok, text, param, add_bos=True, allow_unknown=cfg.allow_unknown_chars)
 
     async def respond(chat: bool, body, http: Request, prompts: list, max_tokens: int | None, param: str,
                       with_logprobs: bool):
@@ -111,6 +96,8 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_reques
         if body.model != model_name:
             raise APIError(f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                            404, "model_not_found")
+        if body.stream_options is not None and not body.stream:
+            raise APIError("stream_options is only allowed with stream: true", "stream_options")
         requests, queue = [], asyncio.Queue()  # choice i: requests[i], for prompt i // n
         try:  # the chat template, the tokenizer or the engine (context length, token ids) may refuse a prompt
             for ids in await asyncio.to_thread(lambda: [encode(p, param) for p in prompts]):  # off the event loop
@@ -152,7 +139,7 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_reques
                     yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
             sent = [0] * len(requests)  # tokens already sent per choice
-            async for i, text, num_tokens, reason in outputs(requests, queue, None):
+            async for i, text, num_tokens, reason in outputs(requests, queue, http):
                 if text or reason is not None or with_logprobs:
                     yield sse({**chunk, "choices": [choice(i, text, sent[i], num_tokens, reason)]})
                     sent[i] = num_tokens
@@ -171,7 +158,7 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_reques
         elif isinstance(e, HTTPException):
             e = APIError(str(e.detail), status=e.status_code,
                          type="not_found_error" if e.status_code == 404 else "invalid_request_error")
-        return error_response(e)
+        return Response(json.dumps(e.body), e.status, media_type="application/json")  # ASCII: surrogates escaped
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nanoseek.engine import SamplingParams
 
@@ -46,16 +46,6 @@ class _Common(Strict):
     frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
     user: str | None = None
-
-    @field_validator("seed", "stream_options")
-    @classmethod
-    def _fits_the_request(cls, value, info: ValidationInfo):
-        """Choice i samples with seed + i, which must fit torch's int64; stream_options needs stream (as OpenAI)."""
-        if info.field_name == "seed" and value is not None and value + info.data.get("n", 1) > 2**63:
-            raise ValueError("seed + n - 1 must be below 2^63 (choice i samples with seed + i); lower seed")
-        if info.field_name == "stream_options" and value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed with stream: true")
-        return value
 
     def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...], index: int) -> SamplingParams:
         """The engine's parameters for choice ``index`` (a seed is offset per choice so n > 1 choices differ)."""
@@ -120,7 +110,6 @@ def validation_error(e: dict) -> APIError:
     if e.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
     messages = {"extra_forbidden": f"unrecognized request argument supplied: {param}",
-                "missing": f"missing required parameter: {param}" if param else "the request body is empty: send a "
-                "JSON object with model and prompt (/v1/completions) or messages (/v1/chat/completions)"}
+                "missing": f"missing required parameter: {param or 'the request body (a JSON object)'}"}
     default = f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})"
     return APIError(messages.get(e.get("type"), default), param)

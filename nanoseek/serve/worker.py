@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class EngineWorker:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.wake, self.stopping, self.draining, self.abort_at = threading.Event(), False, False, math.inf
+        self.wake, self.stopping, self.draining, self.abort_at = threading.Event(), False, False, float("inf")
         self.registry = CollectorRegistry()
         self.registry.register(self)  # the engine's state, read at each scrape by ``collect``
         self.finished = Counter("nanoseek_requests_finished", "requests finished, by finish reason",
@@ -40,8 +39,7 @@ class EngineWorker:
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
         """Queue a request; the engine thread puts (``index``, new text, tokens so far, finish reason) on ``queue``."""
         if self.draining:
-            raise APIError("the server is shutting down: send the request again after it restarts", None, 503,
-                           "server_shutting_down", "server_error")
+            raise APIError("the server is shutting down; retry later", None, 503, "shutting_down", "server_error")
         loop = asyncio.get_running_loop()
 
         def on_output(r: Request, text: str) -> None:

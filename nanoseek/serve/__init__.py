@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             worker.drain(cfg.shutdown_timeout_s)
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(create_app(worker, tok, name, cfg), host=cfg.host, port=cfg.port, log_level="warning",
+    app = create_app(worker, tok, name, cfg.max_request_bytes, cfg.allow_unknown_chars)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s + 5)  # +5 s: to send the finish chunks
     # SIGINT/SIGTERM: uvicorn drains the requests in flight, then re-raises the signal: ignored here, so exit 0
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}

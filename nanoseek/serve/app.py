@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanoseek.engine import Request as EngineRequest
-from nanoseek.serve import ServeConfig
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, validation_error
 from nanoseek.serve.worker import EngineWorker
 from nanoseek.tokenizer import Tokenizer, encode_checked
@@ -75,9 +74,10 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, cfg: ServeConfig) -> FastAPI:
+def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_request_bytes: int = 2**20,
+               allow_unknown_chars: bool = False) -> FastAPI:
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(limit_body, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(limit_body, max_bytes=max_request_bytes)
     created, max_len = int(time.time()), worker.engine.max_len
     longest = max(map(len, tok.tok.get_vocab()))  # characters of the longest token: a bound on characters per token
 
@@ -87,7 +87,7 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, cfg: Serve
         if len(text := tok.prompt_text(prompt)) > max_len * longest:  # cannot fit: refused before tokenizing
             raise ValueError(f"{param}: {len(text):,} characters, more than {max_len} tokens (the context) of at most "
                              f"{longest} characters each can hold; shorten it")
-        return encode_checked(tok, text, param, add_bos=True, allow_unknown=cfg.allow_unknown_chars)
+        return encode_checked(tok, text, param, add_bos=True, allow_unknown=allow_unknown_chars)
 
     async def respond(chat: bool, body, http: Request, prompts: list, max_tokens: int | None, param: str,
                       with_logprobs: bool):

@@ -34,27 +34,37 @@ class Served:
         self.name = directory.name
 
 
-def start_server(tmp: Path, *flags: str, like: Served | None = None) -> Served:
-    """A server of a new tiny model with two MTP modules (or of ``like``'s model), with extra ``flags``."""
+def tiny_model(directory: Path, tok: Tokenizer | None = None) -> tuple[Transformer, Tokenizer]:
+    """A tiny model with two MTP modules (a byte-level BPE tokenizer unless ``tok``), saved in ``directory``."""
+    tok = tok or Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3, num_nextn_predict_layers=2,
+                                eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    model = Transformer(config).eval()
+    model.save_pretrained(directory)
+    tok.save(directory)
+    return model, tok
+
+
+def serve_command(directory: Path, port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
+            "--cache-memory", "1", "--max-batch", "24", "--prefill-chunk", "16", "--device", "cpu", *flags]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def start_server(tmp: Path, *flags: str, like: Served | None = None, tok: Tokenizer | None = None) -> Served:
+    """A server of a new ``tiny_model`` (or of ``like``'s model), with extra ``flags``."""
     if like is None:
-        tok = Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
-        torch.manual_seed(0)
-        config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3,
-                                    num_nextn_predict_layers=2, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-        model = Transformer(config).eval()
         directory = tmp / "tiny-bpe"
-        model.save_pretrained(directory)
-        tok.save(directory)
+        model, tok = tiny_model(directory, tok)
     else:
         directory, model, tok = like.directory, like.model, like.tokenizer
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(tmp / "server.log", "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
-             "--cache-memory", "1", "--max-batch", "24", "--prefill-chunk", "16", "--device", "cpu", *flags],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-        )
+        proc = subprocess.Popen(serve_command(directory, port, *flags), stdout=log, stderr=subprocess.STDOUT, env=ENV,
+                                cwd=tmp)
     served = Served(directory, model, tok, proc, port, tmp / "server.log")
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -4,6 +4,7 @@ every bad request a 4xx OpenAI error; metrics; SIGTERM."""
 
 import json
 import re
+import socket
 import threading
 import time
 
@@ -146,6 +147,16 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400, "messages.0.content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999}, 400, "messages"),
+    ("completions", b'{"prompt": "\\ud800abc", "model": "tiny-bpe"}', 400, "prompt"),  # a lone surrogate
+    ("completions", {"prompt": ["ok", "abc\udfff"]}, 400, "prompt"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]}, 400,
+     "messages"),
+    ("completions", {"prompt": "hi", "seed": 2**63, "n": 2}, 400, "seed"),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("completions", {"prompt": "hi", "stream": False, "stream_options": {}}, 400, "stream_options"),
+    ("completions", {"prompt": "hi", "\ud800": 1}, 400, None),  # a lone surrogate as a key
+    ("completions", {"prompt": "x" * 200_000}, 400, "prompt"),  # refused before tokenizing (no tokens counted)
 ]
 
 
@@ -154,11 +165,71 @@ def test_bad_requests_get_4xx_openai_errors(server, endpoint, body, status, para
     url = f"{server.url}/v1/{endpoint}"
     if isinstance(body, bytes):
         r = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
-    else:
-        r = httpx.post(url, json={"model": server.name, **body})
+    else:  # json.dumps escapes lone surrogates (as JSON.stringify)
+        r = httpx.post(url, content=json.dumps({"model": server.name, **body}),
+                       headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+    named = param is None or param in err["message"] or "context length" in err["message"]  # as OpenAI words it
+    assert named or param.startswith("messages.")  # pydantic's message for a message's field
+    assert "None" not in err["message"] and "Overflow" not in err["message"]
+
+
+def test_errors_name_what_is_wrong(server, client):
+    r = httpx.post(server.url + "/v1/completions", content=b"", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "missing required parameter: the request body" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="characters, more than 256 tokens") as e:
+        client.completions.create(model=server.name, prompt="ab" * 100_000, max_tokens=1)
+    assert e.value.body["param"] == "prompt"
+    two = client.completions.create(model=server.name, prompt="hi", seed=2**63 - 1, n=2, max_tokens=8)
+    assert two.choices[0].text != two.choices[1].text  # choice 1 samples with seed 2^63: torch takes up to 2^64 - 1
+
+
+def test_request_size_limit_413_and_health_meanwhile(server, client):
+    big = {"model": server.name, "prompt": "café " * 2_000_000, "max_tokens": 1}  # 12 MB
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(server.url + "/v1/completions", json=big,
+                                                                   timeout=120)))
+    t.start()
+    while t.is_alive():  # the server answers others while it handles the big one (a stall took 20+ s)
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    t.join()
+    assert result["r"].status_code == 413, result["r"].text
+    err = result["r"].json()["error"]
+    assert err["code"] == "request_too_large" and "--max-request-bytes" in err["message"] and err["param"] is None
+    with pytest.raises(openai.APIStatusError, match="1,048,576 bytes") as e:  # the openai client reads it
+        client.completions.create(model=server.name, prompt="a" * 2**20, max_tokens=1)
+    assert e.value.status_code == 413
+
+    def chunks():  # no Content-Length: chunked transfer encoding, 2 MiB
+        yield b'{"model": "' + server.name.encode() + b'", "prompt": "'
+        for _ in range(32):
+            yield b"a" * 2**16
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert client.completions.create(model=server.name, prompt="café", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_disconnect_cancels_a_plain_request_at_once(server):
+    finished = {k: metric(server, f'nanoseek_requests_finished_total{{finish_reason="{k}"}}')
+                for k in ("cancelled", "length", "stop")}
+    body = json.dumps({"model": server.name, "prompt": "café", "max_tokens": 240, "n": 16, "temperature": 1,
+                       "seed": 1}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while not metric(server, "nanoseek_requests_running"):
+            time.sleep(0.01)  # until it runs
+    deadline = time.time() + 20
+    while time.time() < deadline and metric(server, "nanoseek_cache_slots_used") > 0:
+        time.sleep(0.05)
+    assert metric(server, "nanoseek_cache_slots_used") == 0
+    now = {k: metric(server, f'nanoseek_requests_finished_total{{finish_reason="{k}"}}') for k in finished}
+    assert sum(now.values()) - sum(finished.values()) == 16
+    assert now["cancelled"] > finished["cancelled"]  # the ones still running when the client left: not to length
 
 
 def test_other_errors_and_server_keeps_serving(server, client):
@@ -189,7 +260,8 @@ def test_stream_events_and_metrics(server):
         assert re.search(rf"^{name} \d", text, re.M), name
     assert metric(server, "nanoseek_time_to_first_token_seconds_count") >= 5
     gauges = re.findall(r"^# TYPE (\S+) gauge$", text, re.M)
-    assert "nanoseek_cache_slots" in gauges and not [g for g in gauges if g.endswith("_total")]
+    assert {"nanoseek_cache_slots", "nanoseek_cache_bytes"} <= set(gauges)
+    assert not [g for g in gauges if g.endswith("_total")] and "nanoseek_cache_bytes_total" not in text
     assert metric(server, "nanoseek_generation_tokens_total") > 50
 
 

@@ -26,6 +26,10 @@ class ServeConfig:
     dtype: str | None = option(None, "weights/cache dtype; unset: as saved", choices=("float32", "bfloat16", "float16"))
     name: str | None = option(None, "model id in the API; unset: the directory name")
     speculative: bool = option(False, "draft with the model's MTP modules and verify in the next forward")
+    max_request_bytes: int = option(2**20, "larger bodies get 413 (1 MiB: a 4096-token prompt 30x over)", min=1)
+    allow_unknown_chars: bool = option(False, "let characters the tokenizer lacks become <unk> (else a 400)")
+    shutdown_timeout_s: float = option(10.0, "on SIGTERM/Ctrl-C: seconds the requests in flight get to finish before "
+                                       "they end (finish_reason 'stop')", min=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,15 +71,26 @@ def run(args: argparse.Namespace) -> int:
           f"= {budget // per_token:,} tokens = {fit} sequences of {max_len} tokens; "
           f"running {engine.num_slots} at once (--max-batch {cfg.max_batch})", flush=True)
     name = cfg.name or Path(cfg.model).resolve().name
-    print(f"serving {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1)", flush=True)
     worker = EngineWorker(engine)
     worker.thread.start()
-    config = uvicorn.Config(create_app(worker, tok, name), host=cfg.host, port=cfg.port, log_level="warning",
-                            timeout_graceful_shutdown=10)
-    # SIGINT/SIGTERM: uvicorn drains the requests in flight (10 s), then re-raises the signal: ignored here, so exit 0
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:  # a port that is taken: uvicorn logs it and exits 3
+            await super().startup(sockets)
+            port = self.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the system chose
+            print(f"serving {name!r} on http://{cfg.host}:{port}  (chat page at /, OpenAI API at /v1)", flush=True)
+
+        async def shutdown(self, sockets=None) -> None:  # new requests get 503; the rest end after the grace
+            worker.drain(cfg.shutdown_timeout_s)
+            await super().shutdown(sockets)
+
+    app = create_app(worker, tok, name, cfg.max_request_bytes, cfg.allow_unknown_chars)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 5)  # +5 s: to send the finish chunks
+    # SIGINT/SIGTERM: uvicorn drains the requests in flight, then re-raises the signal: ignored here, so exit 0
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         worker.stop()
         for s, handler in previous.items():

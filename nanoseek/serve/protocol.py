@@ -110,6 +110,6 @@ def validation_error(e: dict) -> APIError:
     if e.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {e.get('msg')}", None)
     messages = {"extra_forbidden": f"unrecognized request argument supplied: {param}",
-                "missing": f"missing required parameter: {param}"}
+                "missing": f"missing required parameter: {param or 'the request body (a JSON object)'}"}
     default = f"invalid value for {param or 'the request body'}: {e.get('msg')} (got {e.get('input')!r:.80})"
     return APIError(messages.get(e.get("type"), default), param)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nanoseek.engine import Engine, Request, SamplingParams
+from nanoseek.serve.protocol import APIError
 
 log = logging.getLogger("nanoseek.serve")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
@@ -21,7 +23,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class EngineWorker:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.wake, self.stopping = threading.Event(), False
+        self.wake, self.stopping, self.draining, self.abort_at = threading.Event(), False, False, float("inf")
         self.registry = CollectorRegistry()
         self.registry.register(self)  # the engine's state, read at each scrape by ``collect``
         self.finished = Counter("nanoseek_requests_finished", "requests finished, by finish reason",
@@ -36,6 +38,8 @@ class EngineWorker:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, queue: asyncio.Queue, index: int) -> Request:
         """Queue a request; the engine thread puts (``index``, new text, tokens so far, finish reason) on ``queue``."""
+        if self.draining:
+            raise APIError("the server is shutting down; retry later", None, 503, "shutting_down", "server_error")
         loop = asyncio.get_running_loop()
 
         def on_output(r: Request, text: str) -> None:
@@ -53,6 +57,8 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while not self.stopping:
+            if time.monotonic() >= self.abort_at:  # the shutdown grace is over: end what still runs
+                self.engine.abort("cancelled")
             if not self.engine.has_work():
                 self.wake.wait(0.1)
                 self.wake.clear()
@@ -62,6 +68,10 @@ class EngineWorker:
             except Exception:  # a bug, not a client error: fail what is in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
                 self.engine.abort("error")
+
+    def drain(self, grace_s: float) -> None:
+        """Admit nothing more (``submit`` answers 503); after ``grace_s`` end the requests still running."""
+        self.draining, self.abort_at = True, time.monotonic() + grace_s
 
     def stop(self) -> None:
         """Finish nothing more: fail the requests in flight (their handlers answer at once), end the thread."""

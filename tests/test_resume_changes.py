@@ -5,6 +5,8 @@ command on the shared run loop: pretrain here, GRPO and PPO in test_resume_chang
 
 import json
 
+import pytest
+
 from nanoseek import cli
 from nanoseek.checkpoint import latest_checkpoint
 from nanoseek.metrics import read_jsonl, read_metrics
@@ -12,22 +14,23 @@ from nanoseek.metrics import read_jsonl, read_metrics
 TRAIN = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--no-progress", "--lr", "0.003"]
 
 
-def pretrain(out, *extra) -> int:
-    return cli.main(["pretrain", *TRAIN, "--out", str(out), *extra])
+def pretrain(out, *extra, command: str = "pretrain") -> int:
+    return cli.main([command, *TRAIN, "--out", str(out), *extra])
 
 
-def test_changed_settings_are_refused_naming_old_and_new(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_changed_settings_are_refused_naming_old_and_new(tmp_path, capsys, command):
     out = tmp_path / "run"
-    assert pretrain(out, "--steps", "2") == 0
-    before = (out / "metrics.jsonl").read_text(), latest_checkpoint(out), (out / "pretrain_config.json").read_text()
+    assert pretrain(out, "--steps", "2", command=command) == 0
+    before = (out / "metrics.jsonl").read_text(), latest_checkpoint(out), (out / f"{command}_config.json").read_text()
     capsys.readouterr()
-    assert pretrain(out, "--steps", "3", "--resume", "--lr", "0.001", "--seed", "1") == 2
+    assert pretrain(out, "--steps", "3", "--resume", "--lr", "0.001", "--seed", "1", command=command) == 2
     err = capsys.readouterr().err
     assert "--lr 0.003 -> 0.001" in err and "--seed 0 -> 1" in err and "--resume-with-changes" in err
     assert "--steps" not in err  # the run's length may change
     assert ((out / "metrics.jsonl").read_text(), latest_checkpoint(out),
-            (out / "pretrain_config.json").read_text()) == before
-    assert not (out / "pretrain_configs.jsonl").exists()
+            (out / f"{command}_config.json").read_text()) == before
+    assert not (out / f"{command}_configs.jsonl").exists()
 
 
 def test_length_and_cadences_may_change_and_every_segment_is_kept(tmp_path):

@@ -1,7 +1,5 @@
 """Per-step metrics: one JSON object per line in ``run_dir/metrics.jsonl`` (flushed each step), a tqdm progress
-bar with ETA (or, when stderr is not a terminal, a plain line every few steps) and optionally TensorBoard event
-files. Only rank 0 logs under torchrun (``enabled=False`` elsewhere).
-"""
+bar with ETA (without a terminal: a line every few steps), optionally TensorBoard. Only rank 0 logs under torchrun."""
 
 from __future__ import annotations
 
@@ -22,8 +20,7 @@ if TYPE_CHECKING:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines log. A torn last line (the partial write of a killed run) is dropped with a
-    warning naming file and line; a bad line anywhere else is an error naming them."""
+    """Records of a JSON-lines log: a torn last line (a killed run's) is dropped with a warning, any other an error."""
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     records = []
     for n, line in enumerate(lines, start=1):
@@ -51,23 +48,28 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def rewind_log(path: Path, step: int) -> list[dict]:
-    """Cut a JSON-lines log back to (and return) the records of steps <= ``step``, so that a run resumed from
-    checkpoint ``step`` logs every later step exactly once. Atomic: the old file stays until the new is in place."""
+    """Cut a JSON-lines log back to (and return) its records of steps <= ``step``, atomically: no step logs twice."""
     if not path.exists():
         return []
     kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write(path, "".join(json_text(r) + "\n" for r in kept))
     return kept
 
 
-def _clean(v):
+def finite(v):
+    """``v`` as JSON data: NaN and inf -> None (JSON has neither), 0-d tensors -> numbers, in lists and dicts too."""
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
+        return None
+    if isinstance(v, list | tuple | dict):
+        return {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else [finite(x) for x in v]
     return v
+
+
+def json_text(obj, **kwargs) -> str:
+    """Strict JSON (non-finite numbers as null): what every file the library writes holds."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl")  # a run directory's per-step logs, rewound on resume
@@ -76,10 +78,9 @@ LOG_LINE = (("loss", "loss", ".4g"), ("val_bpb", "val/bpb", ".4g"), ("tok/s", "t
 
 
 class MetricsLogger:
-    """``log(step, **values)`` appends ``{"step": step, **values, "time": the run's wall time across resumes}``; at
-    start, RUN_LOGS are rewound to ``start_step`` (the checkpoint resumed from; 0: a new run). With ``progress`` and
-    stderr not a terminal, a line (loss, val bpb, tok/s, MFU, ETA) every ``log_every`` steps replaces the bar;
-    ``report_to="tensorboard"`` also writes every scalar to ``run_dir/tensorboard``."""
+    """``log(step, **values)`` appends ``{"step": step, **values, "time": wall time across resumes}``; RUN_LOGS are
+    first rewound to ``start_step`` (the checkpoint resumed from). Without a terminal, a line (loss, val bpb, tok/s,
+    MFU, ETA) every ``log_every`` steps replaces the bar; ``report_to="tensorboard"``: run_dir/tensorboard too."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, desc: str = "train", enabled: bool = True,
                  start_step: int = 0, progress: bool = True, log_every: int = 10, report_to: str = "none"):
@@ -106,8 +107,8 @@ class MetricsLogger:
         if self.file is None:
             return
         elapsed = time.perf_counter() - self.t0
-        record = {"step": step, **{k: _clean(v) for k, v in values.items()}, "time": self.time_offset + elapsed}
-        self.file.write(json.dumps(record) + "\n")
+        record = finite({"step": step, **values, "time": self.time_offset + elapsed})
+        self.file.write(json_text(record) + "\n")
         self.file.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, float | int) and not isinstance(v, bool)}
         if self.writer is not None:
@@ -116,7 +117,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "lr") if k in scalars}, refresh=False)
             self.bar.update(step - self.bar.n)
-        elif self.log_every and (step % self.log_every == 0 or step == self.total_steps):
+        elif self.log_every and step > self.start_step and (step % self.log_every == 0 or step == self.total_steps):
             eta = round(elapsed / (step - self.start_step) * (self.total_steps - step))
             shown = [f"{label} {scalars[key]:{fmt}}" for label, key, fmt in LOG_LINE if key in scalars]
             print(f"step {step}/{self.total_steps}", *shown, f"eta {eta // 60}m{eta % 60:02d}s", file=sys.stderr,

@@ -3,8 +3,7 @@
 A run directory holds one run of one kind (pretrain, sft, grpo, ppo, demo, ...), recorded in ``nanoseek_run.json``
 (without it: ``<kind>_config.json``, or ``stages.json`` for a demo). A command refuses a directory holding anything
 else unless ``--resume`` (same kind: continue; empty: a new run) or ``--overwrite`` (delete first; never the working
-directory, one of its parents, the home directory or a git checkout).
-"""
+directory, one of its parents, the home directory or a git checkout)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ class RunDirPlan:
     resume: bool
 
     def create(self) -> Path:
-        """Clear (with --overwrite), create the directory and write the marker, on rank 0 (the other ranks of a
-        torchrun job wait and fail with it). Fails with RunDirError if the directory is not writable."""
+        """Rank 0 clears (--overwrite) and creates the directory and marker; every rank fails if it is not writable."""
         import torch
 
         from nanoseek.distributed import all_reduce_, barrier, is_main
@@ -92,8 +90,7 @@ class RunDirPlan:
 
 
 def check_run_dir(path: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False) -> RunDirPlan:
-    """Decide whether a ``kind`` run may use ``path``; raise RunDirError naming the directory, what it holds and
-    the flag that allows it. Reads only: every rank may call it."""
+    """Whether a ``kind`` run may use ``path`` (else RunDirError: what it holds, the flag allowing it). Reads only."""
     path = Path(path)
     if resume and overwrite:
         raise RunDirError("--resume continues the run in --out and --overwrite deletes it: pass one of them")

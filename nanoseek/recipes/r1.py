@@ -60,9 +60,9 @@ class R1Config:
 
     @classmethod
     def quick(cls, seed: int = 0) -> R1Config:
-        # 500 SFT steps reach 14% greedy but too few verified samples to keep (measured: 0 of 512)
+        # measured: 500 SFT steps keep 0 of 512 samples; the student, from scratch: 0% greedy at 50 steps, 16% at 400
         return cls(cold_sft_steps=700, grpo_steps=5, prompts_per_step=4, num_generations=4, rs_prompts=256,
-                   rs_samples=4, rft_steps=20, distill_prompts=256, distill_samples=4, student_steps=50, eval_n=50,
+                   rs_samples=4, rft_steps=20, distill_prompts=256, distill_samples=4, student_steps=400, eval_n=50,
                    eval_num_generations=2, seed=seed)
 
 

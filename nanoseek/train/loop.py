@@ -4,7 +4,6 @@ at ``stop_at`` and after a first Ctrl-C (a second interrupts at once)."""
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -18,8 +17,8 @@ import torch
 from nanoseek.checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from nanoseek.cli_args import option
 from nanoseek.distributed import barrier, is_main
-from nanoseek.metrics import MetricsLogger
-from nanoseek.rundir import check_run_dir
+from nanoseek.metrics import MetricsLogger, json_text
+from nanoseek.rundir import RunDirError, check_run_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,11 +32,17 @@ class RunConfig:
     stop_at: int | None = option(None, "stop and save after this step, like a preemption (then --resume)", min=1)
     resume: bool = option(False, "continue exactly from --out's latest checkpoint (a new run if --out is empty)")
     overwrite: bool = option(False, "delete what --out holds and start over")
+    resume_with_changes: bool = option(False, "--resume with changed settings (each segment's config is kept)")
     seed: int = option(0, "seed of the model init, the data order and sampling")
     device: str | None = option(None, "cpu, cuda or cuda:N (None: cuda when available)")
     progress: bool = option(True, "show a progress bar (without a terminal: a log line every --log-every steps)")
     log_every: int = option(10, "steps between log lines when stderr is not a terminal", min=1)
     report_to: str = option("none", "also log to TensorBoard (the tensorboard extra)", choices=("none", "tensorboard"))
+
+
+RESUMABLE = frozenset({"out", "steps", "save_every", "keep", "stop_at", "resume", "overwrite", "resume_with_changes",
+                       "device", "progress", "log_every", "report_to", "eval_every", "sample_every",
+                       "log_completions_every", "eval_on_start"})  # what --resume may change without asking
 
 
 def narrow(cls: type, cfg: object):
@@ -76,8 +81,7 @@ class Run:
 
 
 def start_run(cfg: RunConfig, kind: str, check_inputs: Callable[[], object]) -> tuple[Run, object]:
-    """Check the run directory, then ``check_inputs()`` (everything that can fail on bad input), then claim the
-    directory; returns the run and what ``check_inputs`` built."""
+    """Check the run directory, then ``check_inputs()`` (all that can fail on bad input), then claim the directory."""
     plan = check_run_dir(cfg.out or f"runs/{kind}", kind, resume=cfg.resume, overwrite=cfg.overwrite)
     built = check_inputs()
     run_dir = plan.create()
@@ -85,13 +89,25 @@ def start_run(cfg: RunConfig, kind: str, check_inputs: Callable[[], object]) -> 
 
 
 def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, bool]],
-             save: Callable[[int], Path | None]) -> dict:
-    """Steps ``start + 1 .. steps``; returns the run's summary."""
-    cfg, t0 = run.config, time.perf_counter()
-    if is_main():
-        (run.dir / f"{run.kind}_config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+             save: Callable[[int], Path | None], evaluate: Callable[[], dict] | None = None) -> dict:
+    """Steps ``start + 1 .. steps`` (a new run with ``evaluate``: its metrics as step 0); returns the summary."""
+    cfg, t0, config = run.config, time.perf_counter(), config_dict(run.config)
+    if run.resume_from is not None and not cfg.resume_with_changes:  # compare with the checkpoint's settings
+        old = torch.load(run.resume_from / "state.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+        changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {v!r}" for k, v in config.items() if k in old and old[k] != v
+                   and (k not in RESUMABLE or k == "eval_every" and bool(old[k]) != bool(v))]  # on/off: held-out split
+        if changed:
+            raise RunDirError(f"--resume: the run was trained with other settings ({'; '.join(changed)}); pass the "
+                              "same values, or --resume-with-changes to continue with the new ones")
+    if is_main() and start == 0:  # OUT/<kind>_config.json: the first segment's; <kind>_configs.jsonl: later ones
+        (run.dir / f"{run.kind}_config.json").write_text(json_text(config, indent=2) + "\n")
+    elif is_main():
+        with open(run.dir / f"{run.kind}_configs.jsonl", "a") as f:
+            f.write(json_text({"resumed_from_step": start, "config": config}) + "\n")
     logger = MetricsLogger(run.dir, cfg.steps, run.kind, enabled=is_main(), start_step=start,
                            progress=cfg.progress, log_every=cfg.log_every, report_to=cfg.report_to)
+    if evaluate is not None and start == 0:
+        logger.log(0, **evaluate())
     done, interrupted, saved = start, False, run.resume_from
     with StopFlag() as stop:
         for n in range(start + 1, cfg.steps + 1):
@@ -112,8 +128,7 @@ def run_loop(run: Run, start: int, step: Callable[[int, StopFlag], tuple[dict, b
 
 
 def save(run: Run, step: int, model, optimizer, tokenizer, state: dict, fsdp: bool = False) -> Path | None:
-    """Rank 0 writes checkpoint ``step`` with the RNG state, the config and ``state`` (under FSDP every rank helps
-    gather the full state first); every rank waits for it."""
+    """Rank 0 writes checkpoint ``step``: RNG state, config, ``state`` (under FSDP all ranks gather it); all wait."""
     state, path = {"rng": rng_state(), "config": config_dict(run.config), **state}, None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

@@ -19,6 +19,7 @@ from nanoseek.datasets import Row
 from nanoseek.distributed import global_std, init_distributed, is_main, reduce_floats
 from nanoseek.evaluate import evaluate, scalar_metrics
 from nanoseek.hf import atomic_write
+from nanoseek.metrics import json_text
 from nanoseek.policy import Policy
 from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
@@ -43,12 +44,14 @@ class RLConfig(RunConfig, OptimConfig, RLDataConfig, OptimizeConfig):
     top_p: float = option(1.0, "nucleus sampling mass", gt=0, max=1)
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
     share_prompts: bool = option(True, "run a group's shared prompt once in the log-prob passes (exact)")
-    log_completions_every: int = option(10, "write samples to completions.jsonl every N steps (0: never)", min=0)
+    log_completions_every: int = option(10, "samples to completions.jsonl every N steps and the last (0: never)", min=0)
+    eval_on_start: bool = option(False, "also evaluate before training, logged as step 0 (needs --eval-every)")
 
     def validate(self) -> None:
         check_ranges(self)
-        if self.save_best and not self.eval_every:
-            raise ValueError("--save-best needs --eval-every N (the best checkpoint is chosen by the evaluations)")
+        for flag, given in (("--save-best", self.save_best), ("--eval-on-start", self.eval_on_start)):
+            if given and not self.eval_every:
+                raise ValueError(f"{flag} needs --eval-every N (the held-out prompts and when to evaluate them)")
         if self.save_best in ("pass@k", "sample_accuracy") and not self.eval_num_generations:
             raise ValueError(f"--save-best {self.save_best} needs --eval-num-generations > 0")
 
@@ -122,6 +125,10 @@ class RLTrainer:
             "tokens_per_s": (float(lengths.sum()) / dt, 0.0),
             "tokens/processed_over_real": (float(stats.processed), float(stats.real)),
         }
+        if self.sampling.dynamic_sampling:  # groups trained on, dropped (equal rewards, surplus), rounds (rank mean)
+            kept = float(len(rollout.examples))
+            ratios |= {"sampling/groups_kept": (kept, 0.0), "sampling/groups_dropped": (seen.groups - kept, 0.0),
+                       "sampling/rounds": (seen.groups / self.cfg.prompts_per_step, 0.0)}
         if self.algorithm.cfg.beta > 0:
             ratios["kl"] = (sums["kl"], tok)
         if self.algorithm.trainables:  # PPO's critic: its value loss, the mean over ranks and passes
@@ -148,8 +155,7 @@ class RLTrainer:
 
 
 def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
-    """Run an RL algorithm; returns the run's summary with the first and final reward and, with ``save_best``, the
-    record of OUT/best: the step with the best eval metric (ties: the earlier), loadable with ``--model OUT/best``."""
+    """Run an RL algorithm: the summary, first and final reward, and with ``save_best`` OUT/best's record (``best``)."""
     cfg.validate()
     rank, world, device = init_distributed(cfg.device)
 
@@ -182,13 +188,14 @@ def train_rl(cfg: RLConfig, algorithm_cls) -> dict:
             if cfg.save_best and (best is None or m[best_metric] > best["value"]):
                 best = {"metric": best_metric, "value": m[best_metric], "step": n}
                 save_checkpoint(best_json.parent, n, model, state={"best": best}, keep=1, tokenizer=trainer.tokenizer)
-                atomic_write(Path(best_json), json.dumps(best, indent=2))
-        if is_main() and cfg.log_completions_every and (n - 1) % cfg.log_completions_every == 0:
+                atomic_write(Path(best_json), json_text(best, indent=2))
+        if is_main() and cfg.log_completions_every and (n % cfg.log_completions_every == 0 or n == cfg.steps):
             _log_completions(run.dir / "completions.jsonl", n, rollout, 4 * cfg.num_generations)
         return m, reduce_floats([float(stop.requested)], "max")[0] > 0
 
     summary = run_loop(run, int(state["step"]), step, lambda n: save(run, n, model, trainer.optimizer,
-                                                                     trainer.tokenizer, trainer.algorithm.state_dict()))
+                                                                     trainer.tokenizer, trainer.algorithm.state_dict()),
+                       (lambda: trainer.evaluate(0) if is_main() else {}) if cfg.eval_on_start else None)
     return {**summary, "first_reward": rewards[0] if rewards else None,
             "final_reward": rewards[-1] if rewards else None, **({"best": best} if cfg.save_best else {})}
 
@@ -200,5 +207,5 @@ def _log_completions(path: Path, step: int, rollout: Rollout, rows: int) -> None
             ex = rollout.examples[int(rollout.batch.prompt_index[i])]
             adv = rollout.advantages[i]
             adv = adv[: int(rollout.batch.completion_lens[i])].tolist() if adv.dim() else float(adv)
-            f.write(json.dumps({"step": step, "prompt": ex.prompt, "completion": rollout.texts[i],
-                                "reward": float(rollout.rewards[i]), "advantage": adv, "answer": ex.answer}) + "\n")
+            f.write(json_text({"step": step, "prompt": ex.prompt, "completion": rollout.texts[i],
+                               "reward": float(rollout.rewards[i]), "advantage": adv, "answer": ex.answer}) + "\n")

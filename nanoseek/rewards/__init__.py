@@ -180,40 +180,29 @@ def _in_worker(fn, prompts, completions, columns, timeout_s: float) -> list:
     return value
 
 
-def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float | None) -> list:
-    """``fn``'s values, built-ins in process, others in a worker stopped after ``timeout_s`` (None: in process):
-    RewardError if it raised, TimeoutError if it hung, ValueError if it returned the wrong number of values."""
-    if timeout_s is not None and fn not in _IN_PROCESS:
-        values = _in_worker(fn, prompts, completions, columns, timeout_s)
-    else:
-        try:
-            values = list(fn(prompts, completions, **columns))
-        except Exception as e:  # noqa: BLE001 - reported with the function's name (and the row)
-            raise RewardError(f"{type(e).__name__}: {e}") from e
-    if len(values) != len(completions):
-        raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
-    return values
-
-
-def _row(call, prompts: list, completions: list, columns: dict, i: int):
-    """Row ``i``'s value alone, or why it failed."""
+def _call(fn, prompts: list, completions: list, columns: dict, timeout_s: float | None) -> list | Exception:
+    """``fn``'s values (built-ins in process, others in a worker stopped after ``timeout_s``; None: in process), or
+    why there are none: a RewardError (it raised), TimeoutError (it hung) or ValueError (the wrong number)."""
     try:
-        return call([prompts[i]], [completions[i]], {k: v[i : i + 1] for k, v in columns.items()})[0]
-    except (RewardError, TimeoutError, ValueError) as e:
-        return e
+        values = list(fn(prompts, completions, **columns) if timeout_s is None or fn in _IN_PROCESS
+                      else _in_worker(fn, prompts, completions, columns, timeout_s))
+    except Exception as e:  # noqa: BLE001 - reported with the function's name (and the row)
+        return e if isinstance(e, RewardError | TimeoutError) else RewardError(f"{type(e).__name__}: {e}")
+    n = len(completions)
+    return values if len(values) == n else ValueError(f"returned {len(values)} values for {n} completions")
 
 
 def _checked(fn, prompts: list, completions: list, columns: dict, timeout_s: float | None) -> list[float | None]:
     """``fn``'s N values (float or None); a failure (``_call``, NaN or not a number) is a RewardError naming ``fn``
-    and the row, or None (counted, logged) under SkipFailures. A call that raised is redone row by row to find it."""
+    and the row, or under SkipFailures None, counted and logged. A call that raised is redone row by row."""
     skip, n = isinstance(fn, SkipFailures), len(completions)
     call = partial(_call, fn.fn if skip else fn, timeout_s=timeout_s)
-    try:
-        got = call(prompts, completions, columns)
-    except RewardError:  # which rows? each alone, lazily: a raise stops at the first
-        got = (_row(call, prompts, completions, columns, i) for i in range(n))
-    except (TimeoutError, ValueError) as e:  # it hung or gave the wrong number: no one row to blame
-        got = [e] * n
+    got = call(prompts, completions, columns)
+    if isinstance(got, RewardError):  # which rows? each alone, lazily: a raise stops at the first
+        alone = (call([prompts[i]], [completions[i]], {k: c[i : i + 1] for k, c in columns.items()}) for i in range(n))
+        got = (r if isinstance(r, Exception) else r[0] for r in alone)
+    elif isinstance(got, Exception):  # it hung or gave the wrong number: no one row to blame
+        got = [got] * n
     values, failed = [], []
     for i, v in enumerate(got):
         try:
@@ -221,12 +210,11 @@ def _checked(fn, prompts: list, completions: list, columns: dict, timeout_s: flo
         except (TypeError, ValueError):
             v = ValueError(f"gave {v!r}, not a number")
         if isinstance(v, Exception):
-            why = f"reward function {reward_name(fn)} failed on completion {i} of {n} (prompt {str(prompts[i])[:60]!r})"
+            failed.append(f"reward function {reward_name(fn)} failed on completion {i} of {n} (prompt "
+                          f"{str(prompts[i])[:60]!r}): {v}")
             if not skip:
-                raise RewardError(f"{why}: {v}; fix it, or pass --reward-errors skip to leave such values out") from v
-            failed.append(f"{why}: {v}")
-            v = None
-        values.append(v)
+                raise RewardError(f"{failed[0]}; fix it, or pass --reward-errors skip to leave such values out") from v
+        values.append(None if isinstance(v, Exception) else v)
     if skip:
         fn.failed, fn.asked = fn.failed + len(failed), fn.asked + n
         if failed:
@@ -255,11 +243,10 @@ def compute_process_rewards(fn: Callable[..., list], prompts: list, completions:
     """-> (steps (N,), errors): step rewards of one process reward function; a failure (``_call``) or an invalid
     value (``check_steps``) gives None for its samples, logged and listed in ``errors``."""
     name = reward_name(fn)
-    try:
-        values = _call(fn, prompts, completions, {**(columns or {}), "completion_ids": completion_ids}, timeout_s)
-    except (RewardError, TimeoutError, ValueError) as e:
-        log.warning("process reward %s failed: %s", name, e)
-        return [None] * len(completions), [f"{name}: {e}"]
+    values = _call(fn, prompts, completions, {**(columns or {}), "completion_ids": completion_ids}, timeout_s)
+    if isinstance(values, Exception):
+        log.warning("process reward %s failed: %s", name, values)
+        return [None] * len(completions), [f"{name}: {values}"]
     steps, errors = [], []
     for i, (v, ids) in enumerate(zip(values, completion_ids)):
         try:

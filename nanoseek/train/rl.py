@@ -141,9 +141,8 @@ class RLTrainer:
         if gap is not None:  # the sampler's log-probs against the trainer's recomputed π_old
             ratios["sampling/logprob_diff/mean"] = (float(gap.sum()), float(rollout.batch.completion_mask.sum()))
         totals = reduce_floats([x for pair in ratios.values() for x in pair])
-        m = {k: math.nan if not den and k.removeprefix("rewards/").removesuffix("/mean") in seen.seen_per_fn
-             else num / max(den, 1)
-             for k, num, den in zip(ratios, totals[::2], totals[1::2])}
+        m = {k: num / den if den else math.nan if k.removeprefix("rewards/").removesuffix("/mean") in seen.seen_per_fn
+             else num for k, num, den in zip(ratios, totals[::2], totals[1::2])}  # NaN: a function gave no value
         lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
         lmax, gap_max = reduce_floats([float(lengths.max()) if len(lengths) else 0.0,
                                        float(gap.max()) if gap is not None and gap.numel() else 0.0], "max")

@@ -243,8 +243,8 @@ def _nan_second(prompts, completions, **kw):
     (_raises, 0, "RuntimeError: kaboom"),
     (_picky, 1, "ValueError: cannot score 'bad'"),
     (_wrong_length, 0, "returned 1 values for 3 completions"),
-    (_nan_second, 1, "gave nan"),
-    (lambda p, c, **kw: [1.0, "x", 2.0], 1, "gave 'x', not a number"),
+    (_nan_second, 1, "gave nan, not a finite number"),
+    (lambda p, c, **kw: [1.0, "x", 2.0], 1, "gave 'x', not a finite number"),
 ])
 @pytest.mark.parametrize("timeout", [None, 10.0])  # in process, and in the forked worker
 def test_failing_reward_stops_naming_the_function_and_the_row(fn, row, why, timeout):

@@ -201,14 +201,11 @@ def _checked(fn, prompts: list, completions: list, columns: dict, timeout_s: flo
     if isinstance(got, RewardError):  # which rows? each alone, lazily: a raise stops at the first
         alone = (call([prompts[i]], [completions[i]], {k: c[i : i + 1] for k, c in columns.items()}) for i in range(n))
         got = (r if isinstance(r, Exception) else r[0] for r in alone)
-    elif isinstance(got, Exception):  # it hung or gave the wrong number: no one row to blame
-        got = [got] * n
+    got = [got] * n if isinstance(got, Exception) else got  # it hung or gave the wrong number: no one row to blame
     values, failed = [], []
     for i, v in enumerate(got):
-        try:
-            v = v if v is None or isinstance(v, Exception) or isfinite(v := float(v)) else ValueError(f"gave {v}")
-        except (TypeError, ValueError):
-            v = ValueError(f"gave {v!r}, not a number")
+        if not (v is None or isinstance(v, Exception)):
+            v = float(v) if hasattr(v, "__float__") and isfinite(v) else ValueError(f"gave {v!r}, not a finite number")
         if isinstance(v, Exception):
             failed.append(f"reward function {reward_name(fn)} failed on completion {i} of {n} (prompt "
                           f"{str(prompts[i])[:60]!r}): {v}")

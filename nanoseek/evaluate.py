@@ -27,7 +27,7 @@ from nanoseek.datasets import Row
 from nanoseek.fim import encode_text, infill_prompt, sentinel_ids, val_documents
 from nanoseek.model.transformer import Transformer
 from nanoseek.policy import Policy, SamplingParams
-from nanoseek.rewards import check_reward_columns
+from nanoseek.rewards import check_computed, check_reward_columns
 from nanoseek.rewards.math import extract_final_answer
 from nanoseek.rollout import Scorer, sample_and_score
 from nanoseek.sample import PromptsConfig, load_prompts_of
@@ -152,9 +152,10 @@ def run(args: argparse.Namespace) -> int:
                                max_tokens=policy.model.config.max_position_embeddings)
         head = {"task": cfg.task} if cfg.task else {"dataset": cfg.dataset, "reward_funcs": cfg.reward_funcs}
         result = evaluate(policy, lambda p: tok.encode_prompt(p, cfg.system_prompt), tok.decode, list(ds.rows),
-                          Scorer(fns, tokenizer=tok, columns=ds.columns), k=cfg.num_generations,
-                          temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                          batch_size=cfg.batch_size, seed=cfg.seed, min_reward=cfg.min_reward, progress=True)
+                          Scorer(fns, tokenizer=tok, timeout_s=cfg.reward_timeout_s, columns=ds.columns),
+                          k=cfg.num_generations, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
+                          max_completion_length=cfg.max_completion_length, min_reward=cfg.min_reward, progress=True)
+        check_computed(fns)
     print(json.dumps({**head, **{k: v for k, v in result.items() if not isinstance(v, list)}}, indent=2))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({**head, **result}, indent=2))

@@ -19,7 +19,7 @@ from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.datasets import PromptDataset, load_prompts, task_dataset
 from nanoseek.hf import atomic_write
 from nanoseek.policy import SamplingParams
-from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+from nanoseek.rewards import RewardFlags, RewardFn, check_computed, check_reward_columns, get_reward_fn
 from nanoseek.rollout import Scorer, sample_and_score
 from nanoseek.tasks import get_task, task_reward
 
@@ -67,7 +67,7 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
 
 # ---------------------------------------------------------------------- CLI
 @dataclass(frozen=True, kw_only=True)
-class PromptsConfig:
+class PromptsConfig(RewardFlags):
     """``nanoseek sample`` and ``nanoseek eval``: the checkpoint, its prompts (a task or a dataset) and verifiers."""
 
     model: str = option(help="nanoseek or Hugging Face checkpoint directory (with tokenizer.json), or a run "
@@ -95,11 +95,11 @@ def load_prompts_of(cfg: PromptsConfig, n: int | None, task_split: str) -> tuple
     fns = [get_reward_fn(name) for name in cfg.reward_funcs]
     if cfg.task is not None:
         task = get_task(cfg.task)
-        return task_dataset(task, n, task_split, seed=cfg.seed), [task_reward(task), *fns]
+        return task_dataset(task, n, task_split, seed=cfg.seed), cfg.guard([task_reward(task), *fns])
     split = cfg.dataset_split or ("train" if Path(cfg.dataset).expanduser().is_file() else "test")
     ds = load_prompts(cfg.dataset, config=cfg.dataset_config, split=split, prompt_column=cfg.prompt_column,
                       answer_column=cfg.answer_column)
-    return PromptDataset(ds.name, ds.rows[:n], ds.columns), fns
+    return PromptDataset(ds.name, ds.rows[:n], ds.columns), cfg.guard(fns)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +118,6 @@ class SampleConfig(PromptsConfig):
     top_p: float = option(1.0, "nucleus sampling", gt=0, max=1)
     top_k: int | None = option(None, "sample among the k most likely tokens", min=1)
     batch_size: int = option(64, "sequences per sampler call", min=1)
-    reward_timeout_s: float = option(60.0, "seconds before a non-built-in reward function is stopped", gt=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, keep=cfg.keep,
         min_reward=cfg.min_reward, reward_timeout_s=cfg.reward_timeout_s, progress=sys.stderr.isatty())
+    check_computed(fns)
     out = write_rows(cfg.out, rows)
     print(f"sampled {summary['samples']} completions of {summary['prompts']} prompts; kept {summary['kept']} "
           f"({summary['prompts_kept']} prompts) -> {out}")

@@ -54,7 +54,7 @@ def test_dataset_prompts_chat_template_and_aligned_columns(tmp_path, reward_modu
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     trainer = make_trainer(random_checkpoint(tmp_path / "m"), dataset=str(data), reward_funcs=[reward_module],
                            num_generations=2, prompts_per_step=3, max_completion_length=2,
-                           system_prompt="Be brief.")
+                           system_prompt="Be brief.", reward_timeout_s=None)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_id
     rows = trainer.prompts(1)
     assert all(isinstance(r, Row) for r in rows) and len(rows) == 3

@@ -21,7 +21,7 @@ from nanoseek.evaluate import evaluate, scalar_metrics
 from nanoseek.hf import atomic_write
 from nanoseek.metrics import json_text
 from nanoseek.policy import Policy
-from nanoseek.rewards import PROCESS_REWARD_FNS, reward_name
+from nanoseek.rewards import PROCESS_REWARD_FNS, SkipFailures, reward_name
 from nanoseek.rollout import CollectStats, Rollout, Sampling, Scorer, collect
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, narrow, run_loop, save, start_run
@@ -66,6 +66,7 @@ class RLTrainer:
         process = PROCESS_REWARD_FNS[process] if isinstance(process, str) else process  # validated by GRPO.Params
         self.scorer = Scorer(self.data.reward_fns, cfg.reward_weights or None, tokenizer, process,
                              cfg.reward_timeout_s, self.data.train.columns)
+        self.skipping = [fn for fn in self.data.reward_fns if isinstance(fn, SkipFailures)]  # --reward-errors skip
         self.sampling, self.optim = narrow(Sampling, cfg), narrow(OptimizeConfig, cfg)
         self.optimizer = adamw(policy.model, cfg)
         self.algorithm = algorithm_cls(narrow(algorithm_cls.Params, cfg), self.sampling, self.optim, policy)
@@ -90,6 +91,8 @@ class RLTrainer:
 
     def collect(self, step: int) -> tuple[Rollout, CollectStats]:
         base = (self.sampling.seed * 1_000_003 + step - 1) * 101
+        for fn in self.skipping:  # count this step's failures, not the evaluations'
+            fn.failed = 0
         return collect(self.policy, self.encode, self.tokenizer.decode, lambda r: self.prompts(step, r), self.scorer,
                        self.sampling, seed=lambda r: (base + r) * 64 + self.rank)
 
@@ -136,6 +139,7 @@ class RLTrainer:
         for name, vals in seen.seen_per_fn.items():  # NaN: the function gave no value
             given = [v for v in vals if not math.isnan(v)]
             ratios[f"rewards/{name}/mean"] = (float(sum(given)), float(len(given)))
+        ratios.update({f"rewards/{fn.__name__}/errors": (float(fn.failed), 0.0) for fn in self.skipping})
         if self.scorer.process_fn is not None:  # mean step reward, and the completions that got no step
             ratios["rewards/process/mean"] = (float(sum(seen.seen_steps)), float(len(seen.seen_steps)))
             ratios["rewards/process/frac_no_steps"] = (float(seen.no_steps), float(r.numel()))
@@ -144,7 +148,8 @@ class RLTrainer:
         if gap is not None:  # the sampler's log-probs against the trainer's recomputed π_old
             ratios["sampling/logprob_diff/mean"] = (float(gap.sum()), float(rollout.batch.completion_mask.sum()))
         totals = reduce_floats([x for pair in ratios.values() for x in pair])
-        m = {k: num / max(den, 1) for k, num, den in zip(ratios, totals[::2], totals[1::2])}
+        m = {k: num / den if den else math.nan if k.removeprefix("rewards/").removesuffix("/mean") in seen.seen_per_fn
+             else num for k, num, den in zip(ratios, totals[::2], totals[1::2])}  # NaN: a function gave no value
         lmin = reduce_floats([float(lengths.min()) if len(lengths) else math.inf], "min")[0]
         lmax, gap_max = reduce_floats([float(lengths.max()) if len(lengths) else 0.0,
                                        float(gap.max()) if gap is not None and gap.numel() else 0.0], "max")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nanoseek.cli_args import option
 from nanoseek.datasets import PromptDataset, TaskPrompts, load_prompts, task_dataset
-from nanoseek.rewards import RewardFn, check_reward_columns, get_reward_fn
+from nanoseek.rewards import RewardFlags, RewardFn, check_reward_columns, get_reward_fn
 from nanoseek.tasks import get_task, task_reward
 
 
@@ -28,7 +28,7 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RLDataConfig(DatasetConfig):
+class RLDataConfig(DatasetConfig, RewardFlags):
     """Where the prompts, rewards and held-out prompts come from (--dataset: rewards from --reward-funcs only)."""
 
     task: str = option("arithmetic", "built-in task giving prompts and the task reward (unless --dataset)")
@@ -38,7 +38,6 @@ class RLDataConfig(DatasetConfig):
                                      "format_gsm8k, equations, countdown, code) or import paths (package.module:fn)")
     reward_weights: list[float] = option(default_factory=list, help="weights: the task reward first (without "
                                          "--dataset), then each of --reward-funcs (default all 1)")
-    reward_timeout_s: float | None = option(None, "run non-built-in reward functions in a killable worker", gt=0)
     eval_every: int = option(0, "evaluate on held-out prompts every N steps and at the end (0: never)", min=0)
     eval_dataset: str | None = option(None, "held-out prompts (default: the task's, or 1 in 10 of --dataset's)")
     eval_split: str | None = option(None, "--eval-dataset's split (default: train for a file, else test)")
@@ -89,4 +88,4 @@ def rl_data(cfg: RLDataConfig, tokenizer) -> RLData:
     rows = [*getattr(train, "rows", ()), *(held_out.rows if held_out is not None else ())]
     if cfg.system_prompt is not None or any(r.conversational for r in rows):
         tokenizer.template()  # a ValueError now, at start, when the tokenizer has no template
-    return RLData(train, held_out, fns, correct)
+    return RLData(train, held_out, cfg.guard(fns), correct)

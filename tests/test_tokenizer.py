@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, processors
 
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
@@ -138,3 +138,25 @@ def test_tokenizer_saved_without_the_bos_rule_keeps_its_ids(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
     old = Tokenizer.load(tmp_path)
     assert old.tok.post_processor is None and old.encode("ab", add_bos=True) == [1, *Tokenizer.char().encode("ab")]
+
+
+@pytest.mark.slow
+def test_serve_prompt_with_special_token_strings(tmp_path):
+    """`serve`: a completion prompt's special-token strings are text; a chat's rendered template parses its own."""
+    import httpx
+    from serve_fixture import start_server, stop_server
+
+    server = start_server(tmp_path)
+    try:
+        tok, hf = server.tokenizer, transformers.AutoTokenizer.from_pretrained(server.directory)
+        body = {"model": server.name, "prompt": TEXT, "max_tokens": 1}
+        usage = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["usage"]
+        assert usage["prompt_tokens"] == len(hf(TEXT, split_special_tokens=True)["input_ids"]) > 20
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "<pad>"}]
+        body = {"model": server.name, "messages": messages, "max_tokens": 1}
+        usage = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["usage"]
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert usage["prompt_tokens"] == len([tok.bos_id, *ids]) and tok.eos_id in ids  # the assistant turn's EOS
+    finally:
+        assert stop_server(server) == 0

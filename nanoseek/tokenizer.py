@@ -43,7 +43,7 @@ class Tokenizer:
         if config is None and tok.post_processor is None:  # nanoseek's rule, where transformers reads it too
             tok.post_processor = processors.TemplateProcessing(f"{BOS} $A", special_tokens=[(BOS, bos)])
         first = tok.encode("", add_special_tokens=True).ids[:1]  # BOS as tokenizer.json's post-processor adds it
-        legacy = tok.post_processor is None and all(tok.token_to_id(s) is not None for s in SPECIALS)  # nanoseek <= 0.1
+        legacy = tok.post_processor is None and all(tok.token_to_id(s) is not None for s in SPECIALS)  # nanoseek 0.1.0
         self.bos_id = bos if (first == [bos] or legacy) and self.config.get("add_bos_token") is not False else None
         self.eos_id, self.unk_id, self.pad_id = eos, unk, pad if pad is not None else eos
 
@@ -90,7 +90,7 @@ class Tokenizer:
 
     def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
         text = self.prompt_text(prompt, system_prompt)
-        return self.encode(text, add_bos=True, parse_specials=text is not prompt)  # rendered: parse
+        return self.encode(text, add_bos=True, parse_specials=text is not prompt)  # rendered: parse its specials
 
     def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
                   system_prompt: str | None = None) -> tuple[str, str, bool]:

@@ -46,10 +46,10 @@ def sft_rows(tok: Tokenizer, rows: Sequence[Row], seq_len: int, system_prompt: s
     (unless ``allow_unknown_chars``) and rows over seq_len + 1 tokens are errors naming the row."""
     out = []
     for r in rows:
-        prompt, completion, add_eos = tok.sft_texts(r.prompt, r.completion, system_prompt)
-        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=True, allow_unknown=allow_unknown_chars)
-        toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=add_eos,
-                                  allow_unknown=allow_unknown_chars)
+        prompt, completion, plain = tok.sft_texts(r.prompt, r.completion, system_prompt)
+        kw = {"allow_unknown": allow_unknown_chars, "parse_specials": not plain}  # a rendered template's specials
+        p = encode_checked(tok, prompt, f"{r.where} (prompt)", add_bos=True, **kw)
+        toks = p + encode_checked(tok, completion, f"{r.where} (completion)", add_eos=plain, **kw)
         if len(toks) - 1 > seq_len:
             raise ValueError(f"{r.where}: example has {len(toks) - 1} tokens, more than --seq-len {seq_len}; "
                              "raise --seq-len or shorten the example")

@@ -24,7 +24,7 @@ from nanoseek.cli_args import add_arguments as add_flags
 from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.data import bits_per_byte
 from nanoseek.datasets import Row
-from nanoseek.fim import encode_text, infill_prompt, sentinel_ids, val_documents
+from nanoseek.fim import infill_prompt, sentinel_ids, val_documents
 from nanoseek.model.transformer import Transformer
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.rewards import check_computed, check_reward_columns
@@ -186,9 +186,9 @@ def fim_exact_match(model: Transformer, tok: Tokenizer, documents: list[str], mo
     infilled = [tok.decode(out).split("\n", 1)[0] for out in outputs]
     results = [{"line": line, "infilled": fill, "exact": fill.strip() == line.strip()}
                for (line, _, _), fill in zip(cases, infilled)]
-    targets = [encode_text(tok, line)[:max_new] for line, _, _ in cases]
+    targets = [tok.encode(line)[:max_new] for line, _, _ in cases]
     doc_start = tok.eos_id if tok.bos_id is None else tok.bos_id  # a document's start, as in the shards
-    left = [[doc_start, *ids[max(len(ids) - budget + 1, 0):]] for ids in (encode_text(tok, p) for _, p, _ in cases)]
+    left = [[doc_start, *ids[max(len(ids) - budget + 1, 0):]] for ids in (tok.encode(p) for _, p, _ in cases)]
     n_bytes = sum(len(tok.decode(t).encode()) for t in targets)
     return {"exact_match": sum(r["exact"] for r in results) / max(len(results), 1),
             **{key: bits_per_byte(sum(map(partial(nats, model), given, targets)), n_bytes) for key, given in

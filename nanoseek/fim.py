@@ -24,15 +24,6 @@ def sentinel_ids(tok: Tokenizer) -> tuple[int, int, int]:
     return ids[0], ids[1], ids[2]
 
 
-def encode_text(tok: Tokenizer, text: str) -> list[int]:
-    """``text``'s ids with special-token strings inside it encoded as plain text, never as control tokens."""
-    tok.tok.encode_special_tokens = True
-    try:
-        return tok.tok.encode(text, add_special_tokens=False).ids
-    finally:
-        tok.tok.encode_special_tokens = False
-
-
 def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", max_tokens: int | None = None
                   ) -> list[int]:
     """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle); with
@@ -40,7 +31,7 @@ def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", m
     if mode not in MODES:
         raise ValueError(f"FIM mode {mode!r}: expected one of {MODES}")
     begin, hole, end = sentinel_ids(tok)
-    before, after = encode_text(tok, prefix), encode_text(tok, suffix)
+    before, after = tok.encode(prefix), tok.encode(suffix)
     if max_tokens is not None:  # the suffix gets half the budget, or what the prefix leaves
         budget = max(max_tokens - 3, 0)
         keep_after = min(len(after), max(budget // 2, budget - len(before)))
@@ -53,9 +44,9 @@ def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, 
     """``text``'s ids, in FIM format with probability ``rate`` (split at two uniform character positions), else
     plain. No BOS or EOS: the caller separates documents."""
     if rng.random() >= rate:
-        return encode_text(tok, text)
+        return tok.encode(text)
     start, stop = sorted(rng.randint(0, len(text)) for _ in range(2))
-    return infill_prompt(text[:start], text[stop:], tok, mode) + encode_text(tok, text[start:stop])
+    return infill_prompt(text[:start], text[stop:], tok, mode) + tok.encode(text[start:stop])
 
 
 def val_documents(data_dir: str | Path, tok: Tokenizer, n: int | None = None) -> list[str]:

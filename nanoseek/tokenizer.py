@@ -7,10 +7,11 @@ checkpoint's. The saved files load with ``transformers.AutoTokenizer.from_pretra
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Encoding, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, check_messages
@@ -22,6 +23,7 @@ NANOSEEK_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PA
                    "unk_token": UNK, "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: each one present is a template variable
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_ENCODE_LOCK = threading.Lock()  # guards the backend's encode_special_tokens flag, set per call
 
 
 class Tokenizer:
@@ -38,7 +40,11 @@ class Tokenizer:
             raise ValueError(f"tokenizer.json lacks the special token(s) {missing} that tokenizer_config.json names")
         pad, bos, eos, unk = (tok.token_to_id(self.specials[k]) if k in self.specials else None
                               for k in ("pad_token", "bos_token", "eos_token", "unk_token"))
-        self.bos_id = None if self.config.get("add_bos_token") is False else bos
+        if config is None and tok.post_processor is None:  # nanoseek's rule, where transformers reads it too
+            tok.post_processor = processors.TemplateProcessing(f"{BOS} $A", special_tokens=[(BOS, bos)])
+        first = tok.encode("", add_special_tokens=True).ids[:1]  # BOS as tokenizer.json's post-processor adds it
+        legacy = tok.post_processor is None and all(tok.token_to_id(s) is not None for s in SPECIALS)  # nanoseek 0.1.0
+        self.bos_id = bos if (first == [bos] or legacy) and self.config.get("add_bos_token") is not False else None
         self.eos_id, self.unk_id, self.pad_id = eos, unk, pad if pad is not None else eos
 
     @property
@@ -56,11 +62,17 @@ class Tokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         return () if self.eos_id is None else (self.eos_id,)
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """``text``'s ids; ``add_bos`` puts BOS first when the tokenizer has one, unless ``text`` already starts with
-        the BOS token (Llama's chat templates write it), so BOS is never doubled."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and not text.startswith(self.specials["bos_token"]):
+    def encoding(self, text: str, parse_specials: bool = False) -> Encoding:
+        """``text`` encoded; its special-token strings are text unless ``parse_specials`` (a rendered chat template)."""
+        with _ENCODE_LOCK:
+            self.tok.encode_special_tokens = not parse_specials
+            return self.tok.encode_batch([text], add_special_tokens=False)[0]  # the batch call releases the GIL
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *, parse_specials: bool = False
+               ) -> list[int]:
+        """``text``'s ids; ``add_bos``: BOS first by the tokenizer's rule, never doubled (Llama templates write it)."""
+        ids = self.encoding(text, parse_specials).ids
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         return ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
 
@@ -77,12 +89,13 @@ class Tokenizer:
         return self.template().render(messages, add_generation_prompt=True, system_prompt=system_prompt)
 
     def encode_prompt(self, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
-        return self.encode(self.prompt_text(prompt, system_prompt), add_bos=True)
+        text = self.prompt_text(prompt, system_prompt)
+        return self.encode(text, add_bos=True, parse_specials=text is not prompt)  # rendered: parse its specials
 
     def sft_texts(self, prompt: str | list[dict], completion: str | list[dict],
                   system_prompt: str | None = None) -> tuple[str, str, bool]:
-        """(prompt text, completion text, whether to append EOS) of one SFT row: plain strings as they are, plus EOS;
-        else the conversation rendered whole, cut after the generation prompt (its end of turn ends it, as TRL)."""
+        """(prompt text, completion text, plain) of one SFT row: plain strings as they are (append EOS; specials are
+        text); else the conversation rendered whole (parse its specials), cut after the generation prompt, as TRL."""
         if isinstance(prompt, str) and isinstance(completion, str) and system_prompt is None:
             return prompt, completion, True
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -147,15 +160,17 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------- input checks
 def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = False, add_eos: bool = False,
-                   allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False) -> list[int]:
+                   allow_unknown: bool = False, max_tokens: int | None = None, is_file: bool = False,
+                   parse_specials: bool = False) -> list[int]:
     """``tok.encode`` that refuses invalid Unicode, characters the tokenizer lacks (unless ``allow_unknown``; listed,
     at ``where``, a file with ``is_file``) and over ``max_tokens`` tokens (the model's ``max_position_embeddings``)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{where}: invalid Unicode (unpaired surrogate {text[e.start]!r} at {e.start})") from None
-    enc = tok.tok.encode(text, add_special_tokens=False)
-    unknown = [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets) if i == tok.unk_id]
+    enc = tok.encoding(text, parse_specials)
+    unknown = [(start, text[start:end]) for i, (start, end) in zip(enc.ids, enc.offsets)
+               if i == tok.unk_id and text[start:end] != tok.specials.get("unk_token")]  # not a parsed <unk>
     if unknown and not allow_unknown:
         line = text.count("\n", 0, unknown[0][0]) + 1
         at = f"{where}:{line}" if is_file else f"{where} (line {line} of its text)" if "\n" in text else where
@@ -165,7 +180,7 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
         raise ValueError(f"{at}: {len(unknown)} character(s) outside the tokenizer's vocabulary (the first here): "
                          f"{shown}{more}; they would become {UNK}: remove them, use a tokenizer that has them "
                          "(`nanoseek prepare` trains one), or pass --allow-unknown-chars")
-    ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos)
+    ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos, parse_specials=parse_specials)
     if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
                          "(max_position_embeddings); shorten it")

@@ -44,9 +44,11 @@ def test_default_template_exact_text(tmp_path):
     assert render_chat(tok, CONVERSATION[1:2], system_prompt="Be brief.") == \
         "System: Be brief.\n\nUser: What is 2+3?\nAssistant: "
     assert render_chat(tok, CONVERSATION, system_prompt="Be brief.") == expected
-    # the EOS of an assistant turn is one token
-    ids = tok.encode(render_chat(tok, CONVERSATION[:3], add_generation_prompt=False))
+    # the EOS of an assistant turn is one token: the rendered template's special tokens are parsed, text's are not
+    rendered = render_chat(tok, CONVERSATION[:3], add_generation_prompt=False)
+    ids = tok.encode(rendered, parse_specials=True)
     assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
+    assert tok.eos_id not in tok.encode(rendered) and tok.decode(tok.encode(rendered)) == rendered
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -96,11 +98,12 @@ def test_llama_style_template_matches_transformers(tmp_path):
     assert render_chat(directory, convo) == ref
     codec = Tokenizer.load(directory)  # any tokenizer.json: the template's own <s> is not doubled
     assert render_chat(codec, convo) == ref
-    assert codec.encode_prompt(ref) == hf.encode(ref, add_special_tokens=False)
+    assert codec.encode_prompt(ref) == hf(ref, split_special_tokens=True)["input_ids"]  # a plain string is text
     ids = hf.apply_chat_template(convo, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert codec.encode_prompt(convo) == ids
-    assert codec.encode_prompt("hi") == [1, 5] and codec.stop_ids == (2,)
-    assert codec.decode(codec.encode_prompt("hi there")) == hf.decode([1, 5, 6], skip_special_tokens=True)
+    assert codec.encode_prompt(convo) == ids and ids[0] == 1
+    # its post-processor adds no BOS, so a plain prompt gets none (transformers' rule)
+    assert codec.encode_prompt("hi") == hf("hi")["input_ids"] == [5] and codec.stop_ids == (2,)
+    assert codec.decode(codec.encode_prompt("hi there")) == hf.decode(hf("hi there")["input_ids"])
     codec.save(tmp_path / "again")  # what a trainer saves beside a checkpoint: transformers reads it back
     again = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path / "again", local_files_only=True)
     assert again.apply_chat_template(convo, tokenize=False, add_generation_prompt=True) == ref

@@ -277,8 +277,9 @@ def test_any_hf_tokenizer_without_nanoseek_specials(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
     tiny_llama(len(vocab)).save_pretrained(model_dir)
     tok = Tokenizer.load(model_dir)
-    assert isinstance(tok, Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)
-    assert tok.encode("1+2=", add_bos=True) == [0, vocab["1"], vocab["+"], vocab["2"], vocab["="]]
+    # transformers adds no BOS for this tokenizer (no post-processor), and neither does nanoseek
+    assert isinstance(tok, Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 1, 1)
+    assert tok.encode("1+2=", add_bos=True) == [vocab["1"], vocab["+"], vocab["2"], vocab["="]]
     train_grpo(GRPOConfig(model=str(model_dir), out=str(tmp_path / "run"), num_generations=2, prompts_per_step=2,
                           max_completion_length=3, steps=1, progress=False))
     assert read_metrics(tmp_path / "run")[0]["step"] == 1

@@ -87,7 +87,8 @@ def create_app(worker: EngineWorker, tok: Tokenizer, model_name: str, max_reques
         if len(text := tok.prompt_text(prompt)) > max_len * longest:  # cannot fit: refused before tokenizing
             raise ValueError(f"{param}: {len(text):,} characters, more than {max_len} tokens (the context) of at most "
                              f"{longest} characters each can hold; shorten it")
-        return encode_checked(tok, text, param, add_bos=True, allow_unknown=allow_unknown_chars)
+        return encode_checked(tok, text, param, add_bos=True, allow_unknown=allow_unknown_chars,
+                             parse_specials=text is not prompt)
 
     async def respond(chat: bool, body, http: Request, prompts: list, max_tokens: int | None, param: str,
                       with_logprobs: bool):

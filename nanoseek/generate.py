@@ -23,10 +23,8 @@ from nanoseek.model.transformer import Transformer
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              return_logprobs: bool = False, **kwargs) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """The new tokens per prompt (and with ``return_logprobs`` their log-probs under the distribution each was
-    sampled from, see ``sample_rows``); ``kwargs`` are ``run_engine``'s, ``stop_token_ids`` by default the EOS of
-    the model's config."""
-    eos = model.config.eos_token_id
-    kwargs.setdefault("stop_token_ids", () if eos is None else (eos,))
+    sampled from, see ``sample_rows``); ``kwargs``: ``run_engine``'s (stops by default: the config's EOS)."""
+    kwargs.setdefault("stop_token_ids", [t for t in [model.config.eos_token_id] if t is not None])
     requests, _ = run_engine(model, prompts, max_new_tokens, **kwargs)
     out = [r.output_ids for r in requests]
     return (out, [r.logprobs for r in requests]) if return_logprobs else out
@@ -71,8 +69,7 @@ class GenerateConfig:
     suffix_file: str | None = option(None, "infill: the text after the hole")
     fim_mode: str = option("psm", "infill prompt order", choices=("psm", "spm"))
     ids: bool = option(False, "prompts are token ids, output is printed as ids")
-    max_completion_length: int | None = option(None, "tokens generated per prompt at most (default: up to the "
-                                                "model's context)", min=0)
+    max_completion_length: int | None = option(None, "new tokens per prompt (default: all the context leaves)", min=0)
     temperature: float = option(0.0, "0 = greedy", min=0)
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
     top_p: float = option(1.0, "nucleus: the smallest set of tokens reaching this probability", gt=0, max=1)
@@ -115,16 +112,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=True,
                                   allow_unknown=cfg.allow_unknown_chars) for i, p in enumerate(cfg.prompt)]
-    i = max(range(len(prompts)), key=lambda j: len(prompts[j]))  # the longest prompt leaves the least room
-    room = context - len(prompts[i])
+    room, i = min((context - len(p), i) for i, p in enumerate(prompts))  # the longest prompt leaves the least room
     if room < max(n or 0, 1):
-        asked = "" if n is None else f", not --max-completion-length {n}"
-        raise ValueError(f"--prompt {i + 1}: {len(prompts[i])} tokens leave room for {max(room, 0)} new token(s) in "
-                         f"the model's context of {context}{asked}; shorten the prompt or lower "
-                         "--max-completion-length (default: the room left)")
-    n = room if n is None else n
+        raise ValueError(f"--prompt {i + 1}: {context - room} tokens leave room for {max(room, 0)} new tokens in the "
+                         f"model's context of {context}; lower --max-completion-length {n} or shorten the prompt")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    requests, engine = run_engine(model, prompts, n, cfg.temperature, cfg.top_k, cfg.top_p,
+    requests, engine = run_engine(model, prompts, room if n is None else n, cfg.temperature, cfg.top_k, cfg.top_p,
                                   () if eos is None else (eos,), cfg.seed, cfg.speculative)
     for i, r in enumerate(requests):
         if len(requests) > 1:

@@ -42,8 +42,7 @@ from nanoseek.train.rl_data import DatasetConfig
 from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
 
 # a built-in task's model chats in its training format: a user turn is the raw prompt, a reply its completion + EOS
-TASK_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
-                      "{% endif %}{% endfor %}")
+RAW_TEMPLATE = "{% for m in messages %}{{ m.content + (eos_token if m.role == 'assistant' else '') }}{% endfor %}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,8 +185,7 @@ def train(cfg: TrainConfig) -> dict:
                 prompt_column=cfg.prompt_column, completion_column=cfg.completion_column,
                 messages_column=cfg.messages_column, system_prompt=cfg.system_prompt,
                 allow_unknown_chars=cfg.allow_unknown_chars)
-        if not (given or cfg.data or shards):  # a built-in task's rows are raw text: so is its chat template
-            tok.chat_template = TASK_CHAT_TEMPLATE
+        tok.chat_template = tok.chat_template if given or cfg.data or shards else RAW_TEMPLATE  # a --task's
         return tok, config, make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
                                       allow_unknown_chars=cfg.allow_unknown_chars, data_dir=shards)
 

@@ -114,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
                                   allow_unknown=cfg.allow_unknown_chars) for i, p in enumerate(cfg.prompt)]
     room, i = min((context - len(p), i) for i, p in enumerate(prompts))  # the longest prompt leaves the least room
     if room < max(n or 0, 1):
+        fix = "shorten the prompt" if n is None else f"lower --max-completion-length {n} or shorten the prompt"
         raise ValueError(f"--prompt {i + 1}: {context - room} tokens leave room for {max(room, 0)} new tokens in the "
-                         f"model's context of {context}; lower --max-completion-length {n} or shorten the prompt")
+                         f"model's context of {context}; {fix}")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     requests, engine = run_engine(model, prompts, room if n is None else n, cfg.temperature, cfg.top_k, cfg.top_p,
                                   () if eos is None else (eos,), cfg.seed, cfg.speculative)

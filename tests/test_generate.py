@@ -225,6 +225,9 @@ def test_cli_generate_defaults_to_the_room_left_in_the_context(tmp_path, capsys)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "4,5,7:8=", "--max-completion-length", "56"]) == 2
     assert ("9 tokens leave room for 55 new tokens in the model's context of 64; lower --max-completion-length 56"
             in capsys.readouterr().err)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "1" * 70]) == 2
+    assert "71 tokens leave room for 0 new tokens in the model's context of 64; shorten the prompt" in (
+        capsys.readouterr().err)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "1", "--prompt", "2", "--ids",
                  "--max-completion-length", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()

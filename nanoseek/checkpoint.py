@@ -23,8 +23,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 
 STEP_PREFIX = "step_"
-# ModelConfig fields a resumed run may change: they do not define the model (initialisation, loss weight, unknowns)
-NOT_THE_MODEL = ("extra", "initializer_range", "aux_loss_alpha")
+# ModelConfig fields a resumed run may change: not the model's (initialisation, loss weight, unknowns, token ids)
+NOT_THE_MODEL = ("extra", "initializer_range", "aux_loss_alpha", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _unwrap(model):
@@ -53,7 +53,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _unwrap(model).save_pretrained(tmp)
+    if isinstance(base := _unwrap(model), Transformer) and tokenizer is not None:  # its bos/eos/pad ids in config
+        hf.write_pretrained(base.state_dict(), base.config.replace(
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id), tmp)
+    else:
+        base.save_pretrained(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, **(state or {})}, tmp / "state.pt")

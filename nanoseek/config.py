@@ -83,8 +83,7 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads  # MLA has no KV-head count (every head its own)
         if self.head_dim is None:
             self.head_dim = self.v_head_dim
-        if self.n_routed_experts is None:
-            self.n_routed_experts = 0
+        self.n_routed_experts = self.n_routed_experts or 0  # null: every layer is dense
         if self.model_type == "deepseek_v2":
             self.rope_interleave = True  # V2 applies RoPE to interleaved channel pairs
         self.validate()

@@ -23,7 +23,8 @@ from nanoseek.model.transformer import Transformer
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              return_logprobs: bool = False, **kwargs) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """The new tokens per prompt (and with ``return_logprobs`` their log-probs under the distribution each was
-    sampled from, see ``sample_rows``); ``kwargs`` are ``run_engine``'s."""
+    sampled from, see ``sample_rows``); ``kwargs``: ``run_engine``'s (stops by default: the config's EOS)."""
+    kwargs.setdefault("stop_token_ids", [t for t in [model.config.eos_token_id] if t is not None])
     requests, _ = run_engine(model, prompts, max_new_tokens, **kwargs)
     out = [r.output_ids for r in requests]
     return (out, [r.logprobs for r in requests]) if return_logprobs else out
@@ -68,7 +69,7 @@ class GenerateConfig:
     suffix_file: str | None = option(None, "infill: the text after the hole")
     fim_mode: str = option("psm", "infill prompt order", choices=("psm", "spm"))
     ids: bool = option(False, "prompts are token ids, output is printed as ids")
-    max_completion_length: int = option(64, "tokens generated per prompt at most", min=0)
+    max_completion_length: int | None = option(None, "new tokens per prompt (default: all the context leaves)", min=0)
     temperature: float = option(0.0, "0 = greedy", min=0)
     top_k: int | None = option(None, "sample from the k most likely tokens only", min=1)
     top_p: float = option(1.0, "nucleus: the smallest set of tokens reaching this probability", gt=0, max=1)
@@ -92,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
     directory = resolve_model_dir(cfg.model)
     model = Transformer.from_pretrained(directory).to(device_of(cfg.device))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    context, n = model.config.max_position_embeddings, cfg.max_completion_length
     if cfg.prefix_file or cfg.suffix_file:
         if cfg.prompt or cfg.ids or tokenizer is None or not (cfg.prefix_file and cfg.suffix_file):
             raise ValueError("infilling takes --prefix-file and --suffix-file (no --prompt or --ids) and a model "
                              "with a tokenizer")
         prompts = [infill_prompt(Path(cfg.prefix_file).read_text(), Path(cfg.suffix_file).read_text(), tokenizer,
-                                 cfg.fim_mode, model.config.max_position_embeddings - cfg.max_completion_length)]
+                                 cfg.fim_mode, context - (min(64, context // 2) if n is None else n))]
     elif not cfg.prompt:
         raise ValueError("give --prompt (or --prefix-file and --suffix-file to infill)")
     elif cfg.ids:
@@ -110,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [encode_checked(tokenizer, p, f"--prompt {i + 1}", add_bos=True,
                                   allow_unknown=cfg.allow_unknown_chars) for i, p in enumerate(cfg.prompt)]
-    context, n = model.config.max_position_embeddings, cfg.max_completion_length
-    for i, p in enumerate(prompts):
-        if len(p) + n > context:
-            raise ValueError(f"--prompt {i + 1}: {len(p)} tokens + --max-completion-length {n} exceed the model's "
-                             f"context of {context}; shorten the prompt or lower --max-completion-length")
+    room, i = min((context - len(p), i) for i, p in enumerate(prompts))  # the longest prompt leaves the least room
+    if room < max(n or 0, 1):
+        fix = "shorten the prompt" if n is None else f"lower --max-completion-length {n} or shorten the prompt"
+        raise ValueError(f"--prompt {i + 1}: {context - room} tokens leave room for {max(room, 0)} new tokens in the "
+                         f"model's context of {context}; {fix}")
     eos = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    requests, engine = run_engine(model, prompts, n, cfg.temperature, cfg.top_k, cfg.top_p,
+    requests, engine = run_engine(model, prompts, room if n is None else n, cfg.temperature, cfg.top_k, cfg.top_p,
                                   () if eos is None else (eos,), cfg.seed, cfg.speculative)
     for i, r in enumerate(requests):
         if len(requests) > 1:

@@ -39,8 +39,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
         if m := re.match(r"^mtp\.(\d+)\.(.*)$", name):
             rest = next(theirs + m[2].removeprefix(ours) for ours, theirs in _MTP_NAMES if m[2].startswith(ours))
             name = f"layers.{L + int(m[1])}.{rest}"
-        if name != "lm_head.weight":
-            name = "model." + name
+        name = name if name == "lm_head.weight" else "model." + name
         if m := _STACKED.match(name):
             for e in range(t.shape[0]):
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]

@@ -178,3 +178,23 @@ def test_transformers_model_mismatch_names_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight: checkpoint \(32, 64\) vs model "
                                          r"\(32, 48\)"):
         load_checkpoint(path, transformers.LlamaForCausalLM(cfg))
+
+
+def test_run_directories_load_like_model_directories(tmp_path):
+    """``Transformer.from_pretrained(RUN_DIR)`` and ``sft --model RUN_DIR`` (the README's R1 example) take the run's
+    latest checkpoint, as every command does."""
+    import json
+
+    from nanoseek.cli import main
+
+    small = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--warmup-steps", "0"]
+    assert main(["sft", "--task", "arithmetic", "--out", str(tmp_path / "sft"), *small]) == 0
+    latest = latest_checkpoint(tmp_path / "sft")
+    ours, want = (Transformer.from_pretrained(p).state_dict() for p in (tmp_path / "sft", latest))
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    verified = tmp_path / "verified.jsonl"
+    verified.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(4)))
+    assert main(["sft", "--model", str(tmp_path / "sft"), "--dataset", str(verified), "--out", str(tmp_path / "rft"),
+                 *small]) == 0
+    tuned = Transformer.from_pretrained(tmp_path / "rft")
+    assert tuned.config == Transformer.from_pretrained(latest).config

@@ -7,6 +7,9 @@ import sys
 import matplotlib.image
 import pytest
 
+from nanoseek.checkpoint import resolve_model_dir
+from nanoseek.tokenizer import Tokenizer
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,6 +52,10 @@ def test_quick_demo_reports_the_gain_with_its_interval(quick_run):
         assert lines and all("step" in json.loads(line) for line in lines)
     assert (out / "grpo" / "checkpoints" / "latest").exists()
     assert f"nanoseek serve --model {out / 'grpo'}" in done.stdout  # how to serve what it trained
+    served = resolve_model_dir(out / "grpo")  # it chats in its training format and stops at EOS
+    tok = Tokenizer.load(served)
+    assert tok.prompt_text([{"role": "user", "content": "4,5,7:8="}]) == "4,5,7:8="
+    assert json.loads((served / "config.json").read_text())["eos_token_id"] == tok.eos_id
     # the baseline is named by its steps; both stages' steps and measured wall times are reported
     assert (f"continued SFT's {report['continued_sft_steps']} steps taking {report['sft_continued_time_s']:.0f} s "
             f"vs GRPO's {report['grpo_steps']} steps {report['grpo_time_s']:.0f} s") in done.stdout

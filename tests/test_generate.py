@@ -1,6 +1,7 @@
 """generate(): greedy parity with transformers' generate, ragged batches, stop tokens, sampling filters and
 log-probs, seeds, mode handling, MTP self-speculative decoding, and the `nanoseek generate` CLI."""
 
+import json
 import math
 
 import pytest
@@ -182,3 +183,52 @@ def test_mha_baseline_generate_matches_uncached_greedy():
             for _ in range(6):
                 seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert out == seq[len(prompt):]
+
+
+def test_checkpoint_carries_the_tokenizers_ids_so_generate_stops_at_eos(tmp_path):
+    """A checkpoint saved with its tokenizer names bos/eos/pad in config.json: transformers' generate and ours, given
+    no stop ids, end at EOS. The model is a random one with token ids permuted so that greedy decoding emits EOS."""
+    from nanoseek.checkpoint import save_checkpoint
+    from nanoseek.tokenizer import Tokenizer
+
+    tok, prompt, n = Tokenizer.char(), [1, 40, 50, 60], 8
+    model = random_model("v3-qlora-groups-yarn", vocab_size=tok.vocab_size, num_nextn_predict_layers=0)
+    free = generate(model, [prompt], n)[0]
+    t = next(t for t in free[2:] if t not in (*prompt, tok.eos_id))  # becomes EOS, the ids swapped everywhere
+    with torch.no_grad():
+        for w in (model.embed_tokens.weight, model.lm_head.weight):
+            w[[t, tok.eos_id]] = w[[tok.eos_id, t]]
+    want = [tok.eos_id if x == t else t if x == tok.eos_id else x for x in free][:free.index(t) + 1]
+    assert generate(model, [prompt], n, stop_token_ids=[])[0][:len(want)] == want and len(want) < n
+    path = save_checkpoint(tmp_path, 1, model, tokenizer=tok)
+    config = json.loads((path / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (tok.bos_id, tok.eos_id, 0)
+    assert generate(Transformer.from_pretrained(path), [prompt], n)[0] == want
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist() == want
+
+
+def test_cli_generate_defaults_to_the_room_left_in_the_context(tmp_path, capsys):
+    """On a 64-token model of a run directory, the default output length is what the context leaves; an explicit one
+    that does not fit is refused naming the flag and the room; several outputs are separated."""
+    from nanoseek.checkpoint import save_checkpoint
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.char()
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_position_embeddings=64, initializer_range=0.3))
+    save_checkpoint(tmp_path, 3, model.eval(), tokenizer=tok)
+    prompt = tok.encode("4,5,7:8=", add_bos=True)  # 9 tokens: room for 55
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "4,5,7:8="]) == 0
+    assert capsys.readouterr().out == tok.decode(generate(model, [prompt], 55, stop_token_ids=[tok.eos_id])[0]) + "\n"
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "4,5,7:8=", "--max-completion-length", "56"]) == 2
+    assert ("9 tokens leave room for 55 new tokens in the model's context of 64; lower --max-completion-length 56"
+            in capsys.readouterr().err)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "1" * 70]) == 2
+    assert "71 tokens leave room for 0 new tokens in the model's context of 64; shorten the prompt" in (
+        capsys.readouterr().err)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "1", "--prompt", "2", "--ids",
+                 "--max-completion-length", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "--- 1" and lines[2] == "--- 2" and len(lines) == 4

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek import cli_args
-from nanoseek.checkpoint import load_checkpoint, set_rng_state
+from nanoseek.checkpoint import load_checkpoint, resolve_model_dir, set_rng_state
 from nanoseek.cli_args import check_ranges, option
 from nanoseek.config import ModelConfig
 from nanoseek.corpus import PrepareConfig, prepare
@@ -40,6 +40,9 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import RunConfig, StopFlag, run_loop, save, start_run
 from nanoseek.train.rl_data import DatasetConfig
 from nanoseek.train.schedule import OptimConfig, adamw, clip_grad_norm, lr_at, set_lr
+
+# a built-in task's model chats in its training format: a user turn is the raw prompt, a reply its completion + EOS
+RAW_TEMPLATE = "{% for m in messages %}{{ m.content + (eos_token if m.role == 'assistant' else '') }}{% endfor %}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +101,7 @@ def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
     if cfg.model:
         if cfg.overrides or cfg.model_config:
             raise ValueError("--model takes the model config from the checkpoint; drop --set / --model-config")
-        config = ModelConfig.load(Path(cfg.model) / "config.json")
+        config = ModelConfig.load(resolve_model_dir(cfg.model) / "config.json")
     elif cfg.model_config:
         path = Path(cfg.model_config)
         if not path.is_file():
@@ -154,6 +157,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} rank(s) x --grad-accum "
                          f"{cfg.grad_accum} equal micro-batches")
     micro = per_rank // cfg.grad_accum
+    init = resolve_model_dir(cfg.model) if cfg.model else None  # a model directory, or a run directory's latest
 
     out = Path(cfg.out or f"runs/{cfg.mode}")
     staging = out.with_name(f".{out.name}.data")  # --data files prepared before the run directory is claimed
@@ -162,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         shards = out / "data" if cfg.resume and (out / "data" / "index.json").exists() else staging
 
     def inputs() -> tuple[Tokenizer, ModelConfig, object]:
-        given = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
+        given = cfg.tokenizer or (init if init and (init / "tokenizer.json").exists() else None)
         tok = Tokenizer.load(given) if given else Tokenizer.char()
         if shards == staging:
             if is_main():
@@ -181,6 +185,7 @@ def train(cfg: TrainConfig) -> dict:
                 prompt_column=cfg.prompt_column, completion_column=cfg.completion_column,
                 messages_column=cfg.messages_column, system_prompt=cfg.system_prompt,
                 allow_unknown_chars=cfg.allow_unknown_chars)
+        tok.chat_template = tok.chat_template if given or cfg.data or shards else RAW_TEMPLATE  # a --task's
         return tok, config, make_data(cfg.mode, tok, cfg.seq_len, cfg.seed, task=cfg.task, files=cfg.data,
                                       allow_unknown_chars=cfg.allow_unknown_chars, data_dir=shards)
 
@@ -193,7 +198,7 @@ def train(cfg: TrainConfig) -> dict:
         data = ShardData(run.dir / "data", tok, cfg.seq_len, cfg.seed)
     val = data.validation(cfg.eval_tokens) if cfg.eval_every else None
     torch.manual_seed(cfg.seed)
-    model = (Transformer.from_pretrained(cfg.model) if cfg.model else Transformer(config)).to(device).train()
+    model = (Transformer.from_pretrained(init) if init else Transformer(config)).to(device).train()
     depths = len(model.mtp) if cfg.mtp_lambda > 0 else 0  # the MTP depths trained
     state = load_checkpoint(run.resume_from, model) if run.resume_from is not None else {"step": 0}  # before wrap
     fsdp = cfg.dist_mode == "fsdp" and world > 1

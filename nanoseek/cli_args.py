@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, field, fields
@@ -53,13 +54,10 @@ def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> No
             rule = f"must be one of {', '.join(map(str, m['choices']))}"
         elif isinstance(v, float) and not math.isfinite(v):
             rule = "must be a finite number"
-        elif isinstance(v, int | float):
-            if m.get("min") is not None and v < m["min"]:
-                rule = f"must be >= {m['min']}"
-            elif m.get("gt") is not None and v <= m["gt"]:
-                rule = f"must be > {m['gt']}"
-            elif m.get("max") is not None and v > m["max"]:
-                rule = f"must be <= {m['max']}"
+        elif isinstance(v, int | float):  # the first bound broken, in the order min, gt, max
+            bounds = ((m.get("min"), ">=", operator.lt), (m.get("gt"), ">", operator.le),
+                      (m.get("max"), "<=", operator.gt))
+            rule = next((f"must be {op} {b}" for b, op, breaks in bounds if b is not None and breaks(v, b)), None)
         if rule:
             where = label(f.name, v) if label else f"{flag(f.name)} {v!r}"
             raise ValueError(f"{where}: {rule}" + (f" ({m['help']})" if m.get("help") else ""))
@@ -76,8 +74,7 @@ def _json_object(text: str) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of ``cls`` (``--field-name``), typed from the annotation, help and default from the
-    field (a subclass redeclares a field to give its command another default)."""
+    """One flag per field of ``cls``, typed from its annotation (a subclass redeclares a field for another default)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         m = f.metadata or {}
@@ -123,3 +120,8 @@ def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
         print(json.dumps(summary))
     cleanup()
     return 130 if summary["interrupted"] else 0
+
+
+def subcommand(cls: type, train: Callable[[Any], dict]) -> tuple[Callable, Callable]:
+    """A training command's ``(add_arguments, run)``: one flag per field of ``cls``; ``run_command(train, cfg)``."""
+    return lambda parser: add_arguments(parser, cls), lambda args: run_command(train, from_args(cls, args))

@@ -205,8 +205,11 @@ class Engine:
         tokens, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
         for _, leader in done:
             self._leave(self.prefilling, leader)
-            for r in (leader, *leader.followers):
-                self._enter_decoding(r, leader.row)
+            for r in (leader, *leader.followers):  # the leader's cache row, then a copy of it per follower
+                src, r.row = leader.row, len(self.decoding)
+                if src != r.row:
+                    self._copy_rows([src], [r.row])
+                self.decoding.append(r)
             leader.followers = []
         if self.depth:  # redraft the last prompt position with the sampled token, per row
             ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
@@ -282,12 +285,6 @@ class Engine:
         for cache in self.caches:
             cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)
-
-    def _enter_decoding(self, request: Request, src_row: int) -> None:
-        request.row = len(self.decoding)
-        if src_row != request.row:
-            self._copy_rows([src_row], [request.row])
-        self.decoding.append(request)
 
     def _leave(self, region: list[Request], request: Request) -> None:
         """Take ``request`` out of ``region``: the region's edge row (prefilling's first, decoding's last) moves into

@@ -83,8 +83,7 @@ def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators:
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
                 ) -> tuple[list[int], list[float]]:
-    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, their log-probs under
-    the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain softmax."""
+    """logits: (B, V) -> (tokens, log-probs under the distribution sampled) as lists, row b by ``params[b]``."""
     logp = log_probs_rows(logits, params)
     tokens = draw_rows(logp.exp(), params, generators, greedy=logits.float().argmax(-1))
     return tokens.tolist(), logp.gather(-1, tokens[:, None])[:, 0].tolist()

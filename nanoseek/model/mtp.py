@@ -52,8 +52,7 @@ def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
 def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[int], lam: float, depth: int,
              ignore_index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L_MTP = λ/D Σ_k L^k (eq. 24-25), each L^k a mean over its ``n_tokens[k]`` loss tokens of the global batch;
-    targets: (B, T) next-token targets (depth k, row i predicts targets[:, i+k] = t_{i+k+1}).
-    -> (the loss, each depth's summed cross-entropy for logging)."""
+    targets: (B, T) next-token targets (depth k's row i predicts targets[:, i+k]) -> (the loss, each depth's CE sum)."""
     loss, sums = torch.zeros((), device=targets.device), []
     for k, lk in enumerate(logits, start=1):
         lk = lk.to(torch.promote_types(lk.dtype, torch.float32)).flatten(0, 1)  # bf16 autocast: the loss in fp32

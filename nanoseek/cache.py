@@ -48,8 +48,7 @@ class KVCache:
         return view
 
     def copy_rows(self, src: list[int], dst: list[int]) -> None:
-        """Copy sequences ``src`` (cached tokens and lengths) into rows ``dst``; all of ``src`` is read before any
-        write, so ``copy_rows([i, j], [j, i])`` swaps two sequences."""
+        """Copy sequences ``src`` (tokens, lengths) into rows ``dst``, all read before any write (so it can swap)."""
         n = int(self.lengths[src].max())
         for b in [b for layers in self.buffers.values() for b in layers]:
             b[dst, :n] = b[src, :n]

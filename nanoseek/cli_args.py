@@ -107,8 +107,7 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
-    """A CLI run of ``train(cfg)``: the summary on rank 0's stdout, the process group left cleanly; exit status 130
-    after a Ctrl-C save. Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses."""
+    """``train(cfg)`` from the CLI: rank 0 prints the summary; 130 after a Ctrl-C save; errors go to ``cli.main``."""
     from nanoseek.distributed import cleanup, is_main
 
     try:

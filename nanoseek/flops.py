@@ -39,8 +39,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, size: int | None = None,
                        repeats: int = 10) -> float:
-    """The best FLOP/s of ``repeats`` timed ``size``² matmuls in ``dtype`` on ``device`` (after one to warm up; the
-    best, so that other jobs on the machine lower it less); ``size``: 8192 on CUDA, 1024 elsewhere."""
+    """The best FLOP/s of ``repeats`` timed ``size``² matmuls after a warm-up (the best: other jobs lower it less)."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(2, size, size, device=device, dtype=dtype)

@@ -94,8 +94,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
     def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, weighted by the gate (0 for experts not chosen): E/K× the arithmetic of
-        the routed path in 3 batched matmuls instead of 3·E small ones. Same values (up to rounding)."""
+        """Every expert on every token, gate-weighted (0: not chosen): E/K× the arithmetic in 3 matmuls, not 3·E."""
         E = self.gate_proj.shape[0]
         xe = x.expand(E, *x.shape)  # (E, N, D)
         h = F.silu(torch.bmm(xe, self.gate_proj.mT)) * torch.bmm(xe, self.up_proj.mT)  # (E, N, I)
@@ -163,7 +162,6 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def update_expert_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
-    """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step, with
-    ``load`` summed over the whole (global, accumulated) batch."""
+    """Aux-loss-free balancing (V3 §2.1.2) after the step: b_i += γ·sign(mean_load − load_i); load: global batch."""
     if gate.e_score_correction_bias is not None and gamma != 0:
         gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

@@ -92,10 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw.update(nargs="*" if origin is list else len(item), type=item[0])
         elif base is dict or origin is dict:
             kw.update(type=_json_object, metavar="JSON")
-        else:  # int, float, str, and str-or-callable fields (given by name on the command line)
-            kw["type"] = base if base in (int, float) else str
-        if m.get("choices") is not None:
-            kw["choices"] = m["choices"]
+        else:  # int, float, str, and str-or-callable fields (given by name on the command line); choices: scalars only
+            kw.update(type=base if base in (int, float) else str, choices=m.get("choices"))
         help_text = m.get("help", "") + ("" if required else " (default: %(default)s)")
         parser.add_argument(flag(f.name), help=help_text, **{**kw, **m.get("argparse", {})})
 

@@ -1,11 +1,10 @@
-"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence (``num_slots``
-x ``max_len`` tokens), so a cache budget fixes how many sequences run at once (``slots_for_budget``). Decoding sequences
-occupy the first rows and prefilling ones the last, so every forward runs on a contiguous view; a sequence that leaves a
-region is replaced by that region's edge row. Each ``step()`` retires cancelled requests, admits waiting ones (same
-prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most ``prefill_tokens`` prompt
-tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding row in one forward.
-Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, own cache); the next
-decode verifies them (``verify``), keeps the accepted ones plus one token, and sets both caches back."""
+"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence (a cache
+budget fixes how many run at once: ``slots_for_budget``). Decoding sequences take the first rows and prefilling ones the
+last, so every forward runs on a contiguous view; one leaving a region is replaced by its edge row. Each ``step()``
+retires cancelled requests, admits waiting ones (same prompts admitted together, e.g. a GRPO group, share one prefill),
+prefills at most ``prefill_tokens`` prompt tokens (chunked, so decodes never stall), and decodes every decoding row in
+one forward. Speculative decoding (DeepSeek-V3 §5.4.3): the MTP modules draft D tokens per row (``mtp.draft``, own
+cache); the next decode verifies them (``verify``), keeps those accepted plus one, and sets both caches back."""
 
 from __future__ import annotations
 

@@ -75,8 +75,7 @@ def barrier() -> None:
 
 
 def cleanup(synchronize: bool = True) -> None:
-    """Leave the process group, after waiting for every rank on a normal exit (so no rank tears down gloo while a
-    peer still serves the last collective); after an error the other ranks may never arrive."""
+    """Leave the process group; ``synchronize`` (not after errors): wait for all ranks (no exit mid-collective)."""
     if is_distributed():
         if synchronize:
             dist.barrier()

@@ -269,10 +269,8 @@ class Engine:
         for r, ts, lps in zip(rows, tokens, logps):
             text = ""
             for t, lp in zip(ts, lps):
-                if r.finished:
-                    break
-                text += r.append(t, lp)
-                appended += 1
+                if not r.finished:  # tokens after the end are dropped
+                    text, appended = text + r.append(t, lp), appended + 1
             if r.finished:
                 self._leave(self.decoding, r)
             self._emit(r, text)

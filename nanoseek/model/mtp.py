@@ -1,10 +1,9 @@
 """Multi-Token Prediction (DeepSeek-V3 §2.2, eq. 21-25): the modules, their chain, their loss, and their drafts.
 Module k combines the previous depth's representation of token i with the embedding of token i+k:
-h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and
-predicts t_{i+k+1} through the main model's shared output head (eq. 23). Names and concatenation order follow the
-released V3 weights (enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence
-(``mtp_logits``, ``mtp_loss``); inference runs it incrementally with its own KV cache (``draft``) for the engine's
-speculative decoding (V3 §5.4.3)."""
+h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and predicts
+t_{i+k+1} through the main model's shared head (eq. 23). Names and concatenation order follow the released V3 weights
+(enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence (``mtp_logits``,
+``mtp_loss``); inference runs it incrementally with its own cache (``draft``) for speculative decoding (V3 §5.4.3)."""
 
 from __future__ import annotations
 

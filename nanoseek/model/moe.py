@@ -118,9 +118,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass
 class RouterStats:
-    """Router statistics of one forward, filled by every MoE layer it passes (``model(ids, router_stats=stats)``):
-    load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20,
-    before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP)."""
+    """One forward's router statistics per MoE layer, in forward order (main, then MTP): load[layer_idx]: (E,) tokens
+    per expert; balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20, before α), only when ``balance`` is set."""
 
     balance: bool = False
     load: dict[int, torch.Tensor] = field(default_factory=dict)

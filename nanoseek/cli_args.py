@@ -39,10 +39,6 @@ def check_renamed(argv: list[str]) -> None:
             raise ValueError(f"{old} is now {RENAMED[old]}")
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> None:
     """ValueError for the first field outside its range or choices: ``label(name, value)`` (or flag), rule, help."""
     for f in fields(cfg):
@@ -59,7 +55,7 @@ def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> No
                       (m.get("max"), "<=", operator.gt))
             rule = next((f"must be {op} {b}" for b, op, breaks in bounds if b is not None and breaks(v, b)), None)
         if rule:
-            where = label(f.name, v) if label else f"{flag(f.name)} {v!r}"
+            where = label(f.name, v) if label else f"--{f.name.replace('_', '-')} {v!r}"
             raise ValueError(f"{where}: {rule}" + (f" ({m['help']})" if m.get("help") else ""))
 
 
@@ -95,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:  # int, float, str, and str-or-callable fields (given by name on the command line); choices: scalars only
             kw.update(type=base if base in (int, float) else str, choices=m.get("choices"))
         help_text = m.get("help", "") + ("" if required else " (default: %(default)s)")
-        parser.add_argument(flag(f.name), help=help_text, **{**kw, **m.get("argparse", {})})
+        parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **{**kw, **m.get("argparse", {})})
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

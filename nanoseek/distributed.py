@@ -94,9 +94,8 @@ def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:
         raise RuntimeError("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; use mode='ddp'") from e
-    for layer in getattr(model, "layers", []):
-        fully_shard(layer)
-    for module in getattr(model, "mtp", []):  # its norms/projection are used outside its forward: root unit
-        fully_shard(module.block)
+    # an MTP module's block is its own unit; its norms/projection, used outside that forward, stay in the root unit
+    for block in [*getattr(model, "layers", []), *(module.block for module in getattr(model, "mtp", []))]:
+        fully_shard(block)
     fully_shard(model)
     return model

@@ -34,14 +34,13 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
     return cache_bytes // (bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023). p: (B, D+1, V) target
-    distributions at the verified positions; q: (B, D, V) those the ``drafts`` (B, D) were drawn from; u: (B, D) uniform
+    distributions at the verified positions; q: (B, D, V) those the drafts x (B, D) were drawn from; u: (B, D) uniform
     draws in [0, 1). Draft j is accepted with probability min(1, p_j(x) / q_j(x)), up to the first rejection ->
     (accepted drafts per row (B,), the next token's distribution (B, V): norm(max(0, p_j - q_j)) at the rejected
     position, p_D after D acceptances). A one-hot p (greedy) accepts while the draft is its argmax."""
-    px, qx = p[:, :-1].gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+    px, qx = p[:, :-1].gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
     residual = (p[rows, n] - torch.nn.functional.pad(q, (0, 0, 0, 1))[rows, n]).clamp(min=0)  # q_D = 0

@@ -1,7 +1,6 @@
 """Preallocated per-layer KV caches with per-sequence lengths (ragged batches), written in place. MLA caches only
-the normed latent c_KV (d_c) and the shared RoPE key k_R (d_R) per token and layer (DeepSeek-V2 §2.1.2, eq. 9-10),
-side by side as [c_KV | k_R] so the absorbed decode scores both in one pass (as vLLM stores them); the MHA/GQA
-baseline caches full keys and values in the same class."""
+the normed latent c_KV (d_c) and the shared RoPE key k_R (d_R) per token and layer (DeepSeek-V2 §2.1.2, eq. 9-10) as
+[c_KV | k_R], scored in one pass by the absorbed decode (vLLM's layout); MHA/GQA caches full keys and values."""
 
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ class KVCache:
         return view
 
     def copy_rows(self, src: list[int], dst: list[int]) -> None:
-        """Copy sequences ``src`` (cached tokens and lengths) into rows ``dst``; all of ``src`` is read before any
-        write, so ``copy_rows([i, j], [j, i])`` swaps two sequences."""
+        """Copy sequences ``src`` (tokens, lengths) into rows ``dst``, all read before any write (so it can swap)."""
         n = int(self.lengths[src].max())
         for b in [b for layers in self.buffers.values() for b in layers]:
             b[dst, :n] = b[src, :n]

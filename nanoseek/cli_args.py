@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, field, fields
@@ -38,10 +39,6 @@ def check_renamed(argv: list[str]) -> None:
             raise ValueError(f"{old} is now {RENAMED[old]}")
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> None:
     """ValueError for the first field outside its range or choices: ``label(name, value)`` (or flag), rule, help."""
     for f in fields(cfg):
@@ -53,15 +50,12 @@ def check_ranges(cfg: Any, label: Callable[[str, Any], str] | None = None) -> No
             rule = f"must be one of {', '.join(map(str, m['choices']))}"
         elif isinstance(v, float) and not math.isfinite(v):
             rule = "must be a finite number"
-        elif isinstance(v, int | float):
-            if m.get("min") is not None and v < m["min"]:
-                rule = f"must be >= {m['min']}"
-            elif m.get("gt") is not None and v <= m["gt"]:
-                rule = f"must be > {m['gt']}"
-            elif m.get("max") is not None and v > m["max"]:
-                rule = f"must be <= {m['max']}"
+        elif isinstance(v, int | float):  # the first bound broken, in the order min, gt, max
+            bounds = ((m.get("min"), ">=", operator.lt), (m.get("gt"), ">", operator.le),
+                      (m.get("max"), "<=", operator.gt))
+            rule = next((f"must be {op} {b}" for b, op, breaks in bounds if b is not None and breaks(v, b)), None)
         if rule:
-            where = label(f.name, v) if label else f"{flag(f.name)} {v!r}"
+            where = label(f.name, v) if label else f"--{f.name.replace('_', '-')} {v!r}"
             raise ValueError(f"{where}: {rule}" + (f" ({m['help']})" if m.get("help") else ""))
 
 
@@ -76,8 +70,7 @@ def _json_object(text: str) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of ``cls`` (``--field-name``), typed from the annotation, help and default from the
-    field (a subclass redeclares a field to give its command another default)."""
+    """One flag per field of ``cls``, typed from its annotation (a subclass redeclares a field for another default)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         m = f.metadata or {}
@@ -95,12 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw.update(nargs="*" if origin is list else len(item), type=item[0])
         elif base is dict or origin is dict:
             kw.update(type=_json_object, metavar="JSON")
-        else:  # int, float, str, and str-or-callable fields (given by name on the command line)
-            kw["type"] = base if base in (int, float) else str
-        if m.get("choices") is not None:
-            kw["choices"] = m["choices"]
+        else:  # int, float, str, and str-or-callable fields (given by name on the command line); choices: scalars only
+            kw.update(type=base if base in (int, float) else str, choices=m.get("choices"))
         help_text = m.get("help", "") + ("" if required else " (default: %(default)s)")
-        parser.add_argument(flag(f.name), help=help_text, **{**kw, **m.get("argparse", {})})
+        parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **{**kw, **m.get("argparse", {})})
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -110,8 +101,7 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
-    """A CLI run of ``train(cfg)``: the summary on rank 0's stdout, the process group left cleanly; exit status 130
-    after a Ctrl-C save. Errors propagate to ``nanoseek.cli.main``, which maps them to exit statuses."""
+    """``train(cfg)`` from the CLI: rank 0 prints the summary; 130 after a Ctrl-C save; errors go to ``cli.main``."""
     from nanoseek.distributed import cleanup, is_main
 
     try:
@@ -123,3 +113,8 @@ def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
         print(json.dumps(summary))
     cleanup()
     return 130 if summary["interrupted"] else 0
+
+
+def subcommand(cls: type, train: Callable[[Any], dict]) -> tuple[Callable, Callable]:
+    """A training command's ``(add_arguments, run)``: one flag per field of ``cls``; ``run_command(train, cfg)``."""
+    return lambda parser: add_arguments(parser, cls), lambda args: run_command(train, from_args(cls, args))

@@ -75,8 +75,7 @@ def barrier() -> None:
 
 
 def cleanup(synchronize: bool = True) -> None:
-    """Leave the process group, after waiting for every rank on a normal exit (so no rank tears down gloo while a
-    peer still serves the last collective); after an error the other ranks may never arrive."""
+    """Leave the process group; ``synchronize`` (not after errors): wait for all ranks (no exit mid-collective)."""
     if is_distributed():
         if synchronize:
             dist.barrier()
@@ -95,9 +94,8 @@ def wrap_model(model: nn.Module, mode: str = "ddp", find_unused_parameters: bool
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:
         raise RuntimeError("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; use mode='ddp'") from e
-    for layer in getattr(model, "layers", []):
-        fully_shard(layer)
-    for module in getattr(model, "mtp", []):  # its norms/projection are used outside its forward: root unit
-        fully_shard(module.block)
+    # an MTP module's block is its own unit; its norms/projection, used outside that forward, stay in the root unit
+    for block in [*getattr(model, "layers", []), *(module.block for module in getattr(model, "mtp", []))]:
+        fully_shard(block)
     fully_shard(model)
     return model

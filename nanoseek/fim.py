@@ -26,8 +26,7 @@ def sentinel_ids(tok: Tokenizer) -> tuple[int, int, int]:
 
 def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", max_tokens: int | None = None
                   ) -> list[int]:
-    """The ids that ask for the middle between ``prefix`` and ``suffix`` (the FIM format up to the middle); with
-    ``max_tokens``, the prefix's start and the suffix's end are cut so that the prompt fits."""
+    """The FIM ids up to the middle; ``max_tokens`` cuts the prefix's start and the suffix's end so that they fit."""
     if mode not in MODES:
         raise ValueError(f"FIM mode {mode!r}: expected one of {MODES}")
     begin, hole, end = sentinel_ids(tok)
@@ -41,8 +40,7 @@ def infill_prompt(prefix: str, suffix: str, tok: Tokenizer, mode: str = "psm", m
 
 
 def encode_document(text: str, tok: Tokenizer, rng: random.Random, rate: float, mode: str) -> list[int]:
-    """``text``'s ids, in FIM format with probability ``rate`` (split at two uniform character positions), else
-    plain. No BOS or EOS: the caller separates documents."""
+    """``text``'s ids, FIM at probability ``rate`` (two uniform split points), else plain; no BOS/EOS (the caller's)."""
     if rng.random() >= rate:
         return tok.encode(text)
     start, stop = sorted(rng.randint(0, len(text)) for _ in range(2))

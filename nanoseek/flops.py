@@ -11,10 +11,9 @@ from nanoseek.config import ModelConfig
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of a ``seq_len`` row: 3 × the forward's matmul FLOPs (backward = two forwards), 2 per
-    multiply-add. Counted: attention projections (MLA's low-rank q, joint kv latent and decoupled RoPE key, or
-    MHA/GQA's), scores and values over the full ``seq_len``² matrix (as ``torch.utils.flop_counter`` counts SDPA; a
-    causal kernel skips about half), dense FFNs, the router, shared and active routed experts, the LM head, and MTP
-    depth k on seq_len − k positions; not norms, RoPE, softmax or the embedding lookup (not matmuls)."""
+    multiply-add. Counted: attention projections, scores and values over the full ``seq_len``² matrix (as
+    ``torch.utils.flop_counter`` counts SDPA; a causal kernel skips about half), dense FFNs, router, shared and active
+    routed experts, LM head, MTP depth k on seq_len − k positions; not norms, RoPE, softmax, embedding lookup."""
     D, H, E = cfg.hidden_size, cfg.num_attention_heads, cfg.n_routed_experts
     if cfg.attention_type == "mla":
         d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -39,8 +38,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, size: int | None = None,
                        repeats: int = 10) -> float:
-    """The best FLOP/s of ``repeats`` timed ``size``² matmuls in ``dtype`` on ``device`` (after one to warm up; the
-    best, so that other jobs on the machine lower it less); ``size``: 8192 on CUDA, 1024 elsewhere."""
+    """The best FLOP/s of ``repeats`` timed ``size``² matmuls after a warm-up (the best: other jobs lower it less)."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(2, size, size, device=device, dtype=dtype)

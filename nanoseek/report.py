@@ -1,6 +1,5 @@
-"""``nanoseek plot RUN_DIR``: PNG curves of a run's metrics.jsonl (loss, MTP loss, lr, grad norm, expert load
-imbalance, and whatever other numeric series the trainer logged), via the reusable ``plot_metrics``; when the records
-carry ``tokens``, also the train and validation (``val/``) losses and bpb against tokens and against wall time."""
+"""``nanoseek plot RUN_DIR``: PNG curves of every numeric series in a run's metrics.jsonl (``plot_metrics``); when the
+records carry ``tokens``, also the train and validation (``val/``) losses and bpb against tokens and wall time."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ def series(records: list[dict], axis: str = "step") -> dict[str, tuple[list[floa
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None, keys: list[str] | None = None,
                  title: str | None = None, axis: str = "step") -> Path:
-    """One panel per metric against ``axis`` (step, tokens or time); per-layer series and a metric's ``val/``
-    series share its panel. Returns the PNG path (default RUN_DIR/metrics.png, or metrics_AXIS.png)."""
+    """One panel per metric (its per-layer and ``val/`` series too) against ``axis`` -> the PNG path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,11 +1,10 @@
-"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence (``num_slots``
-x ``max_len`` tokens), so a cache budget fixes how many sequences run at once (``slots_for_budget``). Decoding sequences
-occupy the first rows and prefilling ones the last, so every forward runs on a contiguous view; a sequence that leaves a
-region is replaced by that region's edge row. Each ``step()`` retires cancelled requests, admits waiting ones (same
-prompts admitted together share one prefill: a GRPO group, or ``n`` > 1), prefills at most ``prefill_tokens`` prompt
-tokens (long prompts are chunked, so decodes are not stalled), and decodes every decoding row in one forward.
-Speculative decoding (DeepSeek-V3 §5.4.3): the D MTP modules draft D tokens per row (``mtp.draft``, own cache); the next
-decode verifies them (``verify``), keeps the accepted ones plus one token, and sets both caches back."""
+"""The continuous-batching engine over the latent KV cache: one preallocated ``KVCache`` row per sequence (a cache
+budget fixes how many run at once: ``slots_for_budget``). Decoding sequences take the first rows and prefilling ones the
+last, so every forward runs on a contiguous view; one leaving a region is replaced by its edge row. Each ``step()``
+retires cancelled requests, admits waiting ones (same prompts admitted together, e.g. a GRPO group, share one prefill),
+prefills at most ``prefill_tokens`` prompt tokens (chunked, so decodes never stall), and decodes every decoding row in
+one forward. Speculative decoding (DeepSeek-V3 §5.4.3): the MTP modules draft D tokens per row (``mtp.draft``, own
+cache); the next decode verifies them (``verify``), keeps those accepted plus one, and sets both caches back."""
 
 from __future__ import annotations
 
@@ -35,14 +34,13 @@ def slots_for_budget(model: Transformer, cache_bytes: int, max_len: int, specula
     return cache_bytes // (bytes_per_token(model) * (max_len + D) * (L + D) // L + D * model.config.vocab_size * 4)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023). p: (B, D+1, V) target
-    distributions at the verified positions; q: (B, D, V) those the ``drafts`` (B, D) were drawn from; u: (B, D) uniform
+    distributions at the verified positions; q: (B, D, V) those the drafts x (B, D) were drawn from; u: (B, D) uniform
     draws in [0, 1). Draft j is accepted with probability min(1, p_j(x) / q_j(x)), up to the first rejection ->
     (accepted drafts per row (B,), the next token's distribution (B, V): norm(max(0, p_j - q_j)) at the rejected
     position, p_D after D acceptances). A one-hot p (greedy) accepts while the draft is its argmax."""
-    px, qx = p[:, :-1].gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+    px, qx = p[:, :-1].gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
     n = (u * qx < px).long().cumprod(1).sum(1)
     rows = torch.arange(len(n), device=n.device)
     residual = (p[rows, n] - torch.nn.functional.pad(q, (0, 0, 0, 1))[rows, n]).clamp(min=0)  # q_D = 0
@@ -205,8 +203,11 @@ class Engine:
         tokens, logps = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
         for _, leader in done:
             self._leave(self.prefilling, leader)
-            for r in (leader, *leader.followers):
-                self._enter_decoding(r, leader.row)
+            for r in (leader, *leader.followers):  # the leader's cache row, then a copy of it per follower
+                src, r.row = leader.row, len(self.decoding)
+                if src != r.row:
+                    self._copy_rows([src], [r.row])
+                self.decoding.append(r)
             leader.followers = []
         if self.depth:  # redraft the last prompt position with the sampled token, per row
             ids = torch.zeros(len(rows), self.depth + 2, dtype=torch.long, device=self.device)
@@ -267,10 +268,8 @@ class Engine:
         for r, ts, lps in zip(rows, tokens, logps):
             text = ""
             for t, lp in zip(ts, lps):
-                if r.finished:
-                    break
-                text += r.append(t, lp)
-                appended += 1
+                if not r.finished:  # tokens after the end are dropped
+                    text, appended = text + r.append(t, lp), appended + 1
             if r.finished:
                 self._leave(self.decoding, r)
             self._emit(r, text)
@@ -282,12 +281,6 @@ class Engine:
         for cache in self.caches:
             cache.lengths[request.row] = 0
         self.prefilling.insert(0, request)
-
-    def _enter_decoding(self, request: Request, src_row: int) -> None:
-        request.row = len(self.decoding)
-        if src_row != request.row:
-            self._copy_rows([src_row], [request.row])
-        self.decoding.append(request)
 
     def _leave(self, region: list[Request], request: Request) -> None:
         """Take ``request`` out of ``region``: the region's edge row (prefilling's first, decoding's last) moves into

@@ -21,8 +21,7 @@ class Detokenizer:
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self.decode = decode
         self.ids: list[int] = []
-        self.prefix = 0  # window start: a few ids of context before the unread ones
-        self.read = 0  # ids[:read] are already emitted as text
+        self.prefix, self.read = 0, 0  # window start (a few ids of context before the unread ones); ids[:read]: emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -32,9 +32,8 @@ class SamplingParams:
 
 def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
               top_p: float = 1.0) -> torch.Tensor:
-    """logits: (..., V) -> log-probs (..., V) of the distribution a row samples from: the logits divided by
-    ``temperature``, cut to the ``top_k`` largest, then to the smallest set reaching probability ``top_p`` (nucleus;
-    the most likely token stays), renormalized. Temperature 0: the plain softmax (greedy takes its argmax)."""
+    """logits: (..., V) -> log-probs (..., V) a row samples from: logits / ``temperature``, cut to the top ``top_k``,
+    then to the smallest set reaching ``top_p`` (nucleus; the top token stays), renormalized. Temperature 0: softmax."""
     logits = logits.float()
     if temperature == 0.0:
         return logits.log_softmax(-1)
@@ -52,8 +51,7 @@ def log_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None 
 
 def _groups(params: Sequence[SamplingParams], device: torch.device,
             generators: Sequence[torch.Generator | None] | None = None):
-    """(row indices, parameters, generator) per group of rows sharing parameters, greedy rows in one; given
-    ``generators`` (to draw), the groups of sampled rows sharing parameters and generator."""
+    """(rows, params, generator) per group sharing parameters; with ``generators``: sampled rows, by generator too."""
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(params):
         g = None if generators is None else id(generators[b])
@@ -83,8 +81,7 @@ def draw_rows(probs: torch.Tensor, params: Sequence[SamplingParams], generators:
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
                 ) -> tuple[list[int], list[float]]:
-    """logits: (B, V), row b sampled with ``params[b]`` and ``generators[b]`` -> (tokens, their log-probs under
-    the distribution sampled from) as lists. Greedy rows take the argmax, their log-prob under the plain softmax."""
+    """logits: (B, V) -> (tokens, log-probs under the distribution sampled) as lists, row b by ``params[b]``."""
     logp = log_probs_rows(logits, params)
     tokens = draw_rows(logp.exp(), params, generators, greedy=logits.float().argmax(-1))
     return tokens.tolist(), logp.gather(-1, tokens[:, None])[:, 0].tolist()

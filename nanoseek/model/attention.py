@@ -19,9 +19,7 @@ from nanoseek.cache import KVCache
 from nanoseek.config import ModelConfig
 from nanoseek.model.rope import apply_rope
 
-# A cached forward with at most this many new tokens per sequence attends through the absorbed path
-# (decode, speculative verification); longer ones (prefill) expand the latent once for all queries.
-ABSORB_MAX_QUERY_LEN = 8
+ABSORB_MAX_QUERY_LEN = 8  # cached forwards of at most this many new tokens (decode, verify) take the absorbed path
 
 
 class RMSNorm(nn.Module):

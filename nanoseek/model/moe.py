@@ -74,11 +74,10 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, D), ids/weights: (N, K) -> (N, D) and tokens per expert (E,)."""
         (N, K), (E, I, D) = ids.shape, self.gate_proj.shape
+        counts = torch.bincount(ids.flatten(), minlength=E)
         if N * (E - K) * D * I <= DENSE_MACS_PER_EXPERT * E:  # a few tokens (decode): every expert, 3 batched matmuls
-            return self.forward_dense(x, ids, weights)
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)  # (N·K,) token-slots sorted by expert
-        counts = torch.bincount(flat_ids, minlength=E)
+            return self.forward_dense(x, ids, weights), counts
+        order = ids.flatten().argsort(stable=True)  # (N·K,) token-slots sorted by expert
         token_of_slot = order // K
         xs = x.index_select(0, token_of_slot)  # (N·K, D), grouped by expert
         if xs.dtype == self.gate_proj.dtype and grouped_mm_supported(xs.device, xs.dtype):  # one kernel for all
@@ -94,16 +93,14 @@ class Experts(nn.Module):
         ys = ys * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
-    def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert on every token, weighted by the gate (0 for experts not chosen): E/K× the arithmetic of
-        the routed path in 3 batched matmuls instead of 3·E small ones. Same values (up to rounding)."""
+    def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, gate-weighted (0: not chosen): E/K× the arithmetic in 3 matmuls, not 3·E."""
         E = self.gate_proj.shape[0]
         xe = x.expand(E, *x.shape)  # (E, N, D)
         h = F.silu(torch.bmm(xe, self.gate_proj.mT)) * torch.bmm(xe, self.up_proj.mT)  # (E, N, I)
         y = torch.bmm(h, self.down_proj.mT)  # (E, N, D)
         gate = x.new_zeros(x.shape[0], E).scatter_(1, ids, weights.to(x.dtype))  # (N, E)
-        return (y * gate.T[..., None]).sum(0), torch.bincount(ids.flatten(), minlength=E)
+        return (y * gate.T[..., None]).sum(0)
 
 
 # Multiply-adds that cost about as much as one small matmul call on a CPU core (~20 µs at ~50 GFLOP/s): the dense
@@ -121,9 +118,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass
 class RouterStats:
-    """Router statistics of one forward, filled by every MoE layer it passes (``model(ids, router_stats=stats)``):
-    load[layer_idx]: (E,) tokens routed to each expert (float); balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20,
-    before α), only when ``balance`` is set. Layers appear in forward order (main, then MTP)."""
+    """One forward's router statistics per MoE layer, in forward order (main, then MTP): load[layer_idx]: (E,) tokens
+    per expert; balance_loss[layer_idx]: Σ_i f_i P_i (V3 eq. 17-20, before α), only when ``balance`` is set."""
 
     balance: bool = False
     load: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -165,7 +161,6 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def update_expert_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
-    """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean_load − load_i), after the optimizer step, with
-    ``load`` summed over the whole (global, accumulated) batch."""
+    """Aux-loss-free balancing (V3 §2.1.2) after the step: b_i += γ·sign(mean_load − load_i); load: global batch."""
     if gate.e_score_correction_bias is not None and gamma != 0:
         gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

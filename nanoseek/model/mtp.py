@@ -1,10 +1,9 @@
 """Multi-Token Prediction (DeepSeek-V3 §2.2, eq. 21-25): the modules, their chain, their loss, and their drafts.
 Module k combines the previous depth's representation of token i with the embedding of token i+k:
-h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and
-predicts t_{i+k+1} through the main model's shared output head (eq. 23). Names and concatenation order follow the
-released V3 weights (enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence
-(``mtp_logits``, ``mtp_loss``); inference runs it incrementally with its own KV cache (``draft``) for the engine's
-speculative decoding (V3 §5.4.3)."""
+h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21), runs one transformer block (eq. 22), and predicts
+t_{i+k+1} through the main model's shared head (eq. 23). Names and concatenation order follow the released V3 weights
+(enorm, hnorm, eh_proj, shared_head.norm). Training runs the chain over the whole sequence (``mtp_logits``,
+``mtp_loss``); inference runs it incrementally with its own cache (``draft``) for speculative decoding (V3 §5.4.3)."""
 
 from __future__ import annotations
 
@@ -52,8 +51,7 @@ def mtp_logits(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
 def mtp_loss(logits: list[torch.Tensor], targets: torch.Tensor, n_tokens: list[int], lam: float, depth: int,
              ignore_index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L_MTP = λ/D Σ_k L^k (eq. 24-25), each L^k a mean over its ``n_tokens[k]`` loss tokens of the global batch;
-    targets: (B, T) next-token targets (depth k, row i predicts targets[:, i+k] = t_{i+k+1}).
-    -> (the loss, each depth's summed cross-entropy for logging)."""
+    targets: (B, T) next-token targets (depth k's row i predicts targets[:, i+k]) -> (the loss, each depth's CE sum)."""
     loss, sums = torch.zeros((), device=targets.device), []
     for k, lk in enumerate(logits, start=1):
         lk = lk.to(torch.promote_types(lk.dtype, torch.float32)).flatten(0, 1)  # bf16 autocast: the loss in fp32

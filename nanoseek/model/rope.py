@@ -54,8 +54,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate channel pairs of x: (..., T, d) by cos/sin: (..., T, d/2), broadcast over leading dims. ``interleave``
-    pairs (x0, x1), (x2, x3), ... as DeepSeek's released weights do; otherwise (x_i, x_{i+d/2}). The result is in
-    the half-split layout either way; q and k share it, so every q·k is unchanged."""
+    """Rotate channel pairs of x: (..., T, d) by cos/sin: (..., T, d/2). ``interleave`` pairs (x0, x1), (x2, x3), ...
+    (DeepSeek's weights), else (x_i, x_{i+d/2}); the output is half-split either way (q, k alike: q·k unchanged)."""
     x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,5 +1,4 @@
-"""Built-in tasks with verifiable answers: (prompt, reference completion, gold answer) examples and a score;
-train and held-out splits are disjoint (a hash of the prompt decides the split)."""
+"""Built-in tasks with verifiable answers: (prompt, reference, gold answer) examples, a score, disjoint splits."""
 
 from __future__ import annotations
 

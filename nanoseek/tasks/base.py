@@ -43,8 +43,7 @@ def _draws(task: Task, split: str, seed: int | str) -> Iterator[tuple[Example, b
 
 
 def draw(task: Task, split: str, seed: int | str = 0, patience: int = 10_000) -> Iterator[Example]:
-    """Endless examples of ``split``, deterministic in (task, split, seed), repeats included; RuntimeError after
-    ``patience`` draws in a row outside the split."""
+    """Endless examples of ``split`` (repeats included); RuntimeError after ``patience`` draws in a row outside it."""
     misses = 0
     for ex, in_split in _draws(task, split, seed):
         if in_split:
@@ -59,8 +58,7 @@ def examples(task: Task, n: int, split: str, seed: int | str = 0) -> list[Exampl
 
 
 def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: int = 10_000) -> list[Example]:
-    """Up to n examples of ``split`` with distinct prompts, in draw order; stops once ``patience`` draws in a row
-    bring no new prompt (a small split has fewer)."""
+    """Up to n examples of ``split`` with distinct prompts, in draw order, until ``patience`` draws bring none new."""
     seen: dict[str, Example] = {}
     since_new = 0
     for ex, in_split in _draws(task, split, seed):
@@ -75,8 +73,7 @@ def distinct_examples(task: Task, n: int, split: str, seed: int = 0, patience: i
 
 
 def task_reward(task: Task) -> Callable[..., list[float]]:
-    """A TRL-style reward: ``task.score`` of each completion against the column ``example``, else of an
-    ``Example`` built from the prompt and the ``answer`` column."""
+    """A TRL-style reward: ``task.score`` of each completion against column ``example``, else prompt and ``answer``."""
 
     def reward(prompts, completions, example=None, answer=None, **kwargs) -> list[float]:
         if example is None:

@@ -1,7 +1,6 @@
-"""Countdown, short character-level form: reach a target from given numbers with + - * (each number once).
-Prompt ``"3,5,7:26="`` (numbers sorted), completion ``"7*5-9"``: the reference is ONE solution, while the verifier
-(``nanoseek.rewards.countdown.check_equation``) accepts any expression over the numbers that hits the target
-(other orders and operators, ``/`` and parentheses): the gap where RL can beat SFT."""
+"""Countdown, character-level: reach a target from given numbers with + - * (each number once). Prompt ``"5,7,9:26="``
+(numbers sorted), completion ``"7*5-9"``: the reference is ONE solution; the verifier (``check_equation``) accepts any
+expression of the numbers hitting the target (any order, ``/``, parentheses): the gap where RL can beat SFT."""
 
 from __future__ import annotations
 

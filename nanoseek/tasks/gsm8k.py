@@ -11,8 +11,7 @@ from nanoseek.tasks.base import Example
 
 NAMES = [("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"), ("Ben", "he"), ("Eva", "she")]
 ITEMS = ["apples", "pens", "cards", "eggs", "books", "shells"]
-# template -> (prompt, its numbers in the prompt's order, solution steps (x, op, y)): the names are the values drawn
-# in ``GSM8KTask.example``, "_" the previous step's value
+# template -> (prompt, its numbers in order, steps (x, op, y) over the values drawn, "_" the previous step's value)
 TEMPLATES = {
     "buy_give": ("{name} has {a} {item}, buys {b} more and gives away {c}. How many does {he} have now?",
                  "abc", [("a", "+", "b"), ("_", "-", "c")]),

@@ -3,7 +3,6 @@ others: RLOO, Dr. GRPO, process supervision, BNPO / DAPO aggregation, clip-highe
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -102,9 +101,4 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     return train_rl(cfg, GRPO)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli_args.add_arguments(parser, GRPOConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    return cli_args.run_command(train_grpo, cli_args.from_args(GRPOConfig, args))
+add_arguments, run = cli_args.subcommand(GRPOConfig, train_grpo)

@@ -71,9 +71,8 @@ class OptimizeStats:
 
 
 def plan_micro_batches(batch: Batch, rows: torch.Tensor, max_rows: int, shared: bool) -> list[torch.Tensor]:
-    """Split ``rows`` into micro-batches by completion length (longest first), at most ``max_rows`` rows each (0: no
-    limit), cutting only where continuing would lift the padded tokens of all micro-batches so far above
-    ``PAD_TOLERANCE`` × their real tokens. The cost model is ``Batch.token_counts``."""
+    """Split ``rows`` into micro-batches by completion length (longest first), at most ``max_rows`` rows each (0: any),
+    cut only where the padded tokens so far would exceed ``PAD_TOLERANCE`` × real ones (``Batch.token_counts``)."""
     clen = batch.completion_lens[rows].tolist()
 
     def counts(cand: list[int]) -> tuple[int, int]:  # (processed, real) tokens of one micro-batch
@@ -112,8 +111,7 @@ def rollout_logprobs(policy: Policy, batch: Batch, cfg: OptimizeConfig, stats: O
 
 def optimize(policy: Policy, rollout: Rollout, loss_fn: LossFn, trainables: Sequence[tuple[nn.Module, Optimizer]],
              cfg: OptimizeConfig, generator: torch.Generator, stats: OptimizeStats, max_grad_norm: float) -> None:
-    """μ passes of mini-batch optimizer steps over ``rollout`` for each (module, optimizer), measured into ``stats``;
-    every rank takes the same number of steps (an empty one contributing zero gradients)."""
+    """μ passes of mini-batch steps over ``rollout`` per (module, optimizer), into ``stats``; equal steps per rank."""
     n, mask = len(rollout), rollout.mask
     tokens_global = reduce_floats([float(mask.sum())])[0]
     stats.first_pass_logp = torch.zeros(mask.shape) if cfg.num_iterations == cfg.num_minibatches == 1 else None

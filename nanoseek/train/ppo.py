@@ -4,7 +4,6 @@ GAE(γ, λ), whitened; the policy takes the clipped token surrogate and the crit
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,9 +99,4 @@ def train_ppo(cfg: PPOConfig) -> dict:
     return train_rl(cfg, PPO)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli_args.add_arguments(parser, PPOConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    return cli_args.run_command(train_ppo, cli_args.from_args(PPOConfig, args))
+add_arguments, run = cli_args.subcommand(PPOConfig, train_ppo)

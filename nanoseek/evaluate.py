@@ -25,6 +25,7 @@ from nanoseek.cli_args import check_ranges, from_args, option
 from nanoseek.data import bits_per_byte
 from nanoseek.datasets import Row
 from nanoseek.fim import infill_prompt, sentinel_ids, val_documents
+from nanoseek.metrics import json_text
 from nanoseek.model.transformer import Transformer
 from nanoseek.policy import Policy, SamplingParams
 from nanoseek.rewards import check_computed, check_reward_columns
@@ -156,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
                           k=cfg.num_generations, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
                           max_completion_length=cfg.max_completion_length, min_reward=cfg.min_reward, progress=True)
         check_computed(fns)
-    print(json.dumps({**head, **{k: v for k, v in result.items() if not isinstance(v, list)}}, indent=2))
+    print(json_text({**head, **{k: v for k, v in result.items() if not isinstance(v, list)}}, indent=2))
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps({**head, **result}, indent=2))
+        Path(cfg.json).write_text(json_text({**head, **result}, indent=2))
     return 0
 
 

@@ -108,7 +108,7 @@ def test_generate_refuses_unknown_characters_and_prompts_over_the_context(tmp_pa
     assert cli.main(["generate", "--model", str(short), "--prompt", "1+2=", "--max-completion-length", "3"]) == 0
     capsys.readouterr()
     assert cli.main(["generate", "--model", str(short), "--prompt", "1+2=", "--max-completion-length", "4"]) == 2
-    assert "5 tokens + --max-completion-length 4 exceed the model's context of 8" in capsys.readouterr().err
+    assert "5 tokens leave room for 3 new tokens in the model's context of 8" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- numeric flags

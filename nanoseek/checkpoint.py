@@ -20,7 +20,6 @@ import torch
 
 from nanoseek import hf
 from nanoseek.config import ModelConfig
-from nanoseek.model.transformer import Transformer
 
 STEP_PREFIX = "step_"
 # ModelConfig fields a resumed run may change: not the model's (initialisation, loss weight, unknowns, token ids)
@@ -53,7 +52,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, state
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if isinstance(base := _unwrap(model), Transformer) and tokenizer is not None:  # its bos/eos/pad ids in config
+    if isinstance(getattr(base := _unwrap(model), "config", None), ModelConfig) and tokenizer is not None:  # its ids
         hf.write_pretrained(base.state_dict(), base.config.replace(
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id), tmp)
     else:
@@ -141,7 +140,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs config.json, weights and state.pt)")
     model = _unwrap(model)
-    if isinstance(model, Transformer):
+    if isinstance(getattr(model, "config", None), ModelConfig):  # a nanoseek Transformer (else a transformers one)
         # both configs as config.json holds them (so a round trip compares equal), field by field
         configs = (ModelConfig.load(path / "config.json"), model.config)
         saved, ours = (ModelConfig.from_dict(c.to_dict()) for c in configs)

@@ -103,7 +103,6 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
 def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
     """``train(cfg)`` from the CLI: rank 0 prints the summary; 130 after a Ctrl-C save; errors go to ``cli.main``."""
     from nanoseek.distributed import cleanup, is_main
-    from nanoseek.metrics import json_text
 
     try:
         summary = train(cfg)
@@ -111,7 +110,7 @@ def run_command(train: Callable[[Any], dict], cfg: Any) -> int:
         cleanup(synchronize=False)
         raise
     if is_main():
-        print(json_text(summary))
+        print(json.dumps(summary))
     cleanup()
     return 130 if summary["interrupted"] else 0
 

@@ -108,7 +108,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
         """Load a Hugging Face deepseek_v2/v3 directory (one or sharded safetensors), or a run directory's latest."""
-        from nanoseek.checkpoint import resolve_model_dir  # it imports this module
+        from nanoseek.checkpoint import resolve_model_dir
         directory = resolve_model_dir(directory)
         config = ModelConfig.load(directory / "config.json")
         state = hf.read_state_dict(directory, config)

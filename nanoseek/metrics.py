@@ -108,7 +108,7 @@ class MetricsLogger:
             return
         elapsed = time.perf_counter() - self.t0
         record = finite({"step": step, **values, "time": self.time_offset + elapsed})
-        self.file.write(json_text(record) + "\n")
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")  # finite already
         self.file.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, float | int) and not isinstance(v, bool)}
         if self.writer is not None:

@@ -71,7 +71,9 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *, parse_specials: bool = False
                ) -> list[int]:
         """``text``'s ids; ``add_bos``: BOS first by the tokenizer's rule, never doubled (Llama templates write it)."""
-        ids = self.encoding(text, parse_specials).ids
+        return self.with_ends(self.encoding(text, parse_specials).ids, add_bos, add_eos)
+
+    def with_ends(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         return ids + ([self.eos_id] if add_eos and self.eos_id is not None else [])
@@ -180,7 +182,7 @@ def encode_checked(tok: Tokenizer, text: str, where: str, *, add_bos: bool = Fal
         raise ValueError(f"{at}: {len(unknown)} character(s) outside the tokenizer's vocabulary (the first here): "
                          f"{shown}{more}; they would become {UNK}: remove them, use a tokenizer that has them "
                          "(`nanoseek prepare` trains one), or pass --allow-unknown-chars")
-    ids = tok.encode(text, add_bos=add_bos, add_eos=add_eos, parse_specials=parse_specials)
+    ids = tok.with_ends(enc.ids, add_bos, add_eos)  # the checked encoding, not a second one
     if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(f"{where}: {len(ids)} tokens, more than the model's context of {max_tokens} "
                          "(max_position_embeddings); shorten it")

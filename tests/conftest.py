@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +28,14 @@ def bwrap() -> str:
         if os.environ.get("NANOSEEK_SKIP_SANDBOX_TESTS") == "1":
             pytest.skip(f"code sandbox unavailable (NANOSEEK_SKIP_SANDBOX_TESTS=1): {err}")
         raise
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """A tiny SFT run directory (2 steps on arithmetic) that RL tests start from."""
+    from nanoseek import cli
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert cli.main(["sft", "--preset", "tiny", "--task", "arithmetic", "--steps", "2", "--batch-size", "4",
+                     "--seq-len", "32", "--no-progress", "--out", str(out)]) == 0
+    return out

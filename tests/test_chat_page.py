@@ -105,21 +105,13 @@ def test_typed_message_streams_a_reply(server):
         "model": server.name, "messages": [{"role": "user", "content": "Grüße, café?"}], "max_tokens": 40,
         "temperature": 0}).json()["choices"][0]["message"]["content"]
     assert want.strip()
-    with sync_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            sync_api.expect(page.locator("#model")).to_have_text(server.name)
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "40")
-            page.fill("#input", "Grüße, café?")
-            page.keyboard.press("Enter")
-            sync_api.expect(page.locator(".msg.user")).to_have_text("Grüße, café?")
-            reply = page.locator(".msg.assistant")
-            sync_api.expect(page.locator("#send")).to_be_enabled(timeout=60_000)  # the stream has ended
-            assert reply.text_content() == want
-            chunks = int(page.locator("#status").text_content().split()[0])
-            assert chunks > 1  # it arrived in pieces, not at once
-        finally:
-            browser.close()
+    with chat_page(server) as page:
+        page.fill("#max_tokens", "40")
+        page.fill("#input", "Grüße, café?")
+        page.keyboard.press("Enter")
+        sync_api.expect(page.locator(".msg.user")).to_have_text("Grüße, café?")
+        reply = page.locator(".msg.assistant")
+        sync_api.expect(page.locator("#send")).to_be_enabled(timeout=60_000)  # the stream has ended
+        assert reply.text_content() == want
+        chunks = int(page.locator("#status").text_content().split()[0])
+        assert chunks > 1  # it arrived in pieces, not at once

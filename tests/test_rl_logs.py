@@ -35,14 +35,6 @@ def strict(text: str) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "run"
-    assert cli.main(["sft", "--preset", "tiny", "--task", "arithmetic", "--steps", "2", "--batch-size", "4",
-                     "--seq-len", "32", "--no-progress", "--out", str(out)]) == 0
-    return out
-
-
 def rl(command: str, model: Path, out: Path, *extra: str) -> int:
     return cli.main([command, "--model", str(model), "--out", str(out), *RL, *extra])
 

@@ -23,14 +23,6 @@ RL = ["--num-generations", "2", "--prompts-per-step", "2", "--max-completion-len
       "--log-completions-every", "1"]
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "run"
-    assert cli.main(["sft", "--preset", "tiny", "--task", "arithmetic", "--steps", "2", "--batch-size", "4",
-                     "--seq-len", "32", "--no-progress", "--out", str(out)]) == 0
-    return out
-
-
 def rl(command: str, model: Path, out: Path, *extra: str) -> int:
     return cli.main([command, "--model", str(model), "--out", str(out), *RL, *extra])
 
